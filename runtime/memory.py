@@ -1,0 +1,158 @@
+"""What a GGUF will cost in memory, read from its header before anything is loaded.
+
+weights  = the bytes of every tensor (llama.cpp mmaps them; inference touches them all)
+kv cache = context x layers x kv-heads x (key dim + value dim) x 2 bytes (f16); sliding-window layers
+           only keep their window
+compute  = llama.cpp's graph buffers and the logits row, which grow with the batch and the vocabulary
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+# llama.cpp's file types (llama_ftype) by number, as GGUF general.file_type stores them.
+FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
+              11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
+              17: "Q5_K_M", 18: "Q6_K", 19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS",
+              23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S", 29: "IQ2_M",
+              30: "IQ4_XS", 31: "IQ1_M", 32: "BF16"}
+
+N_UBATCH = 512  # llama.cpp's default micro-batch, which sizes the compute buffer
+
+
+@dataclass(frozen=True)
+class GGUFInfo:
+    path: str
+    kind: str                 # "model" or "adapter"
+    arch: str
+    name: str
+    file_type: str
+    tensor_bytes: int
+    n_params: int
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    key_length: int
+    value_length: int
+    n_vocab: int
+    context_length: int
+    sliding_window: int
+    chat_template: str
+    lora_alpha: float
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("chat_template")
+        return d
+
+
+def _field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    if f is None or not f.data:
+        return default
+    part = f.parts[f.data[0]]
+    if f.types and f.types[0].name == "STRING":
+        return bytes(part).decode("utf-8", errors="replace")
+    if f.types and f.types[0].name == "ARRAY":
+        return len(f.data)
+    value = part.tolist()
+    return value[0] if isinstance(value, list) and len(value) == 1 else value
+
+
+@lru_cache(maxsize=64)
+def _read(path: str, mtime: float) -> GGUFInfo:
+    from gguf import GGUFReader  # the header reader memory-maps the file; nothing is loaded
+
+    try:
+        reader = GGUFReader(path, "r")
+    except Exception as exc:  # noqa: BLE001 - any parse failure means the same thing to a user
+        raise ValueError(f"{path}: not a readable GGUF file ({exc.__class__.__name__}: {exc}); "
+                         "re-download or re-export it") from None
+    kind = _field(reader, "general.type", "model")
+    arch = _field(reader, "general.architecture", "")
+    a = arch
+
+    def arch_field(name, default=0):
+        return _field(reader, f"{a}.{name}", default)
+
+    n_head = arch_field("attention.head_count", 0)
+    n_head = int(np.max(n_head)) if isinstance(n_head, list) else int(n_head or 0)
+    n_head_kv = arch_field("attention.head_count_kv", n_head)
+    n_head_kv = int(np.max(n_head_kv)) if isinstance(n_head_kv, list) else int(n_head_kv or 0)
+    n_embd = int(arch_field("embedding_length", 0) or 0)
+    head_dim = n_embd // n_head if n_head else 0
+    vocab = _field(reader, "tokenizer.ggml.tokens", 0)
+    tensor_bytes = int(sum(int(t.n_bytes) for t in reader.tensors))
+    n_params = int(sum(int(t.n_elements) for t in reader.tensors))
+    ftype = _field(reader, "general.file_type", None)
+    return GGUFInfo(
+        path=path, kind=str(kind), arch=str(arch), name=str(_field(reader, "general.name", Path(path).stem)),
+        file_type=FILE_TYPES.get(ftype, "unknown") if ftype is not None else "unknown",
+        tensor_bytes=tensor_bytes, n_params=n_params, n_layer=int(arch_field("block_count", 0) or 0),
+        n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
+        key_length=int(arch_field("attention.key_length", head_dim) or head_dim),
+        value_length=int(arch_field("attention.value_length", head_dim) or head_dim),
+        n_vocab=int(vocab or arch_field("vocab_size", 0) or 0),
+        context_length=int(arch_field("context_length", 0) or 0),
+        sliding_window=int(arch_field("attention.sliding_window", 0) or 0),
+        chat_template=str(_field(reader, "tokenizer.chat_template", "") or ""),
+        lora_alpha=float(_field(reader, "adapter.lora.alpha", 0.0) or 0.0),
+    )
+
+
+def read_gguf(path: Path | str) -> GGUFInfo:
+    """Header facts of a GGUF (model or LoRA adapter); cached by path and mtime."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: GGUF file not found")
+    return _read(str(p.resolve()), p.stat().st_mtime)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights: int
+    kv_cache: int
+    compute: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.compute
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "total": self.total}
+
+
+def kv_cache_bytes(info: GGUFInfo, n_ctx: int) -> int:
+    per_token_layer = info.n_head_kv * (info.key_length + info.value_length) * 2  # f16 K and V
+    if info.sliding_window and info.arch.startswith("gemma3"):
+        # gemma3 interleaves 5 sliding-window layers with 1 global layer; llama.cpp keeps only
+        # window + a micro-batch of cells for the sliding ones.
+        n_global = max(1, info.n_layer // 6)
+        swa_cells = min(n_ctx, info.sliding_window + N_UBATCH)
+        return per_token_layer * (n_global * n_ctx + (info.n_layer - n_global) * swa_cells)
+    return per_token_layer * info.n_layer * n_ctx
+
+
+def compute_bytes(info: GGUFInfo, n_ctx: int) -> int:
+    # Graph buffers scale with micro-batch x width (activations, attention scores over the context)
+    # plus the f32 logits of one row over the vocabulary; the constants were fitted against measured
+    # RSS of the models in tests/ and bench/ (see bench/runtime.py "fit").
+    n_tok = min(N_UBATCH, n_ctx)
+    activations = n_tok * (info.n_embd * 4 * 12 + n_ctx * 4 * max(1, info.n_head))
+    logits = info.n_vocab * 4 * 2
+    return activations + logits + (8 << 20)
+
+
+def estimate_model(info: GGUFInfo, n_ctx: int) -> MemoryEstimate:
+    """Memory a model costs once loaded with context n_ctx and used for one generation."""
+    return MemoryEstimate(weights=info.tensor_bytes, kv_cache=kv_cache_bytes(info, n_ctx),
+                          compute=compute_bytes(info, n_ctx))
+
+
+def estimate_adapter(info: GGUFInfo) -> MemoryEstimate:
+    """A LoRA adapter's tensors are copied into memory next to its base."""
+    return MemoryEstimate(weights=info.tensor_bytes, kv_cache=0, compute=0)

@@ -1,0 +1,1 @@
+"""The `hublab>` shell."""

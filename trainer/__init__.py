@@ -1,0 +1,1 @@
+"""Host-side trainer: experts, router, GGUF export and quantization, packages."""
