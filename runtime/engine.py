@@ -298,7 +298,8 @@ class Runtime:
         seed = cfg.inference.seed if cfg.inference.seed >= 0 else 0xFFFFFFFF
         try:
             llama = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=self.threads,
-                          n_threads_batch=self.threads, seed=seed, verbose=False)
+                          n_threads_batch=self.threads, seed=seed, verbose=False,
+                          swa_full=False)  # sliding-window layers keep only their window: less KV on a Pi
         except (ValueError, RuntimeError) as exc:
             raise HublabError(f"{path}: llama.cpp could not load it ({exc}); check the file is a complete GGUF "
                               "this llama.cpp supports") from None

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import HublabError
+
 # llama.cpp's file types (llama_ftype) by number, as GGUF general.file_type stores them.
 FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
               11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
@@ -20,7 +22,12 @@ FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9:
               23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S", 29: "IQ2_M",
               30: "IQ4_XS", 31: "IQ1_M", 32: "BF16"}
 
-N_UBATCH = 512  # llama.cpp's default micro-batch, which sizes the compute buffer
+N_UBATCH = 512
+
+
+class GGUFError(HublabError, ValueError):
+    """A file is not a GGUF we can read."""
+  # llama.cpp's default micro-batch, which sizes the compute buffer
 
 
 @dataclass(frozen=True)
@@ -70,7 +77,7 @@ def _read(path: str, mtime: float) -> GGUFInfo:
     try:
         reader = GGUFReader(path, "r")
     except Exception as exc:  # noqa: BLE001 - any parse failure means the same thing to a user
-        raise ValueError(f"{path}: not a readable GGUF file ({exc.__class__.__name__}: {exc}); "
+        raise GGUFError(f"{path}: not a readable GGUF file ({exc.__class__.__name__}: {exc}); "
                          "re-download or re-export it") from None
     kind = _field(reader, "general.type", "model")
     arch = _field(reader, "general.architecture", "")
@@ -89,9 +96,17 @@ def _read(path: str, mtime: float) -> GGUFInfo:
     tensor_bytes = int(sum(int(t.n_bytes) for t in reader.tensors))
     n_params = int(sum(int(t.n_elements) for t in reader.tensors))
     ftype = _field(reader, "general.file_type", None)
+    if ftype is None and reader.tensors:
+        # adapters carry no file type: name the tensor type holding most of the bytes
+        by_type: dict[str, int] = {}
+        for t in reader.tensors:
+            by_type[t.tensor_type.name] = by_type.get(t.tensor_type.name, 0) + int(t.n_bytes)
+        file_type = max(by_type, key=by_type.get)
+    else:
+        file_type = FILE_TYPES.get(ftype, "unknown") if ftype is not None else "unknown"
     return GGUFInfo(
         path=path, kind=str(kind), arch=str(arch), name=str(_field(reader, "general.name", Path(path).stem)),
-        file_type=FILE_TYPES.get(ftype, "unknown") if ftype is not None else "unknown",
+        file_type=file_type,
         tensor_bytes=tensor_bytes, n_params=n_params, n_layer=int(arch_field("block_count", 0) or 0),
         n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
         key_length=int(arch_field("attention.key_length", head_dim) or head_dim),
@@ -108,7 +123,7 @@ def read_gguf(path: Path | str) -> GGUFInfo:
     """Header facts of a GGUF (model or LoRA adapter); cached by path and mtime."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"{p}: GGUF file not found")
+        raise GGUFError(f"{p}: GGUF file not found; fix the path")
     return _read(str(p.resolve()), p.stat().st_mtime)
 
 

@@ -23,9 +23,9 @@ def write_tiny_llama(path: Path, *, n_embd: int = 64, n_layer: int = 2, n_head: 
                      n_ff: int = 128, n_ctx: int = 256, seed: int = 0, dtype=np.float32) -> Path:
     """A llama model of a few hundred KB that llama.cpp loads and generates with."""
     rng = np.random.default_rng(seed)
-    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)] + ["▁" + w for w in WORDS]
-    scores = [0.0, 0.0, 0.0] + [0.0] * 256 + [-float(i) for i in range(len(WORDS))]
-    types = [2, 3, 3] + [6] * 256 + [1] * len(WORDS)  # unknown, control, control, byte, normal
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)] + ["▁"] + ["▁" + w for w in WORDS]
+    scores = [0.0, 0.0, 0.0] + [0.0] * 256 + [-float(i) for i in range(len(WORDS) + 1)]
+    types = [2, 3, 3] + [6] * 256 + [1] * (len(WORDS) + 1)  # unknown, control, control, byte, normal
     n_vocab = len(tokens)
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name("tiny-llama-test")
@@ -52,7 +52,10 @@ def write_tiny_llama(path: Path, *, n_embd: int = 64, n_layer: int = 2, n_head: 
     head_dim = n_embd // n_head
     t("token_embd.weight", n_vocab, n_embd, scale=1.0)
     w.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
-    t("output.weight", n_vocab, n_embd, scale=0.5)
+    # Byte and control tokens get no output weight, so greedy text is made of the word tokens.
+    out = (rng.standard_normal((n_vocab, n_embd)) * 0.5).astype(dtype)
+    out[:259] = 0
+    w.add_tensor("output.weight", out)
     for i in range(n_layer):
         w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(n_embd, dtype=np.float32))
         t(f"blk.{i}.attn_q.weight", n_embd, n_embd)
