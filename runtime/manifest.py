@@ -146,6 +146,7 @@ class Variant:
     description: str = ""
     memory: int = 0
     boards: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)  # glob patterns pkg build tags files with
 
 
 @dataclass
@@ -212,6 +213,8 @@ def dump_manifest(m: Manifest) -> str:
             lines.append(f"memory = {v.memory}")
         if v.boards:
             lines.append(f"boards = {_toml_value(v.boards)}")
+        if v.files:
+            lines.append(f"files = {_toml_value(v.files)}")
     for f in m.files:
         lines += ["", "[[files]]", f"path = {_toml_str(f.path)}", f"role = {_toml_str(f.role)}",
                   f"size = {f.size}", f"sha256 = {_toml_str(f.sha256)}"]
@@ -234,7 +237,8 @@ def manifest_from_dict(data: dict, source: str, *, built: bool = True) -> Manife
         raise ManifestError(f"{source}: {errors[0]}{more}; fix package.toml to match packaging/package.schema.json")
     p = data["package"]
     variants = [Variant(name=v["name"], quant=v.get("quant", ""), description=v.get("description", ""),
-                        memory=v.get("memory", 0), boards=list(v.get("boards", [])))
+                        memory=v.get("memory", 0), boards=list(v.get("boards", [])),
+                        files=list(v.get("files", [])))
                 for v in data.get("variants", [])]
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
