@@ -20,7 +20,7 @@ WORDS = ("the a of to and in is it you that he was for on are with as I his they
 
 
 def write_tiny_llama(path: Path, *, n_embd: int = 64, n_layer: int = 2, n_head: int = 4, n_head_kv: int = 2,
-                     n_ff: int = 128, n_ctx: int = 256, seed: int = 0, dtype=np.float32) -> Path:
+                     n_ff: int = 128, n_ctx: int = 1024, seed: int = 0, dtype=np.float32) -> Path:
     """A llama model of a few hundred KB that llama.cpp loads and generates with."""
     rng = np.random.default_rng(seed)
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)] + ["▁"] + ["▁" + w for w in WORDS]

@@ -1,0 +1,276 @@
+"""Route a question to experts and synthesise their answers into one. Each strategy does what its name says:
+
+- best: every selected expert answers; confidence = router score x the answer's mean token probability
+  (from llama.cpp's logits); the most confident answer wins.
+- weighted (WeightedAverage): ONE answer decoded from the router-weighted mixture of the selected experts'
+  next-token distributions at every step (Runtime.mixture_stream; experts on one shared base).
+- voting: every selected expert answers; the answer with the highest score-weighted mean agreement with
+  the others (cosine similarity of the router encoder's embeddings of the answers) wins.
+- concatenate: every answer, best score first, each under a header with the expert's name and score.
+- summarize: every selected expert answers, then the aggregator ([moe] aggregator, default the fallback
+  expert) is prompted with the question and the candidates and writes one answer (Mixture-of-Agents).
+
+Without a router directory, routing is by keywords alone: the scores are the keyword distribution when
+any expert's keyword is found, else the fallback expert scores 1 (and the result's note says so).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .config import SYSTEM_SCHEMA, parse_routing
+from .engine import GenerationResult, Runtime
+from .errors import HublabError
+from .router import Router, RouterError, Selection, blend, default_router_dir, select
+
+SYNTHESES = SYSTEM_SCHEMA["moe"]["synthesis"].choices
+Event = Callable[[str, dict], None]
+
+
+@dataclass
+class ExpertAnswer:
+    expert: str
+    score: float
+    text: str
+    confidence: float | None = None     # best: score x mean token probability
+    agreement: float | None = None      # voting: weighted mean cosine similarity with the other answers
+    result: GenerationResult | None = None
+
+    def to_dict(self) -> dict:
+        return {"expert": self.expert, "score": self.score, "text": self.text, "confidence": self.confidence,
+                "agreement": self.agreement, "stats": self.result.to_dict() if self.result else None}
+
+
+@dataclass
+class MoEResult:
+    query: str
+    answer: str
+    routing: str
+    synthesis: str
+    selection: Selection
+    answers: list[ExpertAnswer] = field(default_factory=list)
+    chosen: str | None = None           # the expert whose answer won (best, voting)
+    timings: dict[str, float] = field(default_factory=dict)
+    note: str = ""
+    finish_reason: str = "stop"
+
+    @property
+    def selected(self) -> list[dict]:
+        return [c.to_dict() for c in self.selection.choices]
+
+    def to_dict(self) -> dict:
+        return {"query": self.query, "answer": self.answer, "routing": self.routing, "synthesis": self.synthesis,
+                "selected": self.selected, "chosen": self.chosen,
+                "answers": [a.to_dict() for a in self.answers],
+                "scores": [s.to_dict() for s in self.selection.scores], "fallback": self.selection.fallback,
+                "timings": {k: round(v, 4) for k, v in self.timings.items()}, "note": self.note,
+                "finish_reason": self.finish_reason}
+
+
+def cosine_matrix(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    unit = vectors / np.maximum(norms, 1e-12)
+    return unit @ unit.T
+
+
+def vote(scores: list[float], similarity: np.ndarray) -> list[float]:
+    """Each answer's score-weighted mean similarity with the other answers."""
+    out = []
+    for i in range(len(scores)):
+        others = [j for j in range(len(scores)) if j != i]
+        total = sum(scores[j] for j in others)
+        if not others:
+            out.append(1.0)
+        elif total <= 0:
+            out.append(float(np.mean([similarity[i, j] for j in others])))
+        else:
+            out.append(float(sum(scores[j] * similarity[i, j] for j in others) / total))
+    return out
+
+
+def summarize_prompt(query: str, answers: list[ExpertAnswer]) -> str:
+    lines = [f"Question: {query}", "", "Answers from specialist experts:"]
+    for i, a in enumerate(answers, 1):
+        lines.append(f"[{i}] {a.expert} (router score {a.score:.2f}): {a.text.strip()}")
+    lines += ["", "Write one correct, concise answer to the question, combining what the answers get right "
+                  "and dropping what they get wrong."]
+    return "\n".join(lines)
+
+
+class MoE:
+    """Routing + experts + synthesis over one Runtime: what `?question`, `moe query` and model=moe run."""
+
+    def __init__(self, runtime: Runtime, router: Router | None = None):
+        self.rt = runtime
+        self.routing = runtime.system.routing
+        self.synthesis = runtime.system.synthesis
+        self.fallback = runtime.system.fallback
+        self._router = router
+        self._router_loaded = router is not None
+        self._router_lock = threading.Lock()
+        self.router_note = ""
+
+    @property
+    def router(self) -> Router | None:
+        """The ONNX router, opened on first use; None (keywords only) when the models dir has none."""
+        with self._router_lock:
+            if not self._router_loaded:
+                self._router_loaded = True
+                directory = default_router_dir(self.rt.system)
+                if directory.is_dir():
+                    self._router = Router.load(directory, list(self.rt.experts.values()),
+                                               keyword_weight=self.rt.system.keyword_weight, fallback=self.fallback,
+                                               threads=1)
+                else:
+                    self.router_note = (f"no router at {directory}: routing by keywords only "
+                                        "(build one with `hublab train router`)")
+        return self._router
+
+    def set(self, routing: str | None = None, synthesis: str | None = None) -> None:
+        """Change the strategy for this session (validated; the shell persists it to system.toml)."""
+        if routing is not None:
+            try:
+                parse_routing(routing)
+            except ValueError as exc:
+                raise HublabError(f"routing: {exc}") from None
+        if synthesis is not None and synthesis not in SYNTHESES:
+            raise HublabError(f"synthesis: unknown {synthesis!r}; use one of {', '.join(SYNTHESES)}")
+        self.routing = routing or self.routing
+        self.synthesis = synthesis or self.synthesis
+
+    def route(self, query: str, routing: str | None = None) -> Selection:
+        """Every expert's score and the strategy's selection; nothing is generated."""
+        experts = self.rt.experts
+        if not experts:
+            raise HublabError(f"no experts in {self.rt.system.models_dir}; install a package or add expert TOMLs")
+        if self.fallback not in experts:
+            raise HublabError(f"[moe] fallback: no expert named {self.fallback!r}; set it to one of "
+                              f"{', '.join(sorted(experts))}")
+        routing = routing or self.routing
+        try:
+            router = self.router
+            if router is not None:
+                return router.route(query, routing, self.fallback)
+            model = {name: 1.0 if name == self.fallback else 0.0 for name in experts}
+            keywords = {name: cfg.keywords for name, cfg in experts.items()}
+            scores = blend(query, model, keywords, 1.0)
+            return select(scores, routing, self.fallback, {n: c.threshold for n, c in experts.items()})
+        except RouterError as exc:
+            raise HublabError(str(exc)) from None
+
+    def ask(self, query: str, routing: str | None = None, synthesis: str | None = None,
+            on_event: Event | None = None, cancel: threading.Event | None = None,
+            max_tokens: int | None = None, temperature: float | None = None) -> MoEResult:
+        """Route, run the selected experts, synthesise one answer. `on_event(kind, data)` reports progress."""
+        emit = on_event or (lambda kind, data: None)
+        synthesis = synthesis or self.synthesis
+        if synthesis not in SYNTHESES:
+            raise HublabError(f"synthesis: unknown {synthesis!r}; use one of {', '.join(SYNTHESES)}")
+        t0 = time.perf_counter()
+        selection = self.route(query, routing)
+        t_route = time.perf_counter() - t0
+        emit("route", {"decision": selection.to_dict()})
+        result = MoEResult(query=query, answer="", routing=selection.routing, synthesis=synthesis,
+                           selection=selection, note="; ".join(n for n in (selection.note, self.router_note) if n))
+        gen_opts = {"max_tokens": max_tokens, "temperature": temperature, "cancel": cancel}
+        t1 = time.perf_counter()
+        if synthesis == "weighted":
+            self._weighted(result, emit, gen_opts)
+        else:
+            result.answers = self._run_experts(query, selection, emit, logprobs=synthesis == "best", **gen_opts)
+        t2 = time.perf_counter()
+        if synthesis != "weighted":
+            emit("synth_start", {"synthesis": synthesis})
+            getattr(self, f"_{synthesis}")(result, emit, gen_opts)
+        t3 = time.perf_counter()
+        result.timings = {"route_s": t_route, "experts_s": t2 - t1, "synthesis_s": t3 - t2, "total_s": t3 - t0}
+        if cancel is not None and cancel.is_set():
+            result.finish_reason = "cancelled"
+        emit("done", {"result": result.to_dict()})
+        return result
+
+    # -- experts ----------------------------------------------------------------------------------------
+
+    def _run_experts(self, query: str, selection: Selection, emit: Event, logprobs: bool, **opts) -> list[ExpertAnswer]:
+        answers = []
+        for choice in selection.choices:
+            if opts.get("cancel") is not None and opts["cancel"].is_set():
+                break
+            emit("expert_start", {"expert": choice.name, "score": choice.score})
+            gen = self.rt.stream(choice.name, query, logprobs=logprobs, **opts)
+            for piece in gen:
+                emit("expert_token", {"expert": choice.name, "text": piece})
+            emit("expert_done", {"expert": choice.name, "result": gen.result.to_dict()})
+            answers.append(ExpertAnswer(choice.name, choice.score, gen.result.text.strip(), result=gen.result))
+        return answers
+
+    # -- synthesis strategies -----------------------------------------------------------------------------
+
+    def _finish(self, result: MoEResult, emit: Event, answer: str) -> None:
+        result.answer = answer
+        emit("answer_token", {"text": answer})
+
+    def _best(self, result: MoEResult, emit: Event, opts: dict) -> None:
+        for a in result.answers:
+            a.confidence = a.score * (a.result.mean_token_prob or 0.0)
+        if not result.answers:
+            return self._finish(result, emit, "")
+        # ties: the higher router score, then the expert name, like routing itself
+        win = min(result.answers, key=lambda a: (-round(a.confidence, 12), -a.score, a.expert))
+        result.chosen = win.expert
+        self._finish(result, emit, win.text)
+
+    def _voting(self, result: MoEResult, emit: Event, opts: dict) -> None:
+        answers = result.answers
+        if not answers:
+            return self._finish(result, emit, "")
+        if len(answers) > 1:
+            router = self.router
+            if router is None:
+                raise HublabError("voting compares answers with the router's encoder, and no router is installed; "
+                                  "build one with `hublab train router` or use synthesis best")
+            sim = cosine_matrix(np.asarray(router.embed([a.text or " " for a in answers]), dtype=np.float64))
+            for a, agreement in zip(answers, vote([a.score for a in answers], sim)):
+                a.agreement = agreement
+        else:
+            answers[0].agreement = 1.0
+        win = min(answers, key=lambda a: (-round(a.agreement, 12), -a.score, a.expert))
+        result.chosen = win.expert
+        self._finish(result, emit, win.text)
+
+    def _concatenate(self, result: MoEResult, emit: Event, opts: dict) -> None:
+        ordered = sorted(result.answers, key=lambda a: (-a.score, a.expert))
+        text = "\n\n".join(f"### {a.expert} (score {a.score:.2f})\n{a.text}" for a in ordered)
+        self._finish(result, emit, text)
+
+    def _summarize(self, result: MoEResult, emit: Event, opts: dict) -> None:
+        aggregator = self.rt.system.aggregator or self.fallback
+        if aggregator not in self.rt.models:
+            raise HublabError(f"[moe] aggregator: no model named {aggregator!r}; set it to an expert or leave it "
+                              "empty to use the fallback expert")
+        emit("expert_start", {"expert": aggregator, "score": 1.0, "role": "aggregator"})
+        gen = self.rt.stream(aggregator, summarize_prompt(result.query, result.answers), **opts)
+        for piece in gen:
+            emit("answer_token", {"text": piece})
+        result.answer = gen.result.text.strip()
+        result.chosen = aggregator
+        result.answers.append(ExpertAnswer(f"{aggregator} (aggregator)", 1.0, result.answer, result=gen.result))
+
+    def _weighted(self, result: MoEResult, emit: Event, opts: dict) -> None:
+        weights = result.selection.weights()
+        emit("synth_start", {"synthesis": "weighted", "weights": weights})
+        for name, w in weights.items():
+            emit("expert_start", {"expert": name, "score": w})
+        gen = self.rt.mixture_stream(weights, result.query, max_tokens=opts.get("max_tokens"),
+                                     temperature=opts.get("temperature"), cancel=opts.get("cancel"))
+        for piece in gen:
+            emit("answer_token", {"text": piece})
+        result.answer = gen.result.text.strip()
+        result.answers = [ExpertAnswer("+".join(weights), 1.0, result.answer, result=gen.result)]
+        result.note = "; ".join(n for n in (result.note, "weights " + ", ".join(
+            f"{k} {v:.2f}" for k, v in weights.items())) if n)
