@@ -192,6 +192,10 @@ SYSTEM_SCHEMA: dict[str, dict[str, Key]] = {
     "trust": {
         "keys": Key(list, [], "trusted package signing public keys (hex ed25519)"),
     },
+    "registry": {
+        "url": Key(str, "", "default package registry: http(s)://host[:port][/namespace] or a directory; "
+                            "empty = ~/.local/share/hublab/registry"),
+    },
 }
 
 

@@ -231,6 +231,10 @@ def manifest_from_dict(data: dict, source: str, *, built: bool = True) -> Manife
         # A source manifest may leave out what build fills in.
         schema["required"] = ["package"]
         schema["properties"]["files"]["items"]["required"] = ["path"]
+    # Unsafe paths get their own message before the schema's generic "form that is not allowed".
+    for i, f in enumerate(data.get("files", []) if isinstance(data.get("files"), list) else []):
+        if isinstance(f, dict) and isinstance(f.get("path"), str):
+            safe_relpath(f["path"], f"{source}: files[{i}].path")
     errors = schema_errors(data, schema)
     if errors:
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""

@@ -768,6 +768,10 @@ def _check_conflicts(store: Store, m: Manifest, root: Path, existing: Installed 
             raise PackageError(f"{root}: holds package {other!r}; remove it first (hublab pkg remove {other})")
         raise PackageError(f"{root}: exists and is not an installed package; move it away before installing {m.name}")
     provided = set(m.experts) | set(m.models)
+    foreign = _foreign_models(store)
+    for model in sorted(provided & set(foreign)):
+        raise PackageError(f"{m.name}: provides {model!r}, which {foreign[model]} already defines; rename or move "
+                           "that TOML, or install into another --models-dir")
     for other in installed.values():
         if other.name == m.name:
             continue
@@ -775,6 +779,22 @@ def _check_conflicts(store: Store, m: Manifest, root: Path, existing: Installed 
         if clash:
             raise PackageError(f"{m.name}: provides {sorted(clash)[0]!r}, which package {other.name!r} already "
                                f"provides; remove {other.name} first")
+
+
+def _foreign_models(store: Store) -> dict[str, Path]:
+    """Model names defined by TOMLs under models_dir that belong to no package (the user's own)."""
+    skip = {store.state} | set(store.roots())
+    out: dict[str, Path] = {}
+    for path in sorted(store.models_dir.rglob("*.toml")) if store.models_dir.is_dir() else []:
+        if path.name in ("package.toml", "router.toml") or any(p in skip for p in path.parents):
+            continue
+        try:
+            name = tomli.loads(path.read_text(encoding="utf-8")).get("model", {}).get("name")
+        except (OSError, UnicodeDecodeError, tomli.TOMLDecodeError, AttributeError):
+            continue
+        if isinstance(name, str):
+            out.setdefault(name, path)
+    return out
 
 
 def _check_space(store: Store, choice: Choice) -> None:
