@@ -46,14 +46,22 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _find_verb(argv: list[str]) -> str | None:
+    """The first positional argument, skipping the values of the global options that take one."""
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--config", "--profile"):
+            skip = True
+        elif not a.startswith("-"):
+            return a
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    verb = next((a for a in argv if not a.startswith("-")), None)
-    # --config/--profile take a value: skip it when looking for the verb.
-    for i, a in enumerate(argv):
-        if a in ("--config", "--profile") and i + 1 < len(argv) and argv[i + 1] == verb:
-            verb = next((b for b in argv[i + 2:] if not b.startswith("-")), None)
-            break
+    verb = _find_verb(argv)
     if verb is None and not any(a in ("-h", "--help", "--version") for a in argv):
         argv.append("shell")
         verb = "shell"

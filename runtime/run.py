@@ -1,0 +1,74 @@
+"""`hublab run NAME PROMPT` and `hublab list`: one answer from an expert (or `moe`), and what is on disk."""
+from __future__ import annotations
+
+import json
+import sys
+
+
+def add_run_arguments(parser) -> None:
+    parser.add_argument("name", help="expert or model name, or 'moe' for a routed, synthesised answer")
+    parser.add_argument("prompt", nargs="+", help="the question")
+    parser.add_argument("--raw", action="store_true", help="complete the text as is (no chat template)")
+    parser.add_argument("--max-tokens", type=int, help="most tokens to generate")
+    parser.add_argument("--temperature", type=float, help="sampling temperature (0 = greedy)")
+    parser.add_argument("--routing", help="for moe: topk:K, threshold:T, single or all")
+    parser.add_argument("--synthesis", help="for moe: best, weighted, voting, concatenate or summarize")
+    parser.add_argument("--json", action="store_true", help="print one JSON document with the answer and stats")
+
+
+def run_cli(args) -> int:
+    from .engine import Runtime
+    from .moe import MoE
+
+    prompt = " ".join(args.prompt)
+    rt = Runtime.from_config(profile=args.profile)
+    with rt:
+        if args.name == "moe":
+            def show(kind, data):
+                if kind == "answer_token" and not args.json:
+                    print(data["text"], end="", flush=True)
+            result = MoE(rt).ask(prompt, routing=args.routing, synthesis=args.synthesis, on_event=show,
+                                 max_tokens=args.max_tokens, temperature=args.temperature)
+            doc = result.to_dict()
+        else:
+            gen = rt.stream(args.name, prompt, raw=args.raw, max_tokens=args.max_tokens, temperature=args.temperature)
+            for piece in gen:
+                if not args.json:
+                    print(piece, end="", flush=True)
+            doc = gen.result.to_dict()
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print()
+        if args.name != "moe":
+            r = gen.result
+            print(f"[{r.expert}: {r.tokens} tokens, {r.tokens_per_s:.1f} tok/s, first token {r.ttft_s * 1000:.0f} ms]",
+                  file=sys.stderr)
+    return 0
+
+
+def add_list_arguments(parser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def list_cli(args) -> int:
+    from .config import format_size
+    from .engine import Runtime
+
+    rt = Runtime.from_config(profile=args.profile)
+    rows = rt.status()
+    if args.json:
+        print(json.dumps({"profile": rt.profile.name, "budget": rt.budget, "models": rows,
+                          "errors": rt.catalog.errors}, indent=2))
+        return 0
+    print(f"{'NAME':<16} {'TYPE':<7} {'BASE':<14} {'QUANT':<7} {'SIZE':>10} {'NEEDS':>10}")
+    for r in rows:
+        if r["error"]:
+            print(f"{r['name']:<16} {r['type']:<7} {r['base'] or '-':<14} error: {r['error']}")
+            continue
+        print(f"{r['name']:<16} {r['type']:<7} {r['base'] or '-':<14} {r['quant']:<7} "
+              f"{format_size(r['size']) if r['size'] else '-':>10} {format_size(r['estimate']):>10}")
+    print(f"\nboard {rt.profile.name}: model budget {format_size(rt.budget)}")
+    for e in rt.catalog.errors:
+        print(f"warning: {e}", file=sys.stderr)
+    return 0
