@@ -30,7 +30,7 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def run_registry(workdir: Path, config: Path, htpasswd: Path | None = None):
+def run_registry(workdir: Path, config: Path, extra_env: dict[str, str] | None = None):
     """Start docker-registry on a free loopback port with `config`; yield its URL; stop it."""
     import httpx
 
@@ -41,8 +41,7 @@ def run_registry(workdir: Path, config: Path, htpasswd: Path | None = None):
     port = _free_port()
     env = dict(os.environ, REGISTRY_HTTP_ADDR=f"127.0.0.1:{port}", REGISTRY_HTTP_SECRET="hublab-test",
                REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY=str(workdir / "data"))
-    if htpasswd:
-        env["REGISTRY_AUTH_HTPASSWD_PATH"] = str(htpasswd)
+    env.update(extra_env or {})
     log = open(workdir / "registry.log", "wb")
     proc = subprocess.Popen([exe, "serve", str(config)], env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -78,7 +77,7 @@ def oci_registry(tmp_path_factory):
 def auth_registry(tmp_path_factory):
     """URL of a real OCI registry that wants htpasswd basic auth."""
     with run_registry(tmp_path_factory.mktemp("oci-auth"), FIXTURES / "registry-auth.yml",
-                      FIXTURES / "registry.htpasswd") as url:
+                      {"REGISTRY_AUTH_HTPASSWD_PATH": str(FIXTURES / "registry.htpasswd")}) as url:
         yield url
 
 
