@@ -466,8 +466,10 @@ def build(directory: str | Path, *, key: str | Path | None = None, sign: bool = 
             raise PackageError(f"{src}: variant {v.name!r} has no files; put them under {v.name}/ or set its files patterns")
     experts, models = describe_models(d, [f.path for f in files])
     m.files = files
-    m.experts = m.experts or experts
-    m.models = m.models or models
+    # The model TOMLs are the truth about what the package provides; declared names only stand in
+    # for packages without TOMLs (a bare GGUF).
+    if experts or models:
+        m.experts, m.models = experts, models
     if m.category == "router" and not m.router:
         m.router = m.name
     for v in m.variants:
@@ -871,9 +873,9 @@ def verify(names: list[str] | None = None, *, models_dir: str | Path | None = No
     ctx = _context(config, models_dir)
     store = Store(ctx.models_dir)
     recovered: list[str] = []
-    if store.models_dir.is_dir():
+    if store.models_dir.is_dir() and os.access(store.models_dir, os.W_OK):
         with store.lock():
-            recovered = store.recover()
+            recovered = store.recover()  # a read-only card is only checked, not repaired
     reports, store_problems = [], []
     for root in store.roots():
         try:
@@ -1091,6 +1093,18 @@ def add_arguments(parser) -> None:
     p = sub.add_parser("verify", help="re-hash installed files; finish interrupted installs")
     p.add_argument("names", nargs="*", metavar="NAME")
     _common(p, models=True)
+
+
+def run(argv: list[str]) -> int:
+    """`pkg ARGV...` exactly as the command line prints it, for the hublab> shell.
+
+    HublabError propagates (the caller prints it); argparse usage errors raise SystemExit(2).
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="pkg", description="build, publish, install and verify model packages")
+    add_arguments(parser)
+    return cli(parser.parse_args(argv))
 
 
 def _print_json(data) -> None:

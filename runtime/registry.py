@@ -304,7 +304,8 @@ class DirRegistry:
     kind = "dir"
 
     def __init__(self, root: Path):
-        self.root = Path(root).expanduser()
+        # Absolute, so the install record's registry still works from another working directory.
+        self.root = Path(root).expanduser().absolute()
         self.location = str(self.root)
 
     def close(self) -> None:
