@@ -1,0 +1,174 @@
+"""What the shell's commands talk to: the device in this process, or an agent over HTTP.
+
+Both offer the same methods (those of `hublab.runtime.agent.Device`): list, names, load, unload, info,
+config, stats, benchmark, route, ask, settings, rescan, version, health, close. The commands are
+written once against them; `connect()` picks the implementation.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from typing import Any, Callable
+
+from hublab.runtime.errors import HublabError
+
+
+def connect(remote: str | None = None, *, token: str | None = None, config: str | None = None,
+            profile: str | None = None):
+    """A Device over the local runtime, or a RemoteClient for an agent at `remote`."""
+    if remote:
+        return RemoteClient(remote, token=token if token is not None else os.environ.get("HUBLAB_TOKEN", ""))
+    from hublab.runtime.agent import Device
+
+    return Device.open(config, profile=profile)
+
+
+class RemoteClient:
+    """The Device methods, answered by a `hublab serve` agent (its /api and /v1 endpoints)."""
+
+    local = False
+
+    def __init__(self, url: str, token: str = "", timeout: float = 600.0):
+        import httpx
+
+        if "://" not in url:
+            url = "http://" + url
+        self.url = url.rstrip("/")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=self.url, headers=headers,
+                                  timeout=httpx.Timeout(timeout, connect=10.0))
+        self._names: list[str] | None = None
+
+    # -- plumbing ---------------------------------------------------------------------------------------
+
+    def _check(self, response) -> Any:
+        if response.status_code == 401:
+            raise HublabError(f"the agent at {self.url} refused the token (401); pass --token or set HUBLAB_TOKEN")
+        if response.status_code >= 400:
+            try:
+                message = response.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = response.text.strip()[:200] or response.reason_phrase
+            if response.status_code == 503:
+                message += f" (Retry-After {response.headers.get('Retry-After', '?')} s)"
+            raise HublabError(f"agent: {message}")
+        return response.json()
+
+    def _call(self, method: str, path: str, **kw) -> Any:
+        import httpx
+
+        try:
+            return self._check(self._http.request(method, path, **kw))
+        except httpx.TransportError as exc:
+            raise HublabError(f"cannot reach the agent at {self.url} ({exc.__class__.__name__}: {exc}); "
+                              "start it with `hublab serve` or check the --remote URL") from None
+
+    def _get(self, path: str, **params) -> Any:
+        return self._call("GET", path, params={k: v for k, v in params.items() if v is not None})
+
+    def _post(self, path: str, body: dict) -> Any:
+        return self._call("POST", path, json=body)
+
+    # -- the Device methods ----------------------------------------------------------------------------
+
+    def list(self) -> dict:
+        data = self._get("/api/experts")
+        self._names = sorted(r["name"] for r in data["models"])
+        return data
+
+    def names(self) -> list[str]:
+        if self._names is None:
+            self.list()
+        return list(self._names or [])
+
+    def load(self, name: str) -> dict:
+        return self._post("/api/load", {"name": name})
+
+    def unload(self, name: str) -> dict:
+        return self._post("/api/unload", {"name": name})
+
+    def rescan(self) -> dict:
+        self._names = None
+        return {"models": self.names(), "errors": []}
+
+    def info(self, name: str | None = None) -> dict:
+        return self._get("/api/info", name=name)
+
+    def stats(self) -> dict:
+        return self._get("/api/stats")
+
+    def config(self, key: str, value: Any, name: str | None = None) -> dict:
+        return self._post("/api/config", {"key": key, "value": value, "name": name})
+
+    def settings(self, routing: str | None = None, synthesis: str | None = None) -> dict:
+        if routing or synthesis:
+            return self._post("/api/settings", {"routing": routing, "synthesis": synthesis})
+        return self._get("/api/settings")
+
+    def route(self, query: str, routing: str | None = None) -> dict:
+        return self._post("/api/route", {"query": query, "routing": routing})
+
+    def benchmark(self, name: str | None = None, max_tokens: int = 64, cancel: threading.Event | None = None) -> dict:
+        return self._post("/api/benchmark", {"name": name, "max_tokens": max_tokens})
+
+    def ask(self, query: str, routing: str | None = None, synthesis: str | None = None,
+            on_event: Callable[[str, dict], None] | None = None, cancel: threading.Event | None = None,
+            max_tokens: int | None = None) -> dict:
+        """Stream the agent's MoE events; setting `cancel` closes the stream, which stops the agent too."""
+        import httpx
+
+        body = {"query": query, "routing": routing, "synthesis": synthesis, "max_tokens": max_tokens, "stream": True}
+        answer: list[str] = []
+        result = None
+        try:
+            with self._http.stream("POST", "/api/ask", json=body) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    self._check(response)
+                for kind, data in iter_sse(response.iter_lines()):
+                    if kind == "answer_token":
+                        answer.append(data.get("text", ""))
+                    if "error" in data and kind is None:
+                        raise HublabError(f"agent: {data['error'].get('message', data['error'])}")
+                    if on_event:
+                        on_event(kind, data)
+                    if kind == "done":
+                        result = data["result"]
+                    if cancel is not None and cancel.is_set():
+                        break  # leaving the with-block closes the connection: the agent cancels
+        except httpx.TransportError as exc:
+            raise HublabError(f"lost the agent at {self.url} ({exc.__class__.__name__}); check it is running") from None
+        if result is None:
+            result = {"query": query, "answer": "".join(answer), "finish_reason": "cancelled", "selected": [],
+                      "answers": [], "scores": [], "timings": {}, "routing": routing, "synthesis": synthesis}
+        return result
+
+    def version(self) -> dict:
+        h = self.health()
+        return {"hublab": h["version"], "profile": h["profile"], "where": self.url}
+
+    def health(self) -> dict:
+        return self._get("/health")
+
+    def close(self) -> None:
+        self._http.close()
+
+
+def iter_sse(lines):
+    """(event, data) pairs from SSE lines; data is parsed JSON, or {"text": ...} when it is not JSON."""
+    event, data = None, []
+    for line in lines:
+        if line == "":
+            if data:
+                raw = "\n".join(data)
+                try:
+                    parsed = json.loads(raw)
+                except json.JSONDecodeError:
+                    parsed = {"text": raw}
+                yield event, parsed if isinstance(parsed, dict) else {"value": parsed}
+            event, data = None, []
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].lstrip())
