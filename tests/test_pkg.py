@@ -436,3 +436,31 @@ def test_scan_models_sees_installed_packages_only_once(ws, built):
     assert not cat.errors and set(cat.models) == {"tiny", "alpha"} and set(cat.experts) == {"alpha"}
     assert cat.models["alpha"].adapter == ws.models / "experts" / "alpha-expert" / "alpha.gguf"
     assert os.path.samefile(cat.models["tiny"].path, ws.models / "packages" / "tiny" / "q4_k_m" / "tiny.gguf")
+
+
+def test_router_package_installs_into_the_runtime_router_dir(ws, tmp_path):
+    src = tmp_path / "router-src"
+    src.mkdir()
+    (src / "package.toml").write_text('[package]\nname = "demo-router"\nversion = "2"\ncategory = "router"\n')
+    (src / "router.toml").write_text('[router]\nexperts = ["alpha"]\n')
+    (src / "tokenizer.json").write_text('{"model": {}}')
+    (src / "model.onnx").write_bytes(b"\x08\x07" * 64)
+    b = pkg.build(src, key=ws.key)
+    m = parse_manifest((src / "package.toml").read_bytes(), "x")
+    assert {f.path: f.role for f in m.files} == {"model.onnx": "router", "router.toml": "config",
+                                                 "tokenizer.json": "tokenizer"}
+    assert m.router == "demo-router" and b.category == "router"
+    pkg.publish(src, str(ws.registry))
+    r = pkg.install("demo-router", str(ws.registry))
+    assert Path(r.root) == ws.models / "router" and (ws.models / "router" / "model.onnx").is_file()
+    assert scan_models(ws.models).errors == []  # router.toml and the record are not model TOMLs
+    # One router at a time: another router package must not overwrite it silently.
+    (src / "package.toml").write_text((src / "package.toml").read_text().replace('"demo-router"', '"other-router"'))
+    pkg.build(src, key=ws.key)
+    pkg.publish(src, str(ws.registry))
+    with pytest.raises(HublabError, match="holds package 'demo-router'; remove it first"):
+        pkg.install("other-router", str(ws.registry))
+    pkg.remove("demo-router")
+    (ws.models / "router").mkdir()  # a hand-made router dir is not the package manager's to replace
+    with pytest.raises(HublabError, match="exists and is not an installed package"):
+        pkg.install("other-router", str(ws.registry))
