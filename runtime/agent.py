@@ -66,23 +66,20 @@ def _coerce(key: str, value: Any, spec: Key) -> Any:
             return float(value)
         return value
     text = value.strip()
-    try:
-        if list in types:
-            if text.startswith("["):
-                return json.loads(text)
-            return [p.strip() for p in text.split(",") if p.strip()]
-        if bool in types:
-            if text.lower() not in ("true", "false"):
-                raise ValueError
+    if list in types:
+        try:
+            return json.loads(text) if text.startswith("[") else [p.strip() for p in text.split(",") if p.strip()]
+        except json.JSONDecodeError:
+            pass
+    elif bool in types:
+        if text.lower() in ("true", "false"):
             return text.lower() == "true"
-        if int in types and (text.lstrip("-").isdigit()):
-            return int(text)
-        if float in types:
-            return float(text)
-        if str in types:
-            return text
-    except (ValueError, json.JSONDecodeError):
-        pass
+    else:
+        # the narrowest type that reads the text: "8" is an int, "0.5" a float, "10m" a string
+        for kind in (int, float, str):
+            if kind in types:
+                with contextlib.suppress(ValueError):
+                    return kind(text)
     raise HublabError(f"{key}: {value!r} is not {_kind(types)} ({spec.help}); give a value like "
                       f"{_example(types)}")
 

@@ -69,6 +69,13 @@ def run_one(s: Session, line: str) -> tuple[bool, Result | None]:
         s.end_line()
         _print_error(s, line, "interrupted")
         return False, None
+    except Exception as exc:  # noqa: BLE001 - a bug in one command must not end the session
+        if os.environ.get("HUBLAB_DEBUG"):
+            raise
+        s.end_line()
+        _print_error(s, line, f"internal error {exc.__class__.__name__}: {exc} (a bug; rerun with HUBLAB_DEBUG=1 "
+                              "for the traceback and report it)")
+        return False, None
     s.end_line()
     if s.json:
         print(envelope(result.command, result), flush=True)
@@ -197,6 +204,10 @@ def cli(args) -> int:
         if not sys.stdin.isatty():
             return run_lines(s, sys.stdin)
         return interactive(s)
+    except BrokenPipeError:
+        # the reader went away (`| head`): stop quietly, like other command-line tools
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     finally:
         client.close()
 
