@@ -63,6 +63,7 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     mix_total: int = 0  # examples per pass of a ratio mix; 0 = the datasets' combined size
+    time_limit: float = 0.0  # seconds of training after which to evaluate once more and stop; 0 = none
 
 
 @dataclass
@@ -403,7 +404,7 @@ def train_lora(cfg: TrainConfig) -> TrainResult:
                 s, n = loss_module(ids, labels, mask)
             loss = s / n.clamp(min=1) / cfg.grad_accum
             accel.backward(loss)
-            step_loss += float(s)
+            step_loss += float(s.detach())
             step_count += int(n)
             step_tokens += int(mask.sum())
         accel.clip_grad_norm_(params, 1.0)
@@ -417,7 +418,8 @@ def train_lora(cfg: TrainConfig) -> TrainResult:
         record = {"step": state["step"], "loss": round(last_loss, 4), "tok_s": round(step_tokens / dt, 1),
                   "s_step": round(dt, 2)}
         step = state["step"]
-        if eval_items and (step % cfg.eval_every == 0 or step == total_steps):
+        out_of_time = bool(cfg.time_limit) and state["seconds"] >= cfg.time_limit
+        if eval_items and (step % cfg.eval_every == 0 or step == total_steps or out_of_time):
             ev = evaluate(loss_module, eval_items, cfg.batch_size, tok.pad_token_id, device)
             record["eval_loss"] = round(ev, 4)
             if state["best"] is None or ev < state["best"] - 1e-4:
@@ -438,6 +440,10 @@ def train_lora(cfg: TrainConfig) -> TrainResult:
             break
         if cfg.save_every and step % cfg.save_every == 0:
             save_checkpoint()
+        if out_of_time:
+            if progress:
+                progress.write(f"time limit {cfg.time_limit:.0f}s reached at step {step}")
+            break
     if progress:
         progress.close()
     save_checkpoint()

@@ -1,0 +1,86 @@
+"""Train the demo expert set (python, rust, system, ai, general) on gemma-3-270m and measure it.
+
+    python -m hublab.trainer.demo_data build/demo-data          # datasets from this machine's docs
+    python -m hublab.trainer.demo train build/demo-data build/demo-runs --minutes 7
+    python -m hublab.trainer.demo export build/demo-runs models/demo
+
+`train` writes each adapter (peft) and ppl.json (held-out perplexity of base vs expert) per domain;
+`export` writes the q8_0 adapter GGUFs and the README table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .demo_data import DOMAINS
+
+BASE = "gemma3-270m"
+
+
+def train_domain(domain: str, data_dir: Path, runs_dir: Path, minutes: float, threads: int = 0,
+                 max_test: int = 60) -> dict:
+    """Train one expert, then held-out perplexity of the base and of the expert on its domain."""
+    from . import data as D
+    from .lora import TrainConfig, make_loss_module, perplexity, train_lora  # noqa: F401
+
+    cfg = TrainConfig(base=BASE, output=runs_dir / domain, data=[D.DataSpec(data_dir / f"{domain}.jsonl")],
+                      max_seq_len=160, batch_size=4, max_steps=400, lr=5e-4, warmup_steps=10,
+                      eval_fraction=0.05, eval_every=25, patience=3, save_every=50, resume=False,
+                      time_limit=minutes * 60, threads=threads, lora_r=8, lora_alpha=16)
+    t0 = time.time()
+    result = train_lora(cfg)
+    test = D.load_examples(D.DataSpec(data_dir / f"{domain}_test.jsonl"))[:max_test]
+    from .lora import load_with_adapter
+
+    model, tok, template = load_with_adapter(result.adapter_dir)
+    with model.disable_adapter():
+        base_ppl = perplexity(model, tok, template, test, max_len=cfg.max_seq_len)
+    expert_ppl = perplexity(model, tok, template, test, max_len=cfg.max_seq_len)
+    row = {"domain": domain, "base_ppl": round(base_ppl, 3), "expert_ppl": round(expert_ppl, 3),
+           "reduction": round(1 - expert_ppl / base_ppl, 4), "steps": result.steps,
+           "best_eval_loss": result.best_eval_loss, "train_s": round(result.seconds, 1),
+           "s_per_step": round(result.seconds / max(1, result.steps), 2),
+           "tokens_per_s": round(result.tokens_per_s, 1), "n_test": len(test),
+           "wall_s": round(time.time() - t0, 1)}
+    (runs_dir / domain / "ppl.json").write_text(json.dumps(row, indent=1))
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train")
+    t.add_argument("data_dir", type=Path)
+    t.add_argument("runs_dir", type=Path)
+    t.add_argument("--domains", default=",".join(DOMAINS))
+    t.add_argument("--minutes", type=float, default=7.0)
+    t.add_argument("--threads", type=int, default=0)
+    e = sub.add_parser("export")
+    e.add_argument("runs_dir", type=Path)
+    e.add_argument("out_dir", type=Path)
+    e.add_argument("--domains", default=",".join(DOMAINS))
+    args = parser.parse_args(argv)
+    if args.cmd == "train":
+        for domain in args.domains.split(","):
+            train_domain(domain, args.data_dir, args.runs_dir, args.minutes, args.threads)
+        return 0
+    return export_demo(args.runs_dir, args.out_dir, args.domains.split(","))
+
+
+def export_demo(runs_dir: Path, out_dir: Path, domains: list[str]) -> int:
+    from .export import export_adapter
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for domain in domains:
+        path = export_adapter(runs_dir / domain / "adapter", out_dir / f"{domain}.gguf", outtype="q8_0",
+                              card=False)
+        print(f"{path} {path.stat().st_size} bytes", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

