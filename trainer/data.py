@@ -89,8 +89,8 @@ def read_records(path: Path) -> list[tuple[int, dict]]:
 
 
 def _array_item_lines(text: str, n: int) -> list[int]:
-    """Approximate line of each top-level object in a JSON array (the line its '{' opens on)."""
-    lines, depth, line, in_str, esc = [], 0, 1, False, False
+    """Line on which each top-level item of a JSON array starts (for error messages)."""
+    lines, depth, line, in_str, esc, expect = [], 0, 1, False, False, False
     for ch in text:
         if ch == "\n":
             line += 1
@@ -99,14 +99,18 @@ def _array_item_lines(text: str, n: int) -> list[int]:
             if ch == '"' and not esc:
                 in_str = False
             continue
+        if depth == 1 and expect and not ch.isspace() and ch not in ",]":
+            lines.append(line)
+            expect = False
         if ch == '"':
             in_str = True
         elif ch in "{[":
-            if depth == 1 and ch == "{":
-                lines.append(line)
             depth += 1
+            expect = depth == 1
         elif ch in "}]":
             depth -= 1
+        elif ch == "," and depth == 1:
+            expect = True
     lines += [line] * (n - len(lines))
     return lines[:n]
 

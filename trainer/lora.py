@@ -349,21 +349,25 @@ def train_lora(cfg: TrainConfig) -> TrainResult:
     if cfg.gradient_checkpointing and not cfg.qlora:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    model = add_lora(model, cfg)
+    if cfg.lora_r:
+        model = add_lora(model, cfg)
     loss_module = make_loss_module(model, cfg.ce_chunk)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cuda)
     loss_module, opt = accel.prepare(loss_module, opt)
 
     ckpt = out / "checkpoint"
-    adapter_dir = out / "adapter"
+    adapter_dir = out / ("adapter" if cfg.lora_r else "model")  # lora_r = 0: full training (scratch)
     state = {"step": 0, "best": None, "bad_evals": 0, "history": [], "tokens": 0, "seconds": 0.0}
     if cfg.resume and (ckpt / "state.json").exists():
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
         state = json.loads((ckpt / "state.json").read_text())
-        set_peft_model_state_dict(model, load_file(ckpt / "adapter.safetensors"))
+        if cfg.lora_r:
+            set_peft_model_state_dict(model, load_file(ckpt / "adapter.safetensors"))
+        else:
+            model.load_state_dict(torch.load(ckpt / "model.pt", weights_only=True))
         opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
         print(f"resuming from {ckpt} at step {state['step']}", file=sys.stderr)
     if state["step"] >= total_steps:
@@ -388,8 +392,11 @@ def train_lora(cfg: TrainConfig) -> TrainResult:
         if not accel.is_main_process:
             return
         ckpt.mkdir(parents=True, exist_ok=True)
-        sd = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(accel.unwrap_model(model)).items()}
-        save_file(sd, ckpt / "adapter.safetensors")
+        if cfg.lora_r:
+            sd = get_peft_model_state_dict(accel.unwrap_model(model))
+            save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, ckpt / "adapter.safetensors")
+        else:
+            torch.save(accel.unwrap_model(model).state_dict(), ckpt / "model.pt")
         torch.save(opt.state_dict(), ckpt / "optimizer.pt")
         (ckpt / "state.json").write_text(json.dumps(state))
 
