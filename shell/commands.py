@@ -147,66 +147,88 @@ def cmd_moe(s: Session, words: list[str], rest: str) -> Result:
 
 
 class Progress:
-    """Prints MoE events: `?` shows the experts and the answer, `moe query` every step."""
+    """Prints MoE events. `moe query` shows every step; `?` shows the experts and then the answer, streaming
+    the expert's own words when a single expert answers. An answer that is one of the answers already on
+    screen (best, voting, concatenate) is named, not printed twice."""
+
+    REPEATS = ("best", "voting", "concatenate")
 
     def __init__(self, s: Session, verbose: bool):
         self.s, self.verbose = s, verbose
-        self.answering = False
-
-    def _w(self, text: str) -> None:
-        self.s.write(text)
+        self.single = False      # one expert selected: `?` streams its tokens live
+        self.synthesis = ""
+        self.aggregator = False
 
     def _line(self, text: str) -> None:
         self.s.end_line()
         self.s.write(text)
 
+    def _shown(self) -> bool:
+        """The final answer is text already streamed by an expert."""
+        return self.synthesis in self.REPEATS and (self.verbose or self.single)
+
     def __call__(self, kind: str, data: dict) -> None:
         v = self.verbose
         if kind == "route":
             d = data["decision"]
+            self.single = len(d["selected"]) == 1
             if v:
                 self._line(f"[Router] {d['routing']}: {_scores(d['selected'])}"
                            + (" (fallback)" if d.get("fallback") else "") + "\n")
             else:
                 self._line(f"[{_scores(d['selected'])}]\n")
-        elif kind == "expert_start" and v:
-            role = data.get("role")
-            if role == "aggregator":
-                self._line(f"[Synthesizer] summarize, written by {data['expert']}: ")
-                self.answering = True
-            elif not self.answering:  # weighted names its experts in the [Synthesizer] line already
+        elif kind == "expert_start":
+            if data.get("role") == "aggregator":
+                self.aggregator = True
+                self._line(f"[Synthesizer] summarize, written by {data['expert']}: " if v else
+                           f"[summary by {data['expert']}]\n")
+            elif v and self.synthesis != "weighted":  # weighted names its experts in its own line
                 self._line(f"[Expert] {data['expert']} ({data['score']:.2f}): ")
-        elif kind == "expert_token" and v:
-            self._w(data.get("text", ""))
+            elif not v and not self.single and self.synthesis != "weighted":
+                self._line(f"[asking {data['expert']} ...]\n")
+        elif kind == "expert_token" and (v or self.single):
+            self.s.write(data.get("text", ""))
         elif kind == "expert_done" and v:
             r = data.get("result") or {}
             self._line(f"         ({r.get('tokens', 0)} tokens, {r.get('tokens_per_s', 0):.1f} tok/s"
                        + (", stopped" if r.get("finish_reason") == "cancelled" else "") + ")\n")
-        elif kind == "synth_start" and v and data.get("synthesis") != "summarize":
+        elif kind == "synth_start":
+            self.synthesis = data.get("synthesis", "")
             weights = data.get("weights")
-            extra = f" ({', '.join(f'{k} {w:.2f}' for k, w in weights.items())})" if weights else ""
-            self._line(f"[Synthesizer] {data['synthesis']}{extra}: ")
-            self.answering = True
-        elif kind == "answer_token":
-            if not self.answering:
-                self.answering = True
-                if v:
-                    self._line("")
-            self._w(data.get("text", ""))
+            if v and self.synthesis == "weighted":
+                self._line(f"[Synthesizer] weighted ({', '.join(f'{k} {w:.2f}' for k, w in weights.items())}): ")
+            elif not v and self.synthesis not in self.REPEATS and self.single:
+                self._line("")
+        elif kind == "answer_token" and not self._shown():
+            if not v and self.single and not self.aggregator and self.synthesis not in ("weighted",):
+                self._line("")
+            self.s.write(data.get("text", ""))
 
     def finish(self, result: dict) -> None:
         self.s.end_line()
+        synthesis = result.get("synthesis")
+        chosen = next((a for a in result.get("answers", []) if a["expert"] == result.get("chosen")), None)
+        if self.verbose and synthesis in self.REPEATS:
+            if synthesis == "concatenate":
+                what = f"the {len(result.get('answers', []))} answers above, best score first"
+            elif chosen is None:
+                what = "no answer"
+            elif synthesis == "best":
+                what = f"picked {chosen['expert']} (confidence {chosen.get('confidence') or 0:.2f})"
+            else:
+                what = f"picked {chosen['expert']} (agreement {chosen.get('agreement') or 0:.2f})"
+            self.s.write(f"[Synthesizer] {synthesis}: {what}\n")
         t = result.get("timings") or {}
-        bits = [f"synthesis {result.get('synthesis')}"]
+        bits = [f"synthesis {synthesis}"]
         if result.get("chosen"):
             bits.append(f"chosen {result['chosen']}")
         if t.get("total_s") is not None:
             bits.append(f"{t['total_s']:.2f} s")
         if result.get("finish_reason") == "cancelled":
             bits.append("stopped")
-        self._w("(" + ", ".join(bits) + ")\n")
+        self.s.write("(" + ", ".join(bits) + ")\n")
         if result.get("note"):
-            self._w(f"note: {result['note']}\n")
+            self.s.write(f"note: {result['note']}\n")
 
 
 def cmd_ai(s: Session, words: list[str], rest: str) -> Result:

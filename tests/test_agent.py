@@ -401,3 +401,20 @@ def test_hublab_serve_process_answers_and_stops_on_sigterm(device_config):
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+def test_systemd_unit_runs_hublab_serve(tmp_path):
+    import shutil
+
+    unit = Path(__file__).parents[1] / "packaging" / "hublab-agent.service"
+    text = unit.read_text()
+    exec_start = next(line for line in text.splitlines() if line.startswith("ExecStart="))
+    assert exec_start.split("=", 1)[1].split()[1:] == ["serve", "--quiet"]
+    assert "Environment=HUBLAB_CONFIG=" in text and "EnvironmentFile=-/etc/hublab/agent.env" in text
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    # verify the unit as written, with ExecStart pointed at this checkout's command (it must exist)
+    copy = tmp_path / "hublab-agent.service"
+    copy.write_text(text.replace(exec_start.split("=", 1)[1].split()[0], HUBLAB))
+    p = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
