@@ -51,7 +51,7 @@ def tiny_trained(tiny_hf, tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_run")
     cfg = out / "expert.toml"
     cfg.write_text(f'[train]\nbase = "{tiny_hf}"\noutput = "run"\nmax_steps = 12\nbatch_size = 4\n'
-                   f'max_seq_len = 64\nlr = 0.01\nwarmup_steps = 2\neval_every = 4\nsave_every = 4\n'
+                   f'max_seq_len = 64\nlr = 0.05\nwarmup_steps = 2\neval_every = 4\nsave_every = 4\n'
                    f'eval_fraction = 0.2\npatience = 0\n[lora]\nr = 8\nalpha = 16\n'
                    f'[[data]]\npath = "{tiny_data / "qa.jsonl"}"\n')
     return expert(cfg), cfg

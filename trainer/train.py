@@ -197,7 +197,7 @@ def router(data: Path, out: Path, **kwargs) -> dict:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="what", required=True, metavar="WHAT")
     e = sub.add_parser("expert", help="LoRA/QLoRA expert from a TOML config")
-    e.add_argument("config", type=Path)
+    e.add_argument("expert_config", metavar="CONFIG", type=Path, help="expert training TOML")
     e.add_argument("--export", type=Path, help="also write the adapter GGUF here")
     e.add_argument("--outtype", default="q8_0", choices=["f16", "q8_0", "f32"])
     e.add_argument("--max-steps", type=int, help="override [train] max_steps")
@@ -227,7 +227,7 @@ def cli(args: argparse.Namespace) -> int:
             overrides["max_steps"] = args.max_steps
         if args.no_resume:
             overrides["resume"] = False
-        result = expert(args.config, args.export, args.outtype, **overrides)
+        result = expert(args.expert_config, args.export, args.outtype, **overrides)
     elif args.what == "scratch":
         result = scratch(args.arch, args.data, args.out, args.tokenizer, args.vocab_size, args.max_steps,
                          args.batch_size, args.max_seq_len, args.lr)
