@@ -418,3 +418,17 @@ def test_systemd_unit_runs_hublab_serve(tmp_path):
     copy.write_text(text.replace(exec_start.split("=", 1)[1].split()[0], HUBLAB))
     p = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
+
+
+def test_load_bench_reports_served_rejected_and_rss(device_config):
+    script = Path(__file__).parents[1] / "bench" / "agent_load.py"
+    p = subprocess.run([sys.executable, str(script), "--config", str(device_config), "--model", "alpha",
+                        "--clients", "6", "--requests", "24", "--seconds", "60", "--queue-size", "1",
+                        "--max-tokens", "8"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["requests_sent"] == 24 and doc["errors"] == 0
+    assert doc["served"] + doc["rejected_503"] == 24 and doc["served"] >= 2
+    assert doc["rejected_503"] == doc["agent_rejected_total"]
+    assert doc["completion_tokens"] == 8 * doc["served"]
+    assert doc["rss_after_first_answer"] > doc["rss_before"] > 0 and doc["rss_after"] > 0  # the model loaded
