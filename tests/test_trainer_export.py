@@ -1,0 +1,115 @@
+"""Export on tiny real models: adapter GGUF checked in llama.cpp, merge, HF->GGUF, quantize, scratch."""
+from __future__ import annotations
+
+import ctypes
+import json
+
+import numpy as np
+import pytest
+from trainer_tiny import LINES, tiny_data, tiny_hf, tiny_trained  # noqa: F401
+
+from hublab.cli import main as hublab_main
+from hublab.trainer import export as E
+
+
+@pytest.fixture(scope="module")
+def tiny_base_gguf(tiny_hf, tmp_path_factory):  # noqa: F811
+    return E.convert_gguf(tiny_hf, tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf", outtype="f32")
+
+
+def _llama_logits(llm, tokens):
+    import llama_cpp
+
+    llm.reset()
+    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
+    llm.eval(tokens)
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy()
+
+
+@pytest.mark.parametrize("outtype", ["f16", "q8_0"])
+def test_adapter_gguf_matches_peft_in_llama_cpp(tiny_trained, tiny_base_gguf, tmp_path, outtype):  # noqa: F811
+    import llama_cpp
+    import torch
+    from gguf import GGUFReader
+    from hublab.trainer.lora import load_with_adapter
+
+    result, _ = tiny_trained
+    out = E.export_adapter(result.adapter_dir, tmp_path / "expert.gguf", outtype, base_gguf=tiny_base_gguf)
+    reader = GGUFReader(out)
+    fields = {k: v.contents() for k, v in reader.fields.items() if not k.startswith("GGUF.")}
+    assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora"
+    assert fields["general.architecture"] == "llama" and fields["adapter.lora.alpha"] == 16.0
+    shapes = {t.name: tuple(int(x) for x in t.shape) for t in reader.tensors}
+    assert shapes["blk.0.attn_q.weight.lora_a"] == (64, 8)  # ne order: [n_in, rank]
+    assert shapes["blk.1.ffn_down.weight.lora_b"] == (8, 64)  # [rank, n_out]
+    assert len(shapes) == 2 * 7 * 2
+    assert (tmp_path / "expert.Modelfile").read_text().startswith("FROM ")
+
+    # The adapter must move llama.cpp's logits the way peft moves the HF model's.
+    model, tok, _ = load_with_adapter(result.adapter_dir)
+    ids = tok("Python lists grow with", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        with model.disable_adapter():
+            hf_base = model(input_ids=ids).logits[0, -1].numpy()
+        hf_tuned = model(input_ids=ids).logits[0, -1].numpy()
+    llm = llama_cpp.Llama(model_path=str(tiny_base_gguf), n_ctx=64, verbose=False)
+    tokens = ids[0].tolist()
+    cpp_base = _llama_logits(llm, tokens)
+    adapter = llama_cpp.llama_adapter_lora_init(llm.model, str(out).encode())
+    assert adapter
+    llama_cpp.llama_set_adapters_lora(llm.ctx, (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter), 1,
+                                      (ctypes.c_float * 1)(1.0))
+    cpp_tuned = _llama_logits(llm, tokens)
+    llm.close()
+    assert np.abs(cpp_base - hf_base).max() < 1e-2  # the converted base is the same model
+    delta_hf, delta_cpp = hf_tuned - hf_base, cpp_tuned - cpp_base
+    assert np.abs(delta_hf).max() > 1e-3
+    assert np.corrcoef(delta_hf, delta_cpp)[0, 1] > 0.98
+
+
+def test_merge_convert_quantize_and_generate(tiny_trained, tiny_hf, tmp_path):  # noqa: F811
+    import llama_cpp
+
+    result, _ = tiny_trained
+    merged = E.merge(result.adapter_dir, tmp_path / "merged", dtype="float32")
+    assert (merged / "tokenizer.model").exists()
+    f16 = E.convert_gguf(merged, tmp_path / "merged-f16.gguf")
+    imatrix = E.compute_imatrix(merged, LINES)
+    assert imatrix["blk.0.attn_q.weight"].shape == (64,) and (imatrix["blk.0.ffn_down.weight"] > 0).all()
+    paths = E.quantize(f16, tmp_path / "q", ["Q8_0", "Q4_K_M", "IQ2_XXS"], imatrix=imatrix)
+    assert [p.name for p in paths] == ["merged-q8_0.gguf", "merged-q4_k_m.gguf", "merged-iq2_xxs.gguf"]
+    assert paths[0].stat().st_size < f16.stat().st_size
+    for p in paths:
+        assert p.with_suffix(".md").read_text().startswith(f"# {p.stem}")
+        assert p.with_suffix(".Modelfile").read_text().startswith(f"FROM ./{p.name}")
+    llm = llama_cpp.Llama(model_path=str(paths[0]), n_ctx=64, verbose=False)
+    out = llm("Python lists", max_tokens=6, temperature=0)
+    llm.close()
+    assert out["usage"]["completion_tokens"] > 0
+
+
+def test_quantize_errors_are_one_line(tmp_path, capsys):
+    src = tmp_path / "m.gguf"
+    src.write_bytes(b"x")
+    assert hublab_main(["export", "quantize", str(src), "--types", "Q4_K_M,Q9_X"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hublab: error: --types: unknown Q9_X") and "\n" not in err
+    with pytest.raises(E.ExportError, match="IQ2_XXS needs an importance matrix"):
+        E.quantize(src, tmp_path, ["IQ2_XXS"])
+    assert hublab_main(["export", "adapter", str(tmp_path), "-o", str(tmp_path / "a.gguf")]) == 1
+    assert "no adapter_config.json" in capsys.readouterr().err
+
+
+def test_scratch_trains_a_tiny_model_that_converts(tiny_data, tmp_path, capsys):  # noqa: F811
+    rc = hublab_main(["train", "scratch", "--arch", "tiny", "--data", str(tiny_data / "text.jsonl"),
+                      "-o", str(tmp_path / "s"), "--max-steps", "6", "--batch-size", "4", "--vocab-size", "320",
+                      "--lr", "0.01"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["steps"] == 6
+    model_dir = tmp_path / "s" / "model"
+    assert (model_dir / "tokenizer.model").exists() and (model_dir / "config.json").exists()
+    hist = json.loads((tmp_path / "s" / "train.json").read_text())["history"]
+    assert hist[-1]["loss"] < hist[0]["loss"]
+    gguf = E.convert_gguf(model_dir, tmp_path / "s.gguf")
+    assert gguf.stat().st_size > 10_000
