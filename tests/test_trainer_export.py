@@ -113,3 +113,18 @@ def test_scratch_trains_a_tiny_model_that_converts(tiny_data, tmp_path, capsys):
     assert hist[-1]["loss"] < hist[0]["loss"]
     gguf = E.convert_gguf(model_dir, tmp_path / "s.gguf")
     assert gguf.stat().st_size > 10_000
+
+
+def test_train_on_a_gguf_base(tiny_base_gguf, tiny_data, tmp_path, monkeypatch):  # noqa: F811
+    from hublab.trainer import lora
+    from hublab.trainer.data import DataSpec
+
+    monkeypatch.setattr(lora, "CACHE_DIR", tmp_path / "cache")
+    cfg = lora.TrainConfig(base=str(tiny_base_gguf), output=tmp_path / "run", data=[DataSpec(tiny_data / "qa.jsonl")],
+                           max_steps=2, batch_size=4, max_seq_len=64, eval_fraction=0.0, lr=0.01)
+    result = lora.train_lora(cfg)
+    cached = list((tmp_path / "cache" / "hf").iterdir())
+    assert result.steps == 2 and len(cached) == 1 and (cached[0] / "config.json").exists()
+    # the adapter exports against the GGUF it was trained on
+    out = E.export_adapter(result.adapter_dir, tmp_path / "a.gguf", "f16", base_gguf=tiny_base_gguf)
+    assert out.stat().st_size > 1000

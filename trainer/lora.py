@@ -374,7 +374,9 @@ def train_lora(cfg: TrainConfig) -> TrainResult:
         raise TrainError(f"{ckpt}: already trained {state['step']} of {total_steps} steps; "
                          "raise max_steps or delete the checkpoint to start over")
 
-    stream = D.batches(train_items, cfg.batch_size, tok.pad_token_id, cfg.seed + state["step"])
+    # each process (DDP rank) draws its own batches; a resumed run does not replay the first ones
+    stream = D.batches(train_items, cfg.batch_size, tok.pad_token_id,
+                       cfg.seed + state["step"] + 100_003 * accel.process_index)
     n_tok = sum(len(i.ids) for i in train_items)
     n_resp = sum(sum(1 for lab in i.labels if lab != D.IGNORE) for i in train_items)
     accel.print(f"data: {len(train_items)} train / {len(eval_items)} eval examples, {n_tok} tokens "
