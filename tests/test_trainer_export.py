@@ -128,3 +128,18 @@ def test_train_on_a_gguf_base(tiny_base_gguf, tiny_data, tmp_path, monkeypatch):
     # the adapter exports against the GGUF it was trained on
     out = E.export_adapter(result.adapter_dir, tmp_path / "a.gguf", "f16", base_gguf=tiny_base_gguf)
     assert out.stat().st_size > 1000
+
+
+def test_export_profiles_picks_a_fitting_type_per_board(tiny_base_gguf, tmp_path, capsys):
+    rc = hublab_main(["export", "profiles", str(tiny_base_gguf), "--profiles", "pi-zero-2w,pi5-8gb",
+                      "-o", str(tmp_path)])
+    assert rc == 0
+    chosen = json.loads((tmp_path / "profiles.json").read_text())
+    from hublab.runtime.profiles import board_profiles
+
+    boards = board_profiles()
+    for name in ("pi-zero-2w", "pi5-8gb"):
+        assert chosen[name]["type"] == boards[name].preferred_quants[0].upper()
+        assert (tmp_path / chosen[name]["file"]).exists()
+    assert hublab_main(["export", "profiles", str(tiny_base_gguf), "--profiles", "pi9", "-o", str(tmp_path)]) == 1
+    assert "unknown pi9" in capsys.readouterr().err

