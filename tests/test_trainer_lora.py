@@ -94,9 +94,11 @@ def test_bad_config_is_one_line(tmp_path, capsys, body, message):
 
 
 def test_bad_data_through_the_cli(tiny_hf, tmp_path, capsys):  # noqa: F811
+    # fails before the run writes anything
     (tmp_path / "d.jsonl").write_text('{"question": "q", "response": "r"}\n{"question": "oops"}\n')
     cfg = tmp_path / "e.toml"
     cfg.write_text(f'[train]\nbase = "{tiny_hf}"\nmax_steps = 1\n[[data]]\npath = "d.jsonl"\n')
     assert hublab_main(["train", "expert", str(cfg)]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == f"hublab: error: {tmp_path / 'd.jsonl'}:2: missing column 'response'; add it to every record"
+    assert not (tmp_path / "runs").exists()

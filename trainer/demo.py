@@ -24,7 +24,7 @@ def train_domain(domain: str, data_dir: Path, runs_dir: Path, minutes: float, th
                  max_test: int = 60) -> dict:
     """Train one expert, then held-out perplexity of the base and of the expert on its domain."""
     from . import data as D
-    from .lora import TrainConfig, make_loss_module, perplexity, train_lora  # noqa: F401
+    from .lora import TrainConfig, load_with_adapter, perplexity, train_lora
 
     cfg = TrainConfig(base=BASE, output=runs_dir / domain, data=[D.DataSpec(data_dir / f"{domain}.jsonl")],
                       max_seq_len=160, batch_size=4, max_steps=400, lr=5e-4, warmup_steps=10,
@@ -33,8 +33,6 @@ def train_domain(domain: str, data_dir: Path, runs_dir: Path, minutes: float, th
     t0 = time.time()
     result = train_lora(cfg)
     test = D.load_examples(D.DataSpec(data_dir / f"{domain}_test.jsonl"))[:max_test]
-    from .lora import load_with_adapter
-
     model, tok, template = load_with_adapter(result.adapter_dir)
     with model.disable_adapter():
         base_ppl = perplexity(model, tok, template, test, max_len=cfg.max_seq_len)

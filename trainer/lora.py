@@ -332,12 +332,12 @@ def train_lora(cfg: TrainConfig) -> TrainResult:
                         cpu=not cuda)
     device = accel.device
     torch.manual_seed(cfg.seed)
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-
+    # bad data or an impossible setup fails before anything is written
+    if cfg.qlora and not cuda:
+        raise TrainError("qlora = true needs a CUDA GPU (bitsandbytes 4-bit); set qlora = false to train LoRA here")
+    train_ex, eval_ex = D.load_mix(cfg.data, cfg.eval_fraction, cfg.seed, cfg.mix_total or None)
     model, tok, model_dir = load_base(cfg.base, cfg.qlora, str(device))
     template = D.resolve_template(tok, cfg.template, model.config.model_type)
-    train_ex, eval_ex = D.load_mix(cfg.data, cfg.eval_fraction, cfg.seed, cfg.mix_total or None)
     train_items = D.encode_all(train_ex, tok, template, cfg.max_seq_len)
     eval_items = D.encode_all(eval_ex, tok, template, cfg.max_seq_len)
     if not train_items:
@@ -346,6 +346,8 @@ def train_lora(cfg: TrainConfig) -> TrainResult:
     per_pass = math.ceil(len(train_items) / (cfg.batch_size * cfg.grad_accum))
     total_steps = max(1, math.ceil(cfg.epochs * per_pass)) if cfg.epochs > 0 else cfg.max_steps
 
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
     if cfg.gradient_checkpointing and not cfg.qlora:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
