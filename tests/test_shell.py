@@ -184,7 +184,7 @@ def test_interactive_session_in_a_terminal(env):
         child.expect("hublab>")
         # Ctrl-C during an answer stops the answer, not the shell
         child.sendline("?tell me a long story")
-        child.expect(r"\[slow 1\.00\]")
+        child.expect(r"\[slow 1\.00\]\r\n *[a-z]+ [a-z]+ ")  # a single expert's words stream as they come
         child.sendintr()
         child.expect(r"\[stopped\]")
         child.expect("hublab>")
@@ -220,3 +220,31 @@ def test_interactive_session_in_a_terminal(env):
     finally:
         child.close()
     assert child.exitstatus == 0
+
+
+def test_remote_ctrl_c_closes_the_stream_and_the_agent_stops(env):
+    import threading
+
+    from hublab.shell.client import RemoteClient
+    from test_agent import metric, wait_for
+
+    agent = start_agent(Path(env["HUBLAB_CONFIG"]))
+    client = RemoteClient(agent.url)
+    try:
+        cancel = threading.Event()
+        kinds = []
+
+        def on_event(kind, data):  # what the shell's Ctrl-C handler does: set the event mid-answer
+            kinds.append(kind)
+            if kind == "expert_token" and kinds.count("expert_token") == 3:
+                cancel.set()
+
+        result = client.ask("tell me a story", on_event=on_event, cancel=cancel)
+        assert result["finish_reason"] == "cancelled" and "done" not in kinds
+        wait_for(lambda: agent.gate.running == 0, what="the agent to stop generating")
+        assert agent.device.rt.stats["slow"].tokens < 3000
+        assert metric(agent, "hublab_cancelled_total") == 1
+    finally:
+        client.close()
+        agent.stop()
+        agent.device.close()
