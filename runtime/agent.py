@@ -209,8 +209,8 @@ class Device:
 
         cfg = rt.config(name)
         owner = rt.models[cfg.base] if cfg.base else cfg
-        info = read_gguf(rt._gguf_path(owner))
-        est = rt.estimate(name)
+        est = rt.estimate(name)  # first: it names a missing GGUF with the fix
+        info = read_gguf(owner.path)
         stats = rt.stats.get(name)
         return {"name": cfg.name, "type": cfg.type, "description": cfg.description, "base": cfg.base or None,
                 "domain": cfg.domain if cfg.is_expert else None, "keywords": cfg.keywords,
@@ -615,6 +615,7 @@ class Handler(BaseHTTPRequestHandler):
         self.gone = False
         self.streaming = False
         self.completed = False   # the whole response went out; a disconnect after that cancels nothing
+        self.body_read = False
         route = ROUTES.get(path)
         label = path if route else "other"
         try:
@@ -644,6 +645,9 @@ class Handler(BaseHTTPRequestHandler):
             traceback.print_exc(file=sys.stderr)
             self._error(500, f"internal error: {exc.__class__.__name__}: {exc}", "internal_error")
         finally:
+            if not self.body_read and self.headers.get("Content-Length", "0") not in ("", "0"):
+                # an unread body would be parsed as the next request on this connection
+                self.close_connection = True
             self.agent.metrics.count(label, self.status)
 
     def _authorized(self) -> bool:
@@ -659,6 +663,7 @@ class Handler(BaseHTTPRequestHandler):
         if length > MAX_BODY:
             raise ApiError(413, f"request body over {MAX_BODY} bytes")
         raw = self.rfile.read(length) if length else b""
+        self.body_read = True
         if not raw:
             return {}
         try:
