@@ -496,7 +496,8 @@ def scan_models(models_dir: Path) -> Catalog:
     if not models_dir.is_dir():
         return Catalog({}, [f"{models_dir}: models directory not found; create it or set [runtime] models_dir"])
     for path in sorted(models_dir.rglob("*.toml")):
-        if not _is_model_toml(path):
+        # dot-folders hold package staging copies (.hublab/): never models, until renamed into place
+        if not _is_model_toml(path) or any(p.startswith(".") for p in path.relative_to(models_dir).parts[:-1]):
             continue
         try:
             cfg = load_model(path)

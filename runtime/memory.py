@@ -3,7 +3,7 @@
 weights  = the bytes of every tensor (llama.cpp mmaps them; inference touches them all)
 kv cache = context x layers x kv-heads x (key dim + value dim) x 2 bytes (f16); sliding-window layers
            only keep their window
-compute  = llama.cpp's graph buffers and the logits row, which grow with the batch and the vocabulary
+compute  = repacked weights, logits buffers over the vocabulary and graph activations (see compute_bytes)
 """
 from __future__ import annotations
 
@@ -153,13 +153,13 @@ def kv_cache_bytes(info: GGUFInfo, n_ctx: int) -> int:
 
 
 def compute_bytes(info: GGUFInfo, n_ctx: int) -> int:
-    # Graph buffers scale with micro-batch x width (activations, attention scores over the context)
-    # plus the f32 logits of one row over the vocabulary; the constants were fitted against measured
-    # RSS of the models in tests/ and bench/ (see bench/runtime.py "fit").
+    """What llama.cpp keeps resident besides weights and KV: repacked copies of some quantized weights
+    (CPU_REPACK), the logits row and its work buffers over the vocabulary, and graph activations for a
+    micro-batch. llama.cpp reserves far more address space for its graph (micro-batch x vocabulary) than
+    a generation touches; RSS is what boards run out of, so the constants below were fitted to measured
+    RSS growth of the gemma base at every profile's context (bench/runtime.py "fit")."""
     n_tok = min(N_UBATCH, n_ctx)
-    activations = n_tok * (info.n_embd * 4 * 12 + n_ctx * 4 * max(1, info.n_head))
-    logits = info.n_vocab * 4 * 2
-    return activations + logits + (8 << 20)
+    return (8 << 20) + int(info.tensor_bytes * 0.05) + info.n_vocab * 4 * 32 + n_tok * info.n_embd * 4 * 12
 
 
 def estimate_model(info: GGUFInfo, n_ctx: int) -> MemoryEstimate:

@@ -148,6 +148,7 @@ def test_scan_keeps_good_models_and_reports_broken_ones(tmp_path):
     write(tmp_path / "experts" / "orphan.toml", MODEL.replace('"python"', '"orphan"').replace('"tiny"', '"tinny"'))
     write(tmp_path / "experts" / "dup.toml", MODEL)
     write(tmp_path / "package.toml", "[package]\nname = 'not a model'\n")
+    write(tmp_path / ".hublab" / "staging" / "python.toml", MODEL)  # a package install in progress
     cat = scan_models(tmp_path)
     assert set(cat.models) == {"tiny", "python"}
     assert set(cat.experts) == {"python"}
