@@ -238,6 +238,7 @@ class SystemConfig:
     token: str = ""
     queue_size: int = 8
     trusted_keys: list[str] = field(default_factory=list)
+    inference: dict = field(default_factory=dict)
     raw: dict = field(default_factory=dict)
 
 
@@ -280,13 +281,14 @@ def load_system(path: Path | None = None) -> SystemConfig:
     _check_range(path, text, "runtime", "threads", rt["threads"], 0, 256)
     _check_range(path, text, "agent", "port", agent["port"], 1, 65535)
     _check_range(path, text, "agent", "queue_size", agent["queue_size"], 1, None)
+    check_inference_ranges(path, text, data.get("inference", {}))
     return SystemConfig(
         path=path, models_dir=models_dir, profile=rt["profile"], threads=rt["threads"],
         max_memory=max_memory, keep_alive=keep_alive, routing=moe["routing"], synthesis=moe["synthesis"],
         fallback=moe["fallback"], router_dir=rel(moe["router"]) if moe["router"] else None,
         keyword_weight=moe["keyword_weight"], aggregator=moe["aggregator"], host=agent["host"],
         port=agent["port"], token=agent["token"], queue_size=agent["queue_size"],
-        trusted_keys=list(sec["trust"]["keys"]), raw=data,
+        trusted_keys=list(sec["trust"]["keys"]), inference=dict(data.get("inference", {})), raw=data,
     )
 
 
@@ -362,6 +364,22 @@ MODEL_SCHEMA: dict[str, dict[str, Key]] = {
         "scale": Key(float, 1.0, "LoRA adapter scale"),
     },
 }
+
+
+# system.toml [inference]: sampler settings for every model, over each model's own [inference]
+# (set with `ai config KEY VALUE` in the shell); only keys written there apply.
+SYSTEM_SCHEMA["inference"] = {k: v for k, v in MODEL_SCHEMA["inference"].items() if k not in ("stop", "system_prompt")}
+
+
+INFERENCE_RANGES = {"temperature": (0.0, 5.0), "top_p": (0.0, 1.0), "min_p": (0.0, 1.0),
+                    "repeat_penalty": (0.0, 10.0), "max_tokens": (0, None), "top_k": (0, None),
+                    "context_size": (0, None)}
+
+
+def check_inference_ranges(path: Path, text: str, values: dict) -> None:
+    for key, (lo, hi) in INFERENCE_RANGES.items():
+        if key in values:
+            _check_range(path, text, "inference", key, values[key], lo, hi)
 
 
 @dataclass
@@ -445,11 +463,7 @@ def load_model(path: Path) -> ModelConfig:
     if not ex["base"] and not m["path"]:
         raise ConfigError(f"{_where(path, text, 'model')}: missing key path; add path = \"<file>.gguf\" "
                           "(or [expert] base = \"<base>\" for an expert on a shared base)")
-    for key, lo, hi in (("temperature", 0.0, 5.0), ("top_p", 0.0, 1.0), ("min_p", 0.0, 1.0),
-                        ("repeat_penalty", 0.0, 10.0)):
-        _check_range(path, text, "inference", key, inf[key], lo, hi)
-    for key in ("max_tokens", "top_k", "context_size"):
-        _check_range(path, text, "inference", key, inf[key], 0, None)
+    check_inference_ranges(path, text, inf)
     _check_range(path, text, "expert", "threshold", ex["threshold"], 0.0, 1.0)
     for i, item in enumerate(ex["keywords"]):
         if not isinstance(item, str) or not item.strip():

@@ -213,7 +213,8 @@ class Runtime:
 
     def context_size(self, cfg: ModelConfig) -> int:
         owner = self._owner(cfg)
-        n_ctx = cfg.inference.context_size or owner.inference.context_size or self.profile.default_context
+        n_ctx = (self.system.inference.get("context_size") or cfg.inference.context_size
+                 or owner.inference.context_size or self.profile.default_context)
         info = read_gguf(self._gguf_path(owner))
         return min(n_ctx, info.context_length) if info.context_length else n_ctx
 
@@ -412,9 +413,10 @@ class Runtime:
         """Load `name`, lock its base for exclusive use and apply its adapter; yields the LoadedBase.
         llama.cpp contexts are not thread-safe: everything that touches one goes through here."""
         cfg = self.config(name)
-        base = self.load(name)
-        with base.lock:
+        with self._lock:  # mark it busy before anyone else can evict or expire it
+            base = self.load(name)
             base.busy += 1
+        with base.lock:
             try:
                 base.use(cfg.name if cfg.adapter else None)
                 yield base
@@ -430,6 +432,7 @@ class Runtime:
 
     def sampler(self, cfg: ModelConfig, overrides: dict) -> Inference:
         values = asdict(cfg.inference)
+        values.update(self.system.inference)  # system.toml [inference] applies to every model
         values.update({k: v for k, v in overrides.items() if v is not None and k in values})
         return Inference(**values)
 

@@ -213,3 +213,16 @@ def test_pi_zero_profile_refuses_a_context_that_does_not_fit(gemma_dir):
     with runtime(gemma_dir, profile=zero, max_memory=200 << 20) as rt:
         with pytest.raises(FitError, match="pi-zero-2w"):
             rt.load("x")
+
+
+def test_system_inference_settings_apply_to_every_model(tiny_models_dir, tmp_path):
+    from hublab.runtime.config import load_system
+
+    cfg = tmp_path / "system.toml"
+    cfg.write_text(f'[runtime]\nmodels_dir = "{tiny_models_dir}"\n\n[inference]\nmax_tokens = 3\n')
+    with Runtime(system=load_system(cfg), profile="host", threads=1) as rt:
+        assert rt.generate("alpha", PROMPT, raw=True).tokens == 3
+        assert rt.generate("alpha", PROMPT, raw=True, max_tokens=5).tokens == 5  # the call still wins
+    cfg.write_text("[inference]\ntemperature = 7.0\n")
+    with pytest.raises(HublabError, match="temperature"):
+        load_system(cfg)
