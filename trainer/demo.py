@@ -42,7 +42,7 @@ def train_domain(domain: str, data_dir: Path, runs_dir: Path, minutes: float, th
            "best_eval_loss": result.best_eval_loss, "train_s": round(result.seconds, 1),
            "s_per_step": round(result.seconds / max(1, result.steps), 2),
            "tokens_per_s": round(result.tokens_per_s, 1), "n_test": len(test),
-           "wall_s": round(time.time() - t0, 1)}
+           "wall_s": round(time.time() - t0, 1), "test_file": str(data_dir / f"{domain}_test.jsonl")}
     (runs_dir / domain / "ppl.json").write_text(json.dumps(row, indent=1))
     print(json.dumps(row), flush=True)
     return row
@@ -61,15 +61,17 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("runs_dir", type=Path)
     e.add_argument("out_dir", type=Path)
     e.add_argument("--domains", default=",".join(DOMAINS))
+    e.add_argument("--check", type=int, default=0,
+                   help="also measure perplexity in llama.cpp on this many held-out examples per domain")
     args = parser.parse_args(argv)
     if args.cmd == "train":
         for domain in args.domains.split(","):
             train_domain(domain, args.data_dir, args.runs_dir, args.minutes, args.threads)
         return 0
-    return export_demo(args.runs_dir, args.out_dir, args.domains.split(","))
+    return export_demo(args.runs_dir, args.out_dir, args.domains.split(","), args.check)
 
 
-def export_demo(runs_dir: Path, out_dir: Path, domains: list[str]) -> int:
+def export_demo(runs_dir: Path, out_dir: Path, domains: list[str], check: int = 0) -> int:
     """q8_0 adapter GGUFs (checked on the base) and README.md with the perplexity table."""
     from hublab.runtime.config import pypi_model_path
 
@@ -83,10 +85,55 @@ def export_demo(runs_dir: Path, out_dir: Path, domains: list[str]) -> int:
                               base_gguf=base_gguf, card=False)
         row = json.loads((runs_dir / domain / "ppl.json").read_text())
         row["bytes"] = path.stat().st_size
+        if check:
+            from transformers import AutoTokenizer
+
+            from . import data as D
+
+            tok = AutoTokenizer.from_pretrained(runs_dir / domain / "adapter")
+            test_file = row.get("test_file") or runs_dir.parent / "demo-data" / f"{domain}_test.jsonl"
+            test = D.load_examples(D.DataSpec(Path(test_file)))[:check]
+            row["gguf_base_ppl"] = round(gguf_perplexity(base_gguf, None, tok, D.TEMPLATES["gemma"], test), 3)
+            row["gguf_expert_ppl"] = round(gguf_perplexity(base_gguf, path, tok, D.TEMPLATES["gemma"], test), 3)
+            row["gguf_n"] = len(test)
         rows.append(row)
         print(f"{path} {row['bytes']} bytes", file=sys.stderr)
     (out_dir / "README.md").write_text(readme(rows))
     return 0
+
+
+def gguf_perplexity(base_gguf: Path, adapter_gguf: Path | None, tok, template: str, examples, max_len: int = 160,
+                    threads: int = 1) -> float:
+    """Perplexity of response tokens in llama.cpp itself: the runtime's view of base (+ adapter)."""
+    import ctypes
+
+    import llama_cpp
+    import numpy as np
+
+    from . import data as D
+
+    llm = llama_cpp.Llama(model_path=str(base_gguf), n_ctx=max_len + 8, logits_all=True, n_threads=threads,
+                          verbose=False)
+    try:
+        if adapter_gguf is not None:
+            adapter = llama_cpp.llama_adapter_lora_init(llm.model, str(adapter_gguf).encode())
+            llama_cpp.llama_set_adapters_lora(llm.ctx, (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter), 1,
+                                              (ctypes.c_float * 1)(1.0))
+        total, count = 0.0, 0
+        for item in D.encode_all(examples, tok, template, max_len):
+            llm.reset()
+            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
+            llm.eval(item.ids)
+            rows = [p for p in range(len(item.ids) - 1) if item.labels[p + 1] != D.IGNORE]
+            targets = np.array([item.labels[p + 1] for p in rows])
+            logits = llm.scores[rows]
+            top = logits.max(-1)
+            lse = top + np.log(np.exp(logits - top[:, None]).sum(-1))
+            total += float((lse - logits[np.arange(len(rows)), targets]).sum())
+            count += len(rows)
+        return float(np.exp(total / max(1, count)))
+    finally:
+        llm.close()
 
 
 def readme(rows: list[dict]) -> str:
@@ -96,6 +143,13 @@ def readme(rows: list[dict]) -> str:
         table.append(f"| {r['domain']} | {r['base_ppl']:.2f} | {r['expert_ppl']:.2f} | {100 * r['reduction']:.0f}% "
                      f"| {r['steps']} | {r['s_per_step']:.1f} | {r['tokens_per_s']:.0f} | {r['bytes'] / 1e6:.2f} MB |")
     total = sum(r["bytes"] for r in rows)
+    gguf = ""
+    if all("gguf_expert_ppl" in r for r in rows):
+        lines = ["| expert | base ppl | expert ppl | lower by | examples |", "|---|---|---|---|---|"]
+        lines += [f"| {r['domain']} | {r['gguf_base_ppl']:.2f} | {r['gguf_expert_ppl']:.2f} | "
+                  f"{100 * (1 - r['gguf_expert_ppl'] / r['gguf_base_ppl']):.0f}% | {r['gguf_n']} |" for r in rows]
+        gguf = ("\nThe same check in llama.cpp itself (Q4_K_M base GGUF + the q8_0 adapter GGUF, as the runtime "
+                "loads them), on the first held-out examples:\n\n" + "\n".join(lines) + "\n")
     return f"""# Demo experts
 
 LoRA adapters (r=8, alpha=16, all seven attention/MLP projections, q8_0 GGUF; lora_b stays f16
@@ -110,7 +164,7 @@ on) gives the perplexity below: exp of the mean loss over the answer tokens, bas
 measured with the HF model (the same dequantised Q4_K_M weights llama.cpp runs).
 
 {chr(10).join(table)}
-
+{gguf}
 Training ran on a 2-core CPU shared with other jobs, one thread, 4 examples x up to 160 tokens per
 step, lr 5e-4, each expert capped at 7 minutes of training (early stopping on a 5% eval split).
 
