@@ -102,3 +102,10 @@ def test_bad_data_through_the_cli(tiny_hf, tmp_path, capsys):  # noqa: F811
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == f"hublab: error: {tmp_path / 'd.jsonl'}:2: missing column 'response'; add it to every record"
     assert not (tmp_path / "runs").exists()
+
+
+def test_train_router_delegates_to_the_router_trainer(tmp_path, capsys):
+    (tmp_path / "r.jsonl").write_text('{"text": "how do I pip install"}\n')
+    assert hublab_main(["train", "router", str(tmp_path / "r.jsonl"), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"hublab: error: {tmp_path / 'r.jsonl'}:1:") and "domain" in err
