@@ -350,8 +350,13 @@ class Router:
 
     @classmethod
     def load(cls, directory: Path, experts: Iterable[Any] | None = None, *, keyword_weight: float = 0.25,
-             fallback: str = "general", threads: int = 0) -> "Router":
-        """Open a router directory; experts (ModelConfig, ExpertRoute or names) default to the router's outputs."""
+             fallback: str = "general", threads: int = 1) -> "Router":
+        """Open a router directory; experts (ModelConfig, ExpertRoute or names) default to the router's outputs.
+
+        `threads`: onnxruntime intra-op threads; 0 = its own choice (all cores). One is the default because
+        a short query finishes sooner on one thread than split over busy cores (bench/router.py, 2 cores:
+        p50 3.5 ms on one thread, 7.2 ms on two), and on a Pi the other cores belong to llama.cpp.
+        """
         import numpy as np
         import onnxruntime as ort
         from tokenizers import Tokenizer

@@ -1,0 +1,112 @@
+"""Router latency on this machine: one query of exactly 32 tokens, scored again and again.
+
+Measures two things per run, both single-threaded Python calling onnxruntime as the device does:
+- `model`: tokenize + ONNX (encoder, head, softmax) -> probabilities;
+- `route`: the whole routing decision: model scores mapped onto the configured experts, keyword evidence,
+  blend, and the strategy (`Router.route`).
+Prints one JSON object. Goals (issue 3): MiniLM int8 p50 <= 8 ms, p99 <= 20 ms.
+
+    .venv/bin/python bench/router.py
+    .venv/bin/python bench/router.py --router models/router --runs 500 --threads 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+GOAL_P50_MS, GOAL_P99_MS = 8.0, 20.0
+
+TEXT = ("How do I share a tokio runtime between several async tasks in Rust without cloning the whole "
+        "configuration struct every time a new connection arrives on the listener socket and is accepted")
+
+
+def query_of(router, tokens: int) -> str:
+    """The longest prefix of TEXT (in words) within `tokens` tokens ([CLS], [SEP] included), padded to exactly that."""
+    words = TEXT.split()
+    text = next(t for t in (" ".join(words[:n]) for n in range(len(words), 0, -1))
+                if len(router.tokenizer.encode(t).ids) <= tokens)
+    while len(router.tokenizer.encode(text).ids) < tokens:
+        text += " now"  # one token
+    return text
+
+
+def percentiles(samples_s: list[float]) -> dict[str, float]:
+    ms = sorted(s * 1000 for s in samples_s)
+
+    def pct(p: float) -> float:
+        return ms[min(len(ms) - 1, max(0, round(p / 100 * (len(ms) - 1))))]
+
+    return {"p50_ms": round(pct(50), 3), "p90_ms": round(pct(90), 3), "p99_ms": round(pct(99), 3),
+            "mean_ms": round(sum(ms) / len(ms), 3), "min_ms": round(ms[0], 3), "max_ms": round(ms[-1], 3), "runs": len(ms)}
+
+
+def time_calls(fn, runs: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def bench_router(router_dir: Path, runs: int, warmup: int, threads: int, tokens: int) -> dict:
+    from hublab.runtime.config import load_system, scan_models
+    from hublab.runtime.router import Router
+
+    # A path that does not exist means all defaults: the repo's own models and experts, whatever the
+    # user's ~/.config says, so runs on different machines measure the same thing.
+    system = load_system(REPO / "bench" / "no-system.toml")
+    experts = list(scan_models(system.models_dir).experts.values()) or None
+    start = time.perf_counter()
+    router = Router.load(router_dir, experts, keyword_weight=system.keyword_weight, fallback=system.fallback,
+                         threads=threads)
+    load_s = time.perf_counter() - start
+    query = query_of(router, tokens)
+    n_tokens = len(router.tokenizer.encode(query).ids)
+    model = percentiles(time_calls(lambda: router.probabilities(query), runs, warmup))
+    route = percentiles(time_calls(lambda: router.route(query, system.routing), runs, warmup))
+    selection = router.route(query, system.routing)
+    return {
+        "router": str(router_dir), "quantization": router.info.quantization, "encoder": router.info.encoder,
+        "model_bytes": (router_dir / "model.onnx").stat().st_size, "load_s": round(load_s, 3),
+        "query_tokens": n_tokens, "query": query, "routing": system.routing, "selected": selection.names,
+        "model": model, "route": route,
+        "goal": {"p50_ms": GOAL_P50_MS, "p99_ms": GOAL_P99_MS,
+                 "p50_met": route["p50_ms"] <= GOAL_P50_MS, "p99_met": route["p99_ms"] <= GOAL_P99_MS},
+    }
+
+
+# --- synthesis -------------------------------------------------------------------------------------
+# Per synthesis strategy: end-to-end time / a single-expert answer (issue 3). Owned by the synthesis
+# work; fill in `bench_synthesis` and it is reported under "synthesis" beside the router numbers.
+
+def bench_synthesis(args: argparse.Namespace) -> dict | None:
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--router", type=Path, default=REPO / "models" / "router", help="router directory")
+    parser.add_argument("--runs", type=int, default=300)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads; 0 = its default (all cores)")
+    parser.add_argument("--tokens", type=int, default=32, help="query length in tokens, [CLS] and [SEP] included")
+    args = parser.parse_args(argv)
+    result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+              "threads": args.threads or "onnxruntime default",
+              "router": bench_router(args.router, args.runs, args.warmup, args.threads, args.tokens),
+              "synthesis": bench_synthesis(args)}
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
