@@ -35,11 +35,10 @@ the higher score, then by expert name (alphabetical); scores equal to 1e-9 count
 from __future__ import annotations
 
 import json
-import math
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -518,8 +517,12 @@ def cli(args) -> int:
     notes = []
     if not experts:
         notes.append(f"no experts configured in {system.models_dir}; scoring the router's own outputs")
-    router = Router.load(router_dir, experts or None, keyword_weight=weight, fallback=system.fallback)
     routing = args.routing or system.routing
+    try:
+        parse_routing(routing)  # before loading anything: a typo should not cost a model load
+    except ValueError as exc:
+        raise RouterError(f"--routing: {exc}") from None
+    router = Router.load(router_dir, experts or None, keyword_weight=weight, fallback=system.fallback)
     query = " ".join(args.query)
     start = time.perf_counter()
     selection = router.route(query, routing)
