@@ -88,8 +88,36 @@ def bench_router(router_dir: Path, runs: int, warmup: int, threads: int, tokens:
 # Per synthesis strategy: end-to-end time / a single-expert answer (issue 3). Owned by the synthesis
 # work; fill in `bench_synthesis` and it is reported under "synthesis" beside the router numbers.
 
+SYNTH_QUESTION = "How do I read a file line by line in Python and count its words?"
+
+
 def bench_synthesis(args: argparse.Namespace) -> dict | None:
-    return None
+    """Each strategy over topk:2 on the embedded default experts (greedy, same max tokens), as a multiple
+    of one expert answering alone. Costs are dominated by how many answers each strategy decodes."""
+    if args.synthesis_tokens <= 0:
+        return None
+    from hublab.runtime.engine import Runtime
+    from hublab.runtime.moe import MoE, SYNTHESES
+
+    rt = Runtime(profile="host", threads=args.llm_threads, keep_alive=-1)
+    moe = MoE(rt)
+    n = args.synthesis_tokens
+    with rt:
+        top = moe.route(SYNTH_QUESTION, "single").names[0]
+        rt.generate(top, SYNTH_QUESTION, max_tokens=4, temperature=0.0)  # load and warm
+        t0 = time.perf_counter()
+        single = rt.generate(top, SYNTH_QUESTION, max_tokens=n, temperature=0.0)
+        t_single = time.perf_counter() - t0
+        out = {"question": SYNTH_QUESTION, "routing": "topk:2", "max_tokens": n, "single_expert": top,
+               "single_s": round(t_single, 3), "single_tokens": single.tokens, "strategies": {}}
+        for name in SYNTHESES:
+            t0 = time.perf_counter()
+            r = moe.ask(SYNTH_QUESTION, routing="topk:2", synthesis=name, max_tokens=n, temperature=0.0)
+            elapsed = time.perf_counter() - t0
+            tokens = sum(a.result.tokens for a in r.answers if a.result)
+            out["strategies"][name] = {"seconds": round(elapsed, 3), "ratio_to_single": round(elapsed / t_single, 2),
+                                       "tokens_decoded": tokens, "experts": [c["name"] for c in r.selected]}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads; 0 = its default (all cores)")
     parser.add_argument("--tokens", type=int, default=32, help="query length in tokens, [CLS] and [SEP] included")
+    parser.add_argument("--synthesis-tokens", type=int, default=32,
+                        help="max tokens per answer in the synthesis benchmark; 0 skips it")
+    parser.add_argument("--llm-threads", type=int, default=1, help="llama.cpp threads for the synthesis benchmark")
     args = parser.parse_args(argv)
     result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
               "threads": args.threads or "onnxruntime default",

@@ -84,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `hublab list | head`: the reader left; stop quietly like other Unix tools
+        sys.stderr.close()
+        return 141
 
 
 if __name__ == "__main__":

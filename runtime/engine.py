@@ -593,6 +593,7 @@ class Runtime:
             params.n_batch = params.n_ubatch = max(32, longest)
             params.n_seq_max = len(cfgs)
             params.kv_unified = True
+            params.swa_full = False
             params.n_threads = params.n_threads_batch = self.threads
             ctx = llama_cpp.llama_init_from_model(llama._model.model, params)
             if not ctx:
