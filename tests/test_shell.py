@@ -90,7 +90,7 @@ def test_every_command_with_json(env, command):
     ("bogus", "type help"),
     ("ai lod alpha", "did you mean 'ai load'"),
     ("ai load alpah", "did you mean 'alpha'"),
-    ("ai config temperature hot", "ai config"),
+    ("ai config temperature hot", "not a number"),
     ("ai config alpha temperature hot", "not a number"),
     ("settings moe routing=topk:x", "topk"),
     ("settings moe synthesis=average", "best"),
