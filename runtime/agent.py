@@ -47,7 +47,7 @@ from urllib.parse import parse_qs, urlparse
 
 from hublab import __version__
 
-from .config import MODEL_SCHEMA, SYSTEM_SCHEMA, Key, load_model, load_system, set_system_value
+from .config import MODEL_SCHEMA, SYSTEM_SCHEMA, Key, load_model, load_system, set_system_value, toml_value
 from .errors import HublabError
 
 MAX_BODY = 1 << 20
@@ -93,20 +93,10 @@ def _example(types: tuple) -> str:
     return {int: "512", float: "0.7", bool: "true", list: "a,b", str: "text"}.get(types[0], "1")
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
-
-
 def set_toml_key(text: str, section: str, key: str, value: Any) -> str:
     """`text` with `key = value` set inside `[section]`; comments and the other lines are kept."""
     lines = text.splitlines()
-    line = f"{key} = {_toml_value(value)}"
+    line = f"{key} = {toml_value(value)}"
     start = next((i for i, raw in enumerate(lines) if raw.strip() == f"[{section}]"), None)
     if start is None:
         return text.rstrip("\n") + f"\n\n[{section}]\n{line}\n"
