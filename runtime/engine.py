@@ -186,6 +186,49 @@ class _TextStream:
         return self._emit(len(self.text))
 
 
+@dataclass
+class _Decoded:
+    """What the shared decode loop reports once it ends."""
+    n_new: int = 0
+    ttft: float = 0.0
+    finish: str = "length"
+
+
+def _decode_text(tokens: Iterator[int], llama, out: _TextStream, cancel: threading.Event | None, max_new: int,
+                 t0: float, state: _Decoded, on_token=None) -> Iterator[str]:
+    """The loop every decoder shares: take sampled tokens until end-of-generation, a stop string, cancel
+    or max_new; yield the text as it becomes safe to show. `on_token` sees each token before the source
+    is resumed (while its logits are still the context's last row)."""
+    import llama_cpp
+
+    vocab = llama._model.vocab
+    for token in tokens:
+        if state.n_new == 0:
+            state.ttft = time.perf_counter() - t0
+        if llama_cpp.llama_vocab_is_eog(vocab, token):
+            state.finish = "stop"
+            break
+        if on_token is not None:
+            on_token(token)
+        state.n_new += 1
+        piece = out.push(llama.detokenize([token], special=False))
+        if piece:
+            yield piece
+        if out.stopped:
+            state.finish = "stop"
+            break
+        if cancel is not None and cancel.is_set():
+            state.finish = "cancelled"
+            break
+        if state.n_new >= max_new:
+            break
+    else:
+        state.finish = "length" if state.n_new >= max_new else "stop"
+    piece = out.flush()
+    if piece:
+        yield piece
+
+
 class Runtime:
     """Models and experts of one models dir, fitted into one board profile."""
 
@@ -520,41 +563,21 @@ class Runtime:
             max_new = min(opts.max_tokens or base.n_ctx, base.n_ctx - len(tokens))
             if opts.seed >= 0:
                 llama.set_seed(opts.seed)
-            vocab = llama._model.vocab
             n_vocab = llama.n_vocab()
-            out = _TextStream(stops)
-            n_new, ttft, finish = 0, 0.0, "length"
             logprob_sum = 0.0
-            for token in llama.generate(tokens, top_k=opts.top_k, top_p=opts.top_p, min_p=opts.min_p,
-                                        temp=opts.temperature, repeat_penalty=opts.repeat_penalty):
-                if n_new == 0:
-                    ttft = time.perf_counter() - t0
-                if llama_cpp.llama_vocab_is_eog(vocab, token):
-                    finish = "stop"
-                    break
-                if logprobs:
-                    # The logits that produced `token` are still the context's last row here.
-                    row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llama._ctx.ctx, -1), shape=(n_vocab,))
-                    m = float(row.max())
-                    logprob_sum += float(row[token]) - m - math.log(float(np.exp(row - m).sum()))
-                n_new += 1
-                piece = out.push(llama.detokenize([token], special=False))
-                if piece:
-                    yield piece
-                if out.stopped:
-                    finish = "stop"
-                    break
-                if cancel is not None and cancel.is_set():
-                    finish = "cancelled"
-                    break
-                if n_new >= max_new:
-                    break
-            else:
-                finish = "length" if n_new >= max_new else "stop"
-            piece = out.flush()
-            if piece:
-                yield piece
-            text = out.text
+
+            def add_logprob(token: int) -> None:
+                nonlocal logprob_sum
+                row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llama._ctx.ctx, -1), shape=(n_vocab,))
+                m = float(row.max())
+                logprob_sum += float(row[token]) - m - math.log(float(np.exp(row - m).sum()))
+
+            out, state = _TextStream(stops), _Decoded()
+            sampled = llama.generate(tokens, top_k=opts.top_k, top_p=opts.top_p, min_p=opts.min_p,
+                                     temp=opts.temperature, repeat_penalty=opts.repeat_penalty)
+            yield from _decode_text(sampled, llama, out, cancel, max_new, t0, state,
+                                    add_logprob if logprobs else None)
+            text, n_new, ttft, finish = out.text, state.n_new, state.ttft, state.finish
             seconds = time.perf_counter() - t0
             decode_s = max(seconds - ttft, 1e-9)
             result = GenerationResult(
@@ -627,7 +650,6 @@ class Runtime:
                                   "use fewer experts (topk:2) or synthesis best")
             batch = llama_cpp.llama_batch_init(params.n_batch, 0, 1)
             n_vocab = llama.n_vocab()
-            vocab = llama._model.vocab
             rng = np.random.default_rng(None if opts.seed < 0 else opts.seed)
 
             def set_expert(c: ModelConfig) -> None:
@@ -664,38 +686,20 @@ class Runtime:
                     dists.append(decode(toks, i, 0, toks))
                     positions.append(len(toks))
                 histories = [list(t) for t in prompts]
-                ttft = 0.0
-                out = _TextStream(stops)
-                n_new, finish = 0, "length"
-                while n_new < max_new:
-                    mix = sum(w * d for w, d in zip(weights, dists))
-                    token = _sample(mix, opts, rng)
-                    if n_new == 0:
-                        ttft = time.perf_counter() - t0
-                    if llama_cpp.llama_vocab_is_eog(vocab, token):
-                        finish = "stop"
-                        break
-                    n_new += 1
-                    piece = out.push(llama.detokenize([token], special=False))
-                    if piece:
-                        yield piece
-                    if out.stopped:
-                        finish = "stop"
-                        break
-                    if cancel is not None and cancel.is_set():
-                        finish = "cancelled"
-                        break
-                    if n_new >= max_new:
-                        break
-                    for i, c in enumerate(cfgs):
-                        set_expert(c)
-                        histories[i].append(token)
-                        dists[i] = decode([token], i, positions[i], histories[i])
-                        positions[i] += 1
-                piece = out.flush()
-                if piece:
-                    yield piece
-                text = out.text
+                def sampled() -> Iterator[int]:
+                    while True:
+                        token = _sample(sum(w * d for w, d in zip(weights, dists)), opts, rng)
+                        yield token
+                        # resumed only when decoding goes on: every expert reads the chosen token
+                        for i, c in enumerate(cfgs):
+                            set_expert(c)
+                            histories[i].append(token)
+                            dists[i] = decode([token], i, positions[i], histories[i])
+                            positions[i] += 1
+
+                out, state = _TextStream(stops), _Decoded()
+                yield from _decode_text(sampled(), llama, out, cancel, max_new, t0, state)
+                text, n_new, ttft, finish = out.text, state.n_new, state.ttft, state.finish
             finally:
                 llama_cpp.llama_batch_free(batch)
                 llama_cpp.llama_free(ctx)
