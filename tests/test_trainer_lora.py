@@ -48,6 +48,32 @@ def test_early_stopping(tiny_hf, tiny_data, tmp_path):  # noqa: F811
     assert result.stopped_early and result.steps < 40
 
 
+def test_gradient_accumulation_matches_one_larger_batch(tiny_hf, tmp_path):  # noqa: F811
+    # Two examples with equally long responses: one batch of 2 and two accumulated micro-batches of 1
+    # see the same mean gradient, so the first optimizer step must move the adapter identically (a
+    # step taken after only one micro-batch, or one dropped, would not).
+    from safetensors.torch import load_file
+
+    from hublab.trainer.data import DataSpec
+    from hublab.trainer.lora import train_lora
+
+    from trainer_tiny import write_jsonl
+
+    data = write_jsonl(tmp_path / "two.jsonl", [{"question": "Name a fox.", "response": "The quick brown fox."},
+                                                {"question": "Name a dog.", "response": "The quick brown dog."}])
+    weights = []
+    for batch, accum in ((2, 1), (1, 2)):
+        cfg = TrainConfig(base=str(tiny_hf), output=tmp_path / f"b{batch}a{accum}", data=[DataSpec(data)],
+                          max_steps=1, batch_size=batch, grad_accum=accum, lr=0.01, warmup_steps=1,
+                          eval_fraction=0.0, patience=0, save_every=0, max_seq_len=64)
+        result = train_lora(cfg)
+        assert result.steps == 1
+        weights.append(load_file(result.adapter_dir / "adapter_model.safetensors"))
+    assert weights[0].keys() == weights[1].keys()
+    for k in weights[0]:
+        assert (weights[0][k] - weights[1][k]).abs().max() < 1e-5, k
+
+
 def test_chunked_loss_matches_full_logits(tiny_hf):  # noqa: F811
     import torch
     from transformers import AutoModelForCausalLM

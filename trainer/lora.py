@@ -7,7 +7,13 @@ early stopping, checkpoints, loss-curve PNG.
 
 The loop runs through `accelerate`, so the same code trains on CPU, on one GPU (bf16 autocast) and on
 several GPUs when started with `accelerate launch` or `torchrun` (DDP, FSDP or DeepSpeed as configured
-there).
+there). DeepSpeed ZeRO-3 (the `deepspeed` extra) shards parameters, gradients and optimizer state:
+
+    accelerate launch --use_deepspeed --deepspeed_config_file trainer/deepspeed_zero3.json \
+        -m hublab.trainer.train expert CONFIG.toml
+
+Under ZeRO-3 the weights are gathered before each save and checkpoints go through accelerate's
+save_state (each rank writes its own optimizer shard).
 """
 from __future__ import annotations
 
@@ -64,6 +70,14 @@ class TrainConfig:
     lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     mix_total: int = 0  # examples per pass of a ratio mix; 0 = the datasets' combined size
     time_limit: float = 0.0  # seconds of training after which to evaluate once more and stop; 0 = none
+
+
+@dataclass
+class TrainHooks:
+    """Optional extension points for loops built on train_lora (the MoE router trainer uses them)."""
+    adapt: "object | None" = None         # (model, cfg) -> model, instead of add_lora
+    extra_loss: "object | None" = None    # () -> scalar tensor added to each micro-batch's loss
+    before_step: "object | None" = None   # (model, step) -> None, before each optimizer step
 
 
 @dataclass
@@ -320,7 +334,7 @@ class _Progress:
             self.bar.close()
 
 
-def train_lora(cfg: TrainConfig) -> TrainResult:
+def train_lora(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     """Fine-tune a LoRA adapter; the best adapter (by eval loss) is saved to cfg.output/adapter."""
     import torch
     from accelerate import Accelerator
@@ -329,7 +343,8 @@ def train_lora(cfg: TrainConfig) -> TrainResult:
         torch.set_num_threads(cfg.threads)
     cuda = torch.cuda.is_available()
     accel = Accelerator(mixed_precision="bf16" if cuda and torch.cuda.is_bf16_supported() else "no",
-                        cpu=not cuda)
+                        cpu=not cuda, gradient_accumulation_steps=cfg.grad_accum)
+    deepspeed = accel.state.deepspeed_plugin
     device = accel.device
     torch.manual_seed(cfg.seed)
     # bad data or an impossible setup fails before anything is written
@@ -351,11 +366,17 @@ def train_lora(cfg: TrainConfig) -> TrainResult:
     if cfg.gradient_checkpointing and not cfg.qlora:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    if cfg.lora_r:
+    hooks = hooks or TrainHooks()
+    if hooks.adapt:
+        model = hooks.adapt(model, cfg)
+    elif cfg.lora_r:
         model = add_lora(model, cfg)
     loss_module = make_loss_module(model, cfg.ce_chunk)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cuda)
+    if deepspeed is not None:
+        # no dataloader goes through prepare(), so DeepSpeed cannot infer the micro-batch ("auto")
+        deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
     loss_module, opt = accel.prepare(loss_module, opt)
 
     ckpt = out / "checkpoint"
@@ -366,11 +387,14 @@ def train_lora(cfg: TrainConfig) -> TrainResult:
         from safetensors.torch import load_file
 
         state = json.loads((ckpt / "state.json").read_text())
-        if cfg.lora_r:
-            set_peft_model_state_dict(model, load_file(ckpt / "adapter.safetensors"))
+        if deepspeed is not None:
+            accel.load_state(str(ckpt / "accelerate"))
         else:
-            model.load_state_dict(torch.load(ckpt / "model.pt", weights_only=True))
-        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+            if cfg.lora_r:
+                set_peft_model_state_dict(model, load_file(ckpt / "adapter.safetensors"))
+            else:
+                model.load_state_dict(torch.load(ckpt / "model.pt", weights_only=True))
+            opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
         print(f"resuming from {ckpt} at step {state['step']}", file=sys.stderr)
     if state["step"] >= total_steps:
         raise TrainError(f"{ckpt}: already trained {state['step']} of {total_steps} steps; "
@@ -389,10 +413,25 @@ def train_lora(cfg: TrainConfig) -> TrainResult:
     last_loss = float("nan")
     t_start = time.perf_counter() - state["seconds"]
 
+    def save_model(dest: Path):
+        """The adapter (or whole model) in HF form; every rank calls it (ZeRO-3 gathers collectively)."""
+        if deepspeed is not None and deepspeed.zero_stage == 3:
+            full = accel.get_state_dict(loss_module)  # the loss module holds the model as `.model`
+            if accel.is_main_process:
+                full = {k.removeprefix("model."): v for k, v in full.items()}
+                accel.unwrap_model(model).save_pretrained(dest, state_dict=full)
+        elif accel.is_main_process:
+            accel.unwrap_model(model).save_pretrained(dest)
+
     def save_checkpoint():
         from peft import get_peft_model_state_dict
         from safetensors.torch import save_file
 
+        if deepspeed is not None:
+            accel.save_state(str(ckpt / "accelerate"))
+            if accel.is_main_process:
+                (ckpt / "state.json").write_text(json.dumps(state))
+            return
         if not accel.is_main_process:
             return
         ckpt.mkdir(parents=True, exist_ok=True)
@@ -406,15 +445,21 @@ def train_lora(cfg: TrainConfig) -> TrainResult:
 
     while state["step"] < total_steps:
         t0 = time.perf_counter()
+        if hooks.before_step:
+            hooks.before_step(accel.unwrap_model(model), state["step"])
         for g in opt.param_groups:
             g["lr"] = _lr_at(state["step"], cfg, total_steps)
         step_loss, step_tokens, step_count = 0.0, 0, 0
         for _ in range(cfg.grad_accum):
             ids, labels, mask = (t.to(device) for t in next(stream))
-            with accel.autocast():
+            # accumulate() skips the gradient all-reduce (DDP) and the optimizer step (DeepSpeed) on all
+            # but the last micro-batch; backward() divides the loss by grad_accum
+            with accel.accumulate(loss_module), accel.autocast():
                 s, n = loss_module(ids, labels, mask)
-            loss = s / n.clamp(min=1) / cfg.grad_accum
-            accel.backward(loss)
+                loss = s / n.clamp(min=1)
+                if hooks.extra_loss:
+                    loss = loss + hooks.extra_loss()
+                accel.backward(loss)
             step_loss += float(s.detach())
             step_count += int(n)
             step_tokens += int(mask.sum())
@@ -435,8 +480,7 @@ def train_lora(cfg: TrainConfig) -> TrainResult:
             record["eval_loss"] = round(ev, 4)
             if state["best"] is None or ev < state["best"] - 1e-4:
                 state["best"], state["bad_evals"] = ev, 0
-                if accel.is_main_process:
-                    accel.unwrap_model(model).save_pretrained(adapter_dir)
+                save_model(adapter_dir)
             else:
                 state["bad_evals"] += 1
         state["history"].append(record)
@@ -458,8 +502,8 @@ def train_lora(cfg: TrainConfig) -> TrainResult:
     if progress:
         progress.close()
     save_checkpoint()
-    if not eval_items and accel.is_main_process:  # nothing to choose the best by: keep the last
-        accel.unwrap_model(model).save_pretrained(adapter_dir)
+    if not eval_items:  # nothing to choose the best by: keep the last
+        save_model(adapter_dir)
     if accel.is_main_process:
         tok.save_pretrained(adapter_dir)
         meta = {"base": cfg.base, "model_dir": str(model_dir), "template": cfg.template,
