@@ -37,7 +37,7 @@ from typing import Any
 
 import tomli
 
-from .config import SystemConfig, format_size, load_system, set_system_value
+from .config import SystemConfig, format_size, load_system, set_system_value, toml_value
 from .errors import HublabError
 from .manifest import (MANIFEST_NAME, SIGNATURE_NAME, FileEntry, Manifest, ManifestError, describe_models,
                        digest_bytes, dump_manifest, infer_role, join_inside, manifest_from_dict, parse_manifest,
@@ -140,28 +140,16 @@ class Installed:
         return d
 
 
-def _toml_value(v: Any) -> str:
-    import json
-
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    return json.dumps(str(v), ensure_ascii=False)
-
-
 def _record_text(rec: Installed) -> str:
     lines = ["# hublab installed-package record: pkg verify re-hashes the files listed here.", "[package]"]
     for key in ("name", "version", "category", "description", "experts", "models", "router"):
-        lines.append(f"{key} = {_toml_value(getattr(rec, key))}")
+        lines.append(f"{key} = {toml_value(getattr(rec, key))}")
     lines += ["", "[install]"]
     for key in ("digest", "registry", "tag", "variant", "quant", "profile", "signed_by", "installed"):
-        lines.append(f"{key} = {_toml_value(getattr(rec, key))}")
+        lines.append(f"{key} = {toml_value(getattr(rec, key))}")
     for f in rec.files:
-        lines += ["", "[[files]]", f"path = {_toml_value(f.path)}", f"role = {_toml_value(f.role)}",
-                  f"size = {f.size}", f"sha256 = {_toml_value(f.sha256)}"]
+        lines += ["", "[[files]]", f"path = {toml_value(f.path)}", f"role = {toml_value(f.role)}",
+                  f"size = {f.size}", f"sha256 = {toml_value(f.sha256)}"]
     return "\n".join(lines) + "\n"
 
 
