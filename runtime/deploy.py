@@ -6,8 +6,10 @@
     DIR/models/router/         the router
 
 Packages are installed with the same transaction as `pkg install` (board fit, signatures, sha256), so
-the Pi can later `pkg verify` and `pkg update` them. After writing, the tree is checked: every file
-re-hashed, system.toml loaded, every model TOML scanned. On the Pi, point HUBLAB_CONFIG at
+the Pi can later `pkg verify` and `pkg update` them. Before anything is written every package passes
+install's manifest checks; after writing, the tree is checked: every file re-hashed, system.toml
+loaded, every model TOML scanned (an expert whose base is not on the card fails here), and on a
+failure the packages this deploy added are removed again. On the Pi, point HUBLAB_CONFIG at
 DIR/system.toml (models_dir is relative to it).
 """
 from __future__ import annotations
@@ -82,13 +84,28 @@ def deploy(to: str | Path, packages: list[str], *, profile: Profile | str | None
     board = _board(profile, cfg)
     root = Path(to).expanduser()
     models = root / "models"
-    models.mkdir(parents=True, exist_ok=True)
     trusted = load_system(cfg).trusted_keys
-    results = [pkg.install(ref, registry, models_dir=models, profile=board, allow_unsigned=allow_unsigned,
-                           trusted_keys=trusted, progress=progress, config=cfg) for ref in packages]
+    for ref in packages:  # a bad package is refused before the card is touched
+        pkg.check(ref, registry, profile=board, allow_unsigned=allow_unsigned, trusted_keys=trusted, config=cfg)
+    models.mkdir(parents=True, exist_ok=True)
+    results = []
     system_path = root / "system.toml"
-    _system_toml(system_path, board.name, trusted)
-    checks = verify_tree(root, [r.name for r in results])
+    had_system = system_path.exists()
+    try:
+        for ref in packages:
+            results.append(pkg.install(ref, registry, models_dir=models, profile=board, allow_unsigned=allow_unsigned,
+                                       trusted_keys=trusted, progress=progress, config=cfg))
+        _system_toml(system_path, board.name, trusted)
+        checks = verify_tree(root, [r.name for r in results])
+    except HublabError:
+        # Leave the card as it was found: what this deploy added goes; updated packages keep their
+        # new, verified version (the old one is not kept once an update lands).
+        for r in results:
+            if r.status == "installed":
+                pkg.remove(r.name, models_dir=models, config=cfg)
+        if not had_system:
+            system_path.unlink(missing_ok=True)
+        raise
     out = DeployResult(to=str(root), profile=board.name, system_toml=str(system_path),
                        packages=[r.to_dict() for r in results],
                        experts=sorted({e for r in results for e in r.experts}),

@@ -662,6 +662,18 @@ def _verified_package(reg: Registry, name: str, tag: str, trusted: list[str],
     return res, m, signer
 
 
+def check(ref: str, registry: str | Path | None = None, *, profile: Profile | str | None = None,
+          variant: str | None = None, allow_unsigned: bool = False, trusted_keys: list[str] | None = None,
+          config: str | Path | None = None) -> Choice:
+    """Every check `install` makes before downloading (signature, schema, paths, version, board fit),
+    writing nothing; PackageError/RegistryError on the first failure, else the variant it would pick."""
+    ctx = _context(config, None, registry, profile, trusted_keys)
+    name, tag = parse_ref(ref)
+    with _registry(ctx.registry) as reg:
+        _, m, _ = _verified_package(reg, name, tag, ctx.trusted, allow_unsigned)
+        return select_variant(m, ctx.profile, variant)
+
+
 def install(ref: str, registry: str | Path | None = None, *, models_dir: str | Path | None = None,
             profile: Profile | str | None = None, variant: str | None = None, allow_unsigned: bool = False,
             trusted_keys: list[str] | None = None, progress: Progress | None = None,

@@ -65,9 +65,16 @@ def test_deploy_refuses_host_profile_and_bad_packages_leave_no_card_models(ws, p
 
 
 def test_deploy_verification_catches_a_broken_tree(ws, published, tmp_path):
-    # An expert whose base is not on the card would fail on the Pi: deploy says so instead.
+    # An expert whose base is not on the card would fail on the Pi: deploy says so instead, and takes
+    # back what it wrote; a card that already had the base keeps it.
     with pytest.raises(HublabError, match="the Pi would report: .*no model named 'tiny'"):
         deploy.deploy(tmp_path / "c", ["alpha-expert"], profile="pi4-4gb", registry=str(published))
+    assert snapshot(tmp_path / "c" / "models") == {} and not (tmp_path / "c" / "system.toml").exists()
+    deploy.deploy(tmp_path / "d", ["tiny"], profile="pi4-4gb", registry=str(published))
+    before = snapshot(tmp_path / "d" / "models")
+    with pytest.raises(HublabError, match="nope:latest not found"):
+        deploy.deploy(tmp_path / "d", ["alpha-expert", "nope"], profile="pi4-4gb", registry=str(published))
+    assert snapshot(tmp_path / "d" / "models") == before  # refused before anything was written
 
 
 @pytest.mark.skipif(shutil.which("mformat") is None, reason="mtools not installed (scripts/test installs it)")
