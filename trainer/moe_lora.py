@@ -116,7 +116,7 @@ def token_entropy(logits, mask=None):
     return -(logp.exp() * logp).sum(-1).mean()
 
 
-def usage(counts: list[int], top_k: int, capacity_factor: float) -> dict:
+def usage(counts: list[int], capacity_factor: float = 1.25) -> dict:
     """Summary of one layer's expert-usage histogram (counts of top-k slots per expert)."""
     total = sum(counts)
     n = len(counts)
@@ -125,7 +125,7 @@ def usage(counts: list[int], top_k: int, capacity_factor: float) -> dict:
     capacity = capacity_factor * total / n
     dropped = sum(max(0.0, c - capacity) for c in counts)
     return {"counts": counts, "usage_entropy": round(h / math.log(n), 4) if n > 1 else 1.0,
-            "max_share": round(max(shares), 4) if shares else 0.0,
+            "max_share": round(max(shares), 4) if shares else 0.0, "unused_experts": sum(1 for c in counts if c == 0),
             "dropped_at_capacity": round(dropped / total, 4) if total else 0.0}
 
 
@@ -305,7 +305,7 @@ def routing_stats(model, items: list[D.Encoded], pad_id: int, capacity_factor: f
         model.train(was_training)
     layers = []
     for i, name in enumerate(tap.names):
-        layer = usage([int(x) for x in counts[name]], tap.top_k, capacity_factor)
+        layer = usage([int(x) for x in counts[name]], capacity_factor)
         layer["token_entropy"] = round(ent_sum[name] / max(1, n_tok), 4)
         layers.append({"layer": i, "module": name.removeprefix("base_model.model."), **layer})
     mean = (lambda key: round(sum(x[key] for x in layers) / len(layers), 4)) if layers else (lambda key: 0.0)
@@ -324,7 +324,8 @@ def format_stats(label: str, stats: dict) -> str:
         c = layer["counts"]
         top = max(c) or 1
         hist = "".join(bars[round(8 * x / top)] for x in c)
-        lines.append(f"  layer {layer['layer']}: |{hist}| {c} entropy {layer['usage_entropy']:.3f}")
+        lines.append(f"  layer {layer['layer']}: |{hist}| {c} entropy {layer['usage_entropy']:.3f}"
+                     + (f", {layer['unused_experts']} unused" if layer["unused_experts"] else ""))
     return "\n".join(lines)
 
 
@@ -437,6 +438,10 @@ def _check(settings: MoeSettings, max_steps: int, quant: str) -> None:
         raise TrainError("--router_lora_r 0 with --train-router lora: give a rank >= 1, or --train-router off/full")
     if settings.train_router == "off" and not settings.expert_lora_r:
         raise TrainError("--train-router off with --expert_lora_r 0 leaves nothing to train; set one of them")
+    if settings.train_router == "full" and not settings.expert_lora_r:
+        # peft wraps full-weight modules only beside at least one LoRA target
+        raise TrainError("--train-router full with --expert_lora_r 0: give --expert_lora_r >= 1, or train the "
+                         "router alone with --train-router lora")
     for flag, value in (("--router_aux_loss_coef", settings.router_aux_loss_coef),
                         ("--entropy-coef", settings.entropy_coef), ("--z-loss-coef", settings.z_loss_coef)):
         if not (value >= 0 and math.isfinite(value)):
@@ -514,6 +519,14 @@ def moe_lora(base: str, out: Path, *, conversation_data=None, memory_data=None, 
     result = train_lora(cfg, hooks)
     hooks.flush(result.steps)
     hooks.tap.remove()
+    evals = [h for h in result.history if "eval_loss" in h]
+    if evals and settings.train_router != "off":
+        best = min(evals, key=lambda h: h["eval_loss"])["step"]
+        if best <= router_freeze_steps:
+            # train_lora keeps the adapter of the best evaluation, which here predates any router update
+            log(f"note: the best eval loss came at step {best}, before the router unfroze at step "
+                f"{router_freeze_steps}; the exported router is the base's (raise --max-steps or lower "
+                "--router-freeze-steps)")
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*_pattern keys did not match", category=RuntimeWarning)
