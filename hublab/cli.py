@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "deploy": ("hublab.runtime.deploy", "write an SD-card tree for a board"),
     "train": ("hublab.trainer.train", "train experts, routers and models (host, needs the train extra)"),
     "export": ("hublab.trainer.export", "export adapters/models to GGUF and quantize them"),
+    "infer": ("hublab.trainer.train", "generate with trained multi-token heads (host, needs the train extra)"),
     "bench": ("hublab.trainer.bench", "A/B benchmark of an expert against its base"),
 }
 

@@ -3,8 +3,13 @@
     hublab train expert CONFIG.toml          LoRA on an HF dir or a GGUF base, data mixed by ratio
     hublab train scratch --arch tiny --data corpus.jsonl -o runs/tiny
     hublab train router DATA.jsonl OUT_DIR   (hublab.trainer.router)
+    hublab train moe-init --arch mixtral-tiny --data corpus.jsonl -o runs/moe      (hublab.trainer.moe)
+    hublab train moe-lora --base runs/moe/model --data chat.jsonl -o runs/moe-lora  (hublab.trainer.moe_lora)
+    hublab train heads --model M --data qa.jsonl --out runs/heads                  (hublab.trainer.heads)
+    hublab infer heads --ckpt runs/heads --prompt "..."
 
-Each is also a function: `expert(config)`, `scratch(arch, data, out, ...)`, `router(data, out, ...)`.
+Each is also a function: `expert(config)`, `scratch(arch, data, out, ...)`, `router(data, out, ...)`,
+`moe.moe_init(...)`, `moe_lora.moe_lora(...)`, `heads.train_heads(...)`, `heads.infer_heads(...)`.
 
 An expert CONFIG:
 
@@ -218,6 +223,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from . import router as router_module
 
     router_module.add_arguments(r)
+    from . import heads, moe, moe_lora
+
+    moe.add_arguments(sub.add_parser("moe-init", help="Mixtral/Qwen2-MoE/DeepSeek-V3-style MoE from random init"))
+    moe_lora.add_arguments(sub.add_parser("moe-lora", help="router + shallow expert LoRA on a MoE model, aux losses"))
+    heads.add_train_arguments(sub.add_parser("heads", help="multi-token router + heads on a frozen backbone"))
+
+
+# verb's module -> its cli(args)
+SUBCOMMANDS = {"router": "router", "moe-init": "moe", "moe-lora": "moe_lora"}
 
 
 def cli(args: argparse.Namespace) -> int:
@@ -231,14 +245,31 @@ def cli(args: argparse.Namespace) -> int:
     elif args.what == "scratch":
         result = scratch(args.arch, args.data, args.out, args.tokenizer, args.vocab_size, args.max_steps,
                          args.batch_size, args.max_seq_len, args.lr)
-    else:
-        from . import router as router_module
+    elif args.what == "heads":
+        from . import heads
 
-        return router_module.cli(args)
+        return heads.train_cli(args)
+    else:
+        import importlib
+
+        return importlib.import_module(f"{__package__}.{SUBCOMMANDS[args.what]}").cli(args)
     print(json.dumps({"output": str(result.adapter_dir), "steps": result.steps,
                       "best_eval_loss": result.best_eval_loss, "train_loss": round(result.train_loss, 4),
                       "tokens_per_s": round(result.tokens_per_s, 1), "stopped_early": result.stopped_early}))
     return 0
+
+
+def add_infer_arguments(parser: argparse.ArgumentParser) -> None:
+    from . import heads
+
+    sub = parser.add_subparsers(dest="what", required=True, metavar="WHAT")
+    heads.add_infer_arguments(sub.add_parser("heads", help="greedy multi-token generation from a heads checkpoint"))
+
+
+def infer_cli(args: argparse.Namespace) -> int:
+    from . import heads
+
+    return heads.infer_cli(args)
 
 
 def main(argv: list[str] | None = None) -> int:
