@@ -171,6 +171,20 @@ def test_router_frozen_then_trained(moe_models, moe_data, tmp_path):
     assert sum(before["layers"][0]["counts"]) == 2 * before["tokens"]
 
 
+def test_gradient_checkpointing_trains_the_same(moe_models, moe_data, tmp_path):
+    # the gates run again in backward under checkpointing; the aux losses must see one forward's logits
+    runs = []
+    for gc in (False, True):
+        r = moe_lora(str(moe_models["qwen2_moe"]), tmp_path / f"gc{gc}", conversation_data=moe_data / "lines.jsonl",
+                     router_aux_loss_coef=0.5, entropy_coef=0.5, z_loss_coef=0.01, max_steps=3, batch_size=2,
+                     grad_accum=2, lr=0.05, max_seq_len=32, eval_fraction=0.0, save_every=0, warmup_steps=1,
+                     gguf=False, gradient_checkpointing=gc, log=lambda _: None)
+        runs.append(r)
+    a, b = runs
+    assert [h["loss"] for h in a.train.history] == pytest.approx([h["loss"] for h in b.train.history], abs=1e-4)
+    assert a.snapshots["end"]["layers"][1]["counts"] == b.snapshots["end"]["layers"][1]["counts"]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Data
 

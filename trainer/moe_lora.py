@@ -599,6 +599,7 @@ def cli(args: argparse.Namespace) -> int:
              for k, v in r.snapshots.items()}
     print(json.dumps({"output": str(args.out), "steps": r.train.steps, "train_loss": round(r.train.train_loss, 4),
                       "best_eval_loss": r.train.best_eval_loss, "merged": str(r.merged_dir),
-                      "gguf": str(r.gguf) if r.gguf else None, "expert_toml": str(r.model_toml) if r.model_toml else None,
+                      "gguf": str(r.gguf) if r.gguf else None,
+                      "expert_toml": str(r.model_toml) if r.model_toml else None,
                       "routing": str(r.routing_json), "snapshots": snaps}))
     return 0
