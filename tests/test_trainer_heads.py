@@ -107,8 +107,13 @@ def hm(tiny_hf):  # noqa: F811
     return MH._assemble(model, tok, bdev, hdev, str(tiny_hf), 3, 3, resolve_template(tok, "auto", "llama"), 16)
 
 
-def _set(hm, gates: float, off: list[float]):
+def _set(hm, gates: float, off: list[float], scramble: bool = False):
     with torch.no_grad():
+        hm.heads.proj.zero_()
+        hm.heads.bias.zero_()
+        if scramble:  # heads 2.. ignore the hidden state and draft a fixed token the backbone rarely agrees with
+            hm.heads.proj[1:] = -torch.eye(hm.heads.proj.shape[-1])
+            hm.heads.bias[1:] = torch.randn(hm.heads.bias[1:].shape, generator=torch.Generator().manual_seed(0)) * 5
         hm.router.net[-1].weight.zero_()
         hm.router.net[-1].bias.fill_(gates)
         hm.heads.off_bias.copy_(torch.tensor(off))
@@ -141,6 +146,17 @@ def test_off_head_emits_nothing_and_blocks_the_heads_after_it(hm):
     gen = MH.decode(hm, _prompt(hm), 6)
     assert [len(s.tokens) for s in gen.steps] == [1] * 6
     assert all(s.token_actions[1] == hm.off for s in gen.steps[:-1])  # the last one stopped at max_tokens
+
+
+@pytest.mark.parametrize("gates,scramble", [(20.0, False), (-20.0, False), (20.0, True)])
+def test_verified_decoding_is_the_backbone_greedy_text(hm, gates, scramble):
+    _set(hm, gates, [-1e4, -1e4, -1e4], scramble)
+    ids = _prompt(hm)
+    gen, base = MH.decode_verified(hm, ids, 12), MH.greedy(hm, ids, 12)
+    assert gen.ids == base.ids and gen.forwards <= base.forwards
+    if scramble:  # every draft rejected: one token per forward, and the cut drafts left no trace in the cache
+        assert gen.forwards == base.forwards
+    assert sum(len(s.tokens) for s in gen.steps) == len(gen.ids)
 
 
 def test_all_off_stops(hm):
@@ -179,6 +195,7 @@ def test_every_stage_runs_and_writes_checkpoints(trained):
     assert s2[-1]["tf"] == 0.0 and s2[-1]["k"] == 2.0  # annealed to no teacher forcing and k_max heads
     ev = report["eval"]
     assert ev["examples"] == 5 and ev["greedy"]["tokens_per_forward"] == 1.0
+    assert ev["verified"]["accuracy"] == ev["greedy"]["accuracy"]
     assert ev["heads"]["tokens_per_forward"] >= 1.0
     assert 0.0 <= ev["heads"]["accuracy"] <= 1.0
 
@@ -223,7 +240,7 @@ def test_cli_train_and_infer(trained, tiny_hf, tiny_data, capsys):  # noqa: F811
                          "--ppo-steps", "2", "--router-hidden", "16", "--eval-fraction", "0.2", "--max-tokens", "4"])
     assert MH.train_cli(args) == 0  # everything done already: loads, evaluates, reports
     report = json.loads(capsys.readouterr().out)
-    assert report["checkpoint"].endswith("ppo_final") and set(report["eval"]) == {"examples", "heads", "greedy"}
+    assert report["checkpoint"].endswith("ppo_final") and set(report["eval"]) == {"examples", "heads", "verified", "greedy"}
 
 
 def test_bad_data_names_file_and_line(tiny_hf, tmp_path):  # noqa: F811

@@ -25,7 +25,9 @@ Decoding (one step = one backbone forward):
     a step that emits nothing (head 1 predicts OFF: all heads OFF) stops generation
 
 So one forward yields up to k_max tokens. Emission stops at the first inactive head because head h
-predicts position t+h: token t+3 without t+2 would have no place.
+predicts position t+h: token t+3 without t+2 would have no place. Nothing checks the heads' tokens, so
+the text can differ from the backbone's greedy text; `decode_verified` (`--verify`) is the lossless
+variant: the forward over the emitted tokens also checks them against the backbone's own predictions.
 
 Targets: for an anchor t inside the response, head h's target is token t+h, or OFF past the response's
 end. Taking anchors every H tokens from the response start is exactly the round-robin split of the
@@ -444,16 +446,86 @@ def greedy(hm: HeadsModel, ids: list[int], max_tokens: int = 64) -> Generation:
     return Generation(text, out, len(out), stop, [])
 
 
+def decode_verified(hm: HeadsModel, ids: list[int], max_tokens: int = 64) -> Generation:
+    """Multi-token decoding that keeps the backbone's greedy output exactly (blockwise parallel decoding,
+    Stern et al. 2018; Medusa's greedy acceptance).
+
+    Each step takes the backbone's own next token and drafts t+2.. from the active heads 2..k_max; the
+    one backbone forward over [next, drafts] both yields the backbone's prediction after each of them
+    and the next hidden state. Drafts are kept while they equal those predictions; the rest is cut from
+    the KV cache. Each forward thus yields 1 + accepted drafts tokens; OFF plays no part (the backbone's
+    end-of-sequence stops it).
+    """
+    import torch
+    from transformers import DynamicCache
+
+    unembed = hm.backbone.get_output_embeddings()
+
+    def run(chunk, past):
+        with torch.no_grad():
+            out = hm.backbone.get_decoder()(input_ids=torch.tensor([chunk], device=hm.backbone_device),
+                                            past_key_values=past, use_cache=True)
+            h = out.last_hidden_state[0]
+            # softcapping is monotonic: the argmax needs no cap
+            return h.to(hm.head_device, torch.float32), unembed(h).argmax(-1).tolist()
+
+    past = DynamicCache()
+    h, nxt = run(ids, past)
+    if not past.is_croppable:
+        raise TrainError(f"{hm.base}: this backbone's KV cache cannot drop rejected drafts; decode without --verify")
+    x, first = h[-1], nxt[-1]
+    out, steps, forwards, stop = [], [], 1, "max_tokens"
+    while True:
+        drafts = []
+        room = max_tokens - len(out) - 1
+        if first not in hm.eos and room > 0:
+            with torch.no_grad():
+                g = torch.sigmoid(hm.router(x)).tolist()
+                logits = hm.heads(x)
+            for i in range(1, min(hm.k_max, len(g), room + 1)):
+                y = int(logits[i].argmax())
+                if g[i] <= 0.5 or y == hm.off:
+                    break
+                drafts.append(y)
+        if first in hm.eos or len(out) + 1 >= max_tokens and not drafts:
+            out.append(first)
+            steps.append(Step([first], []))
+            stop = "eos" if first in hm.eos else "max_tokens"
+            break
+        h, nxt = run([first] + drafts, past)
+        forwards += 1
+        j = 0
+        while j < len(drafts) and nxt[j] == drafts[j]:
+            j += 1
+        if j < len(drafts):
+            past.crop(j - len(drafts))  # transformers 5: a negative count is the number of tokens to drop
+        emitted = [first] + drafts[:j]
+        cut = next((i for i, t in enumerate(emitted) if t in hm.eos), None)
+        steps.append(Step(emitted, []))
+        if cut is not None:
+            out += emitted[:cut + 1]
+            stop = "eos"
+            break
+        out += emitted
+        if len(out) >= max_tokens:
+            out = out[:max_tokens]
+            break
+        x, first = h[j], nxt[j]
+    text = hm.tokenizer.decode([t for t in out if t not in hm.eos], skip_special_tokens=True)
+    return Generation(text, out, forwards, stop, steps)
+
+
 def evaluate_heads(hm: HeadsModel | Path | str, examples: list[D.Example], max_tokens: int = 64) -> dict:
-    """Answer accuracy (reference is a substring of the output) and tokens per backbone forward, for the
-    heads and for the backbone's ordinary greedy decoding, on `examples`."""
+    """Answer accuracy (reference is a substring of the output) and tokens per backbone forward on
+    `examples`, for the heads ("heads"), for verified multi-token decoding ("verified", the backbone's
+    greedy text at fewer forwards) and for the backbone's ordinary greedy decoding ("greedy")."""
     if not isinstance(hm, HeadsModel):
         hm = load_heads(hm)
-    rows = {"heads": [], "greedy": []}
+    rows = {"heads": [], "verified": [], "greedy": []}
     for ex in examples:
         ids = prompt_ids(hm, ex.messages[:-1])
         ref = ex.messages[-1]["content"]
-        for name, fn in (("heads", decode), ("greedy", greedy)):
+        for name, fn in (("heads", decode), ("verified", decode_verified), ("greedy", greedy)):
             t0 = time.perf_counter()
             gen = fn(hm, ids, max_tokens)
             rows[name].append((answer_correct(gen.text, ref), len(gen.ids), gen.forwards, time.perf_counter() - t0))
@@ -801,12 +873,14 @@ def train_heads(model: str, data: Path | str, out: Path | str, heads: int = 4, k
     return report
 
 
-def infer_heads(ckpt: Path | str, prompt: str, max_tokens: int = 64, quant: str | None = None) -> Generation:
-    """Greedy multi-token generation for one user prompt (the chat template of training is applied)."""
+def infer_heads(ckpt: Path | str, prompt: str, max_tokens: int = 64, verify: bool = False,
+                quant: str | None = None) -> Generation:
+    """Greedy multi-token generation for one user prompt (the chat template of training is applied);
+    `verify` keeps the backbone's own greedy text (see `decode_verified`)."""
     hm = load_heads(ckpt, quant)
     hm.router.eval()
     hm.heads.eval()
-    return decode(hm, prompt_ids(hm, [{"role": "user", "content": prompt}]), max_tokens)
+    return (decode_verified if verify else decode)(hm, prompt_ids(hm, [{"role": "user", "content": prompt}]), max_tokens)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -845,6 +919,8 @@ def add_infer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", type=Path, required=True, help="run dir (its latest checkpoint) or a checkpoint dir")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--verify", action="store_true",
+                   help="accept head tokens only where the backbone agrees (its greedy text, fewer forwards)")
     p.add_argument("--json", action="store_true", help="print every step's tokens and gates as JSON")
 
 
@@ -872,7 +948,7 @@ def train_cli(args: argparse.Namespace) -> int:
 
 
 def infer_cli(args: argparse.Namespace) -> int:
-    gen = infer_heads(args.ckpt, args.prompt, args.max_tokens)
+    gen = infer_heads(args.ckpt, args.prompt, args.max_tokens, args.verify)
     if args.json:
         print(json.dumps({"text": gen.text, "tokens": len(gen.ids), "forwards": gen.forwards,
                           "tokens_per_forward": round(gen.tokens_per_forward, 3), "stop": gen.stop,
