@@ -306,3 +306,14 @@ def test_bad_input_is_one_line(moe_models, moe_data, tmp_path, kwargs, message):
         moe_lora(base, tmp_path / "out", max_steps=kw.pop("max_steps", 2), log=lambda _: None, **kw)
     assert "\n" not in str(exc.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_resume_with_other_adapter_shapes_is_refused(moe_models, moe_data, tmp_path):
+    kw = dict(conversation_data=moe_data / "memory.jsonl", batch_size=2, max_seq_len=32, eval_fraction=0.0,
+              save_every=0, gguf=False, log=lambda _: None)
+    moe_lora(str(moe_models["mixtral"]), tmp_path / "run", max_steps=1, router_lora_r=2, **kw)
+    with pytest.raises(TrainError, match=r"run/checkpoint: was trained with other adapter shapes "
+                                         r"\(--router_lora_r 2 -> 4\); give the same values to resume, or --no-resume"):
+        moe_lora(str(moe_models["mixtral"]), tmp_path / "run", max_steps=2, router_lora_r=4, **kw)
+    r = moe_lora(str(moe_models["mixtral"]), tmp_path / "run", max_steps=2, router_lora_r=2, **kw)
+    assert r.train.steps == 2 and list(r.snapshots) == ["before", "end"]

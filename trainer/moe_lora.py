@@ -515,6 +515,16 @@ def moe_lora(base: str, out: Path, *, conversation_data=None, memory_data=None, 
     model_type = check_moe(model_dir)
     template = D.resolve_template(tok, cfg.template, model_type)
     probe = D.encode_all((eval_ex or train_ex)[:probe_examples], tok, template, max_seq_len)
+    shape = {"train_router": train_router, "router_lora_r": router_lora_r, "expert_lora_r": expert_lora_r}
+    saved = out / "moe_lora.json"
+    if cfg.resume and (out / "checkpoint" / "state.json").exists() and saved.exists():
+        old = json.loads(saved.read_text())
+        changed = [f"--{k} {old.get(k)} -> {v}" for k, v in shape.items() if old.get(k) != v]
+        if changed:
+            raise TrainError(f"{out / 'checkpoint'}: was trained with other adapter shapes ({', '.join(changed)}); "
+                             "give the same values to resume, or --no-resume to start over")
+    out.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps({**shape, "base": str(base)}) + "\n")
     hooks = RouterTraining(settings, probe, tok.pad_token_id, log)
     result = train_lora(cfg, hooks)
     hooks.flush(result.steps)
@@ -539,6 +549,8 @@ def moe_lora(base: str, out: Path, *, conversation_data=None, memory_data=None, 
         gguf_path, toml_path = _export(merged, out, name, quant, model_type)
         log(f"exported {gguf_path} ({gguf_path.stat().st_size} bytes); expert TOML {toml_path}")
     routing = out / "routing.json"
+    if routing.exists() and cfg.resume:  # a resumed run keeps the snapshots its first part took
+        hooks.snapshots = {**json.loads(routing.read_text()).get("snapshots", {}), **hooks.snapshots}
     routing.write_text(json.dumps({
         "settings": settings.__dict__, "snapshots": hooks.snapshots, "aux_history": hooks.aux_history},
         indent=1) + "\n")
@@ -582,6 +594,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant", default="Q8_0", help="GGUF quantization of the merged model (Q8_0)")
     p.add_argument("--no-gguf", action="store_true", help="stop at the merged HF dir")
     p.add_argument("--name", default="", help="expert name in the TOML (default: the output dir's name)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if OUT/checkpoint exists")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
 
@@ -594,7 +607,8 @@ def cli(args: argparse.Namespace) -> int:
                  entropy_coef=args.entropy_coef, z_loss_coef=args.z_loss_coef, capacity_factor=args.capacity_factor,
                  max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                  max_seq_len=args.max_seq_len, gradient_checkpointing=args.gradient_checkpointing, quant=args.quant,
-                 gguf=not args.no_gguf, name=args.name, seed=args.seed, threads=args.threads)
+                 gguf=not args.no_gguf, name=args.name, seed=args.seed, threads=args.threads,
+                 resume=not args.no_resume)
     snaps = {k: {"usage_entropy": v["usage_entropy"], "token_entropy": v["token_entropy"]}
              for k, v in r.snapshots.items()}
     print(json.dumps({"output": str(args.out), "steps": r.train.steps, "train_loss": round(r.train.train_loss, 4),
