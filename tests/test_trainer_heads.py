@@ -165,6 +165,20 @@ def test_all_off_stops(hm):
     assert gen.ids == [] and gen.text == "" and gen.stop == "off" and len(gen.steps) == 1
 
 
+def test_step_log_probability_counts_only_the_actions_taken(hm):
+    # gates 0.5, 0.75, 0.25; head 1 sampled token 5, gate 2 opened and head 2 sampled 7, gate 3 closed
+    _set(hm, 0.0, [-1e4, -1e4, -1e4])
+    with torch.no_grad():
+        hm.router.net[-1].bias.copy_(torch.tensor([0.0, LN3, -LN3]))
+    x = MH.prompt_ids(hm, [{"role": "user", "content": "hi"}])
+    x = hm.hidden(torch.tensor([x]))[0][0, -1:]
+    with torch.no_grad():
+        logp = MH._step_logp(hm, x, torch.tensor([[-1, 1, 0]]), torch.tensor([[5, 7, -1]]), 1.0)
+        tok = torch.log_softmax(hm.heads(x[0]), -1)
+    expected = tok[0, 5] + math.log(0.75) + tok[1, 7] + math.log(1 - 0.25)
+    assert float(logp[0]) == pytest.approx(float(expected), abs=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Training: every stage, resume, CLI
 

@@ -71,6 +71,7 @@ from . import data as D
 from .lora import TrainError, dequantized_dir, resolve_base
 
 STAGES = ("s1", "s2", "ppo_final")  # checkpoint directories, oldest first
+CE_CHUNK = 128  # (row, head) pairs per vocabulary-logits chunk: 128 x 262k floats = 134 MB for gemma
 LOSS_WEIGHTS = {"router": 1.0, "balance": 0.2, "entropy": 0.01, "budget": 0.05}
 # accuracy (reference is a substring), token order (LCS), efficiency (tokens per forward), clean stop
 REWARD_WEIGHTS = {"accuracy": 1.0, "order": 0.5, "efficiency": 0.2, "stop": 0.2}
@@ -640,8 +641,8 @@ def _head_terms(hm: HeadsModel, x, targets, head_mask):
         return F.cross_entropy(logits, y, reduction="sum"), logits.argmax(-1)
 
     # vocabulary logits for a chunk are recomputed in backward instead of kept (262k-token vocabularies)
-    for i in range(0, rows.numel(), 512):
-        r, c = rows[i:i + 512], cols[i:i + 512]
+    for i in range(0, rows.numel(), CE_CHUNK):
+        r, c = rows[i:i + CE_CHUNK], cols[i:i + CE_CHUNK]
         loss, pred = checkpoint(chunk_ce, z[r, c], c, targets[r, c], use_reentrant=False)
         total = total + loss
         correct[r, c] = pred == targets[r, c]
@@ -771,7 +772,7 @@ def train_heads(model: str, data: Path | str, out: Path | str, heads: int = 4, k
                 max_seq_len: int = 256, eval_fraction: float = 0.1, max_tokens: int = 64,
                 w_router: float = LOSS_WEIGHTS["router"], w_balance: float = LOSS_WEIGHTS["balance"],
                 w_entropy: float = LOSS_WEIGHTS["entropy"], w_budget: float = LOSS_WEIGHTS["budget"],
-                reward_weights: dict | None = None, ppo_epochs: int = 2, clip: float = 0.2,
+                reward_weights: dict | None = None, ppo_epochs: int = 2, clip: float = 0.2, ppo_lr: float = 0.0,
                 temperature: float = 1.0, seed: int = 0, threads: int = 0, resume: bool = True,
                 evaluate: bool = True) -> dict:
     """Train router and heads on a frozen `model` in up to three stages; returns the held-out evaluation
@@ -855,6 +856,9 @@ def train_heads(model: str, data: Path | str, out: Path | str, heads: int = 4, k
     if meta["done"]["ppo"] < ppo_steps:
         cfg = {"max_tokens": max_tokens, "temperature": temperature, "ppo_epochs": ppo_epochs, "clip": clip,
                "reward_weights": {**REWARD_WEIGHTS, **(reward_weights or {})}}
+        # sampled rollouts are noisy: at the stages' rate a few PPO steps undo what stage 2 learnt
+        for group in opt.param_groups:
+            group["lr"] = ppo_lr or lr / 10
         gen = torch.Generator().manual_seed(seed)
         pool = [(prompt_ids(hm, ex.messages[:-1]), ex) for ex in train_ex]
         for step in range(meta["done"]["ppo"], ppo_steps):
@@ -909,6 +913,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"PPO reward weights, e.g. accuracy=1,order=0.5 (default {REWARD_WEIGHTS})")
     p.add_argument("--ppo-epochs", type=int, default=2)
     p.add_argument("--clip", type=float, default=0.2)
+    p.add_argument("--ppo-lr", type=float, default=0.0, help="PPO learning rate (default: lr / 10)")
     p.add_argument("--temperature", type=float, default=1.0, help="PPO sampling temperature")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's choice)")
@@ -942,7 +947,8 @@ def train_cli(args: argparse.Namespace) -> int:
                          args.stage2_epochs, args.ppo_steps, args.batch, args.lr, args.quant, args.router_hidden,
                          args.template, args.max_seq_len, args.eval_fraction, args.max_tokens, args.w_router,
                          args.w_balance, args.w_entropy, args.w_budget, _reward_weights(args.reward_weights),
-                         args.ppo_epochs, args.clip, args.temperature, args.seed, args.threads, not args.no_resume)
+                         args.ppo_epochs, args.clip, args.ppo_lr, args.temperature, args.seed, args.threads,
+                         not args.no_resume)
     print(json.dumps(report))
     return 0
 
