@@ -229,8 +229,7 @@ def check_moe(model_dir: Path) -> str:
 
 def router_parameters(model) -> dict:
     """{name: parameter} of the trainable router weights (LoRA pair or full copy) of a peft model."""
-    gates = [n for n, _ in model.named_modules() if ROUTER_RE.search(n)]
-    prefixes = tuple(g + "." for g in gates)
+    prefixes = tuple(g + "." for g in router_names(model))
     return {n: p for n, p in model.named_parameters()
             if n.startswith(prefixes) and ("lora_" in n or ".modules_to_save." in n)}
 
