@@ -64,7 +64,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import data as D
@@ -95,18 +95,14 @@ def head_targets(ids: list[int], labels: list[int], heads: int, off: int) -> lis
     Anchors are the positions whose next token is a response token, plus the last response token,
     which learns "all OFF" (stop). Rows taken every `heads` anchors from the first equal `round_robin`.
     """
-    n = len(ids)
+    resp = [lab != D.IGNORE for lab in labels] + [False]
     rows = []
-    for t in range(n):
-        nxt = labels[t + 1] if t + 1 < n else D.IGNORE
-        if nxt == D.IGNORE and not (labels[t] != D.IGNORE and (t + 1 == n or labels[t + 1] == D.IGNORE)):
+    for t in range(len(ids)):
+        if not (resp[t + 1] or resp[t]):
             rows.append([D.IGNORE] * heads)
             continue
-        row = []
-        for h in range(1, heads + 1):
-            ok = t + h < n and all(labels[j] != D.IGNORE for j in range(t + 1, t + h + 1))
-            row.append(ids[t + h] if ok else off)
-        rows.append(row)
+        # the slice reaches the False past the end whenever t + h runs beyond the response
+        rows.append([ids[t + h] if all(resp[t + 1:t + h + 1]) else off for h in range(1, heads + 1)])
     return rows
 
 
@@ -253,6 +249,7 @@ def reward(generated: str, reference: str, gen_ids: list[int], ref_ids: list[int
 
 @dataclass
 class HeadsModel:
+    """A frozen backbone with its router and heads: everything decoding and training need."""
     backbone: object
     tokenizer: object
     router: object
@@ -269,15 +266,13 @@ class HeadsModel:
     def off(self) -> int:
         return self.heads.vocab
 
-    def hidden(self, ids, mask=None, past=None):
-        """(final hidden states on the head device, float32, and the KV cache) for input ids."""
+    def hidden(self, ids, past=None):
+        """(final hidden states on the head device, float32, and the KV cache) for input ids [1, n]."""
         import torch
 
-        decoder = self.backbone.get_decoder()
         with torch.no_grad():
-            out = decoder(input_ids=ids.to(self.backbone_device),
-                          attention_mask=None if mask is None else mask.to(self.backbone_device),
-                          past_key_values=past, use_cache=past is not None)
+            out = self.backbone.get_decoder()(input_ids=ids.to(self.backbone_device), past_key_values=past,
+                                              use_cache=past is not None)
         return out.last_hidden_state.to(self.head_device, torch.float32), out.past_key_values
 
 
@@ -354,7 +349,7 @@ class Step:
 class Generation:
     text: str
     ids: list[int]
-    forwards: int  # backbone forwards that produced emitted tokens (the prompt's included)
+    forwards: int  # backbone forwards run (the prompt's included; the one whose step said OFF too)
     stop: str  # "off", "eos" or "max_tokens"
     steps: list[Step]
 
@@ -372,12 +367,10 @@ def decode(hm: HeadsModel, ids: list[int], max_tokens: int = 64, sample: bool = 
            temperature: float = 1.0, rng=None) -> Generation:
     """Multi-token generation as described in the module docstring; `sample` draws gates and tokens (PPO)."""
     import torch
-
     from transformers import DynamicCache
 
     eos = hm.eos
-    past = DynamicCache()
-    h, past = hm.hidden(torch.tensor([ids]), past=past)
+    h, past = hm.hidden(torch.tensor([ids]), past=DynamicCache())
     x = h[0, -1]
     out: list[int] = []
     steps: list[Step] = []
@@ -412,8 +405,8 @@ def decode(hm: HeadsModel, ids: list[int], max_tokens: int = 64, sample: bool = 
                 break
         steps.append(Step(emitted, [round(v, 4) for v in g], x if sample else None, gate_act, tok_act))
         out += emitted
-        if ended or not emitted:
-            stop = ended or "off"
+        if ended:  # head 1 said OFF (all heads off), or end-of-sequence
+            stop = ended
             break
         if len(out) >= max_tokens:
             break
