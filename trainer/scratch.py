@@ -64,7 +64,12 @@ def init_model(arch: str, tokenizer_dir: Path, out_dir: Path, seed: int = 0, **o
     cfg = LlamaConfig(**spec, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id, tie_word_embeddings=arch == "tiny", rms_norm_eps=1e-5)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg)
+    return save_with_tokenizer(LlamaForCausalLM(cfg), tok, tokenizer_dir, out_dir)
+
+
+def save_with_tokenizer(model, tok, tokenizer_dir: Path, out_dir: Path) -> Path:
+    """Model and tokenizer saved in out_dir, with the sentencepiece tokenizer.model the GGUF converter
+    reads (save_pretrained of a fast tokenizer does not write it)."""
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
