@@ -20,7 +20,7 @@ from typing import Any
 
 import tomli
 
-from .config import REPO_ROOT
+from .config import REPO_ROOT, toml_value
 from .errors import HublabError
 
 SCHEMA_PATH = REPO_ROOT / "packaging" / "package.schema.json"
@@ -181,45 +181,31 @@ class Manifest:
         return asdict(self)
 
 
-def _toml_str(s: str) -> str:
-    return json.dumps(s, ensure_ascii=False)  # a JSON string is a valid TOML basic string
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    return _toml_str(str(v))
-
-
 def dump_manifest(m: Manifest) -> str:
     """The canonical package.toml text; build writes it, and its bytes are what gets hashed and signed."""
     pkg = {"name": m.name, "version": m.version, "category": m.category, "description": m.description,
            "license": m.license, "requires": m.requires, "experts": m.experts, "models": m.models,
            "router": m.router}
     lines = ["# Written by `hublab pkg build`; sizes and sha256 are checked on install.", "[package]"]
-    lines += [f"{k} = {_toml_value(v)}" for k, v in pkg.items() if v not in ("", [])
+    lines += [f"{k} = {toml_value(v)}" for k, v in pkg.items() if v not in ("", [])
               or k in ("name", "version", "category")]
     for v in m.variants:
-        lines += ["", "[[variants]]", f"name = {_toml_str(v.name)}"]
+        lines += ["", "[[variants]]", f"name = {toml_value(v.name)}"]
         if v.quant:
-            lines.append(f"quant = {_toml_str(v.quant)}")
+            lines.append(f"quant = {toml_value(v.quant)}")
         if v.description:
-            lines.append(f"description = {_toml_str(v.description)}")
+            lines.append(f"description = {toml_value(v.description)}")
         if v.memory:
             lines.append(f"memory = {v.memory}")
         if v.boards:
-            lines.append(f"boards = {_toml_value(v.boards)}")
+            lines.append(f"boards = {toml_value(v.boards)}")
         if v.files:
-            lines.append(f"files = {_toml_value(v.files)}")
+            lines.append(f"files = {toml_value(v.files)}")
     for f in m.files:
-        lines += ["", "[[files]]", f"path = {_toml_str(f.path)}", f"role = {_toml_str(f.role)}",
-                  f"size = {f.size}", f"sha256 = {_toml_str(f.sha256)}"]
+        lines += ["", "[[files]]", f"path = {toml_value(f.path)}", f"role = {toml_value(f.role)}",
+                  f"size = {f.size}", f"sha256 = {toml_value(f.sha256)}"]
         if f.variant:
-            lines.append(f"variant = {_toml_str(f.variant)}")
+            lines.append(f"variant = {toml_value(f.variant)}")
     return "\n".join(lines) + "\n"
 
 
