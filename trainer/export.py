@@ -417,7 +417,8 @@ def export_profiles(src: Path, profiles: list[str], out_dir: Path, imatrix: dict
                     built[t] = quantize(src, work, [t], imatrix, threads, card=False)[0]
                 size = built[t].stat().st_size
                 if not board.max_model_size or size <= board.max_model_size:
-                    chosen[board_name] = {"variant": t.lower(), "type": t, "bytes": size}
+                    chosen[board_name] = {"variant": t.lower(), "type": t, "bytes": size,
+                                          "file": f"{t.lower()}/{model}.gguf"}
                     break
             else:
                 raise ExportError(f"{src}: no quantization fits {board_name} (max_model_size "
@@ -433,9 +434,6 @@ def export_profiles(src: Path, profiles: list[str], out_dir: Path, imatrix: dict
             (vdir / f"{model}.toml").write_text(
                 f"[model]\nname = {toml_value(model)}\ntype = \"base\"\npath = {toml_value(gguf.name)}\n")
             write_card(gguf, kind="model", base=src.name, quant=t)
-            for board_name, c in chosen.items():
-                if c["type"] == t:
-                    c["file"] = f"{t.lower()}/{gguf.name}"
     finally:
         shutil.rmtree(work, ignore_errors=True)
     (out_dir / "profiles.json").write_text(json.dumps(chosen, indent=1) + "\n")
