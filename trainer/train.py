@@ -230,8 +230,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     heads.add_train_arguments(sub.add_parser("heads", help="multi-token router + heads on a frozen backbone"))
 
 
-# verb's module -> its cli(args)
-SUBCOMMANDS = {"router": "router", "moe-init": "moe", "moe-lora": "moe_lora"}
+# verb -> (module, its function taking the parsed args)
+SUBCOMMANDS = {"router": ("router", "cli"), "moe-init": ("moe", "cli"), "moe-lora": ("moe_lora", "cli"),
+               "heads": ("heads", "train_cli")}
 
 
 def cli(args: argparse.Namespace) -> int:
@@ -245,14 +246,11 @@ def cli(args: argparse.Namespace) -> int:
     elif args.what == "scratch":
         result = scratch(args.arch, args.data, args.out, args.tokenizer, args.vocab_size, args.max_steps,
                          args.batch_size, args.max_seq_len, args.lr)
-    elif args.what == "heads":
-        from . import heads
-
-        return heads.train_cli(args)
     else:
         import importlib
 
-        return importlib.import_module(f"{__package__}.{SUBCOMMANDS[args.what]}").cli(args)
+        module, function = SUBCOMMANDS[args.what]
+        return getattr(importlib.import_module(f"{__package__}.{module}"), function)(args)
     print(json.dumps({"output": str(result.adapter_dir), "steps": result.steps,
                       "best_eval_loss": result.best_eval_loss, "train_loss": round(result.train_loss, 4),
                       "tokens_per_s": round(result.tokens_per_s, 1), "stopped_early": result.stopped_early}))
