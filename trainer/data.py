@@ -207,6 +207,13 @@ def to_example(rec: dict, fmt: str, where: str, columns: dict[str, str] | None =
     raise DataError(f"{where}: unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
 
 
+def plain_texts(specs: list[DataSpec]) -> list[str]:
+    """Every example of `specs` as plain text (a conversation's contents joined by newlines), e.g. to
+    train a tokenizer on."""
+    return [ex.text if ex.text is not None else "\n".join(m["content"] for m in ex.messages)
+            for spec in specs for ex in load_examples(spec)]
+
+
 def load_examples(spec: DataSpec) -> list[Example]:
     """All examples of one dataset (a data file, or one entry of a dataset_info.json registry)."""
     path = Path(spec.path)

@@ -259,11 +259,12 @@ def make_loss_module(model, chunk: int):
 # ---------------------------------------------------------------------------------------------------
 # The loop
 
-def _lr_at(step: int, cfg: TrainConfig, total: int) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+def lr_at(step: int, lr: float, warmup_steps: int, total: int) -> float:
+    """Linear warm-up over `warmup_steps`, then cosine decay to a tenth of `lr` at step `total`."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total - warmup_steps)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def evaluate(loss_module, items: list[D.Encoded], batch_size: int, pad_id: int, device) -> float:
@@ -448,7 +449,7 @@ def train_lora(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult
         if hooks.before_step:
             hooks.before_step(accel.unwrap_model(model), state["step"])
         for g in opt.param_groups:
-            g["lr"] = _lr_at(state["step"], cfg, total_steps)
+            g["lr"] = lr_at(state["step"], cfg.lr, cfg.warmup_steps, total_steps)
         step_loss, step_tokens, step_count = 0.0, 0, 0
         for _ in range(cfg.grad_accum):
             ids, labels, mask = (t.to(device) for t in next(stream))

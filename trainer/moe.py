@@ -77,7 +77,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 import time
@@ -351,13 +350,6 @@ class MoeResult:
     history: list[dict] = field(default_factory=list)
 
 
-def _lr_at(step: int, lr: float, warmup_steps: int, total: int) -> float:
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total - warmup_steps)
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
 def _bias_balancer(model, speed: float):
     """DeepSeek-V3's aux-loss-free balancing: count each router's picks; `step()` nudges its bias."""
     import torch
@@ -391,7 +383,7 @@ def train(model_dir: Path, data: list[Path], out: Path, max_steps: int = 200, ba
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .lora import plot_losses
+    from .lora import lr_at, plot_losses
 
     if max_steps < 1 or batch_size < 1 or max_seq_len < 2:
         raise _error("--max-steps, --batch-size must be at least 1 and --max-seq-len at least 2")
@@ -439,7 +431,7 @@ def train(model_dir: Path, data: list[Path], out: Path, max_steps: int = 200, ba
     for step in range(max_steps):
         t0 = time.perf_counter()
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, lr, warmup_steps, max_steps)
+            g["lr"] = lr_at(step, lr, warmup_steps, max_steps)
         ids, labels, mask = next(stream)
         kwargs = {"output_router_logits": True} if use_aux else {}
         res = model(input_ids=ids, attention_mask=mask, labels=labels, **kwargs)
@@ -601,11 +593,7 @@ def moe_init(arch: str, data: list[Path], out: Path, tokenizer: Path | None = No
     if not specs:
         raise _error("--data: none given; pass --data FILE.jsonl (text, alpaca, sharegpt or qa records)")
     if tokenizer is None:
-        texts = []
-        for spec in specs:
-            for ex in D.load_examples(spec):
-                texts.append(ex.text if ex.text is not None else "\n".join(m["content"] for m in ex.messages))
-        tokenizer = train_tokenizer(texts, out / "tokenizer", vocab_size or ARCHS[arch]["vocab_size"])
+        tokenizer = train_tokenizer(D.plain_texts(specs), out / "tokenizer", vocab_size or ARCHS[arch]["vocab_size"])
     init_dir = init_model(arch, Path(tokenizer), out / "init", seed=seed)
     result = train(init_dir, list(data), out, max_steps, batch_size, max_seq_len, lr, warmup, weight_decay, seed,
                    experts, aux_loss_coef, bias_update_speed, threads)

@@ -173,11 +173,8 @@ def scratch(arch: str, data: list[Path], out: Path, tokenizer: Path | None = Non
     out = Path(out)
     specs = [D.DataSpec(Path(p)) for p in data]
     if tokenizer is None:
-        texts = []
-        for spec in specs:
-            for ex in D.load_examples(spec):
-                texts.append(ex.text if ex.text is not None else "\n".join(m["content"] for m in ex.messages))
-        tokenizer = train_tokenizer(texts, out / "tokenizer", vocab_size or ARCHS.get(arch, {}).get("vocab_size", 32000))
+        tokenizer = train_tokenizer(D.plain_texts(specs), out / "tokenizer",
+                                    vocab_size or ARCHS.get(arch, {}).get("vocab_size", 32000))
     init_dir = init_model(arch, Path(tokenizer), out / "init", seed=seed)
     cfg = TrainConfig(base=str(init_dir), output=out, data=specs, lora_r=0, max_steps=max_steps,
                       batch_size=batch_size, max_seq_len=max_seq_len, lr=lr, seed=seed, warmup_steps=min(50, max_steps // 10),
