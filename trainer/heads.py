@@ -68,7 +68,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import data as D
-from .lora import TrainError, dequantized_dir, resolve_base
+from .lora import TrainError, load_pretrained, require_bitsandbytes
 
 STAGES = ("s1", "s2", "ppo_final")  # checkpoint directories, oldest first
 CE_CHUNK = 128  # (row, head) pairs per vocabulary-logits chunk: 128 x 262k floats = 134 MB for gemma
@@ -279,7 +279,6 @@ class HeadsModel:
 def load_backbone(spec: str, quant: str = "none"):
     """(frozen model, tokenizer, backbone device, head device); 8/4-bit needs CUDA and bitsandbytes."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if quant not in ("none", "8bit", "4bit"):
         raise TrainError(f"--quant {quant}: unknown; use none, 8bit or 4bit")
@@ -288,27 +287,19 @@ def load_backbone(spec: str, quant: str = "none"):
         raise TrainError(f"--quant {quant} needs a CUDA GPU (bitsandbytes); use --quant none here")
     bdev = torch.device("cuda:0" if gpus else "cpu")
     hdev = torch.device("cuda:1" if gpus >= 2 else bdev)
-    directory, gguf = resolve_base(spec)
-    model_dir = dequantized_dir(directory, gguf) if gguf else directory
     kwargs: dict = {"dtype": torch.float32}
     if quant != "none":
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise TrainError(f"--quant {quant} needs bitsandbytes; run: pip install bitsandbytes") from None
+        require_bitsandbytes(f"--quant {quant}")
         from transformers import BitsAndBytesConfig
 
         q = (BitsAndBytesConfig(load_in_8bit=True) if quant == "8bit" else
              BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16))
         kwargs = {"dtype": torch.bfloat16, "quantization_config": q, "device_map": {"": str(bdev)}}
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    model, tok, _ = load_pretrained(spec, **kwargs)
     if quant == "none":
         model.to(bdev)
     model.eval()
     model.requires_grad_(False)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
     return model, tok, bdev, hdev
 
 

@@ -155,31 +155,43 @@ def dequantized_dir(directory: Path, gguf_file: str) -> Path:
     return out
 
 
-def load_base(spec: str, qlora: bool = False, device: str = "cpu"):
-    """(model, tokenizer, model_dir) for a base spec; QLoRA loads 4-bit NF4 weights (CUDA only)."""
-    import torch
+def require_bitsandbytes(flag: str) -> None:
+    """TrainError naming `flag` unless bitsandbytes imports (quantized training, CUDA hosts only)."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise TrainError(f"{flag} needs bitsandbytes; run: pip install bitsandbytes") from None
+
+
+def load_pretrained(spec: str, **kwargs):
+    """(model, tokenizer, model_dir) for a base spec (HF dir or GGUF, dequantised once), loaded with
+    from_pretrained `kwargs`; the tokenizer pads with end-of-sequence when it has no pad token."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory, gguf = resolve_base(spec)
     model_dir = dequantized_dir(directory, gguf) if gguf else directory
-    kwargs: dict = {"dtype": torch.float32}
-    if qlora:
-        if not device.startswith("cuda"):
-            raise TrainError("qlora = true needs a CUDA GPU (bitsandbytes 4-bit); set qlora = false to train LoRA here")
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise TrainError("qlora = true needs bitsandbytes; run: pip install bitsandbytes") from None
-        from transformers import BitsAndBytesConfig
-
-        kwargs = {"dtype": torch.bfloat16, "quantization_config": BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
-            bnb_4bit_use_double_quant=True), "device_map": {"": device}}
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok, model_dir
+
+
+def load_base(spec: str, qlora: bool = False, device: str = "cpu"):
+    """(model, tokenizer, model_dir) for a base spec; QLoRA loads 4-bit NF4 weights (CUDA only)."""
+    import torch
+
+    kwargs: dict = {"dtype": torch.float32}
+    if qlora:
+        if not device.startswith("cuda"):
+            raise TrainError("qlora = true needs a CUDA GPU (bitsandbytes 4-bit); set qlora = false to train LoRA here")
+        require_bitsandbytes("qlora = true")
+        from transformers import BitsAndBytesConfig
+
+        kwargs = {"dtype": torch.bfloat16, "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=True), "device_map": {"": device}}
+    return load_pretrained(spec, **kwargs)
 
 
 def add_lora(model, cfg: TrainConfig):
