@@ -163,18 +163,25 @@ def require_bitsandbytes(flag: str) -> None:
         raise TrainError(f"{flag} needs bitsandbytes; run: pip install bitsandbytes") from None
 
 
-def load_pretrained(spec: str, **kwargs):
-    """(model, tokenizer, model_dir) for a base spec (HF dir or GGUF, dequantised once), loaded with
-    from_pretrained `kwargs`; the tokenizer pads with end-of-sequence when it has no pad token."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def base_tokenizer(spec: str):
+    """(tokenizer, model_dir) for a base spec (HF dir or GGUF, dequantised once); the tokenizer pads
+    with end-of-sequence when it has no pad token."""
+    from transformers import AutoTokenizer
 
     directory, gguf = resolve_base(spec)
     model_dir = dequantized_dir(directory, gguf) if gguf else directory
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    return model, tok, model_dir
+    return tok, model_dir
+
+
+def load_pretrained(spec: str, **kwargs):
+    """(model, tokenizer, model_dir) for a base spec, the model loaded with from_pretrained `kwargs`."""
+    from transformers import AutoModelForCausalLM
+
+    tok, model_dir = base_tokenizer(spec)
+    return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs), tok, model_dir
 
 
 def load_base(spec: str, qlora: bool = False, device: str = "cpu"):

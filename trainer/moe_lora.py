@@ -503,10 +503,10 @@ def moe_lora(base: str, out: Path, *, conversation_data=None, memory_data=None, 
              probe_examples: int = 32, log=None, **train) -> MoeLoraResult:
     """Router + shallow-expert LoRA on an MoE model, merged and exported; see the module docstring."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from .export import merge
-    from .lora import dequantized_dir, resolve_base, train_lora
+    from .lora import base_tokenizer, train_lora
 
     log = log or (lambda text: print(text, file=sys.stderr, flush=True))
     out = Path(out)
@@ -521,11 +521,7 @@ def moe_lora(base: str, out: Path, *, conversation_data=None, memory_data=None, 
                       lora_alpha=2 * max(expert_lora_r, router_lora_r, 1), **train)
     # the probe set (held-out examples when there are any) is read the way train_lora will split it
     train_ex, eval_ex = D.load_mix(cfg.data, cfg.eval_fraction, cfg.seed, cfg.mix_total or None)
-    directory, gguf_file = resolve_base(cfg.base)
-    model_dir = dequantized_dir(directory, gguf_file) if gguf_file else directory
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+    tok, model_dir = base_tokenizer(cfg.base)
     model_type = check_moe(model_dir)
     template = D.resolve_template(tok, cfg.template, model_type)
     probe = D.encode_all((eval_ex or train_ex)[:probe_examples], tok, template, max_seq_len)
