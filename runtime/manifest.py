@@ -90,10 +90,35 @@ def schema_errors(value: Any, schema: dict, where: str = "") -> list[str]:
 # ---------------------------------------------------------------------------------------------------
 # Paths
 
+# What Linux file systems accept (NAME_MAX per component); a whole package path is capped well under
+# PATH_MAX so that models_dir and the staging prefix still fit in front of it. JSON Schema's maxLength
+# counts characters, not bytes, so these are checked here.
+NAME_MAX = 255
+PATH_MAX = 1024
+
+
+def _show(path: str, limit: int = 60) -> str:
+    """A path for an error message: repr'd, and shortened when it is long."""
+    return repr(path if len(path) <= limit else path[:limit] + "…")
+
+
 def safe_relpath(path: str, where: str = "path") -> str:
-    """A package-relative POSIX path that cannot leave the package root, or ManifestError."""
+    """A package-relative POSIX path that cannot leave the package root and that file systems accept,
+    or ManifestError."""
     if not isinstance(path, str) or not path:
         raise ManifestError(f"{where}: empty path; give a relative path such as 'model.gguf'")
+    try:
+        size = len(path.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ManifestError(f"{where}: {_show(path.encode('utf-8', 'backslashreplace').decode())} is not valid "
+                            "Unicode (a lone surrogate); rename the file") from None
+    if size > PATH_MAX:
+        raise ManifestError(f"{where}: {_show(path)} is {size} bytes in UTF-8, over the {PATH_MAX}-byte limit for "
+                            "a package path; shorten it")
+    long_part = next((p for p in path.split("/") if len(p.encode("utf-8")) > NAME_MAX), None)
+    if long_part is not None:
+        raise ManifestError(f"{where}: name {_show(long_part)} is {len(long_part.encode('utf-8'))} bytes in UTF-8; "
+                            f"file systems allow {NAME_MAX} per name: shorten it")
     bad = None
     if "\x00" in path or any(ord(c) < 32 for c in path):
         bad = "contains control characters"
@@ -108,7 +133,7 @@ def safe_relpath(path: str, where: str = "path") -> str:
         elif any(p.startswith(".hublab") for p in parts):
             bad = "uses the reserved name .hublab"
     if bad:
-        raise ManifestError(f"{where}: {path!r} {bad}; package paths must stay inside the package")
+        raise ManifestError(f"{where}: {_show(path)} {bad}; package paths must stay inside the package")
     return path
 
 
