@@ -26,9 +26,11 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import functools
 import os
 import secrets
 import shutil
+import stat
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -39,12 +41,12 @@ import tomli
 
 from .config import SystemConfig, format_size, load_system, set_system_value, toml_value
 from .errors import HublabError
-from .manifest import (MANIFEST_NAME, SIGNATURE_NAME, FileEntry, Manifest, ManifestError, describe_models,
+from .manifest import (CATEGORIES, MANIFEST_NAME, SIGNATURE_NAME, FileEntry, Manifest, ManifestError, describe_models,
                        digest_bytes, dump_manifest, infer_role, join_inside, manifest_from_dict, parse_manifest,
                        requirement_met, safe_relpath, sha256_file, source_files, variant_of)
 from .profiles import Profile, resolve_profile
 from .registry import (ANN_DESCRIPTION, ANN_SIGNATURE, ANN_TITLE, ANN_VERSION, MEDIA_CONFIG, MEDIA_FILE,
-                       Descriptor, DirRegistry, Progress, Registry, RegistryError, Resolved, copy_blob_via,
+                       Descriptor, DirRegistry, Progress, Registry, RegistryError, Resolved, copy_blob_via, valid_name,
                        default_registry_dir, fetch_blob, now_iso, oci_manifest, open_registry, parse_ref, resolve)
 from .signing import Signature, check_trust, default_key_path, generate_key, sign_digest
 
@@ -54,6 +56,38 @@ GGUF_ROLES = ("model", "adapter")
 
 class PackageError(HublabError):
     """A package operation cannot go ahead; nothing was changed."""
+
+
+# What to do about an OS error a verb meets on disk (store state, a full disk, a read-only card).
+_OS_FIX = {
+    errno.ENOSPC: "the disk is full: free some space (hublab pkg remove NAME) and run it again; a partial "
+                  "download is kept in .hublab/blobs and resumes",
+    errno.EDQUOT: "the disk quota is used up: free some space and run it again",
+    errno.EROFS: "the file system is read-only: remount it read-write",
+    errno.EACCES: "permission denied: run as the user that owns it, or fix its permissions",
+    errno.EPERM: "not permitted: run as the user that owns it, or fix its permissions",
+    errno.ENAMETOOLONG: "the path is too long for the file system: use a shorter models_dir or name",
+    errno.EXDEV: "it is on another file system than models_dir/.hublab: keep both on one file system",
+    errno.EIO: "the disk reported an I/O error: check the card or disk",
+}
+
+
+def _one_line_errors(verb: str):
+    """Every verb's last line of defence: an OSError from the disk becomes one PackageError line that
+    names the path and the fix, never a traceback."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except OSError as exc:
+                where = f"{exc.filename}: " if exc.filename else ""
+                fix = _OS_FIX.get(exc.errno, "something unexpected is at that path: move it away and run "
+                                             "hublab pkg verify")
+                msg = f"{where}{exc.strerror or exc.__class__.__name__} while {verb}; {fix}"
+                raise PackageError(" ".join(msg.split())) from None
+        return inner
+    return wrap
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -160,6 +194,9 @@ def read_record(root: Path) -> Installed:
         p, i = data["package"], data["install"]
         files = [FileEntry(path=safe_relpath(f["path"]), role=f.get("role", ""), size=int(f["size"]),
                            sha256=str(f["sha256"])) for f in data.get("files", [])]
+        # name and category become a directory path (package_root): never trust them unchecked
+        if not valid_name(p["name"]) or p["category"] not in CATEGORIES:
+            raise ValueError("bad name or category")
         return Installed(name=p["name"], version=p["version"], category=p["category"], root=root,
                          digest=i["digest"], registry=i.get("registry", ""), tag=i.get("tag", "latest"),
                          variant=i.get("variant", ""), quant=i.get("quant", ""), profile=i.get("profile", ""),
@@ -195,24 +232,86 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(a))
 
 
+# What is at a path, never following a symlink: every store decision starts from this, because
+# exists()/is_dir() follow links and call a dangling symlink "nothing there".
+def _kind(path: Path) -> str:
+    """'missing', 'dir', 'file', 'symlink' or 'other' (fifo, socket, device)."""
+    try:
+        mode = path.lstat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing"
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    return "dir" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "other"
+
+
+def _describe(path: Path) -> str:
+    kind = _kind(path)
+    if kind == "symlink":
+        target = os.readlink(path)
+        return f"a symlink to {target}" + ("" if os.path.exists(path) else " (dangling)")
+    return {"dir": "a directory", "file": "a file", "other": "a special file"}.get(kind, "missing")
+
+
+def _remove_any(path: Path) -> None:
+    """Remove whatever is at `path` (a link is removed, never followed)."""
+    if _kind(path) == "dir":
+        shutil.rmtree(path)
+    elif _kind(path) != "missing":
+        path.unlink()
+
+
 class Store:
-    """The installed packages under one models_dir, and the transaction machinery around them."""
+    """The installed packages under one models_dir, and the transaction machinery around them.
+
+    The store's own paths (.hublab, staging, blobs, lock) are checked before every use: what is ours is
+    healed, what is not (the user's file where the store wants a directory) is refused with one line.
+    """
 
     def __init__(self, models_dir: Path):
         self.models_dir = Path(models_dir)
         self.state = self.models_dir / STATE
         self.staging = self.state / "staging"
         self.blobs = self.state / "blobs"
+        self.healed: list[str] = []     # what the layout check repaired, reported by recover()
+        self.problems: list[str] = []   # what recover() could not repair, reported by verify
+
+    def _require_dir(self, path: Path, what: str, fix: str) -> None:
+        """`path` is a directory (a symlink to one is fine); make it if missing; PackageError otherwise."""
+        kind = _kind(path)
+        if kind == "missing":
+            path.mkdir(parents=True, exist_ok=True)
+        elif not (kind == "dir" or (kind == "symlink" and path.is_dir())):
+            raise PackageError(f"{path}: is {_describe(path)}, where hublab keeps {what}; {fix}")
+
+    def prepare(self) -> None:
+        """Check and heal the store's own layout (call before taking the lock)."""
+        self._require_dir(self.models_dir, "its models",
+                          "move it away or point [runtime] models_dir in system.toml at a directory")
+        if _kind(self.state) != "dir":  # a symlinked .hublab would put staging on another file system
+            if _kind(self.state) != "missing":
+                raise PackageError(f"{self.state}: is {_describe(self.state)}, where hublab keeps its store state "
+                                   "(lock, staging, downloads); move it away")
+            self.state.mkdir(exist_ok=True)
+        for path in (self.staging, self.blobs):
+            if _kind(path) not in ("dir", "missing"):  # ours: a stray file or link is replaced
+                self.healed.append(f"replaced {_describe(path)} at {path.relative_to(self.models_dir)}")
+                _remove_any(path)
+            path.mkdir(exist_ok=True)
+        lock = self.state / "lock"
+        if _kind(lock) not in ("file", "missing"):
+            self.healed.append(f"replaced {_describe(lock)} at {lock.relative_to(self.models_dir)}")
+            _remove_any(lock)
 
     @contextlib.contextmanager
     def lock(self):
-        self.staging.mkdir(parents=True, exist_ok=True)
-        with open(self.state / "lock", "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield self
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        self.prepare()
+        fd = os.open(self.state / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield self
+        finally:
+            os.close(fd)  # releases the lock
 
     def roots(self) -> list[Path]:
         """Directories that hold (or claim to hold) a package."""
@@ -220,86 +319,140 @@ class Store:
         for area in ("packages", "experts"):
             d = self.models_dir / area
             if d.is_dir():
-                out += sorted(p for p in d.iterdir() if p.is_dir() and not p.is_symlink())
-        out.append(self.models_dir / "router")
+                out += sorted(p for p in d.iterdir() if _kind(p) == "dir")
+        if _kind(self.models_dir / "router") == "dir":
+            out.append(self.models_dir / "router")
         # Folders without a record are the user's own model folders, not packages.
-        return [p for p in out if (p / MANIFEST_NAME).is_file()]
+        return [p for p in out if _kind(p / MANIFEST_NAME) == "file"]
 
     def installed(self) -> dict[str, Installed]:
         out = {}
         for root in self.roots():
-            if (root / MANIFEST_NAME).is_file():
-                with contextlib.suppress(PackageError):
-                    rec = read_record(root)
-                    out[rec.name] = rec
+            with contextlib.suppress(PackageError):
+                rec = read_record(root)
+                out[rec.name] = rec
         return out
 
     def get(self, name: str) -> Installed | None:
         return self.installed().get(name)
 
+    def _holds(self, root: Path, name: str) -> bool:
+        """Whether `root` is a real directory holding installed package `name`."""
+        if _kind(root) != "dir":
+            return False
+        try:
+            return read_record(root).name == name
+        except PackageError:
+            return False
+
     def recover(self) -> list[str]:
-        """Finish or undo what a killed install/remove left in staging (call with the lock held)."""
-        actions: list[str] = []
-        if not self.staging.is_dir():
+        """Finish or undo what a killed install/remove left in staging (call with the lock held).
+
+        Never raises on store state: what cannot be repaired is kept and listed in self.problems.
+        """
+        actions, self.healed = self.healed, []
+        self.problems = []
+        if _kind(self.staging) != "dir":
             return actions
         entries = sorted(self.staging.iterdir())
+        trees: dict[str, dict[str, Path]] = {}
         for p in entries:
-            if ".tmp-" in p.name or ".del-" in p.name:
-                shutil.rmtree(p, ignore_errors=True)
+            base, _, suffix = p.name.rpartition(".")
+            if suffix in ("new", "old") and ".tmp-" not in p.name and ".del-" not in p.name and _kind(p) == "dir":
+                trees.setdefault(base, {})[suffix] = p
+                continue
+            # unfinished trees, half-removed packages, and anything else: staging is ours alone
+            try:
+                _remove_any(p)
                 actions.append(f"removed unfinished {p.name}")
-        for p in entries:
-            if not p.name.endswith(".new") or not p.exists():
-                continue
-            name = p.name[:-4]
-            old = self.staging / f"{name}.old"
+            except OSError as exc:
+                self.problems.append(f"{p}: cannot remove ({exc.strerror}); delete it by hand")
+        for name, pair in sorted(trees.items()):
             try:
-                rec = read_record(p)
-                root = package_root(self.models_dir, rec.name, rec.category)
-            except PackageError:
-                shutil.rmtree(p, ignore_errors=True)
-                actions.append(f"removed unreadable {p.name}")
-                continue
-            if root.exists():
-                # Either the swap happened (p holds the old tree) or it never started: both are whole.
-                shutil.rmtree(p, ignore_errors=True)
-                actions.append(f"{name}: dropped leftover tree")
-            else:
-                root.parent.mkdir(parents=True, exist_ok=True)
-                os.rename(p, root)
-                _fsync_path(root.parent)
-                actions.append(f"{name}: completed interrupted install of {rec.version}")
-            if old.exists():
-                shutil.rmtree(old, ignore_errors=True)
-        for p in sorted(self.staging.glob("*.old")):
-            name = p.name[:-4]
-            try:
-                rec = read_record(p)
-                root = package_root(self.models_dir, rec.name, rec.category)
-            except PackageError:
-                shutil.rmtree(p, ignore_errors=True)
-                continue
-            if root.exists():
-                shutil.rmtree(p, ignore_errors=True)
-            else:  # the new tree vanished: put the old one back
-                os.rename(p, root)
-                _fsync_path(root.parent)
-                actions.append(f"{name}: restored previous version {rec.version}")
+                actions += self._recover_pair(name, pair.get("new"), pair.get("old"))
+            except OSError as exc:
+                self.problems.append(f"{self.staging / name}: cannot finish the interrupted install "
+                                     f"({exc.strerror}: {exc.filename}); fix that path and run hublab pkg verify")
         return actions
+
+    def _recover_pair(self, name: str, new: Path | None, old: Path | None) -> list[str]:
+        """Roll an interrupted commit of package `name` forward (new tree) or back (old tree)."""
+        actions = []
+        recs = {}
+        for p in (new, old):
+            if p is None:
+                continue
+            try:
+                rec = read_record(p)
+                if rec.name != name:
+                    raise PackageError("record names another package")
+                recs[p] = rec
+            except PackageError:
+                shutil.rmtree(p)
+                actions.append(f"removed unreadable {p.name}")
+        new, old = (new if new in recs else None), (old if old in recs else None)
+        for p in (new, old):
+            if p is None:
+                continue
+            root = package_root(self.models_dir, name, recs[p].category)
+            if self._holds(root, name):
+                # The swap happened (p holds the replaced tree) or never started: the root is whole.
+                shutil.rmtree(p)
+                actions.append(f"{name}: dropped leftover tree {p.name}")
+            elif _kind(root) == "missing" and _kind(root.parent) == "dir":
+                os.rename(p, root)
+                _fsync_path(root.parent)
+                actions.append(f"{name}: " + (f"completed interrupted install of {recs[p].version}" if p is new
+                                              else f"restored previous version {recs[p].version}"))
+            elif p is new:
+                shutil.rmtree(p)  # never installed: nothing is lost by dropping it
+                actions.append(f"{name}: dropped unfinished install of {recs[p].version} "
+                               f"({root} is {_describe(root)})")
+            else:
+                what = _describe(root) if _kind(root) != "missing" else f"missing, and {root.parent} is {_describe(root.parent)}"
+                self.problems.append(f"{root}: is {what}, so package {name} {recs[p].version} kept in {p} cannot be "
+                                     "put back; move that path away and run hublab pkg verify")
+        return actions
+
+    def check_target(self, name: str, root: Path, existing: Installed | None) -> None:
+        """Refuse, before any download, to install `name` at `root` where something not ours is in the way."""
+        probe = root.parent
+        chain = []
+        while probe != self.models_dir and self.models_dir in probe.parents:
+            chain.append(probe)
+            probe = probe.parent
+        for d in reversed(chain):
+            self._require_dir(d, "packages", "move it away")
+        kind = _kind(root)
+        if kind in ("symlink", "file", "other"):
+            raise PackageError(f"{root}: is {_describe(root)}, where {name} would be installed; move it away "
+                               "and install again")
+        parent = root.parent
+        if os.stat(parent).st_dev != os.stat(self.staging).st_dev:
+            raise PackageError(f"{parent}: is on another file system than {self.staging}, so an install cannot "
+                               "replace a package in one step; make it a plain directory inside models_dir")
+        if existing is not None:
+            listed = {MANIFEST_NAME} | {f.path for f in existing.files}
+            foreign = [p for p in _tree_files(existing.root) if p not in listed]
+            if foreign:
+                raise PackageError(f"{existing.root / foreign[0]}: is not part of package {name}, and an update "
+                                   "replaces the whole directory; move it out first")
 
     def commit(self, name: str, stage: Path, root: Path) -> None:
         """Move a complete, fsync'd staging tree to `root`, replacing what is there in one step."""
         new = self.staging / f"{name}.new"
-        if new.exists():
-            shutil.rmtree(new)
+        _remove_any(new)
         os.rename(stage, new)
         _fsync_path(self.staging)
-        root.parent.mkdir(parents=True, exist_ok=True)
-        if not root.exists():
+        if _kind(root) == "missing":
             os.rename(new, root)
+        elif _kind(root) != "dir":
+            raise PackageError(f"{root}: is {_describe(root)}, where {name} would be installed; move it away")
         elif _exchange(new, root):
             pass  # `new` now holds the previous tree
         else:
             old = self.staging / f"{name}.old"
+            _remove_any(old)
             os.rename(root, old)
             os.rename(new, root)
             new = old
@@ -313,6 +466,15 @@ class Store:
         os.rename(root, trash)
         _fsync_path(root.parent)
         shutil.rmtree(trash, ignore_errors=True)
+
+
+def _tree_files(root: Path) -> list[str]:
+    """Relative paths of the files and links under `root` (links to directories included, not entered)."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in sorted(filenames) + sorted(d for d in dirnames if os.path.islink(os.path.join(dirpath, d))):
+            out.append(Path(dirpath, n).relative_to(root).as_posix())
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -387,6 +549,7 @@ def select_variant(m: Manifest, profile: Profile, wanted: str | None = None) -> 
 # ---------------------------------------------------------------------------------------------------
 # keygen and build
 
+@_one_line_errors("making a key")
 def keygen(path: str | Path | None = None, *, trust: bool = False, force: bool = False,
            config: str | Path | None = None) -> dict:
     """Make an ed25519 signing key; with trust=True also add its public key to system.toml [trust] keys."""
@@ -419,6 +582,7 @@ class BuildResult:
         return asdict(self)
 
 
+@_one_line_errors("building the package")
 def build(directory: str | Path, *, key: str | Path | None = None, sign: bool = True) -> BuildResult:
     """Fill in package.toml of DIR (files, roles, sizes, sha256, variants) and sign it into package.sig.
 
@@ -533,6 +697,7 @@ class PublishResult:
         return asdict(self)
 
 
+@_one_line_errors("publishing")
 def publish(source: str | Path, registry: str | Path | None = None, *, tag: str | None = None,
             from_registry: str | Path | None = None, progress: Progress | None = None,
             config: str | Path | None = None) -> PublishResult:
@@ -662,6 +827,7 @@ def _verified_package(reg: Registry, name: str, tag: str, trusted: list[str],
     return res, m, signer
 
 
+@_one_line_errors("checking the package")
 def check(ref: str, registry: str | Path | None = None, *, profile: Profile | str | None = None,
           variant: str | None = None, allow_unsigned: bool = False, trusted_keys: list[str] | None = None,
           config: str | Path | None = None) -> Choice:
@@ -674,6 +840,7 @@ def check(ref: str, registry: str | Path | None = None, *, profile: Profile | st
         return select_variant(m, ctx.profile, variant)
 
 
+@_one_line_errors("installing")
 def install(ref: str, registry: str | Path | None = None, *, models_dir: str | Path | None = None,
             profile: Profile | str | None = None, variant: str | None = None, allow_unsigned: bool = False,
             trusted_keys: list[str] | None = None, progress: Progress | None = None,
@@ -721,8 +888,26 @@ def _install_locked(store: Store, reg: Registry, res: Resolved, m: Manifest, sig
         digests[f.digest] = got.path
         downloaded += got.downloaded
         reused += got.reused
-    # 2. a complete tree in staging, fsync'd
+    # 2. a complete tree in staging, fsync'd, then 3. checked before it replaces anything
     stage = store.staging / f"{m.name}.tmp-{secrets.token_hex(4)}"
+    try:
+        _stage_tree(stage, m, res, signer, choice, prof, root, digests)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)  # the installed tree was never touched
+        raise
+    # 4. one rename (or exchange) into place
+    old_root = existing.root if existing else None
+    store.commit(m.name, stage, root)
+    if old_root and old_root != root and _kind(old_root) == "dir":
+        store.discard(old_root, m.name)  # the package changed category
+    for p in store.blobs.glob("sha256-*.partial"):
+        if f"sha256:{p.name[7:-8]}" in todo:
+            p.unlink()
+    return result("updated" if existing else "installed", downloaded, reused)
+
+
+def _stage_tree(stage: Path, m: Manifest, res: Resolved, signer: str, choice: Choice,
+                prof: Profile, root: Path, digests: dict[str, Path]) -> None:
     stage.mkdir()
     placed: dict[str, Path] = {}
     for f in choice.files:
@@ -746,25 +931,15 @@ def _install_locked(store: Store, reg: Registry, res: Resolved, m: Manifest, sig
         os.fsync(fh.fileno())
     for dirpath, _, _ in os.walk(stage):
         _fsync_path(Path(dirpath))
-    # 3. the new tree is checked before it replaces anything
     bad = _problems(read_record(stage), rehash=False)
     if bad:
-        shutil.rmtree(stage, ignore_errors=True)
         raise PackageError(f"{m.name}: staged install failed its check ({bad[0]}); nothing was changed")
-    # 4. one rename (or exchange) into place
-    old_root = existing.root if existing else None
-    store.commit(m.name, stage, root)
-    if old_root and old_root != root and old_root.exists():
-        store.discard(old_root, m.name)  # the package changed category
-    for p in store.blobs.glob("sha256-*.partial"):
-        if f"sha256:{p.name[7:-8]}" in todo:
-            p.unlink()
-    return result("updated" if existing else "installed", downloaded, reused)
 
 
 def _check_conflicts(store: Store, m: Manifest, root: Path, existing: Installed | None,
                      installed: dict[str, Installed]) -> None:
-    if root.exists() and not (existing and existing.root == root):
+    store.check_target(m.name, root, existing)
+    if _kind(root) == "dir" and not (existing and existing.root == root):
         if (root / MANIFEST_NAME).is_file():
             other = read_record(root).name
             raise PackageError(f"{root}: holds package {other!r}; remove it first (hublab pkg remove {other})")
@@ -788,7 +963,8 @@ def _foreign_models(store: Store) -> dict[str, Path]:
     skip = {store.state} | set(store.roots())
     out: dict[str, Path] = {}
     for path in sorted(store.models_dir.rglob("*.toml")) if store.models_dir.is_dir() else []:
-        if path.name in ("package.toml", "router.toml") or any(p in skip for p in path.parents):
+        if (path.name in ("package.toml", "router.toml") or any(p in skip for p in path.parents)
+                or _kind(path) != "file"):
             continue
         try:
             name = tomli.loads(path.read_text(encoding="utf-8")).get("model", {}).get("name")
@@ -820,22 +996,20 @@ def _problems(rec: Installed, rehash: bool = True) -> list[str]:
     for f in rec.files:
         listed.add(f.path)
         p = rec.root.joinpath(*f.path.split("/"))
-        try:
-            st = p.lstat()
-        except FileNotFoundError:
+        kind = _kind(p)
+        if kind == "missing":
             out.append(f"{f.path}: missing")
-            continue
-        if not os.path.isfile(p) or os.path.islink(p):
+        elif kind != "file":
             out.append(f"{f.path}: not a regular file")
-        elif st.st_size != f.size:
-            out.append(f"{f.path}: size {st.st_size}, expected {f.size}")
-        elif rehash and sha256_file(p) != f.sha256:
-            out.append(f"{f.path}: sha256 does not match")
-    for dirpath, dirnames, filenames in os.walk(rec.root):
-        for n in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
-            rel = Path(dirpath, n).relative_to(rec.root).as_posix()
-            if rel not in listed:
-                out.append(f"{rel}: not part of the package")
+        elif p.lstat().st_size != f.size:
+            out.append(f"{f.path}: size {p.lstat().st_size}, expected {f.size}")
+        elif rehash:
+            try:
+                if sha256_file(p) != f.sha256:
+                    out.append(f"{f.path}: sha256 does not match")
+            except OSError as exc:
+                out.append(f"{f.path}: unreadable ({exc.strerror})")
+    out += [f"{rel}: not part of the package" for rel in _tree_files(rec.root) if rel not in listed]
     return out
 
 
@@ -867,16 +1041,21 @@ class VerifyResult:
                 "store_problems": self.store_problems}
 
 
+@_one_line_errors("verifying the store")
 def verify(names: list[str] | None = None, *, models_dir: str | Path | None = None,
            config: str | Path | None = None) -> VerifyResult:
     """Finish interrupted transactions, then re-hash every installed file against its record."""
     ctx = _context(config, models_dir)
     store = Store(ctx.models_dir)
     recovered: list[str] = []
-    if store.models_dir.is_dir() and os.access(store.models_dir, os.W_OK):
-        with store.lock():
-            recovered = store.recover()  # a read-only card is only checked, not repaired
     reports, store_problems = [], []
+    if store.models_dir.is_dir() and os.access(store.models_dir, os.W_OK):
+        try:
+            with store.lock():
+                recovered = store.recover()  # a read-only card is only checked, not repaired
+        except PackageError as exc:  # the store's layout is not ours to fix: report it, still check packages
+            store_problems.append(str(exc))
+        store_problems += store.problems
     for root in store.roots():
         try:
             rec = read_record(root)
@@ -893,12 +1072,13 @@ def verify(names: list[str] | None = None, *, models_dir: str | Path | None = No
         missing = sorted(set(names) - {r.name for r in reports})
         if missing:
             raise PackageError(f"{missing[0]}: not installed in {store.models_dir}; see hublab pkg list")
-    if store.staging.is_dir():
+    if _kind(store.staging) == "dir" and not store.problems:
         left = [p.name for p in store.staging.iterdir()]
         store_problems += [f"{store.staging / n}: leftover from an interrupted operation" for n in left]
     return VerifyResult(reports, recovered, store_problems)
 
 
+@_one_line_errors("removing the package")
 def remove(name: str, *, models_dir: str | Path | None = None, config: str | Path | None = None) -> dict:
     """Uninstall a package (its directory disappears in one rename)."""
     ctx = _context(config, models_dir)
@@ -912,6 +1092,7 @@ def remove(name: str, *, models_dir: str | Path | None = None, config: str | Pat
     return {"name": name, "version": rec.version, "root": str(rec.root), "freed": rec.size}
 
 
+@_one_line_errors("listing packages")
 def list_packages(*, models_dir: str | Path | None = None, config: str | Path | None = None) -> list[Installed]:
     """Installed packages, by name."""
     ctx = _context(config, models_dir)
@@ -924,6 +1105,7 @@ def _summary(m: Manifest, tags: list[str] | None = None) -> dict:
             "size": m.size, "variants": [v.name for v in m.variants], "tags": tags or []}
 
 
+@_one_line_errors("searching the registry")
 def search(term: str = "", registry: str | Path | None = None, *, config: str | Path | None = None) -> list[dict]:
     """Packages in a registry whose name, description, category, experts or models contain `term`."""
     ctx = _context(config, registry=registry)
@@ -946,6 +1128,7 @@ def search(term: str = "", registry: str | Path | None = None, *, config: str | 
     return out
 
 
+@_one_line_errors("showing the package")
 def show(ref: str, registry: str | Path | None = None, *, models_dir: str | Path | None = None,
          profile: Profile | str | None = None, config: str | Path | None = None) -> dict:
     """A package's details: from the registry (with each variant's fit on the board) and, if installed, its record."""
@@ -982,6 +1165,7 @@ class UpdateResult:
         return asdict(self)
 
 
+@_one_line_errors("updating")
 def update(names: list[str] | None = None, registry: str | Path | None = None, *,
            models_dir: str | Path | None = None, profile: Profile | str | None = None,
            allow_unsigned: bool = False, trusted_keys: list[str] | None = None,

@@ -32,6 +32,8 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import stat
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -73,6 +75,11 @@ class NotFound(RegistryError):
 _NAME_RE = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*")
 _TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def valid_name(name: object) -> bool:
+    """Whether `name` is a package name (the schema's pattern, at most 64 characters)."""
+    return isinstance(name, str) and len(name) <= 64 and _NAME_RE.fullmatch(name) is not None
 
 
 def parse_ref(ref: str) -> tuple[str, str]:
@@ -236,6 +243,8 @@ def fetch_blob(reg: "Registry", name: str, desc: Descriptor, cache: Path, *,
     final = cache / f"sha256-{desc.hex}"
     partial = cache / f"sha256-{desc.hex}.partial"
     label = label or desc.digest[:19]
+    for p in (final, partial):
+        _clear_nonfile(p)  # the cache is ours: a link or directory there is never followed or kept
     if final.is_file() and final.stat().st_size == desc.size:
         if _hash_file(final) == desc.hex:
             if progress:
@@ -285,6 +294,18 @@ def fetch_blob(reg: "Registry", name: str, desc: Descriptor, cache: Path, *,
     what = "does not match its sha256" if done == desc.size else f"has {done} bytes, not {desc.size}"
     raise RegistryError(f"{reg.location} {name}: {label} ({desc.digest[:19]}…) {what}; the registry content "
                         "is corrupt or was tampered with; nothing was installed")
+
+
+def _clear_nonfile(path: Path) -> None:
+    """Remove whatever is at `path` unless it is a regular file (a symlink is removed, not followed)."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(mode):
+        shutil.rmtree(path)
+    elif not stat.S_ISREG(mode):
+        path.unlink()
 
 
 def _hash_file(path: Path) -> str:
