@@ -668,12 +668,18 @@ def _load_built(d: Path) -> tuple[Manifest, bytes, Signature | None]:
     extra = sorted(present - listed)
     if extra:
         raise PackageError(f"{d / extra[0]}: not listed in package.toml; run hublab pkg build {d} again")
+    # Every file is re-hashed: a registry that already holds the built bytes would otherwise accept
+    # the package without reading the edited file, and publish stale content under a valid manifest.
     for f in m.files:
         p = d / f.path
         if not p.is_file():
             raise PackageError(f"{p}: listed in package.toml but missing; restore it or run hublab pkg build {d}")
         if p.stat().st_size != f.size:
-            raise PackageError(f"{p}: size changed since hublab pkg build; run it again")
+            raise PackageError(f"{p}: size changed since hublab pkg build ({p.stat().st_size} bytes, built "
+                               f"{f.size}); run hublab pkg build {d} again")
+        if sha256_file(p) != f.sha256:
+            raise PackageError(f"{p}: content changed since hublab pkg build (sha256 differs from package.toml); "
+                               f"run hublab pkg build {d} again")
     return m, raw, sig
 
 
