@@ -1,6 +1,6 @@
 """What the shell's commands talk to: the device in this process, or an agent over HTTP.
 
-Both offer the same methods (those of `hublab.runtime.agent.Device`): list, names, load, unload, info,
+Both offer the same methods (those of `hublab.runtime.device.Device`): list, names, load, unload, info,
 config, stats, benchmark, route, ask, settings, rescan, version, health, close. The commands are
 written once against them; `connect()` picks the implementation.
 """
@@ -19,13 +19,13 @@ def connect(remote: str | None = None, *, token: str | None = None, config: str 
     """A Device over the local runtime, or a RemoteClient for an agent at `remote`."""
     if remote:
         return RemoteClient(remote, token=token if token is not None else os.environ.get("HUBLAB_TOKEN", ""))
-    from hublab.runtime.agent import Device
+    from hublab.runtime.device import Device
 
     return Device.open(config, profile=profile)
 
 
 class RemoteClient:
-    """The Device methods, answered by a `hublab serve` agent (its /api and /v1 endpoints)."""
+    """The Device methods, answered by a `hublab serve` agent (its /hublab endpoints and /health)."""
 
     local = False
 
@@ -73,7 +73,7 @@ class RemoteClient:
     # -- the Device methods ----------------------------------------------------------------------------
 
     def list(self) -> dict:
-        data = self._get("/api/experts")
+        data = self._get("/hublab/experts")
         self._names = sorted(r["name"] for r in data["models"])
         return data
 
@@ -83,34 +83,34 @@ class RemoteClient:
         return list(self._names or [])
 
     def load(self, name: str) -> dict:
-        return self._post("/api/load", {"name": name})
+        return self._post("/hublab/load", {"name": name})
 
     def unload(self, name: str) -> dict:
-        return self._post("/api/unload", {"name": name})
+        return self._post("/hublab/unload", {"name": name})
 
     def rescan(self) -> dict:
         self._names = None
         return {"models": self.names(), "errors": []}
 
     def info(self, name: str | None = None) -> dict:
-        return self._get("/api/info", name=name)
+        return self._get("/hublab/info", name=name)
 
     def stats(self) -> dict:
-        return self._get("/api/stats")
+        return self._get("/hublab/stats")
 
     def config(self, key: str, value: Any, name: str | None = None) -> dict:
-        return self._post("/api/config", {"key": key, "value": value, "name": name})
+        return self._post("/hublab/config", {"key": key, "value": value, "name": name})
 
     def settings(self, routing: str | None = None, synthesis: str | None = None) -> dict:
         if routing or synthesis:
-            return self._post("/api/settings", {"routing": routing, "synthesis": synthesis})
-        return self._get("/api/settings")
+            return self._post("/hublab/settings", {"routing": routing, "synthesis": synthesis})
+        return self._get("/hublab/settings")
 
     def route(self, query: str, routing: str | None = None) -> dict:
-        return self._post("/api/route", {"query": query, "routing": routing})
+        return self._post("/hublab/route", {"query": query, "routing": routing})
 
     def benchmark(self, name: str | None = None, max_tokens: int = 64, cancel: threading.Event | None = None) -> dict:
-        return self._post("/api/benchmark", {"name": name, "max_tokens": max_tokens})
+        return self._post("/hublab/benchmark", {"name": name, "max_tokens": max_tokens})
 
     def ask(self, query: str, routing: str | None = None, synthesis: str | None = None,
             on_event: Callable[[str, dict], None] | None = None, cancel: threading.Event | None = None,
@@ -122,7 +122,7 @@ class RemoteClient:
         answer: list[str] = []
         result = None
         try:
-            with self._http.stream("POST", "/api/ask", json=body) as response:
+            with self._http.stream("POST", "/hublab/ask", json=body) as response:
                 if response.status_code >= 400:
                     response.read()
                     self._check(response)

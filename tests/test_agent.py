@@ -1,5 +1,5 @@
 """The device agent: a real HTTP server on loopback over tiny real GGUF experts, driven with httpx and
-the openai client. Covers the OpenAI API (plain and SSE), the /api endpoints, auth, the bounded queue
+the openai client. Covers the OpenAI API (plain and SSE), the /hublab endpoints, auth, the bounded queue
 (503 + Retry-After), cancellation when a client disconnects, and `hublab serve` as a process."""
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import httpx
 import pytest
 
 from ggufs import write_model_toml, write_tiny_llama
-from hublab.runtime.agent import Agent, Device
+from hublab.runtime.agent import Agent
+from hublab.runtime.device import Device
 from hublab.runtime.config import load_system
 from hublab.runtime.engine import Runtime
 from hublab.runtime.errors import HublabError
@@ -185,62 +186,62 @@ def test_request_errors_are_openai_shaped(agent):
 
 
 # ---------------------------------------------------------------------------------------------------
-# hublab API
+# hublab API (/hublab/...)
 
 def test_api_experts_load_unload_info_stats(agent):
     u = agent.url
-    listing = httpx.get(u + "/api/experts").json()
+    listing = httpx.get(u + "/hublab/experts").json()
     assert {m["name"] for m in listing["models"]} == {"alpha", "beta", "gamma", "plain", "slow", "tiny"}
     assert not any(m["loaded"] for m in listing["models"])
-    d = httpx.post(u + "/api/load", json={"name": "alpha"}).json()
+    d = httpx.post(u + "/hublab/load", json={"name": "alpha"}).json()
     assert d["loaded"] == ["tiny", "alpha"] and d["used"] > 0
-    info = httpx.get(u + "/api/info", params={"name": "alpha"}).json()
+    info = httpx.get(u + "/hublab/info", params={"name": "alpha"}).json()
     assert info["loaded"] and info["base"] == "tiny" and info["context_size"] == 256 and info["quant"] == "F32"
     assert info["estimate"]["total"] > 0 and info["memory"]["budget"] > 0
-    runtime_info = httpx.get(u + "/api/info").json()
+    runtime_info = httpx.get(u + "/hublab/info").json()
     assert runtime_info["profile"] == "host" and runtime_info["loaded"] == ["tiny", "alpha"]
     httpx.post(u + "/v1/completions", json={"model": "alpha", "prompt": "x", "max_tokens": 4})
-    stats = httpx.get(u + "/api/stats").json()
+    stats = httpx.get(u + "/hublab/stats").json()
     assert stats["experts"]["alpha"]["calls"] == 1 and stats["experts"]["alpha"]["tokens"] == 4
     assert stats["queue"] == {"waiting": 0, "running": 0, "capacity": 8}
-    d = httpx.post(u + "/api/unload", json={"name": "tiny"}).json()
+    d = httpx.post(u + "/hublab/unload", json={"name": "tiny"}).json()
     assert set(d["unloaded"]) == {"tiny", "alpha"} and d["loaded"] == []
-    r = httpx.post(u + "/api/load", json={"name": "alpah"})
+    r = httpx.post(u + "/hublab/load", json={"name": "alpah"})
     assert r.status_code == 404 and "did you mean 'alpha'" in r.json()["error"]["message"]
-    assert httpx.post(u + "/api/load", json={}).status_code == 400
+    assert httpx.post(u + "/hublab/load", json={}).status_code == 400
 
 
 def test_api_route_settings_config_benchmark(agent, device_config):
     u = agent.url
-    d = httpx.post(u + "/api/route", json={"query": "linux kernel modules"}).json()
+    d = httpx.post(u + "/hublab/route", json={"query": "linux kernel modules"}).json()
     assert d["selected"][0]["name"] == "gamma" and len(d["scores"]) == 5
     assert abs(sum(s["score"] for s in d["scores"]) - 1) < 1e-6
-    assert httpx.post(u + "/api/route", json={"query": "x", "routing": "topk:zero"}).status_code == 400
+    assert httpx.post(u + "/hublab/route", json={"query": "x", "routing": "topk:zero"}).status_code == 400
 
-    assert httpx.get(u + "/api/settings").json()["routing"] == "topk:2"
-    d = httpx.post(u + "/api/settings", json={"routing": "all", "synthesis": "concatenate"}).json()
+    assert httpx.get(u + "/hublab/settings").json()["routing"] == "topk:2"
+    d = httpx.post(u + "/hublab/settings", json={"routing": "all", "synthesis": "concatenate"}).json()
     assert (d["routing"], d["synthesis"]) == ("all", "concatenate")
     saved = load_system(device_config)
     assert (saved.routing, saved.synthesis) == ("all", "concatenate")
-    r = httpx.post(u + "/api/settings", json={"synthesis": "average"})
+    r = httpx.post(u + "/hublab/settings", json={"synthesis": "average"})
     assert r.status_code == 400 and "best" in r.json()["error"]["message"]
     assert load_system(device_config).synthesis == "concatenate"  # a bad value changes nothing
 
-    d = httpx.post(u + "/api/config", json={"key": "keep_alive", "value": "10m"}).json()
+    d = httpx.post(u + "/hublab/config", json={"key": "keep_alive", "value": "10m"}).json()
     assert d["saved_to"] == str(device_config) and agent.device.rt.keep_alive == 600
-    d = httpx.post(u + "/api/config", json={"name": "alpha", "key": "max_tokens", "value": 7}).json()
+    d = httpx.post(u + "/hublab/config", json={"name": "alpha", "key": "max_tokens", "value": 7}).json()
     assert d["model"] == "alpha" and agent.device.rt.config("alpha").inference.max_tokens == 7
-    r = httpx.post(u + "/api/config", json={"key": "temprature", "value": 1})
+    r = httpx.post(u + "/hublab/config", json={"key": "temprature", "value": 1})
     assert r.status_code == 400 and "temperature" in r.json()["error"]["message"]
 
-    b = httpx.post(u + "/api/benchmark", json={"name": "beta", "max_tokens": 16}).json()
+    b = httpx.post(u + "/hublab/benchmark", json={"name": "beta", "max_tokens": 16}).json()
     assert b["name"] == "beta" and b["tokens"] == 16 and b["tokens_per_s"] > 0 and b["prompt_tokens_per_s"] > 0
 
 
 def test_api_ask_streams_moe_events(agent):
     body = {"query": "python and rust", "routing": "topk:2", "synthesis": "best", "max_tokens": 4}
     events = []
-    with httpx.stream("POST", agent.url + "/api/ask", json=body) as r:
+    with httpx.stream("POST", agent.url + "/hublab/ask", json=body) as r:
         event = None
         for line in r.iter_lines():
             if line.startswith("event: "):
