@@ -859,9 +859,13 @@ def install(ref: str, registry: str | Path | None = None, *, models_dir: str | P
         res, m, signer = _verified_package(reg, name, tag, ctx.trusted, allow_unsigned)
         prof = ctx.profile
         choice = select_variant(m, prof, variant)
-        with store.lock():
-            store.recover()
-            return _install_locked(store, reg, res, m, signer, choice, prof, progress)
+        try:
+            with store.lock():
+                store.recover()
+                return _install_locked(store, reg, res, m, signer, choice, prof, progress)
+        except OSError as exc:
+            exc.filename = exc.filename or str(store.models_dir)  # a failed write names no file: say where
+            raise
 
 
 def _install_locked(store: Store, reg: Registry, res: Resolved, m: Manifest, signer: str, choice: Choice,
