@@ -1,7 +1,9 @@
 """`hublab serve`: the device agent, an HTTP server over the same `Device` the shell uses in-process.
 
-It serves two APIs over one runtime, each a module of small route handlers:
+It serves three APIs over one runtime, each a module of small route handlers:
 - OpenAI (runtime/http_openai.py): /v1/models, /v1/chat/completions, /v1/completions
+- Ollama (runtime/http_ollama.py): /api/version, tags, ps, show, chat, generate, embed, embeddings, pull,
+  delete, so Ollama clients and Open WebUI work unchanged
 - hublab (runtime/http_hublab.py): /hublab/* for `hublab shell --remote URL`, and /health, /metrics
 
 llama.cpp contexts are not thread-safe, so one generation runs at a time per loaded base: a generation
@@ -23,13 +25,13 @@ from http.server import ThreadingHTTPServer
 
 from hublab import __version__
 
-from . import http_hublab, http_openai
+from . import http_hublab, http_ollama, http_openai
 from .device import Device
 from .errors import HublabError
 from .gate import Gate
 from .http_common import Request, Routes
 
-ROUTES: Routes = {**http_hublab.ROUTES, **http_openai.ROUTES}
+ROUTES: Routes = {**http_hublab.ROUTES, **http_openai.ROUTES, **http_ollama.ROUTES}
 
 
 def is_loopback(host: str) -> bool:
@@ -155,15 +157,13 @@ class Agent:
         return max(1, min(60, round(sum(recent) / len(recent) * (self.gate.waiting + 1))))
 
     def _expire_loop(self) -> None:
-        while not self._stop.wait(self._expire_interval()):
+        # Every second: a request may set a keep_alive of a few seconds at any time, and a look at the
+        # loaded bases costs nothing next to a generation.
+        while not self._stop.wait(1.0):
             try:
                 self.device.expire_idle()
             except HublabError as exc:
                 sys.stderr.write(f"hublab agent: expire: {exc}\n")
-
-    def _expire_interval(self) -> float:
-        keeps = [k for k in (self.device.rt.keep_alive, *self.device.keeps()) if k > 0]
-        return 5.0 if not keeps else min(30.0, max(0.5, min(keeps) / 4))
 
     def start(self) -> "Agent":
         for target in (self.server.serve_forever, self._expire_loop):

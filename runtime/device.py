@@ -418,10 +418,6 @@ class Device:
     def keep_alive_of(self, base: str) -> float:
         return self._keep.get(base, self.rt.keep_alive)
 
-    def keeps(self) -> list[float]:
-        """The keep-alives requests set, for how often the agent checks for idle models."""
-        return list(self._keep.values())
-
     def expire_idle(self) -> list[str]:
         """Unload bases idle longer than their keep-alive (the request's, else [runtime] keep_alive)."""
         now = time.monotonic()
@@ -466,6 +462,13 @@ class Device:
         return default_router_dir(self.rt.system)
 
     # -- packages ---------------------------------------------------------------------------------------------
+
+    def check_package(self, ref: str) -> dict:
+        """Every check `pull` makes before downloading (signature, schema, hublab version, board fit):
+        the variant it would install, or the first failure as a HublabError. Nothing is written."""
+        from . import pkg
+
+        return pkg.check(ref, config=self.rt.system.path, profile=self.rt.profile).to_dict()
 
     def pull(self, ref: str, progress: Callable[[str, int, int], None] | None = None) -> dict:
         """Install package NAME[:TAG] from the configured registry (signature, schema and board-fit checks

@@ -1,0 +1,441 @@
+"""The Ollama-compatible routes, so Ollama clients (the `ollama` library, Open WebUI, most local-LLM tools)
+reach hublab as they reach Ollama. `model` is an expert or base name (a ":latest" tag is accepted), "moe"
+for a routed answer, or "router" for embeddings from the router's sentence encoder.
+
+    GET    /api/version                {"version"}
+    GET    /api/tags                   every model, plus moe (and router when there is one)
+    GET    /api/ps                     what is loaded, with memory and expires_at (from keep_alive)
+    POST   /api/show                   {"model"} -> details, parameters, modelfile, capabilities
+    POST   /api/chat                   {"model", "messages", "stream" (default true), "options", "keep_alive"}
+    POST   /api/generate               {"model", "prompt", "system", "raw", "stream", "options", "keep_alive"}
+    POST   /api/embed                  {"model": "router", "input": text or [texts]} -> {"embeddings"}
+    POST   /api/embeddings             {"model": "router", "prompt"} -> {"embedding"} (the older endpoint)
+    POST   /api/pull                   {"model": package[:tag]} install from the configured registry; NDJSON progress
+    DELETE /api/delete                 {"model": package or a model it provides}
+
+Streams are NDJSON, one object a line, the last with "done": true and Ollama's counters (durations in
+nanoseconds). Options: num_predict (-1 = until the context is full), temperature, top_p, top_k, min_p,
+repeat_penalty, seed, stop, num_ctx (prompt + answer must fit; at most the model's context_size); other
+Ollama options are accepted and ignored, as Ollama ignores those a model has no use for. keep_alive: a
+duration ("5m", seconds, 0 = unload right after the answer, negative = keep); without it the model
+stays [runtime] keep_alive. An empty prompt or message list only loads the model (or unloads it with
+keep_alive 0). Errors are `{"error": "..."}` with a 4xx status.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+from hublab import __version__
+
+from .config import parse_duration
+from .device import MOE, ROUTER, Completion, UnknownModel
+from .errors import HublabError
+from .http_common import ApiError, Request, Route, iso_time, number, stop_list
+
+NEVER = "9999-12-31T23:59:59Z"  # expires_at of a model kept loaded until unloaded (keep_alive < 0)
+OPTIONS = {"num_predict": int, "temperature": float, "top_p": float, "top_k": int, "min_p": float,
+           "repeat_penalty": float, "seed": int, "num_ctx": int}
+UNLIMITED = 1 << 30  # num_predict -1/-2: the context is the limit
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading requests
+
+def _model(body: dict) -> str:
+    model = body.get("model") or body.get("name")  # older clients send "name"
+    if not isinstance(model, str) or not model.strip():
+        raise ApiError(400, "model is required: a name from /api/tags (an expert, moe or router)")
+    model = model.strip()
+    return model[: -len(":latest")] if model.endswith(":latest") else model
+
+
+def _options(body: dict) -> dict[str, Any]:
+    """Ollama options -> Device.complete keyword arguments (checked: a bad value is a 400)."""
+    options = body.get("options") or {}
+    if not isinstance(options, dict):
+        raise ApiError(400, "options must be an object, e.g. {\"temperature\": 0.7, \"num_predict\": 64}")
+    out: dict[str, Any] = {}
+    for key, kind in OPTIONS.items():
+        if options.get(key) is not None:
+            out[key] = number(f"options.{key}", options[key], kind)
+    predict = out.pop("num_predict", None)
+    if predict is not None:
+        if predict == 0 or predict < -2:
+            raise ApiError(400, f"options.num_predict must be positive, or -1 for no limit; got {predict}")
+        out["max_tokens"] = UNLIMITED if predict < 0 else predict
+    if out.get("num_ctx", 1) < 1:
+        raise ApiError(400, f"options.num_ctx must be positive, got {out['num_ctx']}")
+    if options.get("stop") is not None:
+        out["stop"] = stop_list("options.stop", options["stop"])
+    return out
+
+
+def _keep_alive(body: dict) -> float | None:
+    value = body.get("keep_alive")
+    if value is None or value == "":
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise ApiError(400, f"keep_alive: {exc}") from None
+
+
+def _refuse_unsupported(body: dict) -> None:
+    """Fields hublab cannot honour: saying so beats an answer that silently ignores them."""
+    if body.get("format"):
+        raise ApiError(400, "format (JSON or structured output) is not supported by hublab; leave it out")
+    if body.get("tools"):
+        raise ApiError(400, "tools are not supported by hublab; leave them out")
+    if body.get("images"):
+        raise ApiError(400, "images are not supported by hublab's text models; leave them out")
+    if body.get("think"):
+        raise ApiError(400, "think: hublab's models do not support thinking; leave it out")
+
+
+def _messages(body: dict) -> list[dict]:
+    messages = body.get("messages") or []
+    if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
+        raise ApiError(400, "messages must be a list of {role, content} objects")
+    out = []
+    for m in messages:
+        if m.get("images"):
+            raise ApiError(400, "images are not supported by hublab's text models; leave them out")
+        content = m.get("content")
+        if content is not None and not isinstance(content, str):
+            raise ApiError(400, "messages[].content must be a string")
+        out.append({"role": m["role"], "content": content or ""})
+    return out
+
+
+def _chat_model(req: Request, model: str) -> None:
+    """Only experts, bases and moe answer; an embedding or unknown name says what to use instead."""
+    if model == ROUTER:
+        raise ApiError(400, "router is an embedding model (use /api/embed); chat with an expert or moe")
+    if model != MOE:
+        req.agent.device.config_of(model)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Describing models
+
+def _digest(path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return ""
+
+
+def _parameter_size(n: int | None) -> str:
+    if not n:
+        return ""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(n)
+
+
+def _details(info: dict | None, family: str = "") -> dict:
+    info = info or {}
+    arch = family or info.get("arch") or ""
+    return {"parent_model": info.get("base") or "", "format": "gguf" if not family else family, "family": arch,
+            "families": [arch] if arch else None, "parameter_size": _parameter_size(info.get("parameters")),
+            "quantization_level": info.get("quant") or ""}
+
+
+def _info(req: Request, name: str) -> dict | None:
+    try:
+        return req.agent.device.info(name)
+    except HublabError:
+        return None  # a model whose files are missing is still listed, as `ai list` lists it
+
+
+def _router_file(req: Request):
+    path = req.agent.device._router_dir() / "model.onnx"
+    return path if path.is_file() else None
+
+
+def _entry(name: str, size: int, modified: float, digest: str, details: dict) -> dict:
+    return {"name": name, "model": name, "modified_at": iso_time(modified), "size": size, "digest": digest,
+            "details": details}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Routes
+
+def running_text(req: Request) -> None:
+    req.send(200, b"hublab is running (Ollama API under /api, OpenAI API under /v1)\n", "text/plain; charset=utf-8")
+
+
+def version(req: Request) -> None:
+    req.json({"version": __version__})
+
+
+def tags(req: Request) -> None:
+    device = req.agent.device
+    rows = device.list()["models"]
+    models = []
+    for row in rows:
+        source = device.rt.models[row["name"]].source
+        modified = source.stat().st_mtime if source.exists() else 0
+        models.append(_entry(row["name"], row["size"] or 0, modified, _digest(source), _details(_info(req, row["name"]))))
+    experts = sorted(device.rt.experts)
+    moe_details = {**_details(None, "moe"), "families": experts}
+    models.insert(0, _entry(MOE, sum(r["size"] or 0 for r in rows), time.time(), "", moe_details))
+    router = _router_file(req)
+    if router is not None:
+        models.append(_entry(ROUTER, router.stat().st_size, router.stat().st_mtime, _digest(router.with_name("router.toml")),
+                             _details(None, "router")))
+    req.json({"models": models})
+
+
+def ps(req: Request) -> None:
+    device = req.agent.device
+    models = []
+    for row in device.running():
+        info = _info(req, row["name"])
+        models.append({"name": row["name"], "model": row["name"], "size": row["memory"], "size_vram": 0,
+                       "digest": _digest(device.rt.models[row["name"]].source), "details": _details(info),
+                       "expires_at": NEVER if row["expires"] is None else iso_time(row["expires"]),
+                       "context_length": row["context"]})
+    req.json({"models": models})
+
+
+def show(req: Request) -> None:
+    model = _model(req.body())
+    device = req.agent.device
+    if model == MOE:
+        s = device.settings()
+        req.json({"modelfile": "", "parameters": f"routing {s['routing']}\nsynthesis {s['synthesis']}", "template": "",
+                  "details": {**_details(None, "moe"), "families": sorted(device.rt.experts)},
+                  "model_info": {"hublab.type": "moe", "hublab.experts": sorted(device.rt.experts),
+                                 "hublab.routing": s["routing"], "hublab.synthesis": s["synthesis"],
+                                 "hublab.fallback": s["fallback"], "hublab.router": s["router"]},
+                  "capabilities": ["completion"], "modified_at": iso_time()})
+        return
+    if model == ROUTER:
+        router = _router_file(req)
+        if router is None:
+            raise UnknownModel(f"no router at {device._router_dir()}; install a router package or set [moe] router")
+        req.json({"modelfile": "", "parameters": "", "template": "", "details": _details(None, "router"),
+                  "model_info": {"hublab.type": "router", "hublab.path": str(router.parent)},
+                  "capabilities": ["embedding"], "modified_at": iso_time(router.stat().st_mtime)})
+        return
+    info = device.info(model)  # an unknown name is a 404 with the closest one
+    inference = info["inference"]
+    parameters = _parameters(inference)
+    modelfile = [f"# hublab {info['type']} {model}: {info['source']}", f"FROM {info['file']}"]
+    if info["adapter"]:
+        modelfile.append(f"ADAPTER {info['adapter']}")
+    modelfile += [f"PARAMETER {line}" for line in parameters]
+    if inference.get("system_prompt"):
+        modelfile.append(f'SYSTEM """{inference["system_prompt"]}"""')
+    arch = info["arch"] or "llama"
+    req.json({"modelfile": "\n".join(modelfile) + "\n", "parameters": "\n".join(parameters), "template": "",
+              "system": inference.get("system_prompt") or "", "details": _details(info),
+              "model_info": {"general.architecture": arch, "general.parameter_count": info["parameters"],
+                             f"{arch}.context_length": info["trained_context"], "hublab.type": info["type"],
+                             "hublab.base": info["base"], "hublab.domain": info["domain"],
+                             "hublab.context_size": info["context_size"], "hublab.keywords": info["keywords"]},
+              "capabilities": ["completion"], "modified_at": iso_time(device.rt.models[model].source.stat().st_mtime)})
+
+
+def _parameters(inference: dict) -> list[str]:
+    """A model's [inference] as Ollama's PARAMETER lines."""
+    names = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+             "repeat_penalty": "repeat_penalty", "max_tokens": "num_predict", "context_size": "num_ctx",
+             "seed": "seed"}
+    lines = [f"{ollama} {inference[ours]}" for ours, ollama in names.items()
+             if inference.get(ours) not in (None, "") and not (ours == "context_size" and not inference[ours])]
+    lines += [f'stop "{s}"' for s in inference.get("stop") or []]
+    return lines
+
+
+def chat(req: Request) -> None:
+    body = req.body()
+    _refuse_unsupported(body)
+    _answer(req, body, _messages(body), chat=True)
+
+
+def generate(req: Request) -> None:
+    body = req.body()
+    _refuse_unsupported(body)
+    if body.get("context"):
+        raise ApiError(400, "context (token history) is not supported; send the conversation to /api/chat")
+    if body.get("template") or body.get("suffix"):
+        raise ApiError(400, "template and suffix are not supported; send raw: true with the prompt formatted")
+    prompt = body.get("prompt") or ""
+    if not isinstance(prompt, str):
+        raise ApiError(400, "prompt must be a string")
+    system = body.get("system")
+    if system is not None and not isinstance(system, str):
+        raise ApiError(400, "system must be a string")
+    _answer(req, body, prompt, chat=False)
+
+
+def _answer(req: Request, body: dict, prompt: str | list[dict], chat: bool) -> None:
+    """Generate for /api/chat or /api/generate: NDJSON lines (the default) or one JSON answer."""
+    t0 = time.perf_counter()
+    model = _model(body)
+    _chat_model(req, model)
+    opts = _options(body)
+    keep = _keep_alive(body)
+    stream = body.get("stream", True) is not False
+    raw = not chat and bool(body.get("raw"))
+    system = None if chat else body.get("system")
+    lines = _Lines(model, chat)
+    device = req.agent.device
+    if not prompt:
+        _load_only(req, model, keep, lines)
+        return
+    extra = body.get("hublab") or {}
+    routing, synthesis = extra.get("routing"), extra.get("synthesis")
+    bases = device.bases_for(model, prompt, routing, synthesis)
+    with req.generation(bases):
+        if stream:
+            req.start_ndjson()
+        done = device.complete(model, prompt, raw=raw, system=system, cancel=req.cancel, routing=routing,
+                               synthesis=synthesis, on_piece=(lambda p: req.ndjson(lines.piece(p))) if stream else None,
+                               **opts)
+        device.keep(bases, keep)
+        if req.ended:
+            return
+        last = lines.last(done, time.perf_counter() - t0, whole=not stream)
+        if stream:
+            req.ndjson(last)
+            req.completed = not req.gone
+        else:
+            req.json(last)
+
+
+def _load_only(req: Request, model: str, keep: float | None, lines: "_Lines") -> None:
+    """An empty prompt: load the model (Ollama's preload), or unload it when keep_alive is 0."""
+    device = req.agent.device
+    if model == MOE:
+        raise ApiError(400, "model moe needs a prompt to route; load experts by name")
+    bases = [device.base_of(model)]
+    with req.generation(bases):
+        if keep == 0:
+            device.keep(bases, 0)
+            reason = "unload"
+        else:
+            device.load(model)
+            device.keep(bases, keep)
+            reason = "load"
+    req.json(lines.empty(reason))
+
+
+class _Lines:
+    """The documents of one Ollama answer: streamed pieces and the last one with the counters."""
+
+    def __init__(self, model: str, chat: bool):
+        self.model, self.chat = model, chat
+
+    def _doc(self, text: str, done: bool) -> dict:
+        doc: dict[str, Any] = {"model": self.model, "created_at": iso_time()}
+        if self.chat:
+            doc["message"] = {"role": "assistant", "content": text}
+        else:
+            doc["response"] = text
+        doc["done"] = done
+        return doc
+
+    def piece(self, text: str) -> dict:
+        return self._doc(text, False)
+
+    def empty(self, reason: str) -> dict:
+        return self._doc("", True) | {"done_reason": reason}
+
+    def last(self, done: Completion, seconds: float, whole: bool) -> dict:
+        """The closing document; `whole`: a non-streamed answer, which carries the text in it."""
+        ns = 1_000_000_000
+        return self._doc(done.text if whole else "", True) | {
+            "done_reason": "length" if done.finish_reason == "length" else "stop",
+            "total_duration": int(seconds * ns), "load_duration": int(done.load_s * ns),
+            "prompt_eval_count": done.prompt_tokens, "prompt_eval_duration": int(done.prompt_s * ns),
+            "eval_count": done.tokens, "eval_duration": int(max(0.0, done.seconds - done.load_s - done.prompt_s) * ns),
+            "hublab": done.hublab}
+
+
+def embed(req: Request) -> None:
+    body = req.body()
+    t0 = time.perf_counter()
+    model = _embedding_model(req, _model(body))
+    texts = body.get("input")
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise ApiError(400, "input must be a string or a non-empty list of strings")
+    vectors, tokens = req.agent.device.embed(texts)
+    req.json({"model": model, "embeddings": vectors, "total_duration": int((time.perf_counter() - t0) * 1e9),
+              "load_duration": 0, "prompt_eval_count": tokens})
+
+
+def embeddings(req: Request) -> None:
+    body = req.body()
+    _embedding_model(req, _model(body))
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str):
+        raise ApiError(400, "prompt must be a string (the text to embed)")
+    vectors, _ = req.agent.device.embed([prompt])
+    req.json({"embedding": vectors[0]})
+
+
+def _embedding_model(req: Request, model: str) -> str:
+    if model == ROUTER:
+        return model
+    if model == MOE or model in req.agent.device.rt.models:
+        raise ApiError(400, f"{model} generates text; embeddings come from the router's encoder: model router")
+    raise UnknownModel(f"no embedding model named {model!r}; embeddings come from the router's encoder: model router")
+
+
+def pull(req: Request) -> None:
+    body = req.body()
+    ref = body.get("model") or body.get("name")
+    if not isinstance(ref, str) or not ref.strip():
+        raise ApiError(400, "model is required: a package name[:tag] in the configured registry")
+    ref = ref.strip()
+    stream = body.get("stream", True) is not False
+    req.agent.device.check_package(ref)  # a refusal (signature, fit, not found) is a 4xx, not a stream
+    if not stream:
+        req.json({"status": "success", "hublab": req.agent.device.pull(ref)})
+        return
+    req.start_ndjson()
+    req.ndjson({"status": "pulling manifest"})
+    shown = {"label": "", "at": 0.0}
+
+    def progress(label: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        # a line per file and a few a second: a client's progress bar needs no more
+        if label != shown["label"] or done >= total or now - shown["at"] >= 0.2:
+            shown.update(label=label, at=now)
+            req.ndjson({"status": f"pulling {label}", "total": total, "completed": done})
+
+    result = req.agent.device.pull(ref, progress)
+    req.ndjson({"status": "success", "hublab": result})
+    req.completed = not req.gone
+
+
+def delete(req: Request) -> None:
+    device = req.agent.device
+    name = _model(req.body())
+    bases = [device.base_of(n) for n in device.package_models(name)]
+    with req.generation(bases):  # after any answer running on them
+        req.json({"status": "success", "hublab": device.delete(name)})
+
+
+ROUTES = {
+    "/": Route({"GET": running_text}, "ollama"),
+    "/api/version": Route({"GET": version}, "ollama"),
+    "/api/tags": Route({"GET": tags}, "ollama"),
+    "/api/ps": Route({"GET": ps}, "ollama"),
+    "/api/show": Route({"POST": show}, "ollama"),
+    "/api/chat": Route({"POST": chat}, "ollama"),
+    "/api/generate": Route({"POST": generate}, "ollama"),
+    "/api/embed": Route({"POST": embed}, "ollama"),
+    "/api/embeddings": Route({"POST": embeddings}, "ollama"),
+    "/api/pull": Route({"POST": pull}, "ollama"),
+    "/api/delete": Route({"DELETE": delete}, "ollama"),
+}
