@@ -190,6 +190,8 @@ def _record_text(rec: Installed) -> str:
 def read_record(root: Path) -> Installed:
     path = root / MANIFEST_NAME
     try:
+        if _kind(path) != "file":  # a fifo would block the read, a link could lead anywhere
+            raise ValueError("not a regular file")
         data = tomli.loads(path.read_text(encoding="utf-8"))
         p, i = data["package"], data["install"]
         files = [FileEntry(path=safe_relpath(f["path"]), role=f.get("role", ""), size=int(f["size"]),

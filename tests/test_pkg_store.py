@@ -323,3 +323,78 @@ def test_name_limits_in_the_manifest_and_in_layer_titles(ws, capsys):
     path_schema = _schema()["properties"]["files"]["items"]["properties"]["path"]
     assert path_schema["maxLength"] == PATH_MAX and "255 bytes" in path_schema["description"]
     assert json.dumps(_schema())  # still valid JSON
+
+
+# ---------------------------------------------------------------------------------------------------
+# Any store state at all
+
+STORE_PATHS = [".hublab", ".hublab/staging", ".hublab/blobs", ".hublab/lock", ".hublab/staging/tiny.new",
+               ".hublab/staging/tiny.old", ".hublab/staging/tiny.tmp-00000000", ".hublab/staging/junk",
+               ".hublab/blobs/sha256-{gguf}", ".hublab/blobs/sha256-{gguf}.partial", "packages", "experts",
+               "router", "experts/alpha-expert", "packages/tiny", "packages/tiny/package.toml", "packages/tiny/q8_0",
+               "packages/tiny/q8_0/tiny.gguf", "packages/tiny/extra", "router/package.toml"]
+KINDS = ["file", "dir", "dangling symlink", "symlink to a dir", "symlink to a file", "fifo"]
+
+
+def _put(path: Path, kind: str, outside: Path) -> None:
+    if os.path.lexists(path):
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "file":
+        path.write_bytes(b"junk")
+    elif kind == "dir":
+        path.mkdir()
+        (path / "package.toml").write_text("junk = [")
+    elif kind == "dangling symlink":
+        path.symlink_to(outside / "gone")
+    elif kind == "symlink to a dir":
+        path.symlink_to(outside)
+    elif kind == "symlink to a file":
+        path.symlink_to(outside / "file.txt")
+    else:
+        os.mkfifo(path)
+
+
+def test_every_command_answers_on_any_store_state(ws, reg, capsys):
+    """Each store path replaced by each kind of thing: every pkg verb exits 0 or 1 with at most one error
+    line, nothing outside the models dir is touched, and a package the change did not hit stays whole."""
+    template = ws.root / "template"
+    pkg.install("tiny:1.0", reg, models_dir=template, profile="host")
+    gguf = resolve(open_registry(reg), "tiny", "1.0").layers["q8_0/tiny.gguf"].hex
+    outside = ws.root / "outside"
+    outside.mkdir()
+    (outside / "file.txt").write_text("outside")
+    failures, states = [], 0
+    for rel in STORE_PATHS:
+        for kind in KINDS:
+            states += 1
+            shutil.rmtree(ws.models, ignore_errors=True)
+            shutil.copytree(template, ws.models, symlinks=True)
+            _put(ws.models / rel.format(gguf=gguf), kind, outside)
+            for argv in (["verify"], ["list"], ["show", "tiny", "--registry", reg],
+                         ["install", "alpha-expert", "--registry", reg], ["update", "--registry", reg],
+                         ["install", "tiny:1.1", "--registry", reg, "--profile", "host"],
+                         ["remove", "alpha-expert"], ["verify"]):
+                try:
+                    rc = main(["pkg", *argv, "--json"])  # --json: no progress bars on stderr
+                except BaseException as exc:  # noqa: BLE001 - any escape is the failure we look for
+                    failures.append(f"{rel} as {kind}: pkg {argv[0]} raised {exc.__class__.__name__}: {exc}")
+                    break
+                err = capsys.readouterr().err
+                if rc not in (0, 1) or err.count("\n") > 1 or "Traceback" in err:
+                    failures.append(f"{rel} as {kind}: pkg {argv[0]} rc={rc} {err!r}")
+            # An area directory linked elsewhere (on the same file system) is the user's choice of place.
+            chosen = rel in ("packages", "experts") and kind == "symlink to a dir"
+            if sorted(p.name for p in outside.iterdir()) != ["file.txt"] or \
+                    (outside / "file.txt").read_text() != "outside":
+                if not chosen:
+                    failures.append(f"{rel} as {kind}: wrote outside the models dir")
+                shutil.rmtree(outside)
+                outside.mkdir()
+                (outside / "file.txt").write_text("outside")
+            if not rel.startswith("packages"):
+                versions = {r.name: r.version for r in pkg.list_packages()}
+                if versions.get("tiny") not in ("1.0", "1.1"):
+                    failures.append(f"{rel} as {kind}: tiny lost ({versions})")
+    assert not failures, "\n".join(failures)
+    assert states == len(STORE_PATHS) * len(KINDS)
