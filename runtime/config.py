@@ -16,6 +16,7 @@ from typing import Any
 
 import tomli
 
+from .chat import FORMATS as CHAT_FORMATS
 from .errors import HublabError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -182,6 +183,7 @@ SYSTEM_SCHEMA: dict[str, dict[str, Key]] = {
         "fallback": Key(str, "general", "expert that answers when nothing passes routing"),
         "router": Key(str, "", "router directory (model.onnx, tokenizer.json, router.toml); empty = <models_dir>/router"),
         "keyword_weight": Key(float, 0.25, "weight of keyword evidence blended with router scores, 0..1"),
+        "sure": Key(float, 0.8, "topk answers with the top expert alone when its score reaches this; 1 = never"),
         "aggregator": Key(str, "", "expert that writes the summarize answer; empty = the fallback expert"),
     },
     "agent": {
@@ -233,6 +235,7 @@ class SystemConfig:
     fallback: str = "general"
     router_dir: Path | None = None
     keyword_weight: float = 0.25
+    sure: float = 0.8
     aggregator: str = ""
     host: str = "127.0.0.1"
     port: int = 8780
@@ -279,6 +282,7 @@ def load_system(path: Path | None = None) -> SystemConfig:
     except ValueError as exc:
         raise ConfigError(f"{_where(path, text, 'moe', 'routing')}: {exc}") from None
     _check_range(path, text, "moe", "keyword_weight", moe["keyword_weight"], 0.0, 1.0)
+    _check_range(path, text, "moe", "sure", moe["sure"], 0.0, 1.0)
     _check_range(path, text, "runtime", "threads", rt["threads"], 0, 256)
     _check_range(path, text, "agent", "port", agent["port"], 1, 65535)
     _check_range(path, text, "agent", "queue_size", agent["queue_size"], 1, None)
@@ -287,7 +291,7 @@ def load_system(path: Path | None = None) -> SystemConfig:
         path=path, models_dir=models_dir, profile=rt["profile"], threads=rt["threads"],
         max_memory=max_memory, keep_alive=keep_alive, routing=moe["routing"], synthesis=moe["synthesis"],
         fallback=moe["fallback"], router_dir=rel(moe["router"]) if moe["router"] else None,
-        keyword_weight=moe["keyword_weight"], aggregator=moe["aggregator"], host=agent["host"],
+        keyword_weight=moe["keyword_weight"], sure=moe["sure"], aggregator=moe["aggregator"], host=agent["host"],
         port=agent["port"], token=agent["token"], queue_size=agent["queue_size"],
         trusted_keys=list(sec["trust"]["keys"]), inference=dict(data.get("inference", {})), raw=data,
     )
@@ -342,8 +346,8 @@ MODEL_SCHEMA: dict[str, dict[str, Key]] = {
         "path": Key(str, "", "GGUF file, relative to this TOML, or pypi:<package> for a model shipped on PyPI"),
         "type": Key(str, "base", "base (a GGUF others build on) or expert", ("base", "expert")),
         "description": Key(str, "", "one line shown in listings"),
-        "chat_format": Key(str, "auto", "prompt format: auto (the GGUF's template), gemma, chatml or plain",
-                           ("auto", "gemma", "chatml", "plain")),
+        "chat_format": Key(str, "auto", "prompt format: auto (the GGUF's template), gemma, chatml, llama3, "
+                           "alpaca or plain", CHAT_FORMATS),
     },
     "inference": {
         "max_tokens": Key(int, 256, "most tokens generated per answer"),
@@ -364,6 +368,10 @@ MODEL_SCHEMA: dict[str, dict[str, Key]] = {
         "base": Key(str, "", "name of the base model this adapter runs on"),
         "adapter": Key(str, "", "LoRA adapter GGUF, relative to this TOML"),
         "scale": Key(float, 1.0, "LoRA adapter scale"),
+        "knowledge": Key(str, "", "knowledge pack: question/answer JSONL retrieved into the prompt, relative to "
+                                  "this TOML"),
+        "knowledge_shots": Key(int, 2, "how many retrieved pairs go before the question; 0 = none"),
+        "knowledge_min": Key(float, 0.45, "least similarity (router encoder cosine) for a pair to be shown"),
     },
 }
 
@@ -414,6 +422,9 @@ class ModelConfig:
     base: str = ""
     adapter: Path | None = None
     scale: float = 1.0
+    knowledge: Path | None = None
+    knowledge_shots: int = 2
+    knowledge_min: float = 0.45
 
     @property
     def is_expert(self) -> bool:
@@ -479,6 +490,8 @@ def load_model(path: Path) -> ModelConfig:
                           "(or [expert] base = \"<base>\" for an expert on a shared base)")
     check_inference_ranges(path, text, inf)
     _check_range(path, text, "expert", "threshold", ex["threshold"], 0.0, 1.0)
+    _check_range(path, text, "expert", "knowledge_shots", ex["knowledge_shots"], 0, 8)
+    _check_range(path, text, "expert", "knowledge_min", ex["knowledge_min"], -1.0, 1.0)
     for i, item in enumerate(ex["keywords"]):
         if not isinstance(item, str) or not item.strip():
             raise ConfigError(f"{_where(path, text, 'expert', 'keywords')}: item {i + 1} must be a non-empty "
@@ -497,7 +510,8 @@ def load_model(path: Path) -> ModelConfig:
         name=m["name"], source=path, type="expert" if is_expert else "base", path=gguf,
         description=m["description"], inference=Inference(**inf), chat_format=m["chat_format"], domain=ex["domain"] or m["name"],
         keywords=[k.strip() for k in ex["keywords"]], threshold=ex["threshold"], base=ex["base"],
-        adapter=adapter, scale=ex["scale"],
+        adapter=adapter, scale=ex["scale"], knowledge=(path.parent / ex["knowledge"]).resolve() if ex["knowledge"] else None,
+        knowledge_shots=ex["knowledge_shots"], knowledge_min=ex["knowledge_min"],
     )
 
 

@@ -50,6 +50,7 @@ class GenerationResult:
     finish_reason: str = "stop"          # stop | length | cancelled
     rss_bytes: int = 0
     mean_token_prob: float | None = None  # mean probability of the sampled tokens (when asked for)
+    knowledge: int = 0                    # knowledge-pack pairs put before the question
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -111,6 +112,11 @@ class LoadedBase:
             llama_cpp.llama_memory_clear(mem, True)
         self.llama.reset()
         self.active = expert if expert in self.adapters else None
+
+
+def _is_special(llama, token: str) -> bool:
+    """Whether the model's vocabulary has `token` as one special token (as <|im_start|> in a ChatML model)."""
+    return len(llama.tokenize(token.encode(), add_bos=False, special=True)) == 1
 
 
 class Generation:
@@ -246,6 +252,11 @@ class Runtime:
         self.max_memory = max_memory if max_memory is not None else self.system.max_memory
         self.keep_alive = keep_alive if keep_alive is not None else self.system.keep_alive
         self._lock = threading.RLock()
+        self._router_lock = threading.Lock()
+        self._router: object = None
+        self._router_loaded = False
+        self.router_note = ""
+        self._library = None
         self._loaded: dict[str, LoadedBase] = {}
         self.stats: dict[str, ExpertStats] = {}
         self.rescan()
@@ -409,7 +420,8 @@ class Runtime:
                 bos_token=vocab.token_get_text(vocab.token_bos()) if vocab.token_bos() >= 0 else "")
         base = LoadedBase(name=cfg.name, config=cfg, llama=llama, n_ctx=n_ctx,
                           estimate=estimate_model(info, n_ctx), jinja=jinja,
-                          chat_format=choose_format(cfg.chat_format, info.arch, bool(info.chat_template)))
+                          chat_format=choose_format(cfg.chat_format, info.arch, bool(info.chat_template),
+                                                    lambda token: _is_special(llama, token)))
         self._loaded[cfg.name] = base
         return base
 
@@ -503,6 +515,50 @@ class Runtime:
                 if not base.busy and base.name in self._loaded:
                     self._unload_base(base.name)
 
+    # -- router and knowledge -------------------------------------------------------------------------
+
+    @property
+    def router(self):
+        """The ONNX router, opened on first use; None (keywords only) when the models dir has none."""
+        from .router import Router, RouterError, default_router_dir
+
+        with self._router_lock:
+            if not self._router_loaded:
+                self._router_loaded = True
+                directory = default_router_dir(self.system)
+                if directory.is_dir():
+                    try:
+                        self._router = Router.load(directory, list(self.experts.values()),
+                                                   keyword_weight=self.system.keyword_weight,
+                                                   fallback=self.system.fallback, threads=1)
+                    except RouterError:
+                        self._router_loaded = False  # say why on every use, until it is fixed
+                        raise
+                else:
+                    self.router_note = (f"no router at {directory}: routing by keywords only "
+                                        "(build one with `hublab train router`)")
+        return self._router
+
+    def with_knowledge(self, cfg: ModelConfig, prompt: str | list[dict]) -> tuple[str | list[dict], int]:
+        """The chat with the expert's closest knowledge-pack pairs put before it, and how many were put."""
+        if cfg.knowledge is None or cfg.knowledge_shots <= 0:
+            return prompt, 0
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        users = [m["content"] for m in messages if m.get("role") == "user" and isinstance(m.get("content"), str)]
+        router = self.router
+        if not users or router is None or not router.has_embedding:
+            return prompt, 0
+        from .knowledge import Library, shots
+
+        if self._library is None:
+            self._library = Library(router.embed, router.encoder_id)
+        pack = self._library.pack(cfg.knowledge)
+        found = pack.nearest(router.embed([users[-1]])[0], cfg.knowledge_shots, cfg.knowledge_min)
+        if not found:
+            return prompt, 0
+        at = next(i for i, m in enumerate(messages) if m.get("role") != "system")
+        return messages[:at] + shots(found) + messages[at:], len(found)
+
     # -- generation ---------------------------------------------------------------------------------
 
     def sampler(self, cfg: ModelConfig, overrides: dict) -> Inference:
@@ -552,9 +608,12 @@ class Runtime:
                   cancel: threading.Event | None, opts: Inference, stops: list[str], system: str) -> Iterator[str]:
         import llama_cpp
 
+        t0 = time.perf_counter()
+        n_shots = 0
+        if not raw:
+            prompt, n_shots = self.with_knowledge(cfg, prompt)
         with self.hold(cfg.name) as base:
             llama = base.llama
-            t0 = time.perf_counter()
             tokens, template_stops = self.prompt_tokens(base, cfg, prompt, raw, system)
             stops = stops + [s for s in template_stops if s not in stops]
             if len(tokens) >= base.n_ctx:
@@ -584,7 +643,7 @@ class Runtime:
                 expert=cfg.name, text=text, prompt_tokens=len(tokens), tokens=n_new, ttft_s=round(ttft, 4),
                 seconds=round(seconds, 4),
                 tokens_per_s=round((n_new - 1) / decode_s, 2) if n_new > 1 else 0.0,
-                finish_reason=finish, rss_bytes=psutil.Process().memory_info().rss,
+                finish_reason=finish, rss_bytes=psutil.Process().memory_info().rss, knowledge=n_shots,
                 mean_token_prob=(math.exp(logprob_sum / n_new) if n_new else 0.0) if logprobs else None)
             st = self.stats.setdefault(cfg.name, ExpertStats())
             st.calls += 1

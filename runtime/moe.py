@@ -1,7 +1,8 @@
 """Route a question to experts and synthesise their answers into one. Each strategy does what its name says:
 
 - best: every selected expert answers; confidence = router score x the answer's mean token probability
-  (from llama.cpp's logits); the most confident answer wins.
+  (from llama.cpp's logits), and 0 for a degenerate answer (hublab.runtime.quality: a loop is the most
+  probable text a small model writes, so probability alone would reward it); the most confident answer wins.
 - weighted (WeightedAverage): ONE answer decoded from the router-weighted mixture of the selected experts'
   next-token distributions at every step (Runtime.mixture_stream; experts on one shared base).
 - voting: every selected expert answers; the answer with the highest score-weighted mean agreement with
@@ -26,7 +27,8 @@ import numpy as np
 from .config import SYSTEM_SCHEMA, parse_routing
 from .engine import GenerationResult, Runtime
 from .errors import HublabError
-from .router import Router, RouterError, Selection, blend, default_router_dir, select
+from .quality import degenerate
+from .router import Router, RouterError, Selection, blend, select
 
 SYNTHESES = SYSTEM_SCHEMA["moe"]["synthesis"].choices
 Event = Callable[[str, dict], None]
@@ -111,25 +113,15 @@ class MoE:
         self.synthesis = runtime.system.synthesis
         self.fallback = runtime.system.fallback
         self._router = router
-        self._router_loaded = router is not None
-        self._router_lock = threading.Lock()
-        self.router_note = ""
 
     @property
     def router(self) -> Router | None:
-        """The ONNX router, opened on first use; None (keywords only) when the models dir has none."""
-        with self._router_lock:
-            if not self._router_loaded:
-                self._router_loaded = True
-                directory = default_router_dir(self.rt.system)
-                if directory.is_dir():
-                    self._router = Router.load(directory, list(self.rt.experts.values()),
-                                               keyword_weight=self.rt.system.keyword_weight, fallback=self.fallback,
-                                               threads=1)
-                else:
-                    self.router_note = (f"no router at {directory}: routing by keywords only "
-                                        "(build one with `hublab train router`)")
-        return self._router
+        """The router given, else the runtime's (opened on first use; None = keywords only)."""
+        return self._router if self._router is not None else self.rt.router
+
+    @property
+    def router_note(self) -> str:
+        return self.rt.router_note
 
     def set(self, routing: str | None = None, synthesis: str | None = None) -> None:
         """Change the strategy for this session (validated; the shell persists it to system.toml)."""
@@ -155,11 +147,12 @@ class MoE:
         try:
             router = self.router
             if router is not None:
-                return router.route(query, routing, self.fallback)
+                return router.route(query, routing, self.fallback, self.rt.system.sure)
             model = {name: 1.0 if name == self.fallback else 0.0 for name in experts}
             keywords = {name: cfg.keywords for name, cfg in experts.items()}
             scores = blend(query, model, keywords, 1.0)
-            return select(scores, routing, self.fallback, {n: c.threshold for n, c in experts.items()})
+            return select(scores, routing, self.fallback, {n: c.threshold for n, c in experts.items()},
+                          self.rt.system.sure)
         except RouterError as exc:
             raise HublabError(str(exc)) from None
 
@@ -217,7 +210,8 @@ class MoE:
 
     def _best(self, result: MoEResult, emit: Event, opts: dict) -> None:
         for a in result.answers:
-            a.confidence = a.score * (a.result.mean_token_prob or 0.0)
+            bad = degenerate(a.text, self.rt.config(a.expert).inference.system_prompt)
+            a.confidence = 0.0 if bad else a.score * (a.result.mean_token_prob or 0.0)
         if not result.answers:
             return self._finish(result, emit, "")
         # ties: the higher router score, then the expert name, like routing itself

