@@ -19,6 +19,10 @@ in .hublab/staging, fsync'd, and one rename into place. An update swaps the tree
 renameat2(RENAME_EXCHANGE) where the filesystem has it, else two renames whose half-done state
 `recover()` (run first by every mutating verb and by verify) rolls forward. A kill -9 at any point
 leaves the old package or the new one.
+
+Store state is judged by what each path is (lstat: a dangling symlink is not "nothing there"): the
+store's own paths are healed, anything else in the way is refused in one line before a download, and
+every verb turns an OSError (full disk, read-only card) into one PackageError line.
 """
 from __future__ import annotations
 
