@@ -450,13 +450,14 @@ class Device:
         """Sentence embeddings of `texts` from the router's encoder (L2-normalised) and the tokens read."""
         router = self.moe.router
         if router is None:
-            raise HublabError(f"no router at {self._router_dir()}: embeddings come from the router's encoder; "
+            raise HublabError(f"no router at {self.router_dir()}: embeddings come from the router's encoder; "
                               "install a router package or set [moe] router")
         vectors = router.embed(texts)
         tokens = sum(len(router.tokenizer.encode(t).ids) for t in texts)
         return [[float(x) for x in row] for row in vectors], tokens
 
-    def _router_dir(self) -> Path:
+    def router_dir(self) -> Path:
+        """Where the router is read from: [moe] router, else <models_dir>/router."""
         from .router import default_router_dir
 
         return default_router_dir(self.rt.system)

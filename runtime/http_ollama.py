@@ -153,7 +153,7 @@ def _info(req: Request, name: str) -> dict | None:
 
 
 def _router_file(req: Request):
-    path = req.agent.device._router_dir() / "model.onnx"
+    path = req.agent.device.router_dir() / "model.onnx"
     return path if path.is_file() else None
 
 
@@ -218,7 +218,7 @@ def show(req: Request) -> None:
     if model == ROUTER:
         router = _router_file(req)
         if router is None:
-            raise UnknownModel(f"no router at {device._router_dir()}; install a router package or set [moe] router")
+            raise UnknownModel(f"no router at {device.router_dir()}; install a router package or set [moe] router")
         req.json({"modelfile": "", "parameters": "", "template": "", "details": _details(None, "router"),
                   "model_info": {"hublab.type": "router", "hublab.path": str(router.parent)},
                   "capabilities": ["embedding"], "modified_at": iso_time(router.stat().st_mtime)})
