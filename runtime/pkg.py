@@ -364,7 +364,8 @@ class Store:
         trees: dict[str, dict[str, Path]] = {}
         for p in entries:
             base, _, suffix = p.name.rpartition(".")
-            if suffix in ("new", "old") and ".tmp-" not in p.name and ".del-" not in p.name and _kind(p) == "dir":
+            # NAME.tmp-<hex> and NAME.del-<hex> never end in .new/.old, whatever NAME is ("a.tmp-b" is a name)
+            if suffix in ("new", "old") and _kind(p) == "dir":
                 trees.setdefault(base, {})[suffix] = p
                 continue
             # unfinished trees, half-removed packages, and anything else: staging is ours alone

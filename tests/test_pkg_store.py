@@ -250,6 +250,18 @@ def test_an_old_tree_that_cannot_be_put_back_is_kept_not_lost(ws, reg, capsys):
     assert pkg.install("tiny:1.1", reg, profile="host").status == "updated"
 
 
+def test_an_interrupted_update_of_a_package_named_like_a_temp_tree_is_finished(ws):
+    """Package names may hold '.tmp-' or '.del-': recovery goes by the suffix, not by a substring."""
+    files = {"a.txt": b"one"}
+    push_raw(str(ws.registry), "x.tmp-y", ["latest"], manifest_text("x.tmp-y", files), files, sign_with=ws.key)
+    r = pkg.install("x.tmp-y", str(ws.registry))
+    old = ws.models / ".hublab" / "staging" / "x.tmp-y.old"
+    os.rename(r.root, old)  # a two-rename update killed between its renames, new tree lost
+    v = pkg.verify()
+    assert v.ok and v.recovered == ["x.tmp-y: restored previous version 1.0"], v.to_dict()
+    assert (Path(r.root) / "a.txt").read_bytes() == b"one"
+
+
 def test_an_install_record_with_a_path_escaping_name_is_not_trusted(ws, reg):
     pkg.install("tiny:1.0", reg, profile="host")
     record = ws.models / "packages" / "tiny" / "package.toml"
