@@ -72,7 +72,7 @@ def iso_time(epoch: float | None = None) -> str:
 
 class Request(BaseHTTPRequestHandler):
     """One HTTP request. Route handlers read `body()`, `query` and `agent.device`, and answer with `json`,
-    a stream (`start_sse`/`sse`, `start_ndjson`/`ndjson`) or `send`."""
+    a stream of frames (`sse`, `ndjson`) or `send`."""
     protocol_version = "HTTP/1.1"
     server_version = f"hublab/{__version__}"
     agent: "Agent"    # set on the subclass the Agent makes
@@ -222,17 +222,18 @@ class Request(BaseHTTPRequestHandler):
             self.gone = True
             self.cancel.set()
 
-    def start_sse(self) -> None:
-        self._start_stream("sse", "text/event-stream")
+    # A stream's headers go out with its first frame: whatever fails before it (an unknown model, a
+    # model that does not fit, a prompt too long) still answers with its own status code.
 
     def sse(self, data: Any, event: str | None = None) -> None:
+        if not self.stream_kind:
+            self._start_stream("sse", "text/event-stream")
         text = data if isinstance(data, str) else json.dumps(data, default=str)
         self._write(((f"event: {event}\n" if event else "") + f"data: {text}\n\n").encode())
 
-    def start_ndjson(self) -> None:
-        self._start_stream("ndjson", "application/x-ndjson")
-
     def ndjson(self, obj: Any) -> None:
+        if not self.stream_kind:
+            self._start_stream("ndjson", "application/x-ndjson")
         self._write(json.dumps(obj, default=str).encode() + b"\n")
 
     # -- generating ------------------------------------------------------------------------------------------

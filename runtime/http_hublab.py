@@ -67,8 +67,6 @@ def ask(req: Request) -> None:
     device = req.agent.device
     stream = body.get("stream", True)
     with req.generation(device.ask_bases(query, routing, synthesis)):
-        if stream:
-            req.start_sse()
         result = device.ask(query, routing=routing, synthesis=synthesis, cancel=req.cancel, max_tokens=max_tokens,
                             on_event=(lambda kind, data: req.sse(data, event=kind)) if stream else None)
         if not stream and not req.cancel.is_set():

@@ -294,8 +294,6 @@ def _answer(req: Request, body: dict, prompt: str | list[dict], chat: bool) -> N
     routing, synthesis = extra.get("routing"), extra.get("synthesis")
     bases = device.bases_for(model, prompt, routing, synthesis)
     with req.generation(bases):
-        if stream:
-            req.start_ndjson()
         done = device.complete(model, prompt, raw=raw, system=system, cancel=req.cancel, routing=routing,
                                synthesis=synthesis, on_piece=(lambda p: req.ndjson(lines.piece(p))) if stream else None,
                                **opts)
@@ -402,7 +400,6 @@ def pull(req: Request) -> None:
     if not stream:
         req.json({"status": "success", "hublab": req.agent.device.pull(ref)})
         return
-    req.start_ndjson()
     req.ndjson({"status": "pulling manifest"})
     shown = {"label": "", "at": 0.0}
 

@@ -88,17 +88,19 @@ def _answer(req: Request, body: dict, prompt: str | list[dict], chat: bool) -> N
     chunks = _Chunks(model, chat)
     device = req.agent.device
     bases = device.bases_for(model, prompt, routing, synthesis)  # an unknown model is a 404 here
+
+    def send(piece: str | None, finish: str | None = None) -> None:
+        if chat and not req.stream_kind:
+            req.sse(chunks.first())  # a chat stream opens with the assistant's role
+        req.sse(chunks.piece(piece, finish))
+
     with req.generation(bases):
-        if stream:
-            req.start_sse()
-            if chat:
-                req.sse(chunks.first())
         done = device.complete(model, prompt, raw=not chat, cancel=req.cancel, routing=routing, synthesis=synthesis,
-                               on_piece=(lambda piece: req.sse(chunks.piece(piece))) if stream else None, **opts)
+                               on_piece=send if stream else None, **opts)
         if req.ended:
             return
         if stream:
-            req.sse(chunks.piece(None, _finish(done)))
+            send(None, _finish(done))
             if (body.get("stream_options") or {}).get("include_usage"):
                 req.sse(chunks.usage(done))
             req.sse("[DONE]")

@@ -155,6 +155,19 @@ def test_text_completion_sse_format_and_raw_prompt(agent):
     assert streamed == agent.device.rt.generate("tiny", "the python model", raw=True, max_tokens=6).text
 
 
+def test_openai_client_text_completion_plain_and_streaming(agent):
+    from openai import BadRequestError, OpenAI
+
+    client = OpenAI(base_url=agent.url + "/v1", api_key="unused")
+    r = client.completions.create(model="tiny", prompt="the python model", max_tokens=6)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 6
+    chunks = list(client.completions.create(model="tiny", prompt="the python model", max_tokens=6, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text
+    # a prompt longer than the context is refused with a 400 before any SSE starts, streamed or not
+    with pytest.raises(BadRequestError, match="context holds 256"):
+        list(client.completions.create(model="tiny", prompt="the " * 400, max_tokens=6, stream=True))
+
+
 def test_model_moe_routes_by_keywords(agent):
     r = httpx.post(agent.url + "/v1/chat/completions", json={
         "model": "moe", "max_tokens": 5, "messages": [{"role": "user", "content": "how do I publish a rust crate with cargo"}]})

@@ -136,8 +136,8 @@ def test_options_sample_stop_and_num_ctx(agent, client):
     n = client.chat(model="gamma", messages=QUESTION, options=GREEDY).prompt_eval_count
     r = client.chat(model="gamma", messages=QUESTION, options={"temperature": 0, "num_ctx": n + 3})
     assert r.eval_count == 3 and r.done_reason == "length"
-    with pytest.raises(ollama.ResponseError) as e:
-        client.chat(model="gamma", messages=QUESTION, options={"num_ctx": 100000})
+    with pytest.raises(ollama.ResponseError) as e:  # streamed too: refused before the stream starts
+        list(client.chat(model="gamma", messages=QUESTION, options={"num_ctx": 100000}, stream=True))
     assert e.value.status_code == 400 and "context_size" in e.value.error
     with pytest.raises(ollama.ResponseError) as e:
         client.chat(model="gamma", messages=QUESTION, options={"temperature": "hot"})
