@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from pathlib import Path
 from typing import Any
 
 from hublab import __version__
@@ -121,9 +122,10 @@ def _chat_model(req: Request, model: str) -> None:
 # ---------------------------------------------------------------------------------------------------
 # Describing models
 
-def _digest(path) -> str:
+def _digest(path: str | Path) -> str:
+    """sha256 of a model's TOML: changes when the model's definition does, as an Ollama digest would."""
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
     except OSError:
         return ""
 
@@ -137,12 +139,19 @@ def _parameter_size(n: int | None) -> str:
     return str(n)
 
 
-def _details(info: dict | None, family: str = "") -> dict:
+def _details(info: dict | None) -> dict:
+    """Ollama's details of a GGUF model from Device.info (None: its files are missing)."""
     info = info or {}
-    arch = family or info.get("arch") or ""
-    return {"parent_model": info.get("base") or "", "format": "gguf" if not family else family, "family": arch,
+    arch = info.get("arch") or ""
+    return {"parent_model": info.get("base") or "", "format": "gguf", "family": arch,
             "families": [arch] if arch else None, "parameter_size": _parameter_size(info.get("parameters")),
             "quantization_level": info.get("quant") or ""}
+
+
+def _other_details(family: str, fmt: str, families: list[str] | None = None) -> dict:
+    """Details of what is not one GGUF: moe (its experts as families) and the router (ONNX)."""
+    return {"parent_model": "", "format": fmt, "family": family, "families": families or [family],
+            "parameter_size": "", "quantization_level": ""}
 
 
 def _info(req: Request, name: str) -> dict | None:
@@ -181,13 +190,12 @@ def tags(req: Request) -> None:
         source = device.rt.models[row["name"]].source
         modified = source.stat().st_mtime if source.exists() else 0
         models.append(_entry(row["name"], row["size"] or 0, modified, _digest(source), _details(_info(req, row["name"]))))
-    experts = sorted(device.rt.experts)
-    moe_details = {**_details(None, "moe"), "families": experts}
+    moe_details = _other_details("moe", "hublab", sorted(device.rt.experts))
     models.insert(0, _entry(MOE, sum(r["size"] or 0 for r in rows), time.time(), "", moe_details))
     router = _router_file(req)
     if router is not None:
         models.append(_entry(ROUTER, router.stat().st_size, router.stat().st_mtime, _digest(router.with_name("router.toml")),
-                             _details(None, "router")))
+                             _other_details("router", "onnx")))
     req.json({"models": models})
 
 
@@ -197,7 +205,7 @@ def ps(req: Request) -> None:
     for row in device.running():
         info = _info(req, row["name"])
         models.append({"name": row["name"], "model": row["name"], "size": row["memory"], "size_vram": 0,
-                       "digest": _digest(device.rt.models[row["name"]].source), "details": _details(info),
+                       "digest": _digest(info["source"]) if info else "", "details": _details(info),
                        "expires_at": NEVER if row["expires"] is None else iso_time(row["expires"]),
                        "context_length": row["context"]})
     req.json({"models": models})
@@ -209,7 +217,7 @@ def show(req: Request) -> None:
     if model == MOE:
         s = device.settings()
         req.json({"modelfile": "", "parameters": f"routing {s['routing']}\nsynthesis {s['synthesis']}", "template": "",
-                  "details": {**_details(None, "moe"), "families": sorted(device.rt.experts)},
+                  "details": _other_details("moe", "hublab", sorted(device.rt.experts)),
                   "model_info": {"hublab.type": "moe", "hublab.experts": sorted(device.rt.experts),
                                  "hublab.routing": s["routing"], "hublab.synthesis": s["synthesis"],
                                  "hublab.fallback": s["fallback"], "hublab.router": s["router"]},
@@ -219,7 +227,7 @@ def show(req: Request) -> None:
         router = _router_file(req)
         if router is None:
             raise UnknownModel(f"no router at {device.router_dir()}; install a router package or set [moe] router")
-        req.json({"modelfile": "", "parameters": "", "template": "", "details": _details(None, "router"),
+        req.json({"modelfile": "", "parameters": "", "template": "", "details": _other_details("router", "onnx"),
                   "model_info": {"hublab.type": "router", "hublab.path": str(router.parent)},
                   "capabilities": ["embedding"], "modified_at": iso_time(router.stat().st_mtime)})
         return

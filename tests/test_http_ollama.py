@@ -175,6 +175,7 @@ def test_keep_alive_ps_load_and_unload(agent, client):
     assert set(running) == {"tiny", "alpha"}
     assert 590 < _expires_in(running["tiny"]) <= 600 and running["tiny"].size > running["alpha"].size > 0
     assert running["tiny"].context_length == 256 and running["alpha"].details.parent_model == "tiny"
+    assert len(running["alpha"].digest) == 64
 
     client.chat(model="alpha", messages=QUESTION, options=GREEDY)  # no keep_alive: [runtime] keep_alive (5m)
     assert 290 < _expires_in(client.ps().models[0]) <= 300
