@@ -3,7 +3,7 @@
 It serves three APIs over one runtime, each a module of small route handlers:
 - OpenAI (runtime/http_openai.py): /v1/models, /v1/chat/completions, /v1/completions
 - Ollama (runtime/http_ollama.py): /api/version, tags, ps, show, chat, generate, embed, embeddings, pull,
-  delete, so Ollama clients and Open WebUI work unchanged
+  delete, so tools written for Ollama (the `ollama` client among them) work unchanged
 - hublab (runtime/http_hublab.py): /hublab/* for `hublab shell --remote URL`, and /health, /metrics
 
 llama.cpp contexts are not thread-safe, so one generation runs at a time per loaded base: a generation
