@@ -416,7 +416,8 @@ class Store:
                 actions.append(f"{name}: dropped unfinished install of {recs[p].version} "
                                f"({root} is {_describe(root)})")
             else:
-                what = _describe(root) if _kind(root) != "missing" else f"missing, and {root.parent} is {_describe(root.parent)}"
+                what = (_describe(root) if _kind(root) != "missing"
+                        else f"missing, and {root.parent} is {_describe(root.parent)}")
                 self.problems.append(f"{root}: is {what}, so package {name} {recs[p].version} kept in {p} cannot be "
                                      "put back; move that path away and run hublab pkg verify")
         return actions
@@ -459,7 +460,6 @@ class Store:
             pass  # `new` now holds the previous tree
         else:
             old = self.staging / f"{name}.old"
-            _remove_any(old)
             os.rename(root, old)
             os.rename(new, root)
             new = old
