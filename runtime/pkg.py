@@ -910,7 +910,14 @@ def _install_locked(store: Store, reg: Registry, res: Resolved, m: Manifest, sig
     try:
         _stage_tree(stage, m, res, signer, choice, prof, root, digests)
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)  # the installed tree was never touched
+        # The installed tree was never touched; the downloads go back to the cache for the next try
+        # (fetch_blob re-hashes them before use).
+        for f in choice.files:
+            staged = stage.joinpath(*f.path.split("/"))
+            if _kind(staged) == "file" and _kind(digests[f.digest]) == "missing":
+                with contextlib.suppress(OSError):
+                    os.rename(staged, digests[f.digest])
+        shutil.rmtree(stage, ignore_errors=True)
         raise
     # 4. one rename (or exchange) into place
     old_root = existing.root if existing else None
