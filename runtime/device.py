@@ -353,11 +353,12 @@ class Device:
     def complete(self, model: str, prompt: str | list[dict], *, raw: bool = False, system: str | None = None,
                  on_piece: Callable[[str], None] | None = None, cancel: threading.Event | None = None,
                  routing: str | None = None, synthesis: str | None = None, num_ctx: int | None = None,
-                 **sampler: Any) -> Completion:
+                 special: bool = True, **sampler: Any) -> Completion:
         """An answer from expert `model`, or from the MoE for "moe": `prompt` is a user message or a list of
         chat messages (the MoE routes the last user message), or raw text to continue with raw=True. Pieces
         go to `on_piece` as they come. `sampler` takes Runtime.stream's keywords (max_tokens, temperature,
-        top_p, top_k, min_p, repeat_penalty, seed, stop); `num_ctx` caps prompt + answer in tokens."""
+        top_p, top_k, min_p, repeat_penalty, seed, stop); `num_ctx` caps prompt + answer in tokens; special=False
+        tokenizes special tokens in a raw prompt as plain text."""
         t0 = time.perf_counter()
         if model == MOE:
             def on_event(kind: str, data: dict) -> None:
@@ -383,12 +384,13 @@ class Device:
                     raise HublabError(f"num_ctx {num_ctx} is over {model}'s context of {base.n_ctx} tokens; lower it or "
                                       f"raise context_size in {cfg.source} (ai config {model} context_size {num_ctx})")
                 system_prompt = cfg.inference.system_prompt if system is None else system
-                n = len(self.rt.prompt_tokens(base, cfg, prompt, raw, system_prompt)[0])
+                n = len(self.rt.prompt_tokens(base, cfg, prompt, raw, system_prompt, special)[0])
                 if n >= num_ctx:
                     raise HublabError(f"prompt is {n} tokens, num_ctx {num_ctx} leaves no room for an answer; "
                                       "raise num_ctx or shorten the prompt")
                 sampler["max_tokens"] = min(sampler.get("max_tokens") or num_ctx, num_ctx - n)
-            gen = self.rt.stream(model, prompt, raw=raw, cancel=cancel, system_prompt=system, **sampler)
+            gen = self.rt.stream(model, prompt, raw=raw, cancel=cancel, system_prompt=system, special=special,
+                                 **sampler)
             for piece in gen:
                 if on_piece is not None:
                     on_piece(piece)

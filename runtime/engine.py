@@ -568,12 +568,15 @@ class Runtime:
         return Inference(**values)
 
     def prompt_tokens(self, base: LoadedBase, cfg: ModelConfig, prompt: str | list[dict], raw: bool,
-                      system_prompt: str) -> tuple[list[int], list[str]]:
-        """Tokens for a chat (with the model's template) or a raw completion prompt, and template stops."""
+                      system_prompt: str, special: bool = True) -> tuple[list[int], list[str]]:
+        """Tokens for a chat (with the model's template) or a raw completion prompt, and template stops.
+
+        A raw prompt's special tokens (<start_of_turn>, <|im_start|>, ...) are parsed as llama-server does, so a
+        prompt formatted by hand means the same on both; special=False tokenizes them as plain text."""
         llama = base.llama
         if raw:
             text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
-            return llama.tokenize(text.encode(), add_bos=True, special=False), []
+            return llama.tokenize(text.encode(), add_bos=True, special=special), []
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         if system_prompt and not any(m.get("role") == "system" for m in messages):
             messages.insert(0, {"role": "system", "content": system_prompt})
@@ -584,17 +587,17 @@ class Runtime:
                cancel: threading.Event | None = None, max_tokens: int | None = None,
                temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                min_p: float | None = None, repeat_penalty: float | None = None, seed: int | None = None,
-               stop: list[str] | None = None, system_prompt: str | None = None) -> Generation:
+               stop: list[str] | None = None, system_prompt: str | None = None, special: bool = True) -> Generation:
         """Generate with expert `name`, yielding text as it comes. `prompt` is a user message (or a list of
-        chat messages); raw=True completes the text as is. The sampler comes from the expert's [inference]
-        with any keyword here overriding it."""
+        chat messages); raw=True completes the text as is (special tokens in it parsed unless special=False).
+        The sampler comes from the expert's [inference] with any keyword here overriding it."""
         cfg = self.config(name)
         opts = self.sampler(cfg, dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                       min_p=min_p, repeat_penalty=repeat_penalty, seed=seed))
         stops = list(stop if stop is not None else opts.stop)
         system = cfg.inference.system_prompt if system_prompt is None else system_prompt
         gen = Generation(iter(()))
-        gen._pieces = self._generate(gen, cfg, prompt, raw, logprobs, cancel, opts, stops, system)
+        gen._pieces = self._generate(gen, cfg, prompt, raw, logprobs, cancel, opts, stops, system, special)
         return gen
 
     def generate(self, name: str, prompt: str | list[dict], **kwargs) -> GenerationResult:
@@ -605,7 +608,8 @@ class Runtime:
         return gen.result
 
     def _generate(self, gen: Generation, cfg: ModelConfig, prompt, raw: bool, logprobs: bool,
-                  cancel: threading.Event | None, opts: Inference, stops: list[str], system: str) -> Iterator[str]:
+                  cancel: threading.Event | None, opts: Inference, stops: list[str], system: str,
+                  special: bool = True) -> Iterator[str]:
         import llama_cpp
 
         t0 = time.perf_counter()
@@ -614,7 +618,7 @@ class Runtime:
             prompt, n_shots = self.with_knowledge(cfg, prompt)
         with self.hold(cfg.name) as base:
             llama = base.llama
-            tokens, template_stops = self.prompt_tokens(base, cfg, prompt, raw, system)
+            tokens, template_stops = self.prompt_tokens(base, cfg, prompt, raw, system, special)
             stops = stops + [s for s in template_stops if s not in stops]
             if len(tokens) >= base.n_ctx:
                 raise HublabError(f"prompt is {len(tokens)} tokens, the context holds {base.n_ctx}; "

@@ -1,8 +1,9 @@
 """The OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions (plain or SSE).
 
 `model` is an expert (or base) name, or "moe" for a routed, synthesised answer; an "hublab" object in
-the request may set moe's routing and synthesis, and the answer carries an "hublab" object with the
-routing decision (moe) or the speed (an expert).
+the request may set moe's routing and synthesis, and parse_special: false to tokenize special tokens in a
+/v1/completions prompt as plain text (by default they are parsed, as llama-server does). The answer carries
+an "hublab" object with the routing decision (moe) or the speed (an expert).
 """
 from __future__ import annotations
 
@@ -83,7 +84,12 @@ def _answer(req: Request, body: dict, prompt: str | list[dict], chat: bool) -> N
         raise ApiError(400, "model is required: an expert name from /v1/models, or moe")
     opts = sampler(body)
     extra = body.get("hublab") or {}
+    if not isinstance(extra, dict):
+        raise ApiError(400, "hublab must be an object such as {\"routing\": \"topk:2\"}")
     routing, synthesis = extra.get("routing"), extra.get("synthesis")
+    special = extra.get("parse_special", True)
+    if not isinstance(special, bool):
+        raise ApiError(400, "hublab.parse_special must be true or false")
     stream = bool(body.get("stream"))
     chunks = _Chunks(model, chat)
     device = req.agent.device
@@ -96,7 +102,7 @@ def _answer(req: Request, body: dict, prompt: str | list[dict], chat: bool) -> N
 
     with req.generation(bases):
         done = device.complete(model, prompt, raw=not chat, cancel=req.cancel, routing=routing, synthesis=synthesis,
-                               on_piece=send if stream else None, **opts)
+                               on_piece=send if stream else None, special=special, **opts)
         if req.ended:
             return
         if stream:

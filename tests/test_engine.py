@@ -226,3 +226,14 @@ def test_system_inference_settings_apply_to_every_model(tiny_models_dir, tmp_pat
     cfg.write_text("[inference]\ntemperature = 7.0\n")
     with pytest.raises(HublabError, match="temperature"):
         load_system(cfg)
+
+
+def test_raw_prompt_parses_special_tokens_unless_told_not_to(tiny_models_dir):
+    """Like llama-server, "<s>" in a raw prompt is the BOS token; special=False reads it as text."""
+    with runtime(tiny_models_dir) as rt:
+        base = rt.load("tiny")
+        cfg = rt.config("tiny")
+        parsed, _ = rt.prompt_tokens(base, cfg, "<s>hello", True, "")
+        plain, _ = rt.prompt_tokens(base, cfg, "<s>hello", True, "", special=False)
+        bos = base.llama.token_bos()
+        assert parsed[:2] == [bos, bos] and plain[0] == bos and plain[1] != bos
