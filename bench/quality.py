@@ -37,7 +37,17 @@ SYSTEMS = ("default", "expert", "floor")
 
 
 def load_set(path: Path, per_domain: int = 0, domains: list[str] | None = None) -> list[dict]:
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The held-out set, or a directory of <domain>_dev.jsonl pairs (trainer/demo_data.py) for tuning."""
+    if path.is_dir():
+        rows = []
+        for dev in sorted(path.glob("*_dev.jsonl")):
+            domain = dev.name[: -len("_dev.jsonl")]
+            for i, line in enumerate(l for l in dev.read_text().splitlines() if l.strip()):
+                pair = json.loads(line)
+                rows.append({"id": f"{domain}-dev-{i:03d}", "domain": domain, "question": pair["question"],
+                             "reference": pair["response"], "key_terms": []})
+    else:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     if domains:
         rows = [r for r in rows if r["domain"] in domains]
     if per_domain:
@@ -106,13 +116,14 @@ def score(rows: list[dict], answers: list[dict], embed, system_prompts: dict[str
     refs = embed([by_id[a["id"]]["reference"] for a in answers]) if embed else None
     for k, a in enumerate(answers):
         row = by_id[a["id"]]
-        a["hit"] = hit(a["answer"], row["key_terms"])
+        a["hit"] = hit(a["answer"], row["key_terms"]) if row["key_terms"] else None
         a["degenerate"] = degenerate(a["answer"], system_prompts.get(a.get("chosen") or row["domain"], ""))
         if sims is not None:
             a["similarity"] = round(float(sims[k] @ refs[k]), 4)
 
     def summary(group: list[dict]) -> dict:
-        out = {"n": len(group), "hit": round(sum(a["hit"] for a in group) / len(group), 4),
+        keyed = [a for a in group if a["hit"] is not None]
+        out = {"n": len(group), "hit": round(sum(a["hit"] for a in keyed) / len(keyed), 4) if keyed else float("nan"),
                "degenerate": round(sum(a["degenerate"] is not None for a in group) / len(group), 4),
                "median_s": round(statistics.median(a["seconds"] for a in group), 3)}
         if sims is not None:
@@ -143,12 +154,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--no-similarity", action="store_true", help="skip the MiniLM similarity (no torch needed)")
     parser.add_argument("--answers", type=Path, help="write every answer with its scores here (JSONL)")
+    parser.add_argument("--set-expert", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a field of every expert for this run, e.g. knowledge_shots=0 or "
+                             "inference.temperature=0 (to compare settings on a dev set)")
     args = parser.parse_args(argv)
 
     from hublab.runtime.engine import Runtime
 
     rows = load_set(args.set, args.per_domain, [d for d in args.domains.split(",") if d])
     rt = Runtime(models_dir=args.models_dir, profile="host", threads=args.threads, keep_alive=-1)
+    for item in args.set_expert:
+        key, _, value = item.partition("=")
+        for cfg in rt.experts.values():
+            target, attr = (cfg.inference, key[len("inference."):]) if key.startswith("inference.") else (cfg, key)
+            if not hasattr(target, attr):
+                parser.error(f"--set-expert: no expert field {key!r}")
+            setattr(target, attr, type(getattr(target, attr))(value) if getattr(target, attr) is not None else value)
     prompts = {name: cfg.inference.system_prompt for name, cfg in rt.experts.items()}
     embed = None if args.no_similarity else Embedder()
     results, every = {}, []
@@ -160,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         results[system] = score(rows, answers, embed, prompts)
         every += answers
     rt.close()
-    report = {"set": str(args.set), "questions": len(rows), "threads": args.threads, "max_tokens": args.max_tokens,
+    report = {"set": str(args.set), "questions": len(rows), "set_expert": args.set_expert, "threads": args.threads, "max_tokens": args.max_tokens,
               "seconds": round(time.perf_counter() - t0, 1), "results": results}
     if "default" in results and "floor" in results:
         d, f = results["default"]["overall"], results["floor"]["overall"]

@@ -1,7 +1,7 @@
 """Train the demo expert set (python, rust, system, ai, general) on gemma-3-270m and measure it.
 
     python -m hublab.trainer.demo_data build/demo-data          # datasets from this machine's docs
-    python -m hublab.trainer.demo train build/demo-data build/demo-runs --minutes 7
+    python -m hublab.trainer.demo train build/demo-data build/demo-runs --epochs 1
     python -m hublab.trainer.demo export build/demo-runs models/demo
 
 `train` writes each adapter (peft) and ppl.json (held-out perplexity of base vs expert) per domain;
@@ -21,28 +21,28 @@ BASE = "gemma3-270m"
 
 
 def train_domain(domain: str, data_dir: Path, runs_dir: Path, minutes: float, threads: int = 0,
-                 max_test: int = 60) -> dict:
-    """Train one expert, then held-out perplexity of the base and of the expert on its domain."""
+                 epochs: float = 1.0) -> dict:
+    """Train one expert on its answer set, then dev-set perplexity of the base and of the expert."""
     from . import data as D
     from .lora import TrainConfig, load_with_adapter, perplexity, train_lora
 
     cfg = TrainConfig(base=BASE, output=runs_dir / domain, data=[D.DataSpec(data_dir / f"{domain}.jsonl")],
-                      max_seq_len=160, batch_size=4, max_steps=400, lr=5e-4, warmup_steps=10,
-                      eval_fraction=0.05, eval_every=25, patience=3, save_every=50, resume=False,
+                      max_seq_len=256, batch_size=8, epochs=epochs, lr=5e-4, warmup_steps=10,
+                      eval_fraction=0.03, eval_every=40, patience=0, save_every=40, resume=True,
                       time_limit=minutes * 60, threads=threads, lora_r=8, lora_alpha=16)
     t0 = time.time()
     result = train_lora(cfg)
-    test = D.load_examples(D.DataSpec(data_dir / f"{domain}_test.jsonl"))[:max_test]
+    dev = D.load_examples(D.DataSpec(data_dir / f"{domain}_dev.jsonl"))
     model, tok, template = load_with_adapter(result.adapter_dir)
     with model.disable_adapter():
-        base_ppl = perplexity(model, tok, template, test, max_len=cfg.max_seq_len)
-    expert_ppl = perplexity(model, tok, template, test, max_len=cfg.max_seq_len)
+        base_ppl = perplexity(model, tok, template, dev, max_len=cfg.max_seq_len)
+    expert_ppl = perplexity(model, tok, template, dev, max_len=cfg.max_seq_len)
     row = {"domain": domain, "base_ppl": round(base_ppl, 3), "expert_ppl": round(expert_ppl, 3),
            "reduction": round(1 - expert_ppl / base_ppl, 4), "steps": result.steps,
            "best_eval_loss": result.best_eval_loss, "train_s": round(result.seconds, 1),
            "s_per_step": round(result.seconds / max(1, result.steps), 2),
-           "tokens_per_s": round(result.tokens_per_s, 1), "n_test": len(test),
-           "wall_s": round(time.time() - t0, 1), "test_file": str(data_dir / f"{domain}_test.jsonl")}
+           "tokens_per_s": round(result.tokens_per_s, 1), "n_dev": len(dev),
+           "wall_s": round(time.time() - t0, 1), "dev_file": str(data_dir / f"{domain}_dev.jsonl")}
     (runs_dir / domain / "ppl.json").write_text(json.dumps(row, indent=1))
     print(json.dumps(row), flush=True)
     return row
@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("data_dir", type=Path)
     t.add_argument("runs_dir", type=Path)
     t.add_argument("--domains", default=",".join(DOMAINS))
-    t.add_argument("--minutes", type=float, default=7.0)
+    t.add_argument("--minutes", type=float, default=30.0, help="cap per expert")
+    t.add_argument("--epochs", type=float, default=1.0)
     t.add_argument("--threads", type=int, default=0)
     e = sub.add_parser("export")
     e.add_argument("runs_dir", type=Path)
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.cmd == "train":
         for domain in args.domains.split(","):
-            train_domain(domain, args.data_dir, args.runs_dir, args.minutes, args.threads)
+            train_domain(domain, args.data_dir, args.runs_dir, args.minutes, args.threads, args.epochs)
         return 0
     return export_demo(args.runs_dir, args.out_dir, args.domains.split(","), args.check)
 

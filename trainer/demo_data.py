@@ -1,11 +1,18 @@
-"""Datasets for the demo experts, built offline from this machine's own documentation.
+"""Datasets for the demo experts: question -> answer pairs in the voice users want, built offline.
 
-python: stdlib docstrings (inspect)        rust:   rustdoc HTML of the installed toolchain (std docs)
-system: man pages (man -l, sections 1/5/8)  ai:     torch.nn/optim docstrings + hand-written Q/A
-general: hand-written Q/A about hublab and everyday topics + Debian package descriptions
-
-Each domain gets `<domain>.jsonl` ({"question","response"}) for training and `<domain>_test.jsonl`, a
-held-out slice never trained on, for the perplexity table. Deterministic for a given machine.
+Each domain's pairs come from two sources on this machine:
+- trainer/data/answers/<domain>.jsonl: direct 1-4 sentence answers written by the team (the bulk);
+- short answers drawn from this machine's documentation: the first sentence of a Python stdlib docstring
+  (python), of a Rust std item's docs (rust), of torch.nn/optim docstrings (ai), a man page's NAME line
+  (system), turned into an answer ("`ls` lists directory contents.") and kept only when they read as one.
+Every expert but general mixes in general pairs (GENERAL_SHARE of its set) so it keeps answering plainly
+instead of imitating documents. Per domain it writes:
+  <domain>.jsonl       training pairs (domain + general mix)
+  <domain>_dev.jsonl   DEV_SIZE team-written pairs held out from training and packs: for choosing
+                       checkpoints and decoding settings (bench/quality.py --set), never the held-out set
+  <domain>_pack.jsonl  the knowledge pack: the domain's own pairs, retrieved into the prompt on the device
+The benchmark's held-out questions (bench/quality/) are never read here; tests/test_quality.py checks that
+no training file holds one of them.
 """
 from __future__ import annotations
 
@@ -22,7 +29,11 @@ from pathlib import Path
 
 DOMAINS = ("python", "rust", "system", "ai", "general")
 HAND_WRITTEN = Path(__file__).parent / "data"
+ANSWERS = HAND_WRITTEN / "answers"
 MAX_ANSWER = 700  # characters; keeps examples inside a 128-192 token window
+DOC_SHARE = 0.3        # documentation pairs, at most this share of a domain's own pairs
+GENERAL_SHARE = 0.2    # general pairs mixed into every other expert's training set
+DEV_SIZE = 30
 
 
 def _clip(text: str, limit: int = MAX_ANSWER) -> str:
@@ -192,14 +203,192 @@ def build(out_dir: Path, domains=DOMAINS, max_train: int = 800, test_fraction: f
     return counts
 
 
+# ---------------------------------------------------------------------------------------------------
+# The answer set: team-written pairs plus documentation turned into short answers.
+
+_ARTICLES = ("a ", "an ", "the ")
+# Verbs documentation sentences start with ("Return the ...", "list directory contents"); a sentence that
+# starts with any other word is a noun phrase ("Context manager for ...") and is dropped, not conjugated.
+_VERBS = frozenset("""add adjust allocate append apply ask assign attach build calculate call change check clear close
+collect combine communicate compare compile compress compute configure connect construct control convert copy count create
+decode decompress define delete describe detect determine display download drop dump edit emit encode ensure evaluate
+execute expand export extract fetch fill filter find flush format generate get handle hash import inform initialize insert
+install invoke iterate join keep kill list load lock look make manage map mark merge modify monitor mount move normalize
+open output pack parse perform play print process produce provide query raise read receive record reduce register reload
+remove rename render repeat replace report represent reset resize resolve restore retrieve return reverse rotate run save
+scan schedule search select send serialize set show shut sign sort split start stop store strip submit swap synchronize
+take test trace track transform translate trigger truncate try turn unlock unmount unpack update upgrade upload validate
+verify view wait wrap write yield""".split())
+
+
+def _third_person(verb: str) -> str:
+    """'return' -> 'returns', 'list' -> 'lists', 'copy' -> 'copies', 'search' -> 'searches'."""
+    if verb.endswith(("s", "sh", "ch", "x", "z")):
+        return verb + "es"
+    if verb.endswith("y") and len(verb) > 1 and verb[-2] not in "aeiou":
+        return verb[:-1] + "ies"
+    return verb + "s"
+
+
+def _first_sentence(text: str, limit: int = 220) -> str | None:
+    text = re.sub(r"``([^`]+)``", r"`\1`", text)
+    text = re.sub(r":(?:math|class|func|attr|meth|data):`~?([^`]+)`", r"`\1`", text)
+    para = re.split(r"\n\s*\n", text.strip())[0]
+    para = re.sub(r"\s+", " ", para)
+    m = re.match(r"(.+?[.!?])(\s|$)", para)
+    sentence = (m.group(1) if m else para).strip()
+    if not (20 <= len(sentence) <= limit) or any(bad in sentence for bad in (">>>", "::", "deprecated", "Deprecated")):
+        return None
+    return sentence
+
+
+def _as_answer(subject: str, sentence: str) -> str | None:
+    """'`subject` <sentence as a third-person clause>.': 'Return the sum.' -> '`sum` returns the sum.'"""
+    word, _, rest = sentence.partition(" ")
+    low = sentence[0].lower() + sentence[1:]
+    if low.startswith(_ARTICLES):
+        return f"{subject} is {low}"
+    verb = word.lower()
+    if not rest or not word.isalpha():
+        return None
+    if verb in _VERBS:
+        return f"{subject} {_third_person(verb)} {rest}"
+    if any(stem in _VERBS for stem in (verb[:-1], verb[:-2], verb[:-3] + "y")) and verb.endswith("s"):
+        return f"{subject} {verb} {rest}"  # already third person ("Returns the ...")
+    return None
+
+
+def python_doc_pairs() -> list[dict]:
+    out = []
+    for rec in python_records():
+        m = re.match(r"What does the Python (function|class) (\S+) do\?", rec["question"])
+        if not m:
+            continue
+        doc = rec["response"].split("\n\n", 1)[-1]
+        sentence = _first_sentence(doc)
+        name = m.group(2)
+        answer = sentence and _as_answer(f"`{name}" + ("()`" if m.group(1) == "function" else "`"), sentence)
+        if answer:
+            module = name.rpartition(".")[0]
+            where = f" It is in the `{module}` module." if module else " It is a built-in."
+            out.append({"question": f"What does {name} do in Python?", "response": answer + where})
+    return out
+
+
+def rust_doc_pairs() -> list[dict]:
+    out = []
+    for rec in rust_records():
+        m = re.match(r"What is the Rust (\S+(?: type)?) (\S+)\?", rec["question"])
+        sentence = _first_sentence(rec["response"])
+        if not m or not sentence or "intrinsics" in m.group(2):  # compiler internals, not what users ask
+            continue
+        name = m.group(2)
+        answer = _as_answer(f"`{name}`", sentence)
+        if answer:
+            out.append({"question": f"What is {name} in Rust?", "response": answer})
+    return out
+
+
+def system_doc_pairs(limit: int = 4000) -> list[dict]:
+    out = []
+    for section in ("1", "8"):
+        for page in sorted(Path("/usr/share/man", f"man{section}").glob("*.gz"))[:limit]:
+            command = page.name.split(".")[0]
+            if "_" in command or not re.fullmatch(r"[a-z][a-z0-9+-]{1,20}", command):
+                continue
+            try:
+                src = gzip.decompress(page.read_bytes()).decode("utf-8", "replace")
+            except (OSError, EOFError):
+                continue
+            m = re.search(r'^\.S[Hh]\s+"?NAME"?\s*\n(?:\.\w+\s*\n)*(.+?)\n', src, re.M)
+            if not m:
+                continue
+            line = re.sub(r"\\f[BIRP]|\\\(em|\\&", "", m.group(1)).replace("\\-", "-")
+            names, sep, desc = line.partition(" - ")
+            desc = desc.strip().rstrip(".")
+            if not sep or not (8 <= len(desc) <= 120) or command not in names:
+                continue
+            answer = _as_answer(f"`{command}`", desc[0].upper() + desc[1:] + ".")
+            if answer:
+                out.append({"question": f"What does the {command} command do?",
+                            "response": f"{answer} Run `man {command}` for its options."})
+    return out
+
+
+def ai_doc_pairs() -> list[dict]:
+    out = []
+    try:
+        import torch
+    except ImportError:
+        return out
+    for mod in (torch.nn, torch.optim):
+        for attr in sorted(dir(mod)):
+            obj = getattr(mod, attr)
+            if attr.startswith("_") or not inspect.isclass(obj):
+                continue
+            sentence = _first_sentence(inspect.getdoc(obj) or "")
+            name = f"{mod.__name__}.{attr}"
+            answer = sentence and _as_answer(f"`{name}`", sentence)
+            if answer:
+                out.append({"question": f"What is {name} in PyTorch?", "response": answer})
+    return out
+
+
+DOC_PAIRS = {"python": python_doc_pairs, "rust": rust_doc_pairs, "system": system_doc_pairs, "ai": ai_doc_pairs,
+             "general": lambda: []}
+
+
+def _read(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _dedupe(rows: list[dict]) -> list[dict]:
+    seen, out = set(), []
+    for r in rows:
+        key = " ".join(re.findall(r"[a-z0-9]+", r["question"].lower()))
+        if key and key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
+
+
+def build_answers(out_dir: Path, domains=DOMAINS, seed: int = 0) -> dict[str, dict[str, int]]:
+    """Write <domain>.jsonl, <domain>_dev.jsonl and <domain>_pack.jsonl; returns the counts."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    team = {d: _dedupe(_read(ANSWERS / f"{d}.jsonl") + _read(HAND_WRITTEN / f"demo_{d}.jsonl")) for d in DOMAINS}
+    dev, own = {}, {}
+    for d in DOMAINS:
+        rows = list(team[d])
+        rng.shuffle(rows)
+        dev[d], own[d] = rows[:DEV_SIZE], rows[DEV_SIZE:]
+    counts = {}
+    for d in domains:
+        docs = _dedupe(DOC_PAIRS[d]())
+        rng.shuffle(docs)
+        docs = docs[: int(len(own[d]) * DOC_SHARE / (1 - DOC_SHARE))]
+        mine = _dedupe(own[d] + docs)
+        general = [] if d == "general" else rng.sample(own["general"], min(len(own["general"]),
+                                                                         int(len(mine) * GENERAL_SHARE / (1 - GENERAL_SHARE))))
+        train = mine + general
+        rng.shuffle(train)
+        for name, rows in ((f"{d}.jsonl", train), (f"{d}_dev.jsonl", dev[d]), (f"{d}_pack.jsonl", mine)):
+            (out_dir / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        counts[d] = {"team": len(own[d]), "docs": len(docs), "general_mix": len(general), "train": len(train),
+                     "dev": len(dev[d]), "pack": len(mine)}
+    return counts
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", nargs="?", default="build/demo-data")
     parser.add_argument("--domains", default=",".join(DOMAINS))
-    parser.add_argument("--max-train", type=int, default=800)
     args = parser.parse_args(argv)
-    for domain, (n_train, n_test) in build(Path(args.out_dir), args.domains.split(","), args.max_train).items():
-        print(f"{domain}: {n_train} train, {n_test} held-out")
+    for domain, counts in build_answers(Path(args.out_dir), args.domains.split(",")).items():
+        print(domain, json.dumps(counts))
     return 0
 
 
