@@ -90,16 +90,17 @@ class Library:
 
     def _load(self, path: Path) -> Pack:
         records = read_pack(path)
-        key = hashlib.sha256(f"{_sha256(path)}:{self.encoder_id}".encode()).hexdigest()[:32]
+        key = pack_key(path, self.encoder_id)
         cache = cache_dir() / f"{key}.npy"
         vectors = None
-        if cache.is_file():
-            try:
-                vectors = np.load(cache).astype(np.float32)
-            except (OSError, ValueError):
-                vectors = None  # a torn or foreign file: rebuild it
-            if vectors is not None and vectors.shape[0] != len(records):
-                vectors = None
+        for candidate in (sidecar(path, key), cache):
+            if vectors is None and candidate.is_file():
+                try:
+                    vectors = np.load(candidate, allow_pickle=False).astype(np.float32)
+                except (OSError, ValueError):
+                    vectors = None  # a torn or foreign file: rebuild it
+                if vectors is not None and vectors.shape[0] != len(records):
+                    vectors = None
         if vectors is None:
             vectors = np.asarray(self.embed([r["question"] for r in records]), dtype=np.float32)
             try:
@@ -110,6 +111,26 @@ class Library:
             except OSError:
                 pass  # a read-only home only costs the embedding again next start
         return Pack(path, records, vectors)
+
+
+def pack_key(path: Path, encoder_id: str) -> str:
+    return hashlib.sha256(f"{_sha256(path)}:{encoder_id}".encode()).hexdigest()[:32]
+
+
+def sidecar(path: Path, key: str) -> Path:
+    return path.parent / f"{path.stem}.{key}.npy"
+
+
+def embed_pack(path: Path, embed, encoder_id: str) -> Path:
+    """Write the pack's embeddings beside it (float16) and remove sidecars of older packs or encoders."""
+    out = sidecar(path, pack_key(path, encoder_id))
+    for old in path.parent.glob(f"{path.stem}.*.npy"):
+        if old != out:
+            old.unlink()
+    vectors = np.asarray(embed([r["question"] for r in read_pack(path)]), dtype=np.float16)
+    with out.open("wb") as f:
+        np.save(f, vectors)
+    return out
 
 
 def shots(found: list[tuple[float, dict]]) -> list[dict]:

@@ -1,0 +1,124 @@
+"""Knowledge packs: pairs retrieved with the router encoder and put before the question, cached by hash."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from encoders import write_encoder_router
+from ggufs import write_model_toml
+
+from hublab.runtime import knowledge as K
+from hublab.runtime.engine import Runtime
+from hublab.runtime.errors import HublabError
+
+PAIRS = [{"question": "python model", "response": "the python answer"},
+         {"question": "rust linux", "response": "the rust answer"},
+         {"question": "water day", "response": "the water answer"}]
+
+
+def write_pack(path, rows=PAIRS):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def models(tmp_path, tiny_gguf, tiny_adapters, monkeypatch):
+    monkeypatch.setenv("HUBLAB_HOME", str(tmp_path / "home"))
+    models = tmp_path / "models"
+    (models / "experts").mkdir(parents=True)
+    write_model_toml(models / "tiny.toml", "tiny", gguf_path=tiny_gguf, context_size=256)
+    write_pack(models / "experts" / "alpha-knowledge.jsonl")
+    write_model_toml(models / "experts" / "alpha.toml", "alpha", base="tiny", adapter=tiny_adapters["alpha"],
+                     extra='knowledge = "alpha-knowledge.jsonl"\nknowledge_shots = 2\nknowledge_min = 0.3\n')
+    write_model_toml(models / "experts" / "general.toml", "general", base="tiny")
+    write_encoder_router(models / "router", ["alpha", "general"])
+    return models
+
+
+def test_closest_pairs_go_before_the_question_as_earlier_turns(models):
+    with Runtime(models_dir=models, profile="host", threads=1, keep_alive=-1) as rt:
+        chat, n = rt.with_knowledge(rt.config("alpha"), "python model")
+        assert n >= 1 and chat[-1] == {"role": "user", "content": "python model"}
+        # the closest pair sits right before the question
+        assert chat[-3:-1] == [{"role": "user", "content": "python model"},
+                               {"role": "assistant", "content": "the python answer"}]
+        # a system message stays first
+        chat, _ = rt.with_knowledge(rt.config("alpha"), [{"role": "system", "content": "S"},
+                                                         {"role": "user", "content": "rust linux"}])
+        assert chat[0]["role"] == "system" and chat[-2]["content"] == "the rust answer"
+        # an expert without a pack, or shots = 0, is untouched
+        assert rt.with_knowledge(rt.config("general"), "python model") == ("python model", 0)
+        rt.config("alpha").knowledge_shots = 0
+        assert rt.with_knowledge(rt.config("alpha"), "python model") == ("python model", 0)
+
+
+def test_generation_reports_the_pairs_it_used(models):
+    with Runtime(models_dir=models, profile="host", threads=1, keep_alive=-1) as rt:
+        r = rt.generate("alpha", "python model", max_tokens=4)
+        assert r.knowledge >= 1 and r.prompt_tokens > rt.generate("general", "python model", max_tokens=4).prompt_tokens
+
+
+def test_embeddings_are_cached_by_pack_and_encoder_hash(models, tmp_path):
+    calls = []
+
+    def embed(texts):
+        calls.append(len(texts))
+        v = np.random.default_rng(len(texts)).standard_normal((len(texts), 4))
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    pack = models / "experts" / "alpha-knowledge.jsonl"
+    K.Library(embed, "enc-1").pack(pack)
+    K.Library(embed, "enc-1").pack(pack)
+    assert calls == [3]                         # the second library read the cache
+    K.Library(embed, "enc-2").pack(pack)
+    assert calls == [3, 3]                      # another encoder: other embeddings
+    write_pack(pack, PAIRS + [{"question": "new one", "response": "x"}])
+    assert len(K.Library(embed, "enc-1").pack(pack).records) == 4 and calls == [3, 3, 4]
+    # a torn cache file is rebuilt, not trusted
+    for f in K.cache_dir().glob("*.npy"):
+        f.write_bytes(b"junk")
+    K.Library(embed, "enc-1").pack(pack)
+    assert calls == [3, 3, 4, 4]
+
+
+def test_a_shipped_sidecar_saves_the_first_embedding(models):
+    calls = []
+
+    def embed(texts):
+        calls.append(len(texts))
+        return np.eye(len(texts), 4)
+
+    pack = models / "experts" / "alpha-knowledge.jsonl"
+    side = K.embed_pack(pack, embed, "enc-1")
+    assert side.parent == pack.parent and calls == [3]
+    got = K.Library(embed, "enc-1").pack(pack)
+    assert calls == [3] and got.vectors.shape == (3, 4)
+    assert not list(K.cache_dir().glob("*.npy"))  # read from the sidecar, nothing cached
+    write_pack(pack, PAIRS[:2])
+    K.embed_pack(pack, embed, "enc-1")
+    assert len(list(pack.parent.glob("alpha-knowledge.*.npy"))) == 1  # the stale sidecar is gone
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"question": "q"}\n', ":1: needs non-empty string fields question and response"),
+    (b'not json\n', ":1: not a JSON object"),
+    (b'\xff\xfe\n', "not UTF-8"),
+])
+def test_bad_packs_are_one_line_errors(tmp_path, content, message):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(HublabError, match=message) as e:
+        K.read_pack(path)
+    assert "\n" not in str(e.value)
+    with pytest.raises(HublabError, match="not found"):
+        K.read_pack(tmp_path / "missing.jsonl")
+
+
+def test_pack_settings_are_validated(models):
+    from hublab.runtime.config import ConfigError, load_model
+
+    toml = models / "experts" / "alpha.toml"
+    toml.write_text(toml.read_text().replace("knowledge_shots = 2", "knowledge_shots = 99"))
+    with pytest.raises(ConfigError, match="knowledge_shots"):
+        load_model(toml)
