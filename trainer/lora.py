@@ -415,7 +415,8 @@ def train_lora(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult
             else:
                 model.load_state_dict(torch.load(ckpt / "model.pt", weights_only=True))
             opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-        print(f"resuming from {ckpt} at step {state['step']}", file=sys.stderr)
+        if accel.is_main_process:
+            print(f"resuming from {ckpt} at step {state['step']}", file=sys.stderr)
     if state["step"] >= total_steps:
         raise TrainError(f"{ckpt}: already trained {state['step']} of {total_steps} steps; "
                          "raise max_steps or delete the checkpoint to start over")
@@ -455,13 +456,19 @@ def train_lora(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult
         if not accel.is_main_process:
             return
         ckpt.mkdir(parents=True, exist_ok=True)
+        # each file is written aside and renamed, state.json last: a run stopped (SIGTERM from the WebUI's
+        # Stop, Ctrl-C) while saving keeps a checkpoint it can resume from
         if cfg.lora_r:
             sd = get_peft_model_state_dict(accel.unwrap_model(model))
-            save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, ckpt / "adapter.safetensors")
+            save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, ckpt / "adapter.safetensors.tmp")
+            os.replace(ckpt / "adapter.safetensors.tmp", ckpt / "adapter.safetensors")
         else:
-            torch.save(accel.unwrap_model(model).state_dict(), ckpt / "model.pt")
-        torch.save(opt.state_dict(), ckpt / "optimizer.pt")
-        (ckpt / "state.json").write_text(json.dumps(state))
+            torch.save(accel.unwrap_model(model).state_dict(), ckpt / "model.pt.tmp")
+            os.replace(ckpt / "model.pt.tmp", ckpt / "model.pt")
+        torch.save(opt.state_dict(), ckpt / "optimizer.pt.tmp")
+        os.replace(ckpt / "optimizer.pt.tmp", ckpt / "optimizer.pt")
+        (ckpt / "state.json.tmp").write_text(json.dumps(state))
+        os.replace(ckpt / "state.json.tmp", ckpt / "state.json")
 
     while state["step"] < total_steps:
         t0 = time.perf_counter()

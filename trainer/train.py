@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -248,6 +249,8 @@ def cli(args: argparse.Namespace) -> int:
 
         module, function = SUBCOMMANDS[args.what]
         return getattr(importlib.import_module(f"{__package__}.{module}"), function)(args)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun every rank returns here; rank 0 reports
+        return 0
     print(json.dumps({"output": str(result.adapter_dir), "steps": result.steps,
                       "best_eval_loss": result.best_eval_loss, "train_loss": round(result.train_loss, 4),
                       "tokens_per_s": round(result.tokens_per_s, 1), "stopped_early": result.stopped_early}))
