@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("hublab.trainer.export", "export adapters/models to GGUF and quantize them"),
     "infer": ("hublab.trainer.train", "generate with trained multi-token heads (host, needs the train extra)"),
     "bench": ("hublab.trainer.bench", "A/B benchmark of an expert against its base"),
+    "webui": ("hublab.trainer.webui", "the trainer in a browser: datasets, training, export, evaluation (train extra)"),
 }
 
 

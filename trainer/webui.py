@@ -1,0 +1,712 @@
+"""`hublab webui`: the trainer in a browser — datasets, LoRA training with live progress, export to GGUF
+and packages, evaluation and chat.
+
+    hublab webui [--host 127.0.0.1] [--port 7860] [--workspace DIR] [--token T] [--models-dir DIR]
+
+Standard library only (http.server, Server-Sent Events, plain JS and CSS shipped as package data in
+trainer/webui/): nothing is fetched at run time and nothing new is installed. Every action the page
+takes is a `hublab ...` command line, shown before it runs and run as a detached job (webui_jobs), so
+what the page does can be copied to a terminal, and a job goes on when the browser closes.
+
+Safety: it listens on loopback by default; on any other address a token is required (generated and
+printed when not given). State-changing requests need the `X-Hublab: 1` header (a cross-site form
+cannot send it); uploads are size-limited and checked in full before anything is written; every path
+a request names is resolved inside the workspace.
+"""
+from __future__ import annotations
+
+import argparse
+import hmac
+import ipaddress
+import json
+import mimetypes
+import secrets
+import shlex
+import shutil
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from pathlib import Path
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+from hublab.runtime.errors import HublabError
+
+from . import webui_jobs as J
+from .webui_data import WebError, check_name, inside
+
+MAX_JSON = 1 << 20
+STATIC = ("index.html", "app.js", "app.css")
+
+
+def _exe(name: str) -> list[str]:
+    """A console script of this environment, or `python -m` of its module when the script is absent."""
+    script = Path(sys.executable).parent / name
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", {"hublab": "hublab.cli", "torchrun": "torch.distributed.run"}[name]]
+
+
+class App:
+    """The WebUI's state: its workspace, models dir, token and limits. Route handlers read it."""
+
+    def __init__(self, workspace: Path, token: str = "", models_dir: Path | None = None,
+                 max_upload: int = 64 << 20, loopback: bool = True):
+        self.ws = Path(workspace).expanduser().resolve()
+        for sub in ("datasets", "runs", "exports", "bench", "jobs", "models"):
+            (self.ws / sub).mkdir(parents=True, exist_ok=True)
+        self.token = token
+        self.models_dir = Path(models_dir).resolve() if models_dir else None
+        self.max_upload = max_upload
+        self.loopback = loopback
+        self._runtime = None
+        self._runtime_lock = threading.Lock()
+
+    def rel(self, path: Path) -> str:
+        return Path(path).resolve().relative_to(self.ws).as_posix()
+
+    # -- training ------------------------------------------------------------------------------------
+
+    def base_value(self, base: str) -> str:
+        """A base is a model name, pypi:<package>, or a path inside the workspace (made absolute)."""
+        if not base:
+            raise WebError("base: give a model name, pypi:<package> or a model path inside the workspace")
+        if base.startswith("pypi:") or ("/" not in base and not base.endswith(".gguf")
+                                        and not (self.ws / base).exists()):
+            return base
+        return str(inside(self.ws, base))
+
+    def train_plan(self, form: dict) -> dict:
+        """The TOML and the command a training form turns into (nothing written)."""
+        from .train import DATA_KEYS, SCHEMA
+
+        name = check_name(str(form.get("name") or ""), "run name")
+        run_dir = inside(self.ws, f"runs/{name}")
+        values = form.get("train", {}) or {}
+        lora = form.get("lora", {}) or {}
+        lines = ["# written by hublab webui; train it with the command below", "[train]"]
+        for key, spec in SCHEMA["train"].items():
+            if key == "base":
+                value = self.base_value(str(values.get("base", "")))
+            elif key == "output":
+                value = str(run_dir / "out")
+            else:
+                value = values.get(key, spec.default)
+            lines.append(f"{key} = {_toml(value, spec.type)}")
+        lines.append("\n[lora]")
+        for key, spec in SCHEMA["lora"].items():
+            lines.append(f"{key} = {_toml(lora.get(key, spec.default), spec.type)}")
+        data = form.get("data") or []
+        if not data:
+            raise WebError("data: choose at least one dataset")
+        for d in data:
+            lines.append("\n[[data]]")
+            lines.append(f"path = {_toml(str(inside(self.ws, str(d.get('path', '')))), str)}")
+            for key in ("ratio", "format", "name"):
+                if d.get(key) not in (None, ""):
+                    lines.append(f"{key} = {_toml(d[key], DATA_KEYS[key].type)}")
+        export = form.get("export") or {}
+        if export.get("adapter"):
+            out = inside(self.ws, f"exports/{check_name(str(export['adapter']), 'adapter file')}")
+            lines += ["\n[export]", f"adapter = {_toml(str(out), str)}",
+                      f"outtype = {_toml(export.get('outtype', 'q8_0'), str)}"]
+        toml_text = "\n".join(lines) + "\n"
+        config = run_dir / "expert.toml"
+        nproc = int(form.get("nproc", 1) or 1)
+        if not 1 <= nproc <= 64:
+            raise WebError("nproc: give 1 to 64 processes")
+        if nproc > 1:
+            argv = [*_exe("torchrun"), "--standalone", f"--nproc_per_node={nproc}", "-m", "hublab.trainer.train",
+                    "expert", str(config)]
+        else:
+            argv = [*_exe("hublab"), "train", "expert", str(config)]
+        if form.get("max_steps_override"):
+            argv += ["--max-steps", str(int(form["max_steps_override"]))]
+        return {"name": name, "toml": toml_text, "argv": argv, "command": shlex.join(argv),
+                "config": self.rel(config) if config.exists() else f"runs/{name}/expert.toml"}
+
+    def start_training(self, form: dict) -> dict:
+        """Check the TOML the way `hublab train expert` reads it, then write it and start the run."""
+        from hublab.runtime.config import ConfigError
+
+        from .train import load_config
+
+        plan = self.train_plan(form)
+        run_dir = self.ws / "runs" / plan["name"]
+        tmp = inside(self.ws, f".tmp/{plan['name']}-{secrets.token_hex(4)}.toml")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(plan["toml"])
+        try:
+            load_config(tmp)
+        except ConfigError as exc:
+            raise WebError(str(exc).replace(str(tmp), "expert.toml"), 422) from None
+        finally:
+            tmp.unlink(missing_ok=True)
+        running = [j for j in J.all_jobs(self.ws) if j.kind == "train" and j.name == plan["name"]
+                   and J.status(j) == "running"]
+        if running:
+            raise WebError(f"run {plan['name']!r} is training (job {running[0].id}); stop it first", 409)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "expert.toml").write_text(plan["toml"])
+        outputs = [f"runs/{plan['name']}/out"]
+        job = J.start(self.ws, "train", plan["name"], [plan["argv"]], config=form, outputs=outputs)
+        return J.progress(job)
+
+    def resume(self, job: J.Job, max_steps: int = 0) -> dict:
+        if job.kind != "train":
+            raise WebError(f"job {job.id} is a {job.kind} job; only trainings resume")
+        if J.status(job) == "running":
+            raise WebError(f"job {job.id} is still running", 409)
+        argv = [a for a in job.commands[-1]]
+        if "--max-steps" in argv:
+            i = argv.index("--max-steps")
+            del argv[i:i + 2]
+        if max_steps:
+            argv += ["--max-steps", str(int(max_steps))]
+        new = J.start(self.ws, "train", job.name, [argv], config={**job.config, "resumed_from": job.id},
+                      outputs=job.outputs)
+        return J.progress(new)
+
+    # -- export ---------------------------------------------------------------------------------------
+
+    def export_plan(self, form: dict) -> tuple[str, list[list[str]], list[str]]:
+        """(job name, commands, outputs) of an export form; every path inside the workspace."""
+        from .export import QUANT_TYPES
+
+        kind = form.get("kind", "")
+        out_name = check_name(str(form.get("out") or ""), "output name")
+        hub = _exe("hublab")
+        src = inside(self.ws, str(form.get("source") or ""))
+        if not src.exists():
+            raise WebError(f"{form.get('source')}: not found in the workspace", 404)
+        cal = []
+        if form.get("calibration"):
+            cal = ["--calibration", str(inside(self.ws, form["calibration"])),
+                   "--model-dir", str(inside(self.ws, str(form.get("model_dir") or "")))]
+        threads = ["--threads", str(int(form.get("threads") or 0))]
+        if kind == "adapter":
+            out = inside(self.ws, f"exports/{out_name}" + ("" if out_name.endswith(".gguf") else ".gguf"))
+            cmd = [*hub, "export", "adapter", str(src), "-o", str(out), "--outtype", form.get("outtype", "q8_0")]
+            if form.get("base_gguf"):
+                cmd += ["--base-gguf", str(inside(self.ws, form["base_gguf"]))]
+            return out_name, [cmd], [self.rel(out)]
+        if kind == "merge":
+            out = inside(self.ws, f"exports/{out_name}")
+            return out_name, [[*hub, "export", "merge", str(src), "-o", str(out), "--dtype",
+                               form.get("dtype", "float16")]], [self.rel(out)]
+        if kind == "gguf":
+            out = inside(self.ws, f"exports/{out_name}" + ("" if out_name.endswith(".gguf") else ".gguf"))
+            return out_name, [[*hub, "export", "gguf", str(src), "-o", str(out), "--outtype",
+                               form.get("outtype", "f16")]], [self.rel(out)]
+        if kind == "quantize":
+            types = [t for t in form.get("types", []) if t in QUANT_TYPES]
+            if not types:
+                raise WebError(f"types: choose one or more of {', '.join(QUANT_TYPES)}")
+            out = inside(self.ws, f"exports/{out_name}")
+            return out_name, [[*hub, "export", "quantize", str(src), "--types", ",".join(types), "-o", str(out),
+                               *cal, *threads]], [self.rel(out)]
+        if kind in ("profiles", "package"):
+            out = inside(self.ws, f"exports/{out_name}")
+            cmds = []
+            if kind == "profiles":
+                profiles = [p for p in form.get("profiles", []) if isinstance(p, str) and p]
+                if not profiles:
+                    raise WebError("profiles: choose at least one board")
+                cmd = [*hub, "export", "profiles", str(src), "--profiles", ",".join(profiles), "-o", str(out),
+                       *cal, *threads]
+                for key in ("name", "version", "description", "license"):
+                    if form.get(key):
+                        cmd += [f"--{key}", str(form[key])]
+                if form.get("unsigned"):
+                    cmd.append("--no-sign")
+                cmds.append(cmd)
+            else:  # an existing package directory: build (and sign) it in place
+                out = src
+                cmds.append([*hub, "pkg", "build", str(src), *(["--unsigned"] if form.get("unsigned") else [])])
+            if form.get("publish"):
+                reg = str(form.get("registry") or "")
+                if reg and "://" not in reg:
+                    reg = str(inside(self.ws, reg))
+                cmds.append([*hub, "pkg", "publish", str(out), *(["--registry", reg] if reg else [])])
+            return out_name, cmds, [self.rel(out)]
+        raise WebError(f"kind {kind!r}: use adapter, merge, gguf, quantize, profiles or package")
+
+    # -- evaluation and chat --------------------------------------------------------------------------
+
+    def models(self) -> list[dict]:
+        if self.models_dir is None:
+            return []
+        from hublab.runtime.config import scan_models
+
+        try:
+            catalog = scan_models(self.models_dir)
+        except (HublabError, OSError):
+            return []
+        return [{"name": n, "expert": n in catalog.experts, "base": m.base or ""} for n, m in sorted(catalog.models.items())]
+
+    def runtime(self):
+        if self.models_dir is None:
+            raise WebError("no models dir; start hublab webui with --models-dir DIR to chat and bench")
+        with self._runtime_lock:
+            if self._runtime is None:
+                from hublab.runtime.engine import Runtime
+
+                self._runtime = Runtime(models_dir=self.models_dir)
+            return self._runtime
+
+    def bench_plan(self, form: dict) -> tuple[list[list[str]], str]:
+        if self.models_dir is None:
+            raise WebError("no models dir; start hublab webui with --models-dir DIR to bench")
+        expert = str(form.get("expert") or "")
+        if expert not in {m["name"] for m in self.models()}:
+            raise WebError(f"expert {expert!r}: not in {self.models_dir}", 404)
+        questions = inside(self.ws, str(form.get("questions") or ""))
+        if not questions.is_file():
+            raise WebError(f"{form.get('questions')}: no such question file in the workspace", 404)
+        out = f"bench/{check_name(str(form.get('out') or expert + '-ab'), 'output name')}"
+        cmd = [*_exe("hublab"), "bench", "ab", "--questions", str(questions), "--expert", expert,
+               "--models-dir", str(self.models_dir), "--out", str(inside(self.ws, out)),
+               "--max-tokens", str(int(form.get("max_tokens") or 64))]
+        if form.get("base"):
+            cmd += ["--base", str(form["base"])]
+        return [cmd], out
+
+    def bench_result(self, job: J.Job) -> dict:
+        """A/B answers side by side, each with runtime.quality's key-term hit and degenerate check."""
+        from hublab.runtime import quality
+
+        out = inside(self.ws, job.outputs[0])
+        summary_path = out / "summary.json"
+        rows: dict[str, dict] = {}
+        for side in ("base", "expert"):
+            path = out / f"answers_{side}.jsonl"
+            if not path.exists():
+                continue
+            for line in path.read_text(encoding="utf-8").splitlines():
+                if not line.strip():
+                    continue
+                a = json.loads(line)
+                row = rows.setdefault(a["question"], {"question": a["question"], "terms": a.get("terms", [])})
+                row[side] = {"answer": a["answer"], "mentions": a.get("mentions", 0),
+                             "tokens_per_s": a.get("tokens_per_s"),
+                             "hit": quality.hit(a["answer"], a.get("terms", [])),
+                             "degenerate": quality.degenerate(a["answer"])}
+        return {"summary": json.loads(summary_path.read_text()) if summary_path.exists() else None,
+                "rows": list(rows.values())}
+
+    def chat(self, body: dict) -> dict:
+        rt = self.runtime()
+        model = str(body.get("model") or "")
+        messages = body.get("messages") or []
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+                and isinstance(m.get("content"), str) for m in messages):
+            raise WebError("messages: give a list of {role: system|user|assistant, content}")
+        res = rt.generate(model, messages, max_tokens=max(1, min(1024, int(body.get("max_tokens") or 128))))
+        return {"model": model, "text": res.text, "tokens": res.tokens, "tokens_per_s": round(res.tokens_per_s, 1)}
+
+    def info(self) -> dict:
+        from hublab.runtime import chat
+        from hublab.runtime.profiles import board_profiles
+
+        from . import data as D
+        from .export import NEEDS_IMATRIX, QUANT_TYPES
+        from .lora import LORA_TARGETS
+        from .train import SCHEMA
+
+        try:
+            from hublab.runtime.pkg import _context
+
+            registry = _context().registry
+        except (HublabError, OSError):
+            registry = ""
+        try:
+            from .demo_data import DOC_PAIRS
+
+            domains = list(DOC_PAIRS)
+        except ImportError:
+            domains = []
+        schema = {sec: {k: {"default": s.default, "help": s.help, "type": s.type.__name__,
+                            "choices": list(s.choices) if getattr(s, "choices", None) else None}
+                        for k, s in keys.items()} for sec, keys in SCHEMA.items()}
+        return {"workspace": str(self.ws), "schema": schema, "formats": list(D.FORMATS),
+                "templates": ["auto", *chat.TEMPLATES], "lora_targets": LORA_TARGETS,
+                "quant_types": list(QUANT_TYPES), "needs_imatrix": sorted(NEEDS_IMATRIX),
+                "profiles": sorted(board_profiles()), "registry": registry, "domains": domains,
+                "models_dir": str(self.models_dir or ""), "max_upload": self.max_upload}
+
+
+def _toml(value, kind) -> str:
+    """One TOML value of the schema's type (strings JSON-quoted: a valid TOML basic string)."""
+    try:
+        if kind is bool:
+            v = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
+            return "true" if v else "false"
+        if kind is int:
+            return str(int(value))
+        if kind is float:
+            return repr(float(value))
+        if kind is list:
+            items = value if isinstance(value, list) else [t.strip() for t in str(value).split(",") if t.strip()]
+            return "[" + ", ".join(json.dumps(str(t)) for t in items) + "]"
+    except (TypeError, ValueError):
+        raise WebError(f"{value!r}: not a valid {kind.__name__}") from None
+    return json.dumps(str(value), ensure_ascii=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# HTTP
+
+class Handler(BaseHTTPRequestHandler):
+    server_version = "hublab-webui"
+    app: App  # set on the subclass made by make_server
+
+    def log_message(self, fmt, *args):  # quiet; jobs have their own logs
+        pass
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    def send_json(self, obj, status: int = 200, headers: dict | None = None) -> None:
+        body = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def error(self, status: int, message: str) -> None:
+        self.send_json({"error": message}, status)
+
+    def read_body(self, limit: int) -> bytes:
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            raise WebError("Content-Length: not a number") from None
+        if length > limit:
+            self.close_connection = True
+            raise WebError(f"upload of {length} bytes is over the limit of {limit} bytes; "
+                           "split the file or start hublab webui with a larger --max-upload-mb", 413)
+        return self.rfile.read(length) if length else b""
+
+    def json_body(self) -> dict:
+        raw = self.read_body(MAX_JSON)
+        try:
+            body = json.loads(raw or b"{}")
+        except ValueError:
+            raise WebError("body: send a JSON object") from None
+        if not isinstance(body, dict):
+            raise WebError("body: send a JSON object")
+        return body
+
+    def authorized(self, query: dict) -> tuple[bool, dict]:
+        """(allowed, extra headers): loopback Host check, then the token (header, cookie or ?token=)."""
+        app = self.app
+        host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
+        if app.loopback and host not in ("127.0.0.1", "localhost", "::1"):
+            return False, {}  # DNS rebinding: a page on another name must not reach a loopback UI
+        if not app.token:
+            return True, {}
+        given = ""
+        auth = self.headers.get("Authorization", "")
+        if auth.startswith("Bearer "):
+            given = auth[7:]
+        for part in (self.headers.get("Cookie") or "").split(";"):
+            k, _, v = part.strip().partition("=")
+            if k == "hublab_token" and not given:
+                given = v
+        extra = {}
+        if not given and query.get("token"):
+            given = query["token"][0]
+            extra["Set-Cookie"] = f"hublab_token={given}; HttpOnly; SameSite=Strict; Path=/"
+        return hmac.compare_digest(given.encode(), app.token.encode()), extra
+
+    def dispatch(self, method: str) -> None:
+        url = urlsplit(self.path)
+        query = parse_qs(url.query)
+        ok, extra = self.authorized(query)
+        if not ok:
+            return self.error(401, "token required: open the URL hublab webui printed (it ends in ?token=...)")
+        if method in ("POST", "PUT", "DELETE") and self.headers.get("X-Hublab") != "1":
+            return self.error(403, "send the X-Hublab: 1 header (the page does); cross-site requests are refused")
+        parts = [p for p in url.path.split("/") if p]
+        try:
+            if len(parts) >= 3 and parts[:2] == ["api", "jobs"]:
+                return self.job_route(method, parts[2:], query)
+            route = ROUTES.get((method, parts[0] if parts else "", parts[1] if len(parts) > 1 else ""))
+            if route is None:
+                return self.error(404, f"{url.path}: no such page")
+            return route(self, parts, query, extra)
+        except WebError as exc:
+            self.error(exc.status, str(exc))
+        except HublabError as exc:
+            self.error(422, str(exc).replace(str(self.app.ws) + "/", ""))
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def do_GET(self):
+        self.dispatch("GET")
+
+    def do_POST(self):
+        self.dispatch("POST")
+
+    def do_PUT(self):
+        self.dispatch("PUT")
+
+    # -- routes ------------------------------------------------------------------------------------
+
+    def page(self, parts, query, extra):
+        name = "index.html" if not parts else parts[-1]
+        if name not in STATIC:
+            return self.error(404, f"{name}: no such file")
+        body = resources.files("hublab.trainer").joinpath("webui", name).read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Type", mimetypes.guess_type(name)[0] or "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Security-Policy", "default-src 'self'; img-src 'self' data:")
+        for k, v in extra.items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def api_info(self, parts, query, extra):
+        self.send_json(self.app.info())
+
+    def api_datasets(self, parts, query, extra):
+        from . import webui_data as W
+
+        self.send_json(W.list_datasets(self.app.ws))
+
+    def api_upload(self, parts, query, extra):
+        from . import webui_data as W
+
+        body = self.read_body(self.app.max_upload)
+        q = {k: v[0] for k, v in query.items()}
+        self.send_json(W.save_upload(self.app.ws, q.get("file", ""), body, q.get("folder", ""),
+                                     q.get("format", "auto")), 201)
+
+    def api_inspect(self, parts, query, extra):
+        from . import webui_data as W
+
+        q = {k: v[0] for k, v in query.items()}
+        base = q.get("base", "")
+        self.send_json(W.inspect(self.app.ws, q.get("path", ""), q.get("name", ""), q.get("format", "auto"),
+                                 self.app.base_value(base) if base else "", q.get("template", "chatml"),
+                                 int(q.get("rows", 5))))
+
+    def api_mix(self, parts, query, extra):
+        from . import webui_data as W
+
+        b = self.json_body()
+        self.send_json(W.mix_datasets(self.app.ws, str(b.get("name", "")), b.get("parts") or [],
+                                      int(b.get("total") or 0), int(b.get("seed") or 0)), 201)
+
+    def api_generate(self, parts, query, extra):
+        from . import webui_data as W
+
+        b = self.json_body()
+        self.send_json(W.generate(self.app.ws, str(b.get("domain", "")), str(b.get("name", "")),
+                                  int(b.get("limit") or 0)), 201)
+
+    def api_train(self, parts, query, extra):
+        b = self.json_body()
+        if len(parts) > 2 and parts[2] == "plan":
+            return self.send_json(self.app.train_plan(b))
+        self.send_json(self.app.start_training(b), 201)
+
+    def api_export(self, parts, query, extra):
+        b = self.json_body()
+        name, cmds, outputs = self.app.export_plan(b)
+        if len(parts) > 2 and parts[2] == "plan":
+            return self.send_json({"commands": [shlex.join(c) for c in cmds], "outputs": outputs})
+        job = J.start(self.app.ws, "export", name, cmds, config=b, outputs=outputs)
+        self.send_json(J.progress(job), 201)
+
+    def api_bench(self, parts, query, extra):
+        b = self.json_body()
+        cmds, out = self.app.bench_plan(b)
+        job = J.start(self.app.ws, "bench", b.get("expert", "bench"), cmds, config=b, outputs=[out])
+        self.send_json(J.progress(job), 201)
+
+    def api_chat(self, parts, query, extra):
+        self.send_json(self.app.chat(self.json_body()))
+
+    def api_models(self, parts, query, extra):
+        self.send_json(self.app.models())
+
+    def api_jobs(self, parts, query, extra):
+        kind = query.get("kind", [""])[0]
+        out = []
+        for job in J.all_jobs(self.app.ws):
+            if kind and job.kind != kind:
+                continue
+            p = J.progress(job, log_lines=0)
+            p.pop("log")
+            out.append(p)
+        self.send_json(out)
+
+    def api_files(self, parts, query, extra):
+        rel = query.get("path", ["exports"])[0]
+        root = inside(self.app.ws, rel)
+        if not root.is_dir():
+            raise WebError(f"{rel}: not a folder of the workspace", 404)
+        files = [{"path": self.app.rel(p), "size": p.stat().st_size} for p in sorted(root.rglob("*"))
+                 if p.is_file() and not p.name.startswith(".")]
+        self.send_json(files[:2000])
+
+    def download(self, parts, query, extra):
+        rel = "/".join(unquote(p) for p in parts[1:])
+        path = inside(self.app.ws, rel)
+        if not path.is_file():
+            raise WebError(f"{rel}: no such file in the workspace", 404)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(path.stat().st_size))
+        self.send_header("Content-Disposition", f"attachment; filename*=UTF-8''{quote(path.name)}")
+        self.end_headers()
+        with open(path, "rb") as f:
+            shutil.copyfileobj(f, self.wfile)
+
+    def job_route(self, method, rest, query):
+        try:
+            job = J.load(self.app.ws, rest[0])
+        except KeyError:
+            raise WebError(f"job {rest[0]!r}: no such job", 404) from None
+        action = rest[1] if len(rest) > 1 else ""
+        if method == "GET" and action == "":
+            return self.send_json(J.progress(job, int(query.get("lines", ["40"])[0])))
+        if method == "GET" and action == "events":
+            return self.events(job)
+        if method == "GET" and action == "bench":
+            return self.send_json(self.app.bench_result(job))
+        if method == "GET" and action == "toml" and job.kind == "train":
+            return self.send_json({"toml": inside(self.app.ws, f"runs/{job.name}/expert.toml").read_text()})
+        if method == "POST" and action == "stop":
+            return self.send_json({"stopped": J.stop(job), **J.progress(job)})
+        if method == "POST" and action == "resume":
+            b = self.json_body()
+            return self.send_json(self.app.resume(job, int(b.get("max_steps") or 0)), 201)
+        raise WebError(f"{action!r}: no such job action", 404)
+
+    def events(self, job: J.Job) -> None:
+        """Server-Sent Events: the job's progress whenever it changes, until it ends."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        last, last_sent = "", time.monotonic()
+        while True:
+            p = J.progress(job, 60)
+            text = json.dumps(p)
+            if text != last:
+                self.wfile.write(f"data: {text}\n\n".encode())
+                self.wfile.flush()
+                last, last_sent = text, time.monotonic()
+            elif time.monotonic() - last_sent > 15:
+                self.wfile.write(b": ping\n\n")
+                self.wfile.flush()
+                last_sent = time.monotonic()
+            if p["status"] != "running":
+                self.wfile.write(b"event: end\ndata: {}\n\n")
+                self.wfile.flush()
+                return
+            time.sleep(0.5)
+
+
+ROUTES = {
+    ("GET", "", ""): Handler.page,
+    ("GET", "static", ""): Handler.page,
+    ("GET", "api", "info"): Handler.api_info,
+    ("GET", "api", "datasets"): Handler.api_datasets,
+    ("PUT", "api", "datasets"): Handler.api_upload,
+    ("GET", "api", "inspect"): Handler.api_inspect,
+    ("POST", "api", "mix"): Handler.api_mix,
+    ("POST", "api", "generate"): Handler.api_generate,
+    ("POST", "api", "train"): Handler.api_train,
+    ("POST", "api", "export"): Handler.api_export,
+    ("POST", "api", "bench"): Handler.api_bench,
+    ("POST", "api", "chat"): Handler.api_chat,
+    ("GET", "api", "models"): Handler.api_models,
+    ("GET", "api", "jobs"): Handler.api_jobs,
+    ("GET", "api", "files"): Handler.api_files,
+    ("GET", "files", ""): Handler.download,
+}
+
+
+class _Routes(dict):
+    """Routes keyed by (method, first, second path part); '/static/x' and '/files/...' match on the first."""
+
+    def get(self, key, default=None):
+        method, first, second = key
+        if (method, first, second) in self:
+            return self[(method, first, second)]
+        if first in ("static", "files", "") and (method, first, "") in self:
+            return self[(method, first, "")]
+        return default
+
+
+ROUTES = _Routes(ROUTES)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def make_server(workspace: Path, host: str = "127.0.0.1", port: int = 7860, token: str = "",
+                models_dir: Path | None = None, max_upload_mb: float = 64) -> tuple[ThreadingHTTPServer, App]:
+    """A ready (not yet serving) server and its App; off loopback a token is required."""
+    loopback = is_loopback(host)
+    if not loopback and not token:
+        raise WebError(f"--host {host}: listening off loopback needs a token; pass --token or let webui make one")
+    app = App(workspace, token, models_dir, int(max_upload_mb * (1 << 20)), loopback)
+    handler = type("BoundHandler", (Handler,), {"app": app})
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    return server, app
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--workspace", type=Path, default=Path("hublab-workspace"),
+                        help="folder holding datasets, runs, exports (default ./hublab-workspace)")
+    parser.add_argument("--token", default="", help="access token (required off loopback; made up when not given)")
+    parser.add_argument("--models-dir", type=Path, help="models dir for chat and the A/B bench "
+                                                        "(default: system.toml's)")
+    parser.add_argument("--max-upload-mb", type=float, default=64, help="largest dataset upload (default 64)")
+
+
+def cli(args: argparse.Namespace) -> int:
+    token = args.token
+    if not is_loopback(args.host) and not token:
+        token = secrets.token_urlsafe(18)
+    models_dir = args.models_dir
+    if models_dir is None:
+        try:
+            from hublab.runtime.config import load_system
+
+            models_dir = load_system().models_dir
+        except (HublabError, OSError):
+            models_dir = None
+    server, app = make_server(args.workspace, args.host, args.port, token, models_dir, args.max_upload_mb)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    url = f"http://{host}:{server.server_address[1]}/" + (f"?token={token}" if token else "")
+    print(f"hublab webui: {url}  (workspace {app.ws}; Ctrl-C stops the page, jobs go on)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
