@@ -5,8 +5,12 @@ Formats (detected from the first record, or named):
 - ``alpaca``:   {"instruction", "input"?, "output", "system"?, "history"?}
 - ``sharegpt``: {"conversations": [{"from": "human"|"gpt"|"system", "value"}]} or {"messages": [{"role", "content"}]}
 - ``qa``:       {"question", "response"} or {"prompt", "response"}
-- ``text``:     {"text"} (every token is trained)
+- ``text``:     {"text"} (every token is trained); a ``.txt`` file is one text per line
 and LlamaFactory's ``dataset_info.json`` registry, whose entries name a file, a formatting and columns.
+Every local entry of LlamaFactory's own data/dataset_info.json loads: a pre-training entry
+(``columns: {"prompt": "text"}``, no response column) gives text examples; sharegpt tool-call records keep
+their ``tools`` and their function_call / observation turns (observation becomes the ``tool`` role);
+ranking entries (DPO) train on the chosen answer; KTO entries keep only the records tagged desirable.
 
 Every problem with the data is a one-line `DataError` naming the file and the line.
 """
@@ -35,6 +39,7 @@ class Example:
     source: str  # "file:line", for error messages
     messages: list[dict[str, str]] = field(default_factory=list)
     text: str | None = None
+    tools: str | None = None  # tool descriptions (JSON text) a tool-call conversation may use
 
 
 @dataclass
@@ -62,6 +67,8 @@ def read_records(path: Path) -> list[tuple[int, dict]]:
         raise DataError(f"{path}: cannot read ({exc.__class__.__name__}); save it as UTF-8 JSONL") from None
     if not text.strip():
         raise DataError(f"{path}: file is empty; add one JSON record per line")
+    if path.suffix == ".txt":  # plain text, one example per line (LlamaFactory's wiki_demo.txt)
+        return [(n, {"text": line}) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
     stripped = text.lstrip()
     if stripped.startswith("["):  # a JSON array file (LlamaFactory's usual .json)
         try:
@@ -129,7 +136,8 @@ def detect_format(rec: dict) -> str | None:
 
 
 _ROLE = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
-         "bot": "assistant", "system": "system", "observation": "user", "function_call": "assistant"}
+         "bot": "assistant", "system": "system", "observation": "tool", "tool": "tool", "function": "tool",
+         "function_call": "assistant"}
 
 
 def _str(rec: dict, key: str, where: str, required: bool = True) -> str:
@@ -158,6 +166,11 @@ def to_example(rec: dict, fmt: str, where: str, columns: dict[str, str] | None =
         return Example(where, [{"role": "user", "content": _str(rec, key, where)},
                                {"role": "assistant", "content": _str(rec, "response", where)}])
     if fmt == "alpaca":
+        if columns and "prompt" in columns and "response" not in columns and col["response"] not in rec:
+            # a pre-training entry of a registry: the prompt column is the whole text
+            return Example(where, text=_str(rec, col["prompt"], where))
+        if col.get("chosen") and col["chosen"] in rec:  # ranking (DPO) entry: learn the chosen answer
+            rec = {**rec, col["response"]: rec[col["chosen"]]}
         prompt = _str(rec, col["prompt"], where)
         query = _str(rec, col["query"], where, required=False)
         msgs = []
@@ -199,12 +212,22 @@ def to_example(rec: dict, fmt: str, where: str, columns: dict[str, str] | None =
             if not isinstance(content, str):
                 raise DataError(f"{where}: turn {i + 1} is missing its '{content_key}' text")
             msgs.append({"role": role, "content": content})
+        chosen = rec.get(col["chosen"]) if col.get("chosen") else None
+        if chosen is not None:  # ranking (DPO) entry: the chosen answer ends the conversation
+            text = chosen.get(t["content_tag"] or ("value" if "value" in chosen else "content")) \
+                if isinstance(chosen, dict) else chosen
+            if not isinstance(text, str):
+                raise DataError(f"{where}: column '{col['chosen']}' must be a turn or a string")
+            msgs.append({"role": "assistant", "content": text})
         system = rec.get(col["system"]) if col["system"] else None
         if isinstance(system, str) and system.strip() and msgs[0]["role"] != "system":
             msgs.insert(0, {"role": "system", "content": system})
         if not any(m["role"] == "assistant" for m in msgs):
             raise DataError(f"{where}: conversation has no assistant turn; nothing to learn from it")
-        return Example(where, msgs)
+        tools = rec.get(col.get("tools") or "tools")
+        if tools is not None and not isinstance(tools, str):
+            tools = json.dumps(tools, ensure_ascii=False)
+        return Example(where, msgs, tools=tools or None)
     raise DataError(f"{where}: unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
 
 
@@ -230,7 +253,9 @@ def load_examples(spec: DataSpec) -> list[Example]:
             keys = ", ".join(sorted(records[0][1])) or "none"
             raise DataError(f"{path}:{records[0][0]}: cannot tell the format from columns ({keys}); expected "
                             "instruction/output, conversations, question/response, prompt/response or text")
-    return [to_example(rec, fmt, f"{path}:{line}", spec.columns, spec.tags) for line, rec in records]
+    kto = spec.columns.get("kto_tag")
+    return [to_example(rec, fmt, f"{path}:{line}", spec.columns, spec.tags) for line, rec in records
+            if not kto or rec.get(kto) is not False]  # KTO: an undesirable answer is not one to imitate
 
 
 def load_registry(path: Path, name: str) -> list[Example]:
@@ -329,6 +354,18 @@ def resolve_template(tokenizer, name: str = "auto", model_type: str = "", where:
     return TEMPLATES[name]
 
 
+def conversation(example: Example) -> list[dict]:
+    """The messages a template renders: tool descriptions, when the record has them, join the system turn
+    (the built-in templates have no tools slot; LlamaFactory puts them in the system prompt too)."""
+    msgs = example.messages
+    if not example.tools:
+        return msgs
+    note = f"You can call these tools (answer with a JSON function call):\n{example.tools}"
+    if msgs and msgs[0]["role"] == "system":
+        return [{**msgs[0], "content": msgs[0]["content"] + "\n\n" + note}, *msgs[1:]]
+    return [{"role": "system", "content": note}, *msgs]
+
+
 def _render(tokenizer, template: str, messages: list[dict], add_generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
                                          add_generation_prompt=add_generation_prompt)
@@ -355,7 +392,7 @@ def encode(example: Example, tokenizer, template: str, max_len: int) -> tuple[li
     ids: list[int] = []
     labels: list[int] = []
     done = ""
-    msgs = example.messages
+    msgs = conversation(example)
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
@@ -442,4 +479,5 @@ def load_mix(specs: list[DataSpec], eval_fraction: float, seed: int,
 
 def as_dicts(examples: list[Example]) -> list[dict[str, Any]]:
     """Examples as sharegpt-style records (for writing a mixed dataset back out)."""
-    return [{"text": e.text} if e.text is not None else {"messages": e.messages} for e in examples]
+    return [{"text": e.text} if e.text is not None else
+            {"messages": e.messages, **({"tools": e.tools} if e.tools else {})} for e in examples]
