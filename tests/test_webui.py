@@ -147,7 +147,9 @@ def _events(client: Client, job_id: str, limit: float = 240) -> list[dict]:
 
 def test_train_live_over_sse_then_export_and_download(webui):  # noqa: F811
     client, _, ws = webui
-    status, job = client.call("POST", "/api/train", tiny_form("sse", steps=6))
+    form = tiny_form("sse", steps=40)  # enough steps to span several half-second pushes
+    form["train"]["eval_every"] = 10
+    status, job = client.call("POST", "/api/train", form)
     assert status == 201, job
     assert client.call("POST", "/api/train", tiny_form("sse"))[0] == 409  # one training per run at a time
     frames = _events(client, job["id"])
@@ -155,9 +157,9 @@ def test_train_live_over_sse_then_export_and_download(webui):  # noqa: F811
     seen = [len(f["steps"]) for f in frames]
     assert seen == sorted(seen) and len(set(seen)) >= 3  # the loss curve grew over several pushes
     last = frames[-1]
-    assert [s["step"] for s in last["steps"]] == [1, 2, 3, 4, 5, 6]
-    assert [s["step"] for s in last["steps"] if "eval_loss" in s] == [3, 6]
-    assert last["result"]["steps"] == 6 and last["tok_s"] > 0
+    assert [s["step"] for s in last["steps"]] == list(range(1, 41))
+    assert [s["step"] for s in last["steps"] if "eval_loss" in s] == [10, 20, 30, 40]
+    assert last["result"]["steps"] == 40 and last["tok_s"] > 0
     assert (ws / "runs" / "sse" / "out" / "adapter" / "adapter_config.json").exists()
     status, runs = client.call("GET", "/api/jobs?kind=train")
     assert job["id"] in [r["id"] for r in runs]

@@ -85,8 +85,8 @@ def test_upload_train_watch_export_download(browser, webui, tmp_path_factory):  
     name = find(By.ID, "run-name")
     name.clear()
     name.send_keys("browser")
-    for key, value in (("base", "models/tiny"), ("max_steps", "8"), ("batch_size", "4"), ("max_seq_len", "64"),
-                       ("lr", "0.05"), ("warmup_steps", "1"), ("eval_every", "4"), ("save_every", "4"),
+    for key, value in (("base", "models/tiny"), ("max_steps", "40"), ("batch_size", "4"), ("max_seq_len", "64"),
+                       ("lr", "0.05"), ("warmup_steps", "1"), ("eval_every", "10"), ("save_every", "20"),
                        ("eval_fraction", "0.2"), ("patience", "0"), ("threads", "1")):
         box = find(By.ID, f"f-train-{key}")
         box.clear()
@@ -98,7 +98,7 @@ def test_upload_train_watch_export_download(browser, webui, tmp_path_factory):  
     label = _wait(lambda: [lab for lab in find(By.ID, "train-data").find_elements(By.TAG_NAME, "label")
                            if "facts.jsonl" in lab.text])
     label[0].find_element(By.TAG_NAME, "input").click()
-    _wait(lambda: 'path = "' in find(By.ID, "train-toml").text and "max_steps = 8" in find(By.ID, "train-toml").text
+    _wait(lambda: 'path = "' in find(By.ID, "train-toml").text and "max_steps = 40" in find(By.ID, "train-toml").text
           and "facts.jsonl" in find(By.ID, "train-toml").text)
     assert "train expert" in find(By.ID, "train-command").text
     shot("train")
@@ -111,8 +111,8 @@ def test_upload_train_watch_export_download(browser, webui, tmp_path_factory):  
     _wait(lambda: counts.add(int(canvas.get_attribute("data-points"))) or find(By.ID, "run-status").text == "done",
           timeout=180)
     counts.add(int(canvas.get_attribute("data-points")))
-    assert max(counts) == 8 and len(counts) >= 2, counts  # seen part-way, then complete
-    assert "step 8/8" in find(By.ID, "run-step").text
+    assert max(counts) == 40 and len(counts) >= 2, counts  # seen part-way, then complete
+    assert "step 40/40" in find(By.ID, "run-step").text
     shot("runs")
     browser.set_window_size(390, 900)  # phone width
     shot("runs-phone")
