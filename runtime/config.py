@@ -372,6 +372,9 @@ MODEL_SCHEMA: dict[str, dict[str, Key]] = {
                                   "this TOML"),
         "knowledge_shots": Key(int, 2, "how many retrieved pairs go before the question; 0 = none"),
         "knowledge_min": Key(float, 0.45, "least similarity (router encoder cosine) for a pair to be shown"),
+        "examples": Key(list, [], "example queries this expert answers: routed by similarity, no router retraining"),
+        "examples_file": Key(str, "", "more example queries, one per line (UTF-8), relative to this TOML and inside "
+                                      "its directory"),
     },
 }
 
@@ -425,6 +428,7 @@ class ModelConfig:
     knowledge: Path | None = None
     knowledge_shots: int = 2
     knowledge_min: float = 0.45
+    examples: tuple[str, ...] = ()
 
     @property
     def is_expert(self) -> bool:
@@ -496,6 +500,7 @@ def load_model(path: Path) -> ModelConfig:
         if not isinstance(item, str) or not item.strip():
             raise ConfigError(f"{_where(path, text, 'expert', 'keywords')}: item {i + 1} must be a non-empty "
                               "string; write keywords = [\"word\", \"two words\"]")
+    examples = read_examples(path, text, ex["examples"], ex["examples_file"])
     for i, item in enumerate(inf["stop"]):
         if not isinstance(item, str) or not item:
             raise ConfigError(f"{_where(path, text, 'inference', 'stop')}: item {i + 1} must be a non-empty string")
@@ -511,8 +516,47 @@ def load_model(path: Path) -> ModelConfig:
         description=m["description"], inference=Inference(**inf), chat_format=m["chat_format"], domain=ex["domain"] or m["name"],
         keywords=[k.strip() for k in ex["keywords"]], threshold=ex["threshold"], base=ex["base"],
         adapter=adapter, scale=ex["scale"], knowledge=(path.parent / ex["knowledge"]).resolve() if ex["knowledge"] else None,
-        knowledge_shots=ex["knowledge_shots"], knowledge_min=ex["knowledge_min"],
+        knowledge_shots=ex["knowledge_shots"], knowledge_min=ex["knowledge_min"], examples=examples,
     )
+
+
+def read_examples(path: Path, text: str, inline: list, examples_file: str) -> tuple[str, ...]:
+    """[expert] examples followed by examples_file's lines (blank lines and # comments skipped), checked.
+
+    The file must lie inside the TOML's directory: in a package that makes it one of the signed files.
+    """
+    items: list[tuple[str, str]] = []  # (where, example)
+    for i, item in enumerate(inline):
+        if not isinstance(item, str) or not item.strip():
+            raise ConfigError(f"{_where(path, text, 'expert', 'examples')}: item {i + 1} must be a non-empty "
+                              "string; write examples = [\"a question this expert answers\", ...]")
+        items.append((f"{_where(path, text, 'expert', 'examples')}: item {i + 1}", item))
+    if examples_file:
+        where = _where(path, text, "expert", "examples_file")
+        rel = Path(examples_file)
+        if rel.is_absolute() or ".." in rel.parts:
+            raise ConfigError(f"{where}: {examples_file!r} leaves the expert's directory; put the file beside the "
+                              "TOML (in a package it must be one of the signed files)")
+        file = path.parent / rel
+        try:
+            lines = file.read_bytes().decode("utf-8").splitlines()
+        except FileNotFoundError:
+            raise ConfigError(f"{where}: {file} not found; create it (one example query per line) or remove "
+                              "examples_file") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{where}: {file} is not UTF-8 text; save it as UTF-8") from None
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read {file} ({exc.__class__.__name__}); fix the path") from None
+        for n, line in enumerate(lines, 1):
+            if line.strip() and not line.lstrip().startswith("#"):
+                items.append((f"{file}:{n}", line))
+    seen: dict[str, str] = {}
+    for where, item in items:
+        key = " ".join(item.casefold().split())
+        if key in seen:
+            raise ConfigError(f"{where}: example {item.strip()!r} repeats {seen[key]}; keep it once")
+        seen[key] = where
+    return tuple(" ".join(item.split()) for _, item in items)
 
 
 @dataclass

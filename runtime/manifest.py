@@ -404,6 +404,13 @@ def describe_models(directory: Path, paths: list[str]) -> tuple[list[str], list[
         target = experts if model.get("type") == "expert" or "expert" in data else models
         if model["name"] not in target:
             target.append(model["name"])
+        # An expert's examples route queries to it: the file must be one of the package's (signed) files.
+        examples = data.get("expert", {}).get("examples_file") if isinstance(data.get("expert"), dict) else None
+        if isinstance(examples, str) and examples:
+            wanted = os.path.normpath((PurePosixPath(rel).parent / examples).as_posix())
+            if wanted not in paths:
+                raise ManifestError(f"{directory / rel}: [expert] examples_file {examples!r} is not in the package; "
+                                    "put it beside the TOML so it is signed with the package")
     return experts, models
 
 
