@@ -8,7 +8,21 @@ A router directory holds three files, all written by `hublab train router` (trai
 - `tokenizer.json`: the encoder's tokenizer (Hugging Face `tokenizers` format).
 - `router.toml`: `[router] experts = [...]` in output order, `temperature`, `max_length`, `encoder`, `accuracy`.
 
-Scores. `model_score` is the router's calibrated probability. `keyword_score` is the keyword
+Scores. `head_score` is the trained head's calibrated probability. Every expert with examples has a
+`similarity`: the mean cosine of the query to its `example_k` closest examples, through the same encoder.
+The router's own labelled queries (`examples.npz`, written by the trainer) are the examples of the experts
+that own its outputs, joined by those experts' `[expert] examples`. For the experts the head knows, the
+head is blended with a softmax of their similarities over `example_temperature`:
+`(1 - example_weight) * head + example_weight * softmax`. An expert the head does not know (a new
+package) claims its `example_score` by a softmax over `example_temperature` of its similarity plus
+`example_margin` (a specialist beats the broad domains it overlaps) against one "rest" entry: the best
+similarity of the known experts (`example_floor` when the router ships no examples). The rest goes to the
+known experts: `model_score = example_score + (1 - sum of example_scores) * blended head`. A query close to
+no new expert leaves everything to the head and its examples, so thresholds and the fallback keep their
+meaning; a new expert needs no retraining and leaves routing with its TOML. Examples are embedded on
+first use (not at load: shell start stays fast) and cached by embcache, keyed by the encoder's and the
+examples' hashes. The temperature and margin are calibrated by the trainer on open-set domains of its
+own (trainer/data/router_openset.jsonl). `keyword_score` is the keyword
 distribution: for each expert, the number of its distinct `keywords` found in the query (whole words or
 phrases, case-folded, never substrings) divided by the hits of all experts together. The final score is
 `(1 - w) * model_score + w * keyword_score` with `w = [moe] keyword_weight` (default 0.25); when no keyword
@@ -20,7 +34,7 @@ Router outputs vs configured experts. An expert answers to the router output who
 expert of that name. Several experts on one output share its probability equally. An output with no
 expert (the router knows "rust", nobody installed a rust expert) gives its probability to the fallback
 expert, so such queries land on the fallback. A configured expert the router has no output for gets model
-score 0 and can still be picked through its keywords or by `all`. Both cases are warnings
+score 0 and can still be picked through its examples, its keywords or by `all`. Both cases are warnings
 (`Router.warnings`). It is an error when no configured expert matches any router output, or when the
 fallback expert is not configured.
 
@@ -35,9 +49,11 @@ the higher score, then by expert name (alphabetical); scores equal to 1e-9 count
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -48,6 +64,7 @@ from .errors import HublabError
 ROUTER_TOML = "router.toml"
 TOKENIZER_JSON = "tokenizer.json"
 MODEL_ONNX = "model.onnx"
+EXAMPLES_NPZ = "examples.npz"  # the router's labelled queries: texts, labels, vectors, the encoder's sha256
 # Keys written into the ONNX model's metadata so a model.onnx can be checked against its router.toml.
 META_EXPERTS = "hublab.experts"
 META_TEMPERATURE = "hublab.temperature"
@@ -66,6 +83,11 @@ ROUTER_SCHEMA: dict[str, dict[str, Key]] = {
         "accuracy_split": Key(str, "", "which queries accuracy was measured on: heldout or validation"),
         "macro_f1": Key(float, 0.0, "macro-averaged F1 on accuracy_split"),
         "examples": Key(int, 0, "number of labelled queries the head was fitted on"),
+        "example_temperature": Key(float, 0.05, "softmax temperature over example similarities (calibrated)"),
+        "example_margin": Key(float, 0.0, "added to a new expert's similarity against the known experts' (calibrated)"),
+        "example_weight": Key(float, 0.5, "weight of example similarity against the head for the known experts"),
+        "example_floor": Key(float, 0.4, "the known experts' similarity when the router ships no examples"),
+        "example_k": Key(int, 3, "an expert's similarity is the mean of its k closest examples"),
     },
 }
 
@@ -79,15 +101,27 @@ class RouterError(HublabError):
 
 @dataclass(frozen=True)
 class RouteScore:
-    """One expert's score for a query: the blend, and the two parts it was blended from."""
+    """One expert's score for a query: the blend, and the parts it was blended from.
+
+    score = (1 - w) * model_score + w * keyword_score (see the module docstring). For an expert the head
+    knows, example_score is its share of a softmax over the known experts' similarities and
+    model_score = (1 - new experts' example_scores) * ((1 - example_weight) * head + example_weight *
+    example); for a new expert (no head output) model_score = example_score. `similarity` is the query's
+    similarity to the expert's examples (None when it has none).
+    """
     expert: str
     score: float
     model_score: float
     keyword_score: float = 0.0
     keywords: tuple[str, ...] = ()
+    head_score: float | None = None
+    example_score: float = 0.0
+    similarity: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"expert": self.expert, "score": self.score, "model_score": self.model_score,
+                "head_score": self.model_score if self.head_score is None else self.head_score,
+                "example_score": self.example_score, "similarity": self.similarity,
                 "keyword_score": self.keyword_score, "keywords": list(self.keywords)}
 
 
@@ -164,8 +198,12 @@ def keyword_hits(text: str, keywords: Sequence[str]) -> tuple[str, ...]:
 
 
 def blend(text: str, model_scores: Mapping[str, float], keywords: Mapping[str, Sequence[str]] | None = None,
-          keyword_weight: float = 0.25) -> list[RouteScore]:
-    """Blend model scores with the keyword distribution (see the module docstring); best first."""
+          keyword_weight: float = 0.25, parts: Mapping[str, tuple[float, float, float | None]] | None = None
+          ) -> list[RouteScore]:
+    """Blend model scores with the keyword distribution (see the module docstring); best first.
+
+    `parts`: expert -> (head_score, example_score, similarity), carried into each RouteScore for display.
+    """
     if not 0.0 <= keyword_weight <= 1.0:
         raise RouterError(f"[moe] keyword_weight: {keyword_weight} is out of range; use a value between 0 and 1")
     keywords = keywords or {}
@@ -175,7 +213,8 @@ def blend(text: str, model_scores: Mapping[str, float], keywords: Mapping[str, S
     for name, model in model_scores.items():
         share = len(hits[name]) / total if total else 0.0
         score = (1.0 - keyword_weight) * model + keyword_weight * share if total else model
-        out.append(RouteScore(name, float(score), float(model), float(share), hits[name]))
+        head, example, sim = (parts or {}).get(name, (None, 0.0, None))
+        out.append(RouteScore(name, float(score), float(model), float(share), hits[name], head, example, sim))
     return sorted(out, key=_rank)
 
 
@@ -247,6 +286,11 @@ class RouterInfo:
     accuracy_split: str = ""
     macro_f1: float = 0.0
     examples: int = 0
+    example_temperature: float = 0.05
+    example_margin: float = 0.0
+    example_weight: float = 0.5
+    example_floor: float = 0.4
+    example_k: int = 3
 
 
 def read_router_toml(path: Path) -> RouterInfo:
@@ -268,11 +312,21 @@ def read_router_toml(path: Path) -> RouterInfo:
         raise RouterError(f"{path}: [router] experts: {dupes[0]!r} is listed twice; each output needs its own name")
     if not sec["temperature"] > 0:
         raise RouterError(f"{path}: [router] temperature: {sec['temperature']} must be positive; rebuild the router")
+    if not sec["example_temperature"] > 0:
+        raise RouterError(f"{path}: [router] example_temperature: {sec['example_temperature']} must be positive; "
+                          "use e.g. 0.05 or rebuild the router")
+    if not 0.0 <= sec["example_weight"] <= 1.0:
+        raise RouterError(f"{path}: [router] example_weight: {sec['example_weight']} is out of range; use 0..1")
+    if sec["example_k"] < 1:
+        raise RouterError(f"{path}: [router] example_k: {sec['example_k']} must be at least 1; use e.g. 3")
     if sec["max_length"] < 4:
         raise RouterError(f"{path}: [router] max_length: {sec['max_length']} is too small; use e.g. 128")
     return RouterInfo(path=path, experts=tuple(experts), temperature=sec["temperature"], max_length=sec["max_length"],
                       encoder=sec["encoder"], quantization=sec["quantization"], accuracy=sec["accuracy"],
-                      accuracy_split=sec["accuracy_split"], macro_f1=sec["macro_f1"], examples=sec["examples"])
+                      accuracy_split=sec["accuracy_split"], macro_f1=sec["macro_f1"], examples=sec["examples"],
+                      example_temperature=sec["example_temperature"], example_margin=sec["example_margin"],
+                      example_weight=sec["example_weight"], example_floor=sec["example_floor"],
+                      example_k=sec["example_k"])
 
 
 @dataclass(frozen=True)
@@ -282,6 +336,7 @@ class ExpertRoute:
     domain: str = ""
     keywords: tuple[str, ...] = ()
     threshold: float = 0.0
+    examples: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, expert: Any) -> "ExpertRoute":
@@ -290,7 +345,7 @@ class ExpertRoute:
         if isinstance(expert, str):
             return cls(expert)
         return cls(expert.name, getattr(expert, "domain", "") or "", tuple(getattr(expert, "keywords", ()) or ()),
-                   float(getattr(expert, "threshold", 0.0) or 0.0))
+                   float(getattr(expert, "threshold", 0.0) or 0.0), tuple(getattr(expert, "examples", ()) or ()))
 
     @property
     def label(self) -> str:
@@ -318,9 +373,9 @@ def map_experts(labels: Sequence[str], experts: Sequence[ExpertRoute], fallback:
         if not group:
             warnings.append(f"router output {label!r} has no configured expert; its score goes to the fallback {fallback!r}")
     for e in experts:
-        if e.name not in mapped:
+        if e.name not in mapped and not e.examples:
             warnings.append(f"expert {e.name!r} (domain {e.label!r}) has no router output; only its keywords can "
-                            "select it (rebuild the router with that domain)")
+                            "select it (add [expert] examples, or rebuild the router with that domain)")
     return owners, warnings
 
 
@@ -347,6 +402,7 @@ class Router:
         self._input_types = {i.name: i.type for i in session.get_inputs()}
         self.has_embedding = any(o.name == "embedding" for o in session.get_outputs())
         self._encoder_id: str | None = None
+        self._examples: tuple[Any, Any, list[str], list[bool]] | None = None  # see example_index
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -488,9 +544,8 @@ class Router:
     def thresholds(self) -> dict[str, float]:
         return {e.name: e.threshold for e in self.experts}
 
-    def model_scores(self, text: str) -> dict[str, float]:
-        """Router probabilities moved onto the configured experts (see the module docstring)."""
-        probs = self.probabilities(text)
+    def head_scores(self, probs) -> dict[str, float]:
+        """Head probabilities moved onto the configured experts (see the module docstring)."""
         out = {e.name: 0.0 for e in self.experts}
         for label, p in zip(self.labels, probs):
             group = self.owners.get(label) or [self.fallback]
@@ -498,9 +553,125 @@ class Router:
                 out[name] += float(p) / len(group)
         return out
 
+    @property
+    def has_examples(self) -> bool:
+        """True when some expert is routed by examples of its own (shipped label examples alone change nothing)."""
+        return self.has_embedding and any(e.examples for e in self.experts)
+
+    def label_examples(self) -> dict[str, list]:
+        """Router output -> its labelled queries' vectors from examples.npz ({} when the router has none).
+
+        Vectors are used as shipped when the file names this model.onnx's hash; otherwise its texts are
+        embedded again (and cached), so a mismatched file costs time once, never a wrong answer.
+        """
+        import numpy as np
+
+        path = self.directory / EXAMPLES_NPZ
+        if not path.is_file():
+            return {}
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                texts, labels = [str(t) for t in data["texts"]], [str(x) for x in data["labels"]]
+                vectors = data["vectors"].astype(np.float32) if str(data["encoder"]) == self.encoder_id else None
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            raise RouterError(f"{path}: unreadable ({_first_line(exc)}); rebuild the router or delete the file "
+                              "(routing then uses the head alone)") from None
+        if vectors is None or len(vectors) != len(texts):
+            from .embcache import cached_embeddings
+
+            vectors = cached_embeddings("examples", texts, self.encoder_id, self.embed)
+        out: dict[str, list] = {}
+        for label, v in zip(labels, vectors):
+            out.setdefault(label, []).append(v)
+        return out
+
+    def example_index(self):
+        """(vectors (n, dim), expert index of each row, expert names, known flags): built on first use."""
+        if self._examples is None:
+            import numpy as np
+
+            from .embcache import cached_embeddings
+
+            named = [e for e in self.experts if e.examples]
+            texts = [t for e in named for t in e.examples]
+            own = cached_embeddings("examples", texts, self.encoder_id, self.embed) if texts else None
+            labelled = self.label_examples()
+            known = {n for group in self.owners.values() for n in group}
+            rows, owner, names = [], [], []
+            for e in self.experts:
+                vecs = []
+                for label, group in self.owners.items():
+                    if e.name in group:
+                        vecs.extend(labelled.get(label, []))
+                if e.examples:
+                    at = sum(len(x.examples) for x in named[:named.index(e)])
+                    vecs.extend(own[at:at + len(e.examples)])
+                if vecs:
+                    owner.extend([len(names)] * len(vecs))
+                    rows.extend(vecs)
+                    names.append(e.name)
+            vectors = np.stack(rows).astype(np.float32) if rows else np.zeros((0, 1), np.float32)
+            self._examples = (vectors, np.asarray(owner, dtype=np.int64), names,
+                              [n in known for n in names])
+        return self._examples
+
+    def similarities(self, embedding) -> dict[str, float]:
+        """Each expert with examples: the mean cosine of the query to its `example_k` closest examples."""
+        import numpy as np
+
+        vectors, owner, names, _ = self.example_index()
+        sims = vectors @ np.asarray(embedding, dtype=np.float32)
+        k = self.info.example_k
+        out = {}
+        for i, name in enumerate(names):
+            mine = sims[owner == i]
+            top = mine if len(mine) <= k else np.partition(mine, len(mine) - k)[-k:]
+            out[name] = float(top.mean())
+        return out
+
+    def model_parts(self, text: str) -> tuple[dict[str, float], dict[str, tuple[float, float, float | None]]]:
+        """Model score per expert and its parts (head_score, example_score, similarity) for one query."""
+        if not self.has_embedding or (not self.has_examples and not (self.directory / EXAMPLES_NPZ).is_file()):
+            head = self.head_scores(self.probabilities(text))
+            return head, {n: (h, 0.0, None) for n, h in head.items()}
+        probs, embedding = self.session.run(["probabilities", "embedding"], self._feeds(text))
+        head = self.head_scores(probs[0])
+        sims = self.similarities(embedding[0])
+        _, _, names, known_flags = self.example_index()
+        known = {n for n, k in zip(names, known_flags) if k}
+        info = self.info
+        t = info.example_temperature
+        # Known experts: the head blended with a softmax of their similarities.
+        knn: dict[str, float] = {}
+        blended = dict(head)
+        if known:
+            top = max(sims[n] for n in known)
+            e = {n: math.exp((sims[n] - top) / t) for n in known}
+            total = sum(e.values())
+            knn = {n: v / total for n, v in e.items()}
+            w = info.example_weight
+            blended = {n: (1 - w) * h + w * knn.get(n, 0.0) for n, h in head.items()}
+        # New experts claim their share against the best known similarity (the "rest").
+        new = {n: s + info.example_margin for n, s in sims.items() if n not in known}
+        rest = max(sims[n] for n in known) if known else info.example_floor
+        shares: dict[str, float] = {}
+        if new:
+            top = max(rest, *new.values())
+            e = {n: math.exp((v - top) / t) for n, v in new.items()}
+            total = math.exp((rest - top) / t) + sum(e.values())
+            shares = {n: v / total for n, v in e.items()}
+        left = max(0.0, 1.0 - sum(shares.values()))
+        model = {n: shares.get(n, 0.0) + left * blended[n] for n in head}
+        return model, {n: (head[n], shares.get(n, knn.get(n, 0.0)), sims.get(n)) for n in head}
+
+    def model_scores(self, text: str) -> dict[str, float]:
+        """Every configured expert's model score: examples' shares first, the head's for the rest."""
+        return self.model_parts(text)[0]
+
     def score(self, text: str) -> list[RouteScore]:
         """Every configured expert's score for a query, best first."""
-        return blend(text, self.model_scores(text), self.keywords, self.keyword_weight)
+        model, parts = self.model_parts(text)
+        return blend(text, model, self.keywords, self.keyword_weight, parts)
 
     def route(self, text: str, routing: str = "topk:2", fallback: str | None = None, sure: float = 1.0) -> Selection:
         """Score a query and apply a strategy with the experts' own thresholds."""
@@ -558,11 +729,14 @@ def cli(args) -> int:
     print(f"router {router_dir} ({len(info.experts)} outputs, {info.quantization or 'fp32'}{acc})")
     chosen = set(selection.names)
     width = max(len("expert"), *(len(s.expert) for s in selection.scores))
-    print(f"  {'expert':<{width}}  score  model  keyword")
+    print(f"  {'expert':<{width}}  score  model   head  examples (sim)  keyword")
     for s in selection.scores:
         mark = "  <- selected" if s.expert in chosen else ""
         kws = f"  [{', '.join(s.keywords)}]" if s.keywords else ""
-        print(f"  {s.expert:<{width}}  {s.score:.3f}  {s.model_score:.3f}  {s.keyword_score:.3f}{kws}{mark}")
+        head = s.model_score if s.head_score is None else s.head_score
+        sim = f"({s.similarity:.2f})" if s.similarity is not None else "(-)"
+        print(f"  {s.expert:<{width}}  {s.score:.3f}  {s.model_score:.3f}  {head:.3f}  {s.example_score:.3f} {sim:>7}"
+              f"  {s.keyword_score:.3f}{kws}{mark}")
     picked = ", ".join(f"{c.name} ({c.score:.3f})" for c in selection.choices)
     print(f"{selection.routing}: {picked}" + (f"  ({selection.note})" if selection.note else "")
           + f"  [{elapsed_ms:.1f} ms]")

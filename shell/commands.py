@@ -130,10 +130,15 @@ def cmd_moe(s: Session, words: list[str], rest: str) -> Result:
     if sub == "route":
         d = s.client.route(query)
         chosen = {c["name"] for c in d["selected"]}
+        def sim(sc: dict) -> str:
+            return "-" if sc.get("similarity") is None else f"{sc['similarity']:.2f}"
+
         rows = [[("* " if sc["expert"] in chosen else "  ") + sc["expert"], f"{sc['score']:.3f}",
-                 f"{sc['model_score']:.3f}", f"{sc['keyword_score']:.3f}", ", ".join(sc.get("keywords") or [])]
+                 f"{sc['model_score']:.3f}", f"{sc.get('head_score', sc['model_score']):.3f}",
+                 f"{sc.get('example_score', 0.0):.3f}", sim(sc), f"{sc['keyword_score']:.3f}",
+                 ", ".join(sc.get("keywords") or [])]
                 for sc in d["scores"]]
-        text = _table(rows, ["  EXPERT", "SCORE", "MODEL", "KEYWORDS", "MATCHED"])
+        text = _table(rows, ["  EXPERT", "SCORE", "MODEL", "HEAD", "EXAMPLES", "SIM", "KEYWORDS", "MATCHED"])
         text += f"\nrouting {d['routing']}: selected {_scores(d['selected'])}"
         if d.get("fallback"):
             text += " (fallback: nothing passed the strategy)"
