@@ -143,6 +143,18 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def write_readme(path: Path, report: dict, tab: str) -> None:
+    begin, end = "<!-- quality -->", "<!-- /quality -->"
+    text = path.read_text()
+    if begin not in text or end not in text:
+        raise SystemExit(f"{path}: no {begin} ... {end} section to fill")
+    ratios = ", ".join(f"{k} {v}" for k, v in report.get("ratios", {}).items())
+    body = (f"{begin}\n`bench/quality.py`, {report['questions']} held-out questions, {report['threads']} thread, at most "
+            f"{report['max_tokens']} tokens; default = the `?` path, expert = each expert alone on its own domain, "
+            f"floor = the bare base with the two-example prompt, greedy. Ratios: {ratios}.\n\n{tab}\n{end}")
+    path.write_text(text[: text.index(begin)] + body + text[text.index(end) + len(end):])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--set", type=Path, default=HELDOUT)
@@ -154,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--no-similarity", action="store_true", help="skip the MiniLM similarity (no torch needed)")
     parser.add_argument("--answers", type=Path, help="write every answer with its scores here (JSONL)")
+    parser.add_argument("--readme", type=Path, help="put the table in this README between <!-- quality --> markers")
     parser.add_argument("--set-expert", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field of every expert for this run, e.g. knowledge_shots=0 or "
                              "inference.temperature=0 (to compare settings on a dev set)")
@@ -194,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         args.answers.write_text("".join(json.dumps(a) + "\n" for a in every))
     print(json.dumps(report, indent=1))
     print(table(results), file=sys.stderr)
+    if args.readme:
+        write_readme(args.readme, report, table(results))
     return 0
 
 

@@ -10,29 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .embcache import cached_embeddings, sha256_file
 from .errors import HublabError
-
-
-def cache_dir() -> Path:
-    """$HUBLAB_HOME/cache/knowledge, else $XDG_CACHE_HOME/hublab/knowledge (~/.cache/hublab/knowledge)."""
-    if os.environ.get("HUBLAB_HOME"):
-        return Path(os.environ["HUBLAB_HOME"]) / "cache" / "knowledge"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hublab" / "knowledge"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_pack(path: Path) -> list[dict]:
@@ -90,31 +75,22 @@ class Library:
 
     def _load(self, path: Path) -> Pack:
         records = read_pack(path)
-        key = pack_key(path, self.encoder_id)
-        cache = cache_dir() / f"{key}.npy"
         vectors = None
-        for candidate in (sidecar(path, key), cache):
-            if vectors is None and candidate.is_file():
-                try:
-                    vectors = np.load(candidate, allow_pickle=False).astype(np.float32)
-                except (OSError, ValueError):
-                    vectors = None  # a torn or foreign file: rebuild it
-                if vectors is not None and vectors.shape[0] != len(records):
-                    vectors = None
-        if vectors is None:
-            vectors = np.asarray(self.embed([r["question"] for r in records]), dtype=np.float32)
+        side = sidecar(path, pack_key(path, self.encoder_id))
+        if side.is_file():
             try:
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cache.with_suffix(f".{os.getpid()}.tmp.npy")
-                np.save(tmp, vectors.astype(np.float16))
-                os.replace(tmp, cache)
-            except OSError:
-                pass  # a read-only home only costs the embedding again next start
+                vectors = np.load(side, allow_pickle=False).astype(np.float32)
+            except (OSError, ValueError):
+                vectors = None  # a torn or foreign file: embed instead
+            if vectors is not None and vectors.shape[0] != len(records):
+                vectors = None
+        if vectors is None:
+            vectors = cached_embeddings("knowledge", [r["question"] for r in records], self.encoder_id, self.embed)
         return Pack(path, records, vectors)
 
 
 def pack_key(path: Path, encoder_id: str) -> str:
-    return hashlib.sha256(f"{_sha256(path)}:{encoder_id}".encode()).hexdigest()[:32]
+    return hashlib.sha256(f"{sha256_file(path)}:{encoder_id}".encode()).hexdigest()[:32]
 
 
 def sidecar(path: Path, key: str) -> Path:

@@ -9,6 +9,7 @@ from encoders import write_encoder_router
 from ggufs import write_model_toml
 
 from hublab.runtime import knowledge as K
+from hublab.runtime.embcache import cache_root
 from hublab.runtime.engine import Runtime
 from hublab.runtime.errors import HublabError
 
@@ -76,7 +77,7 @@ def test_embeddings_are_cached_by_pack_and_encoder_hash(models, tmp_path):
     write_pack(pack, PAIRS + [{"question": "new one", "response": "x"}])
     assert len(K.Library(embed, "enc-1").pack(pack).records) == 4 and calls == [3, 3, 4]
     # a torn cache file is rebuilt, not trusted
-    for f in K.cache_dir().glob("*.npy"):
+    for f in (cache_root() / "knowledge").glob("*.npz"):
         f.write_bytes(b"junk")
     K.Library(embed, "enc-1").pack(pack)
     assert calls == [3, 3, 4, 4]
@@ -94,7 +95,7 @@ def test_a_shipped_sidecar_saves_the_first_embedding(models):
     assert side.parent == pack.parent and calls == [3]
     got = K.Library(embed, "enc-1").pack(pack)
     assert calls == [3] and got.vectors.shape == (3, 4)
-    assert not list(K.cache_dir().glob("*.npy"))  # read from the sidecar, nothing cached
+    assert not (cache_root() / "knowledge").exists()  # read from the sidecar, nothing cached
     write_pack(pack, PAIRS[:2])
     K.embed_pack(pack, embed, "enc-1")
     assert len(list(pack.parent.glob("alpha-knowledge.*.npy"))) == 1  # the stale sidecar is gone

@@ -4,13 +4,15 @@
     python -m hublab.trainer.demo train build/demo-data build/demo-runs --epochs 1
     python -m hublab.trainer.demo export build/demo-runs models/demo
 
-`train` writes each adapter (peft) and ppl.json (held-out perplexity of base vs expert) per domain;
-`export` writes the q8_0 adapter GGUFs and the README table.
+`train` writes each adapter (peft) and ppl.json (dev-set perplexity of base vs expert) per domain;
+`export` writes the q8_0 adapter GGUFs, the knowledge packs with their embeddings, and README.md
+(bench/quality.py --readme fills in its quality table).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def export_demo(runs_dir: Path, out_dir: Path, domains: list[str], check: int = 0) -> int:
-    """q8_0 adapter GGUFs (checked on the base) and README.md with the perplexity table."""
+    """q8_0 adapter GGUFs (checked on the base), knowledge packs with their embeddings, and README.md."""
     from hublab.runtime.config import pypi_model_path
 
     from .export import export_adapter
@@ -86,21 +88,47 @@ def export_demo(runs_dir: Path, out_dir: Path, domains: list[str], check: int = 
                               base_gguf=base_gguf, card=False)
         row = json.loads((runs_dir / domain / "ppl.json").read_text())
         row["bytes"] = path.stat().st_size
+        data_dir = Path(row["dev_file"]).parent
+        pack = out_dir / f"{domain}-knowledge.jsonl"
+        shutil.copyfile(data_dir / f"{domain}_pack.jsonl", pack)
+        row["pack_pairs"] = sum(1 for line in pack.read_text(encoding="utf-8").splitlines() if line.strip())
+        row["pack_bytes"] = pack.stat().st_size + embed_pack(pack, out_dir.parent / "router").stat().st_size
         if check:
             from transformers import AutoTokenizer
 
             from . import data as D
 
             tok = AutoTokenizer.from_pretrained(runs_dir / domain / "adapter")
-            test_file = row.get("test_file") or runs_dir.parent / "demo-data" / f"{domain}_test.jsonl"
-            test = D.load_examples(D.DataSpec(Path(test_file)))[:check]
-            row["gguf_base_ppl"] = round(gguf_perplexity(base_gguf, None, tok, D.TEMPLATES["gemma"], test), 3)
-            row["gguf_expert_ppl"] = round(gguf_perplexity(base_gguf, path, tok, D.TEMPLATES["gemma"], test), 3)
-            row["gguf_n"] = len(test)
+            dev = D.load_examples(D.DataSpec(Path(row["dev_file"])))[:check]
+            template = D.resolve_template(tok, "gemma")
+            row["gguf_base_ppl"] = round(gguf_perplexity(base_gguf, None, tok, template, dev), 3)
+            row["gguf_expert_ppl"] = round(gguf_perplexity(base_gguf, path, tok, template, dev), 3)
+            row["gguf_n"] = len(dev)
         rows.append(row)
-        print(f"{path} {row['bytes']} bytes", file=sys.stderr)
-    (out_dir / "README.md").write_text(readme(rows))
+        print(f"{path} {row['bytes']} bytes; {pack} {row['pack_pairs']} pairs", file=sys.stderr)
+    readme_path = out_dir / "README.md"
+    old = readme_path.read_text() if readme_path.exists() else ""
+    (out_dir / "README.md").write_text(readme(rows, quality_section(old)))
     return 0
+
+
+def embed_pack(pack: Path, router_dir: Path) -> Path:
+    """The pack's embeddings with the router's encoder, shipped beside it (see runtime/knowledge.py)."""
+    from hublab.runtime.knowledge import embed_pack as write
+    from hublab.runtime.router import Router
+
+    router = Router.load(router_dir, [], threads=1)
+    return write(pack, router.embed, router.encoder_id)
+
+
+QUALITY_BEGIN, QUALITY_END = "<!-- quality -->", "<!-- /quality -->"
+
+
+def quality_section(text: str) -> str:
+    """The benchmark's section of an existing README (bench/quality.py --readme writes it), kept on export."""
+    if QUALITY_BEGIN in text and QUALITY_END in text:
+        return text[text.index(QUALITY_BEGIN): text.index(QUALITY_END) + len(QUALITY_END)]
+    return f"{QUALITY_BEGIN}\n(run bench/quality.py --readme models/demo/README.md)\n{QUALITY_END}"
 
 
 def gguf_perplexity(base_gguf: Path, adapter_gguf: Path | None, tok, template: str, examples, max_len: int = 160,
@@ -137,46 +165,63 @@ def gguf_perplexity(base_gguf: Path, adapter_gguf: Path | None, tok, template: s
         llm.close()
 
 
-def readme(rows: list[dict]) -> str:
-    table = ["| expert | base ppl | expert ppl | lower by | steps | s/step | train tokens/s | adapter |",
-             "|---|---|---|---|---|---|---|---|"]
+def readme(rows: list[dict], quality: str) -> str:
+    table = ["| expert | dev ppl base | dev ppl expert | lower by | steps | s/step | train tokens/s | adapter | pack |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         table.append(f"| {r['domain']} | {r['base_ppl']:.2f} | {r['expert_ppl']:.2f} | {100 * r['reduction']:.0f}% "
-                     f"| {r['steps']} | {r['s_per_step']:.1f} | {r['tokens_per_s']:.0f} | {r['bytes'] / 1e6:.2f} MB |")
-    total = sum(r["bytes"] for r in rows)
+                     f"| {r['steps']} | {r['s_per_step']:.1f} | {r['tokens_per_s']:.0f} | {r['bytes'] / 1e6:.2f} MB "
+                     f"| {r['pack_pairs']} pairs, {r['pack_bytes'] / 1e6:.2f} MB |")
+    total = sum(r["bytes"] + r["pack_bytes"] for r in rows)
     gguf = ""
     if all("gguf_expert_ppl" in r for r in rows):
         lines = ["| expert | base ppl | expert ppl | lower by | examples |", "|---|---|---|---|---|"]
         lines += [f"| {r['domain']} | {r['gguf_base_ppl']:.2f} | {r['gguf_expert_ppl']:.2f} | "
                   f"{100 * (1 - r['gguf_expert_ppl'] / r['gguf_base_ppl']):.0f}% | {r['gguf_n']} |" for r in rows]
         gguf = ("\nThe same check in llama.cpp itself (Q4_K_M base GGUF + the q8_0 adapter GGUF, as the runtime "
-                "loads them), on the first held-out examples:\n\n" + "\n".join(lines) + "\n")
+                "loads them):\n\n" + "\n".join(lines) + "\n")
     return f"""# Demo experts
 
-LoRA adapters (r=8, alpha=16, all seven attention/MLP projections, q8_0 GGUF; lora_b stays f16
-because its rows, of rank length, are shorter than a q8_0 block) for the `gemma3-270m` base, one per
-domain. Total {total / 1e6:.1f} MB. The expert TOMLs in `../experts/` point at them.
+Five experts on the `gemma3-270m` base (python, rust, system, ai, general). Each is a LoRA adapter (r=8,
+alpha=16, all seven attention/MLP projections, q8_0 GGUF) plus a knowledge pack: its question/answer pairs
+(`<domain>-knowledge.jsonl`) and their embeddings with the router's encoder (`<domain>-knowledge.<key>.npy`),
+from which the two closest pairs are put before each question on the device. Total {total / 1e6:.1f} MB. The
+expert TOMLs in `../experts/` point at them.
 
-Data was built offline from this machine's own documentation by `trainer/demo_data.py`: Python
-stdlib docstrings (python), the installed Rust toolchain's std docs (rust), man pages (system),
-torch.nn/optim docstrings plus hand-written Q/A (ai), hand-written Q/A about hublab and everyday
-topics plus Debian package descriptions (general). Each domain's held-out file (10%, never trained
-on) gives the perplexity below: exp of the mean loss over the answer tokens, base vs base+adapter,
-measured with the HF model (the same dequantised Q4_K_M weights llama.cpp runs).
+## Data
+
+`trainer/demo_data.py` builds an answer set per domain: direct 1-4 sentence answers written by the team
+(`trainer/data/answers/`, about 700 per domain, 920 for general), plus short answers drawn from this machine's
+documentation (the first sentence of Python stdlib docstrings, Rust std docs, torch.nn/optim docstrings, man
+page NAME lines, turned into "`ls` lists directory contents."-style answers, at most 30% of a domain), plus
+20% general pairs mixed into every other expert so it keeps answering instead of imitating documents. 30
+team-written pairs per domain are held out as a dev set (checkpoint and decoding choices); the benchmark's
+held-out questions (`bench/quality/heldout.jsonl`, written apart) are never read by any of this, and
+`tests/test_quality.py` checks no training file holds one of them.
+
+## Quality on the held-out questions
+
+{quality}
+
+## Training
+
+Dev-set perplexity (answer tokens; base vs base+adapter, HF model on the same dequantised Q4_K_M weights):
 
 {chr(10).join(table)}
 {gguf}
-Training ran on a 2-core CPU shared with other jobs, one thread, 4 examples x up to 160 tokens per
-step, lr 5e-4, each expert capped at 7 minutes of training (early stopping on a 5% eval split).
+Training ran on a 2-core CPU shared with other jobs, two threads, 8 examples x up to 256 tokens per step,
+lr 5e-4 with warm-up and cosine decay, one epoch or at most 20 minutes per expert, the adapter with the
+lowest loss on a 3% eval split kept.
 
 ## Rebuild
 
     scripts/install train
     .venv/bin/python -m hublab.trainer.demo_data build/demo-data
-    .venv/bin/python -m hublab.trainer.demo train build/demo-data build/demo-runs --minutes 7 --threads 1
+    .venv/bin/python -m hublab.trainer.demo train build/demo-data build/demo-runs --epochs 1 --minutes 20 --threads 2
     .venv/bin/python -m hublab.trainer.demo export build/demo-runs models/demo
+    .venv/bin/python bench/quality.py --readme models/demo/README.md
 
-The datasets depend on what documentation the machine has, so a rebuild elsewhere gives similar,
+The documentation part depends on what the machine has installed, so a rebuild elsewhere gives similar,
 not identical, adapters.
 """
 
