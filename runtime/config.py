@@ -18,6 +18,7 @@ import tomli
 
 from .chat import FORMATS as CHAT_FORMATS
 from .errors import HublabError
+from .inputs import finite, quote
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS_DIR = REPO_ROOT / "models"
@@ -65,7 +66,9 @@ def _line_of(text: str, section: str, key: str | None) -> int | None:
 def _where(path: Path, text: str, section: str, key: str | None = None) -> str:
     line = _line_of(text, section, key)
     loc = f"{path}:{line}" if line else str(path)
-    return f"{loc}: [{section}]" + (f" {key}" if key else "")
+    def clip(name: str) -> str:  # a 10 MB key is named, not echoed
+        return name if len(name) <= 60 else name[:60] + "..."
+    return f"{loc}: [{clip(section)}]" + (f" {clip(key)}" if key else "")
 
 
 def read_toml(path: Path) -> tuple[dict, str]:
@@ -78,7 +81,7 @@ def read_toml(path: Path) -> tuple[dict, str]:
         raise ConfigError(f"{path}: cannot read ({exc.__class__.__name__}: {exc}); save it as UTF-8 text") from None
     try:
         return tomli.loads(text), text
-    except tomli.TOMLDecodeError as exc:
+    except ValueError as exc:  # TOMLDecodeError, or an integer too long to convert
         msg = str(exc).replace("\n", " ")
         raise ConfigError(f"{path}: invalid TOML: {msg}; fix the syntax at that line") from None
 
@@ -105,10 +108,14 @@ def validate_section(path: Path, text: str, section: str, values: Any, schema: d
             ok = isinstance(value, ok_types)
         if not ok:
             raise ConfigError(f"{_where(path, text, section, key)}: expected {_type_name(spec.type)} "
-                              f"({spec.help}), got {value!r}; fix the value")
+                              f"({spec.help}), got {quote(value)}; fix the value")
+        # TOML reads nan and inf as floats; no setting of ours means either
+        if isinstance(value, float) and not finite(value):
+            raise ConfigError(f"{_where(path, text, section, key)}: {value!r} is not a finite number "
+                              f"({spec.help}); write a number")
         if spec.choices and value not in spec.choices:
             raise ConfigError(f"{_where(path, text, section, key)}: expected one of {', '.join(spec.choices)}, "
-                              f"got {value!r}; pick one of those")
+                              f"got {quote(value)}; pick one of those")
         out[key] = value
     for key, spec in schema.items():
         out.setdefault(key, spec.default)
@@ -124,9 +131,11 @@ def check_sections(path: Path, text: str, data: dict, allowed: dict[str, dict[st
 
 
 def _check_range(path: Path, text: str, section: str, key: str, value: float, lo: float, hi: float | None) -> None:
+    if not finite(value):
+        raise ConfigError(f"{_where(path, text, section, key)}: {quote(value)} is not a finite number; write a number")
     if value < lo or (hi is not None and value > hi):
         bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
-        raise ConfigError(f"{_where(path, text, section, key)}: {value!r} is out of range; use a value {bound}")
+        raise ConfigError(f"{_where(path, text, section, key)}: {quote(value)} is out of range; use a value {bound}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -138,23 +147,31 @@ _SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 
 
 def parse_size(value: str | int) -> int:
     """'512MB' / '1.5GiB' / 1048576 -> bytes (binary units: a Pi's '512 MB' is 512 MiB)."""
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"{quote(value)} is negative; write a size such as 512MB")
         return value
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
     if not m or m.group(2).lower() not in _SIZE_UNITS:
-        raise ValueError(f"not a size: {value!r} (write e.g. 512MB or 2GB)")
+        raise ValueError(f"not a size: {quote(value)} (write e.g. 512MB or 2GB)")
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
 
 
 def parse_duration(value: str | int | float) -> float:
     """Ollama keep_alive semantics: '5m', '30s', '1h', 0 (unload after use), -1 (keep forever)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not finite(value) or value > 10 * 365 * 86400:
+            raise ValueError(f"{quote(value)} is not a duration up to ten years (write e.g. 5m, 30s, 0, or -1 to "
+                             "keep a model loaded)")
         return float(value)
-    m = re.fullmatch(r"\s*(-?[0-9]*\.?[0-9]+)\s*(ms|s|m|h|)\s*", str(value))
+    m = re.fullmatch(r"\s*(-?[0-9]*\.?[0-9]+)\s*(ms|s|m|h|)\s*", str(value)) if isinstance(value, str) else None
     if not m:
-        raise ValueError(f"not a duration: {value!r} (write e.g. 5m, 30s, 0 or -1)")
+        raise ValueError(f"not a duration: {quote(value)} (write e.g. 5m, 30s, 0 or -1)")
     number, unit = float(m.group(1)), m.group(2)
-    return number * {"ms": 0.001, "s": 1, "": 1, "m": 60, "h": 3600}[unit]
+    seconds = number * {"ms": 0.001, "s": 1, "": 1, "m": 60, "h": 3600}[unit]
+    if not finite(seconds) or seconds > 10 * 365 * 86400:
+        raise ValueError(f"{quote(value)} is over ten years; use -1 to keep a model loaded")
+    return seconds
 
 
 def format_size(n: float) -> str:
@@ -204,9 +221,11 @@ SYSTEM_SCHEMA: dict[str, dict[str, Key]] = {
 
 def parse_routing(spec: str) -> tuple[str, float]:
     """'topk:2' -> ('topk', 2); 'threshold:0.3' -> ('threshold', 0.3); 'single' / 'all'."""
+    if not isinstance(spec, str):
+        raise ValueError(f"routing must be a string such as topk:2, got {quote(spec)}")
     name, _, arg = spec.strip().lower().partition(":")
     if name == "topk":
-        if not arg.isdigit() or int(arg) < 1:
+        if not re.fullmatch(r"[0-9]{1,6}", arg) or int(arg) < 1:
             raise ValueError("topk needs a positive integer, e.g. topk:2")
         return name, int(arg)
     if name == "threshold":
@@ -219,7 +238,7 @@ def parse_routing(spec: str) -> tuple[str, float]:
         return name, t
     if name in ("single", "all") and not arg:
         return name, 0
-    raise ValueError(f"unknown routing {spec!r}; use topk:K, threshold:T, single or all")
+    raise ValueError(f"unknown routing {quote(spec)}; use topk:K, threshold:T, single or all")
 
 
 @dataclass
@@ -285,7 +304,7 @@ def load_system(path: Path | None = None) -> SystemConfig:
     _check_range(path, text, "moe", "sure", moe["sure"], 0.0, 1.0)
     _check_range(path, text, "runtime", "threads", rt["threads"], 0, 256)
     _check_range(path, text, "agent", "port", agent["port"], 1, 65535)
-    _check_range(path, text, "agent", "queue_size", agent["queue_size"], 1, None)
+    _check_range(path, text, "agent", "queue_size", agent["queue_size"], 1, 4096)
     check_inference_ranges(path, text, data.get("inference", {}))
     return SystemConfig(
         path=path, models_dir=models_dir, profile=rt["profile"], threads=rt["threads"],
@@ -385,8 +404,8 @@ SYSTEM_SCHEMA["inference"] = {k: v for k, v in MODEL_SCHEMA["inference"].items()
 
 
 INFERENCE_RANGES = {"temperature": (0.0, 5.0), "top_p": (0.0, 1.0), "min_p": (0.0, 1.0),
-                    "repeat_penalty": (0.0, 10.0), "max_tokens": (0, None), "top_k": (0, None),
-                    "context_size": (0, None)}
+                    "repeat_penalty": (0.0, 10.0), "max_tokens": (0, 1 << 20), "top_k": (0, 1 << 20),
+                    "context_size": (0, 1 << 20), "seed": (-1, (1 << 32) - 1)}
 
 
 def check_inference_ranges(path: Path, text: str, values: dict) -> None:
@@ -479,9 +498,9 @@ def load_model(path: Path) -> ModelConfig:
     m, inf, ex = sec["model"], sec["inference"], sec["expert"]
     if not m["name"]:
         raise ConfigError(f"{_where(path, text, 'model')}: missing key name; add name = \"{path.stem}\"")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", m["name"]):
-        raise ConfigError(f"{_where(path, text, 'model', 'name')}: {m['name']!r} is not a valid name; "
-                          "use letters, digits, '.', '_' and '-'")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", m["name"]):
+        raise ConfigError(f"{_where(path, text, 'model', 'name')}: {quote(m['name'])} is not a valid name; "
+                          "use up to 128 letters, digits, '.', '_' and '-'")
     is_expert = m["type"] == "expert" or "expert" in data
     if ex["adapter"] and not ex["base"]:
         raise ConfigError(f"{_where(path, text, 'expert', 'adapter')}: an adapter needs a base; "
@@ -496,6 +515,7 @@ def load_model(path: Path) -> ModelConfig:
     _check_range(path, text, "expert", "threshold", ex["threshold"], 0.0, 1.0)
     _check_range(path, text, "expert", "knowledge_shots", ex["knowledge_shots"], 0, 8)
     _check_range(path, text, "expert", "knowledge_min", ex["knowledge_min"], -1.0, 1.0)
+    _check_range(path, text, "expert", "scale", ex["scale"], -10.0, 10.0)
     for i, item in enumerate(ex["keywords"]):
         if not isinstance(item, str) or not item.strip():
             raise ConfigError(f"{_where(path, text, 'expert', 'keywords')}: item {i + 1} must be a non-empty "

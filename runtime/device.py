@@ -24,6 +24,7 @@ from hublab import __version__
 
 from .config import MODEL_SCHEMA, SYSTEM_SCHEMA, Key, load_model, load_system, set_system_value, toml_value
 from .errors import HublabError
+from .inputs import has_surrogates, quote
 
 MOE = "moe"        # the model name that routes a query to the experts and synthesises their answers
 ROUTER = "router"  # the model name of the router's sentence encoder (embeddings only)
@@ -74,7 +75,7 @@ def _coerce(key: str, value: Any, spec: Key) -> Any:
             if kind in types:
                 with contextlib.suppress(ValueError):
                     return kind(text)
-    raise HublabError(f"{key}: {value!r} is not {_kind(types)} ({spec.help}); give a value like "
+    raise HublabError(f"{key}: {quote(value)} is not {_kind(types)} ({spec.help}); give a value like "
                       f"{_example(types)}")
 
 
@@ -149,13 +150,12 @@ class Device:
         return sorted(self.rt.models)
 
     def config_of(self, name: str):
-        """The ModelConfig of `name`, or UnknownModel with the closest name as the hint."""
+        """The ModelConfig of `name`, or UnknownModel saying why: the file that failed to load under that
+        name, a missing models dir, or the closest name."""
+        if not isinstance(name, str):
+            raise HublabError(f"a model name is a string, got {quote(name)}")
         if name not in self.rt.models:
-            import difflib
-
-            close = difflib.get_close_matches(name, list(self.rt.models), n=1)
-            hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(self.names()) or 'none'}"
-            raise UnknownModel(f"no model or expert named {name!r}; {hint}")
+            raise UnknownModel(unknown_model_message(name, list(self.rt.models), self.rt.catalog.errors))
         return self.rt.models[name]
 
     def list(self) -> dict:
@@ -242,15 +242,21 @@ class Device:
         import difflib
 
         keys = sorted(set(SYSTEM_KEYS) | set(INFERENCE_KEYS))
-        close = difflib.get_close_matches(key, keys, n=1)
+        close = difflib.get_close_matches(key, keys, n=1) if len(key) <= 64 else []
         hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(keys)}"
-        raise HublabError(f"unknown setting {key!r}; {hint}")
+        raise HublabError(f"unknown setting {quote(key)}; {hint}")
 
     def _config_system(self, section: str, key: str, value: Any) -> dict:
         path = self.rt.system.path
         if path is None:
             raise HublabError("no system.toml path in use; start with --config FILE or set HUBLAB_CONFIG")
         value = _coerce(key, value, SYSTEM_SCHEMA[section][key])
+        if key == "models_dir" and isinstance(value, str) and value:
+            where = Path(os.path.expanduser(value))
+            where = where if where.is_absolute() else path.parent / where
+            if not where.is_dir():
+                raise HublabError(f"models_dir: {quote(str(where))} is not a directory; create it first "
+                                  "(nothing was saved)")
         if section == "moe" and key in ("routing", "synthesis"):
             self.moe.set(**{key: value})  # validates before anything is written
         set_system_value(path, section, key, value)
@@ -308,6 +314,7 @@ class Device:
 
     def settings(self, routing: str | None = None, synthesis: str | None = None, save: bool = True) -> dict:
         """Show routing and synthesis; with values, set them (validated) and save them to system.toml."""
+        check_moe_args(routing, synthesis)
         moe = self.moe
         if routing or synthesis:
             moe.set(routing=routing, synthesis=synthesis)
@@ -326,10 +333,14 @@ class Device:
     # -- answers --------------------------------------------------------------------------------------------
 
     def route(self, query: str, routing: str | None = None) -> dict:
+        check_query(query)
+        check_moe_args(routing, None)
         return self.moe.route(query, routing).to_dict()
 
     def ask_bases(self, query: str, routing: str | None = None, synthesis: str | None = None) -> list[str]:
         """Bases an `ask` will generate on: its selected experts', and the aggregator's for summarize."""
+        check_query(query)
+        check_moe_args(routing, synthesis)
         names = list(self.moe.route(query, routing).names)
         if (synthesis or self.moe.synthesis) == "summarize":
             names.append(self.rt.system.aggregator or self.moe.fallback)
@@ -338,8 +349,8 @@ class Device:
     def ask(self, query: str, routing: str | None = None, synthesis: str | None = None,
             on_event: Callable[[str, dict], None] | None = None, cancel: threading.Event | None = None,
             max_tokens: int | None = None, temperature: float | None = None) -> dict:
-        if not query.strip():
-            raise HublabError("empty question; type one after ?, e.g. ?what is a list comprehension")
+        check_query(query)
+        check_moe_args(routing, synthesis)
         return self.moe.ask(query, routing=routing, synthesis=synthesis, on_event=on_event, cancel=cancel,
                             max_tokens=max_tokens, temperature=temperature).to_dict()
 
@@ -566,6 +577,51 @@ class Device:
     def health(self) -> dict:
         return {"status": "ok", "version": __version__, "profile": self.rt.profile.name,
                 "loaded": self.rt.loaded(), "models": len(self.rt.models)}
+
+
+def unknown_model_message(name: str, known: list[str], errors: list[str]) -> str:
+    """Why `name` is not a model: the load error of a file by that name, a missing models dir, or a hint."""
+    import difflib
+
+    shown = quote(name)
+    for error in errors:  # a TOML that failed to load: its file is <name>.toml, or it names the model
+        head = error.split(":", 1)[0]
+        if Path(head).stem == name or f"'{name}'" in error or f'"{name}"' in error:
+            return f"no model or expert named {shown}: {error}"
+    missing = next((e for e in errors if "models directory not found" in e), None)
+    if missing:
+        return f"no model or expert named {shown}: {missing}"
+    close = difflib.get_close_matches(name, known, n=1) if len(name) <= 256 else []
+    hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(sorted(known)) or 'none'}"
+    if errors:
+        hint += f" ({len(errors)} model file{'s' if len(errors) > 1 else ''} failed to load; see ai list)"
+    return f"no model or expert named {shown}; {hint}"
+
+
+def check_query(query: Any) -> None:
+    """A question for the router: non-blank text (a blank one is refused as `?` with nothing after it)."""
+    if not isinstance(query, str):
+        raise HublabError(f"a question is text, got {quote(query)}")
+    if not query.strip():
+        raise HublabError("empty question; type one after ?, e.g. ?what is a list comprehension")
+    if has_surrogates(query):
+        raise HublabError("the question is not valid UTF-8 text; send or type it as UTF-8")
+
+
+def check_moe_args(routing: Any, synthesis: Any) -> None:
+    """routing and synthesis for one question (None = the configured one), checked before the MoE sees
+    them, so a list, a number or a 10 MB string is a one-line error that quotes a few characters."""
+    from .config import parse_routing
+
+    if routing not in (None, ""):  # empty: the configured one, as the MoE reads it
+        try:
+            parse_routing(routing)
+        except ValueError as exc:
+            raise HublabError(f"routing: {exc}") from None
+    if synthesis not in (None, ""):
+        choices = SYSTEM_SCHEMA["moe"]["synthesis"].choices
+        if not isinstance(synthesis, str) or synthesis not in choices:
+            raise HublabError(f"synthesis: unknown {quote(synthesis)}; use one of {', '.join(choices)}")
 
 
 def moe_query(prompt: str | list[dict]) -> str:

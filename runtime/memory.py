@@ -7,13 +7,13 @@ compute  = repacked weights, logits buffers over the vocabulary and graph activa
 """
 from __future__ import annotations
 
+import math
 import mmap
+import os
 import struct
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-
-import numpy as np
 
 from .errors import HublabError
 
@@ -118,10 +118,12 @@ def _parse_header(path: str) -> tuple[dict, list[tuple[str, int, int]]]:
         for _ in range(n_tensors):
             name = string()
             (n_dims,) = struct.unpack_from("<I", m, pos)
+            if not 1 <= n_dims <= 4:  # GGML_MAX_DIMS
+                raise ValueError(f"tensor {name[:60]!r} has {n_dims} dimensions (a GGUF tensor has 1 to 4)")
             dims = struct.unpack_from(f"<{n_dims}Q", m, pos + 4)
             ttype, _offset = struct.unpack_from("<IQ", m, pos + 4 + 8 * n_dims)
             pos += 4 + 8 * n_dims + 12
-            tensors.append((name, ttype, int(np.prod(dims, dtype=np.int64)) if dims else 1))
+            tensors.append((name, ttype, math.prod(dims)))  # exact: an absurd shape must not wrap around
     return meta, tensors
 
 
@@ -151,6 +153,7 @@ def _read(path: str, mtime: float) -> GGUFInfo:
         tensor_bytes += nbytes
         n_params += n
         sizes[qtype.name] = sizes.get(qtype.name, 0) + nbytes
+    _check_header(path, meta, arch, tensor_bytes)
     ftype = meta.get("general.file_type")
     if ftype is None:
         # adapters carry no file type: name the tensor type holding most of the bytes
@@ -174,6 +177,30 @@ def _read(path: str, mtime: float) -> GGUFInfo:
         chat_template=str(meta.get("tokenizer.chat_template", "") or ""),
         lora_alpha=float(meta.get("adapter.lora.alpha", 0.0) or 0.0),
     )
+
+
+# What a real model's header can say; beyond these a header is corrupt, not a model too big for the board.
+_HEADER_LIMITS = {"block_count": 4096, "embedding_length": 1 << 20, "attention.head_count": 1 << 14,
+                  "attention.head_count_kv": 1 << 14, "attention.key_length": 1 << 16,
+                  "attention.value_length": 1 << 16, "context_length": 1 << 24, "vocab_size": 1 << 24,
+                  "attention.sliding_window": 1 << 24}
+
+
+def _check_header(path: str, meta: dict, arch: str, tensor_bytes: int) -> None:
+    """Refuse a header whose numbers no real GGUF has, naming the file and the field."""
+    size = os.path.getsize(path)
+    if tensor_bytes > size:
+        raise GGUFError(f"{path}: the header describes {tensor_bytes} bytes of tensors but the file has {size}; "
+                        "it is truncated or corrupt: re-download or re-export it")
+    for name, most in _HEADER_LIMITS.items():
+        value = meta.get(f"{arch}.{name}")
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= most:
+                raise GGUFError(f"{path}: header field {arch}.{name} = {str(v)[:40]} is not a real model's "
+                                f"(at most {most}); the file is corrupt: re-download or re-export it")
 
 
 def read_gguf(path: Path | str) -> GGUFInfo:

@@ -4,24 +4,35 @@ from __future__ import annotations
 import json
 import sys
 
+from .config import SYSTEM_SCHEMA
+from .inputs import arg_float, arg_int
+
 
 def add_run_arguments(parser) -> None:
     parser.add_argument("name", help="expert or model name, or 'moe' for a routed, synthesised answer")
     parser.add_argument("prompt", nargs="+", help="the question")
     parser.add_argument("--raw", action="store_true", help="complete the text as is (no chat template)")
-    parser.add_argument("--max-tokens", type=int, help="most tokens to generate")
-    parser.add_argument("--temperature", type=float, help="sampling temperature (0 = greedy)")
+    parser.add_argument("--max-tokens", type=arg_int(1, 1 << 20), help="most tokens to generate")
+    parser.add_argument("--temperature", type=arg_float(0.0, 5.0), help="sampling temperature (0 = greedy)")
     parser.add_argument("--routing", help="for moe: topk:K, threshold:T, single or all")
-    parser.add_argument("--synthesis", help="for moe: best, weighted, voting, concatenate or summarize")
+    parser.add_argument("--synthesis", choices=SYSTEM_SCHEMA["moe"]["synthesis"].choices,
+                        help="for moe: best, weighted, voting, concatenate or summarize")
     parser.add_argument("--json", action="store_true", help="print one JSON document with the answer and stats")
 
 
 def run_cli(args) -> int:
     from .engine import Runtime
+    from .errors import HublabError
     from .moe import MoE
 
+    from .device import check_moe_args, check_query, unknown_model_message
+
     prompt = " ".join(args.prompt)
+    check_query(prompt)  # a blank prompt is refused here as `?` refuses it in the shell
+    check_moe_args(args.routing, None)
     rt = Runtime.from_config(profile=args.profile)
+    if args.name != "moe" and args.name not in rt.models:  # say why: a broken TOML, a missing models dir
+        raise HublabError(unknown_model_message(args.name, list(rt.models), rt.catalog.errors))
     with rt:
         if args.name == "moe":
             def show(kind, data):
