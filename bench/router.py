@@ -75,13 +75,13 @@ def synthetic_experts(n_experts: int = 20, n_examples: int = 50) -> list:
 def bench_router(router_dir: Path, runs: int, warmup: int, threads: int, tokens: int) -> dict:
     import tempfile
 
-    from hublab.runtime.config import load_system, scan_models
+    from hublab.runtime.config import EMBEDDED_MODELS_DIR, load_system, scan_models
     from hublab.runtime.router import Router
 
-    # A path that does not exist means all defaults: the repo's own models and experts, whatever the
-    # user's ~/.config says, so runs on different machines measure the same thing.
+    # A path that does not exist means all defaults; the embedded experts alone, whatever the user's
+    # ~/.config says or installed, so runs on different machines measure the same thing.
     system = load_system(REPO / "bench" / "no-system.toml")
-    experts = list(scan_models(system.models_dir).experts.values()) or None
+    experts = list(scan_models(EMBEDDED_MODELS_DIR).experts.values()) or None
     start = time.perf_counter()
     router = Router.load(router_dir, experts, keyword_weight=system.keyword_weight, fallback=system.fallback,
                          threads=threads)

@@ -10,19 +10,22 @@ import difflib
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomli
+import tomlkit
 
 from .chat import FORMATS as CHAT_FORMATS
 from .errors import HublabError
 from .inputs import finite, quote
+from .paths import EMBEDDED_MODELS_DIR, user_models_dir
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODELS_DIR = REPO_ROOT / "models"
-PROFILES_DIR = REPO_ROOT / "hardware-profiles"
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
 
 
 class ConfigError(HublabError, ValueError):
@@ -80,7 +83,7 @@ def read_toml(path: Path) -> tuple[dict, str]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read ({exc.__class__.__name__}: {exc}); save it as UTF-8 text") from None
     try:
-        return tomli.loads(text), text
+        return tomllib.loads(text), text
     except ValueError as exc:  # TOMLDecodeError, or an integer too long to convert
         msg = str(exc).replace("\n", " ")
         raise ConfigError(f"{path}: invalid TOML: {msg}; fix the syntax at that line") from None
@@ -187,7 +190,8 @@ def format_size(n: float) -> str:
 
 SYSTEM_SCHEMA: dict[str, dict[str, Key]] = {
     "runtime": {
-        "models_dir": Key(str, "", "directory holding model and expert TOMLs; relative to system.toml"),
+        "models_dir": Key(str, "", "directory holding model and expert TOMLs; relative to system.toml; empty = "
+                                   "~/.local/share/hublab/models over the embedded default set"),
         "profile": Key(str, "auto", "board profile name from hardware-profiles/, or auto"),
         "threads": Key(int, 0, "llama.cpp threads; 0 = the profile's choice"),
         "max_memory": Key((str, int), "", "cap on model memory such as 400MB; empty = the profile budget"),
@@ -244,7 +248,7 @@ def parse_routing(spec: str) -> tuple[str, float]:
 @dataclass
 class SystemConfig:
     path: Path | None
-    models_dir: Path
+    models_dir: Path                    # where packages install and the user's TOMLs live (writable)
     profile: str = "auto"
     threads: int = 0
     max_memory: int = 0
@@ -263,6 +267,20 @@ class SystemConfig:
     trusted_keys: list[str] = field(default_factory=list)
     inference: dict = field(default_factory=dict)
     raw: dict = field(default_factory=dict)
+    # The read-only embedded default set, scanned after models_dir (which shadows it by name); None when
+    # models_dir was given explicitly, which then is the whole model set (an SD-card tree, a test).
+    defaults_dir: Path | None = None
+
+    @property
+    def model_dirs(self) -> list[Path]:
+        """The directories scan_models reads, first wins: models_dir, then the embedded defaults."""
+        if self.defaults_dir is None:
+            return [self.models_dir]
+        return [d for d in (self.models_dir,) if d.is_dir()] + [self.defaults_dir]
+
+    def use_models_dir(self, path: Path) -> None:
+        """Point at one explicit models dir, without the embedded defaults."""
+        self.models_dir, self.defaults_dir = Path(path), None
 
 
 def default_system_path() -> Path:
@@ -275,7 +293,7 @@ def default_system_path() -> Path:
 
 
 def load_system(path: Path | None = None) -> SystemConfig:
-    """Read system.toml; a missing file means all defaults (models from the repo's embedded set)."""
+    """Read system.toml; a missing file means all defaults (the user's models over the embedded set)."""
     path = Path(path) if path else default_system_path()
     data, text = ({}, "") if not path.exists() else read_toml(path)
     check_sections(path, text, data, SYSTEM_SCHEMA)
@@ -287,7 +305,7 @@ def load_system(path: Path | None = None) -> SystemConfig:
         q = Path(os.path.expanduser(p))
         return q if q.is_absolute() else path.parent / q
 
-    models_dir = rel(rt["models_dir"]) if rt["models_dir"] else DEFAULT_MODELS_DIR
+    models_dir = rel(rt["models_dir"]) if rt["models_dir"] else user_models_dir()
     try:
         max_memory = parse_size(rt["max_memory"]) if rt["max_memory"] not in ("", 0) else 0
     except ValueError as exc:
@@ -313,6 +331,7 @@ def load_system(path: Path | None = None) -> SystemConfig:
         keyword_weight=moe["keyword_weight"], sure=moe["sure"], aggregator=moe["aggregator"], host=agent["host"],
         port=agent["port"], token=agent["token"], queue_size=agent["queue_size"],
         trusted_keys=list(sec["trust"]["keys"]), inference=dict(data.get("inference", {})), raw=data,
+        defaults_dir=None if rt["models_dir"] else EMBEDDED_MODELS_DIR,
     )
 
 
@@ -337,13 +356,30 @@ def dump_toml(data: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def set_toml_key(text: str, section: str, key: str, value: Any) -> str:
+    """`text` with `key = value` set inside `[section]`: comments, order and formatting are kept (tomlkit)."""
+    doc = tomlkit.parse(text)
+    if section not in doc:
+        doc[section] = tomlkit.table()
+    old = doc[section].get(key)
+    if isinstance(old, list) and isinstance(value, list) and list(old) == value[:len(old)]:
+        for item in value[len(old):]:  # a grown list (another trusted key): append, keeping its comments
+            old.append(item)
+    else:
+        doc[section][key] = value
+    return tomlkit.dumps(doc)
+
+
 def set_system_value(path: Path, section: str, key: str, value: Any) -> None:
-    """Persist one validated setting into system.toml (atomic rewrite; other keys kept)."""
+    """Persist one validated setting into system.toml (atomic rewrite).
+
+    The file is edited, not regenerated: its comments, key order and formatting stay as the user wrote
+    them (tomlkit); only the one value changes, or is appended to its section.
+    """
     if section not in SYSTEM_SCHEMA or key not in SYSTEM_SCHEMA[section]:
         raise ConfigError(f"{path}: [{section}] {key}: not a system setting")
-    data = read_toml(path)[0] if path.exists() else {}
-    data.setdefault(section, {})[key] = value
-    text = dump_toml(data)
+    text = read_toml(path)[1] if path.exists() else ""  # read_toml: a broken file is a one-line error
+    text = set_toml_key(text, section, key, value)
     # Validate the result before it replaces the file: a bad value never reaches disk.
     tmp = path.with_name(path.name + ".tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -595,12 +631,36 @@ def _is_model_toml(path: Path) -> bool:
     return path.name not in ("package.toml", "router.toml")
 
 
-def scan_models(models_dir: Path) -> Catalog:
-    """Load every model TOML under models_dir; one broken file is reported, the others still load."""
+def scan_models(models_dir: Path | list[Path]) -> Catalog:
+    """Load every model TOML under models_dir; one broken file is reported, the others still load.
+
+    Given several directories (SystemConfig.model_dirs: the user's, then the embedded defaults), a name
+    defined in an earlier one shadows the same name in a later one.
+    """
     models: dict[str, ModelConfig] = {}
     errors: list[str] = []
+    for d in models_dir if isinstance(models_dir, (list, tuple)) else [models_dir]:
+        for name, cfg in _scan_dir(Path(d), errors).items():
+            models.setdefault(name, cfg)
+    for cfg in list(models.values()):
+        if cfg.base and cfg.base not in models:
+            close = difflib.get_close_matches(cfg.base, list(models), n=1)
+            hint = f"did you mean '{close[0]}'?" if close else "add a model TOML for it or fix the name"
+            errors.append(f"{cfg.source}: [expert] base: no model named {cfg.base!r}; {hint}")
+            del models[cfg.name]
+        elif cfg.base and models[cfg.base].base:
+            errors.append(f"{cfg.source}: [expert] base: {cfg.base!r} is itself an adapter expert; "
+                          "point base at a model with its own GGUF path")
+            del models[cfg.name]
+    return Catalog(models, errors)
+
+
+def _scan_dir(models_dir: Path, errors: list[str]) -> dict[str, ModelConfig]:
+    """The models of one directory; a name defined twice in it is an error."""
+    models: dict[str, ModelConfig] = {}
     if not models_dir.is_dir():
-        return Catalog({}, [f"{models_dir}: models directory not found; create it or set [runtime] models_dir"])
+        errors.append(f"{models_dir}: models directory not found; create it or set [runtime] models_dir")
+        return models
     for path in sorted(models_dir.rglob("*.toml")):
         # dot-folders hold package staging copies (.hublab/): never models, until renamed into place
         if not _is_model_toml(path) or any(p.startswith(".") for p in path.relative_to(models_dir).parts[:-1]):
@@ -615,14 +675,4 @@ def scan_models(models_dir: Path) -> Catalog:
                           "rename one of them")
             continue
         models[cfg.name] = cfg
-    for cfg in list(models.values()):
-        if cfg.base and cfg.base not in models:
-            close = difflib.get_close_matches(cfg.base, list(models), n=1)
-            hint = f"did you mean '{close[0]}'?" if close else "add a model TOML for it or fix the name"
-            errors.append(f"{cfg.source}: [expert] base: no model named {cfg.base!r}; {hint}")
-            del models[cfg.name]
-        elif cfg.base and models[cfg.base].base:
-            errors.append(f"{cfg.source}: [expert] base: {cfg.base!r} is itself an adapter expert; "
-                          "point base at a model with its own GGUF path")
-            del models[cfg.name]
-    return Catalog(models, errors)
+    return models

@@ -22,7 +22,8 @@ from typing import Any, Callable
 
 from hublab import __version__
 
-from .config import MODEL_SCHEMA, SYSTEM_SCHEMA, Key, load_model, load_system, set_system_value, toml_value
+from .config import (EMBEDDED_MODELS_DIR, MODEL_SCHEMA, SYSTEM_SCHEMA, Key, load_model, load_system, set_system_value,
+                     set_toml_key)
 from .errors import HublabError
 from .inputs import has_surrogates, quote
 
@@ -86,23 +87,6 @@ def _kind(types: tuple) -> str:
 
 def _example(types: tuple) -> str:
     return {int: "512", float: "0.7", bool: "true", list: "a,b", str: "text"}.get(types[0], "1")
-
-
-def set_toml_key(text: str, section: str, key: str, value: Any) -> str:
-    """`text` with `key = value` set inside `[section]`; comments and the other lines are kept."""
-    lines = text.splitlines()
-    line = f"{key} = {toml_value(value)}"
-    start = next((i for i, raw in enumerate(lines) if raw.strip() == f"[{section}]"), None)
-    if start is None:
-        return text.rstrip("\n") + f"\n\n[{section}]\n{line}\n"
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].strip().startswith("[")), len(lines))
-    for i in range(start + 1, end):
-        if lines[i].split("=", 1)[0].strip().strip('"') == key and "=" in lines[i]:
-            lines[i] = line
-            return "\n".join(lines) + "\n"
-    last = max((i for i in range(start, end) if lines[i].strip()), default=start)
-    lines.insert(last + 1, line)
-    return "\n".join(lines) + "\n"
 
 
 def _package_of(source: Path, models_dir: Path) -> Path | None:
@@ -294,6 +278,9 @@ class Device:
         if key not in INFERENCE_KEYS:
             raise HublabError(f"{key}: not a model setting; model settings are {', '.join(INFERENCE_KEYS)} "
                               f"(system settings take no model name: `ai config {key} VALUE`)")
+        if cfg.source.is_relative_to(EMBEDDED_MODELS_DIR):
+            raise HublabError(f"{cfg.source} is part of the embedded default set, which is read-only; copy it into "
+                              f"{self.rt.system.models_dir} (same name: yours is used) to change it")
         pkg = _package_of(cfg.source, self.rt.system.models_dir)
         if pkg is not None:
             raise HublabError(f"{cfg.source} belongs to the installed package in {pkg}, whose files `pkg verify` "

@@ -243,7 +243,7 @@ class Runtime:
                  max_memory: int | None = None, keep_alive: float | None = None):
         self.system = system or load_system()
         if models_dir is not None:
-            self.system.models_dir = Path(models_dir)
+            self.system.use_models_dir(Path(models_dir))
         if isinstance(profile, Profile):
             self.profile = profile
         else:
@@ -269,7 +269,7 @@ class Runtime:
 
     def rescan(self) -> Catalog:
         """Re-read the models dir (after an install, say); loaded models stay loaded."""
-        self.catalog = scan_models(self.system.models_dir)
+        self.catalog = scan_models(self.system.model_dirs)
         return self.catalog
 
     @property

@@ -18,12 +18,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import tomli
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.version import InvalidVersion, Version
 
-from .config import REPO_ROOT, toml_value
+from .config import toml_value, tomllib
 from .errors import HublabError
+from .paths import SCHEMA_PATH
 
-SCHEMA_PATH = REPO_ROOT / "packaging" / "package.schema.json"
 MANIFEST_NAME = "package.toml"
 SIGNATURE_NAME = "package.sig"
 # Names at a package's root that the package manager writes itself; a package may not ship them.
@@ -251,6 +252,11 @@ def manifest_from_dict(data: dict, source: str, *, built: bool = True) -> Manife
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise ManifestError(f"{source}: {errors[0]}{more}; fix package.toml to match packaging/package.schema.json")
     p = data["package"]
+    try:
+        SpecifierSet(p.get("requires", ""))
+    except InvalidSpecifier:
+        raise ManifestError(f"{source}: package.requires: {p['requires']!r} is not a PEP 440 version specifier; "
+                            "write e.g. \">=0.1, <2\" or \"~=0.1.0\"") from None
     variants = [Variant(name=v["name"], quant=v.get("quant", ""), description=v.get("description", ""),
                         memory=v.get("memory", 0), boards=list(v.get("boards", [])),
                         files=list(v.get("files", [])))
@@ -290,8 +296,8 @@ def manifest_from_dict(data: dict, source: str, *, built: bool = True) -> Manife
 def parse_manifest(raw: bytes, source: str) -> Manifest:
     """Parse and validate built package.toml bytes (as downloaded or read)."""
     try:
-        data = tomli.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, tomli.TOMLDecodeError) as exc:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ManifestError(f"{source}: not valid TOML ({str(exc).splitlines()[0]}); rebuild the package "
                             "with hublab pkg build") from None
     return manifest_from_dict(data, source)
@@ -312,25 +318,16 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 # ---------------------------------------------------------------------------------------------------
 # hublab version requirements ("requires")
 
-def _vtuple(v: str) -> tuple[int, ...]:
-    nums = re.findall(r"\d+", v.split("+")[0])
-    return tuple(int(n) for n in nums[:4]) or (0,)
-
-
 def requirement_met(spec: str, version: str) -> bool:
-    """'>=0.1, <2' against '0.1.0'; an empty spec accepts anything."""
-    have = _vtuple(version)
-    for part in filter(None, (s.strip() for s in spec.split(","))):
-        m = re.fullmatch(r"(==|!=|>=|<=|>|<)\s*([0-9][0-9.]*)", part)
-        if not m:
-            return False
-        op, want = m.group(1), _vtuple(m.group(2))
-        n = max(len(have), len(want))
-        a, b = have + (0,) * (n - len(have)), want + (0,) * (n - len(want))
-        ok = {"==": a == b, "!=": a != b, ">=": a >= b, "<=": a <= b, ">": a > b, "<": a < b}[op]
-        if not ok:
-            return False
-    return True
+    """'>=0.1, <2' or '~=0.1.0' against '0.1.0' (PEP 440, as pip reads it); an empty spec accepts anything.
+
+    The running hublab is installed, so a pre-release of it satisfies '>=0.1' the way pip treats an
+    installed pre-release; '<0.2' still excludes 0.2.0rc1. A spec or version PEP 440 cannot read fails.
+    """
+    try:
+        return SpecifierSet(spec).contains(Version(version), installed=True)
+    except (InvalidSpecifier, InvalidVersion):
+        return False
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -395,8 +392,8 @@ def describe_models(directory: Path, paths: list[str]) -> tuple[list[str], list[
         if not rel.endswith(".toml") or PurePosixPath(rel).name in ("router.toml", "system.toml"):
             continue
         try:
-            data = tomli.loads((directory / rel).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, tomli.TOMLDecodeError) as exc:
+            data = tomllib.loads((directory / rel).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ManifestError(f"{directory / rel}: not valid TOML ({str(exc).splitlines()[0]}); fix it") from None
         model = data.get("model")
         if not isinstance(model, dict) or not isinstance(model.get("name"), str):

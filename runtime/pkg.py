@@ -41,9 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomli
-
-from .config import SystemConfig, format_size, load_system, set_system_value, toml_value
+from .config import SystemConfig, format_size, load_system, set_system_value, toml_value, tomllib
 from .errors import HublabError
 from .manifest import (CATEGORIES, MANIFEST_NAME, SIGNATURE_NAME, FileEntry, Manifest, ManifestError, describe_models,
                        digest_bytes, dump_manifest, infer_role, join_inside, manifest_from_dict, parse_manifest,
@@ -196,7 +194,7 @@ def read_record(root: Path) -> Installed:
     try:
         if _kind(path) != "file":  # a fifo would block the read, a link could lead anywhere
             raise ValueError("not a regular file")
-        data = tomli.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
         p, i = data["package"], data["install"]
         files = [FileEntry(path=safe_relpath(f["path"]), role=f.get("role", ""), size=int(f["size"]),
                            sha256=str(f["sha256"])) for f in data.get("files", [])]
@@ -209,7 +207,7 @@ def read_record(root: Path) -> Installed:
                          signed_by=i.get("signed_by", ""), installed=i.get("installed", ""),
                          description=p.get("description", ""), experts=list(p.get("experts", [])),
                          models=list(p.get("models", [])), router=p.get("router", ""), files=files)
-    except (OSError, UnicodeDecodeError, tomli.TOMLDecodeError, KeyError, TypeError, ValueError, ManifestError) as exc:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError, ValueError, ManifestError) as exc:
         raise PackageError(f"{path}: not a readable install record ({exc.__class__.__name__}); "
                            "reinstall the package with hublab pkg install") from None
 
@@ -600,8 +598,8 @@ def build(directory: str | Path, *, key: str | Path | None = None, sign: bool = 
     if not src.is_file():
         raise PackageError(f"{src}: not found; write a package.toml with [package] name, version and category")
     try:
-        data = tomli.loads(src.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, tomli.TOMLDecodeError) as exc:
+        data = tomllib.loads(src.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ManifestError(f"{src}: invalid TOML ({str(exc).splitlines()[0]}); fix the syntax") from None
     m = manifest_from_dict(data, str(src), built=False)
     declared = {f.path: f for f in m.files}
@@ -991,8 +989,8 @@ def _foreign_models(store: Store) -> dict[str, Path]:
                 or _kind(path) != "file"):
             continue
         try:
-            name = tomli.loads(path.read_text(encoding="utf-8")).get("model", {}).get("name")
-        except (OSError, UnicodeDecodeError, tomli.TOMLDecodeError, AttributeError):
+            name = tomllib.loads(path.read_text(encoding="utf-8")).get("model", {}).get("name")
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, AttributeError):
             continue
         if isinstance(name, str):
             out.setdefault(name, path)

@@ -11,7 +11,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .config import PROFILES_DIR, ConfigError, Key, check_sections, parse_size, read_toml, validate_section
+from .config import ConfigError, Key, check_sections, parse_size, read_toml, validate_section
+from .paths import PROFILES_DIR
 
 PROFILE_SCHEMA = {
     "profile": {

@@ -679,8 +679,12 @@ class Router:
 
 
 def default_router_dir(system: Any) -> Path:
-    """[moe] router, else <models_dir>/router."""
-    return Path(system.router_dir) if system.router_dir else Path(system.models_dir) / "router"
+    """[moe] router, else <models_dir>/router, else the embedded default set's router."""
+    if system.router_dir:
+        return Path(system.router_dir)
+    mine = Path(system.models_dir) / "router"
+    defaults = getattr(system, "defaults_dir", None)
+    return mine if defaults is None or mine.is_dir() else Path(defaults) / "router"
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -79,6 +79,63 @@ def test_set_system_value_validates_before_writing(tmp_path):
     assert p.read_text() == before
 
 
+COMMENTED = """\
+# hublab on the kitchen Pi -- edited by hand
+[runtime]
+profile   = "pi4-4gb"     # the 4 GB board
+threads = 3               # one core left for the web server
+
+# routing: see the README
+[moe]
+synthesis = 'voting'      # literal string, kept as written
+routing = "topk:2"        # changed by `settings moe routing=...`
+
+[trust]
+keys = [
+    # the lab's release key
+]
+"""
+
+
+def test_set_system_value_keeps_comments_order_and_formatting(tmp_path):
+    p = write(tmp_path / "system.toml", COMMENTED)
+    set_system_value(p, "moe", "routing", "topk:3")          # settings moe routing=topk:3
+    set_system_value(p, "trust", "keys", ["ab" * 32])        # pkg keygen --trust
+    set_system_value(p, "agent", "port", 8781)               # a section the file did not have
+    text = p.read_text()
+    for line in COMMENTED.splitlines():
+        if "#" in line:  # every comment, where it was
+            assert line.split("#", 1)[1] in text
+    assert 'routing = "topk:3"        # changed by `settings moe routing=...`' in text
+    assert "profile   = \"pi4-4gb\"     # the 4 GB board" in text and "synthesis = 'voting'" in text
+    order = [text.index(k) for k in ("[runtime]", "profile", "threads", "[moe]", "synthesis =", "routing =", "[trust]",
+                                     "[agent]")]
+    assert order == sorted(order)
+    system = load_system(p)
+    assert (system.routing, system.synthesis, system.threads, system.port) == ("topk:3", "voting", 3, 8781)
+    assert system.trusted_keys == ["ab" * 32]
+
+
+def test_models_dir_defaults_to_the_user_data_dir_over_the_embedded_set(tmp_path, monkeypatch):
+    from hublab.runtime.config import EMBEDDED_MODELS_DIR
+
+    monkeypatch.setenv("HUBLAB_HOME", str(tmp_path / "home"))
+    system = load_system(tmp_path / "absent.toml")
+    assert system.models_dir == tmp_path / "home" / "models" and system.defaults_dir == EMBEDDED_MODELS_DIR
+    assert system.model_dirs == [EMBEDDED_MODELS_DIR]  # no user dir yet: the defaults alone, and no error
+    assert "python" in scan_models(system.model_dirs).experts
+    # the user's own "python" (a package, or a TOML of theirs) shadows the embedded one by name
+    mine = write(system.models_dir / "experts" / "python.toml",
+                 (EMBEDDED_MODELS_DIR / "experts" / "python.toml").read_text()
+                 .replace("../demo/", f"{EMBEDDED_MODELS_DIR}/demo/").replace('max_tokens = 256', 'max_tokens = 7'))
+    cat = scan_models(system.model_dirs)
+    assert not cat.errors and cat.models["python"].source == mine and cat.models["python"].inference.max_tokens == 7
+    assert cat.models["rust"].source.is_relative_to(EMBEDDED_MODELS_DIR)
+    # an explicit models_dir is the whole model set
+    explicit = load_system(write(tmp_path / "system.toml", f'[runtime]\nmodels_dir = "{tmp_path / "mine"}"\n'))
+    assert explicit.defaults_dir is None and explicit.model_dirs == [tmp_path / "mine"]
+
+
 def test_parsers():
     assert parse_routing("topk:2") == ("topk", 2)
     assert parse_routing("threshold:0.25") == ("threshold", 0.25)
@@ -165,9 +222,9 @@ def test_scan_of_missing_dir_reports_it(tmp_path):
 
 
 def test_embedded_default_set_loads_clean():
-    from hublab.runtime.config import DEFAULT_MODELS_DIR
+    from hublab.runtime.config import EMBEDDED_MODELS_DIR
 
-    cat = scan_models(DEFAULT_MODELS_DIR)
+    cat = scan_models(EMBEDDED_MODELS_DIR)
     assert not cat.errors
     assert {"python", "rust", "system", "ai", "general"} <= set(cat.experts)
     assert all(cat.models[e].base == "gemma3-270m" for e in ("python", "rust", "system", "ai", "general"))

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 
 from ggufs import write_model_toml
-from hublab.runtime.config import DEFAULT_MODELS_DIR, load_system
+from hublab.runtime.config import EMBEDDED_MODELS_DIR, load_system
 from hublab.runtime.engine import Runtime
 from hublab.runtime.errors import HublabError
 from hublab.runtime.moe import MoE, cosine_matrix, summarize_prompt, vote
 
-ROUTER_DIR = DEFAULT_MODELS_DIR / "router"
+ROUTER_DIR = EMBEDDED_MODELS_DIR / "router"
 
 
 @pytest.fixture

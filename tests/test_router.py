@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from hublab.runtime.config import REPO_ROOT, scan_models
+from hublab.runtime.config import EMBEDDED_MODELS_DIR, scan_models
 from hublab.runtime.errors import HublabError
 from hublab.runtime.router import (ExpertRoute, RouteScore, Router, RouterError, blend, keyword_hits, keyword_pattern,
                                    select)
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA = REPO_ROOT / "trainer" / "data"
-DEFAULT_ROUTER = REPO_ROOT / "models" / "router"
+DEFAULT_ROUTER = EMBEDDED_MODELS_DIR / "router"
 
 
 def scores(**values: float) -> list[RouteScore]:
@@ -484,7 +485,7 @@ def test_default_router_heldout_accuracy_is_at_least_0_90():
 
 @needs_default
 def test_default_router_matches_the_default_experts():
-    catalog = scan_models(REPO_ROOT / "models")
+    catalog = scan_models(EMBEDDED_MODELS_DIR)
     r = Router.load(DEFAULT_ROUTER, list(catalog.experts.values()))
     assert r.warnings == []
     assert sorted(r.owners) == sorted(catalog.experts)

@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hublab.runtime.config import REPO_ROOT, ConfigError, load_model, scan_models
+from hublab.runtime.config import EMBEDDED_MODELS_DIR, ConfigError, load_model, scan_models
 from hublab.runtime.router import ExpertRoute, Router
 
 from test_pkg_support import base_package, ws  # noqa: F401
 
-DEFAULT_ROUTER = REPO_ROOT / "models" / "router"
-COOKING = REPO_ROOT / "bench" / "routing" / "cooking_examples.txt"
+DEFAULT_ROUTER = EMBEDDED_MODELS_DIR / "router"
+COOKING = Path(__file__).resolve().parents[1] / "bench" / "routing" / "cooking_examples.txt"
 FIVE = ("ai", "general", "python", "rust", "system")
 COOKING_QUERIES = ["how do I caramelize onions without burning them", "best flour for pizza dough",
                    "my bread came out dense, what went wrong", "how long do hard boiled eggs keep"]

@@ -116,13 +116,13 @@ def resolve_base(spec: str) -> tuple[Path, str | None]:
         if spec.startswith("pypi:"):
             g = C.pypi_model_path(spec[5:])
             return g.parent, g.name
-        catalog = C.scan_models(C.DEFAULT_MODELS_DIR)
+        catalog = C.scan_models(C.EMBEDDED_MODELS_DIR)
     except FileNotFoundError as exc:
         raise TrainError(f"base {spec}: {exc}") from None
     if spec in catalog.models and catalog.models[spec].path:
         g = Path(catalog.models[spec].path)
         return g.parent, g.name
-    raise TrainError(f"base {spec!r}: not a directory, a .gguf file or a model in {C.DEFAULT_MODELS_DIR}; "
+    raise TrainError(f"base {spec!r}: not a directory, a .gguf file or a model in {C.EMBEDDED_MODELS_DIR}; "
                      "give an HF model dir, a GGUF path or a base model name")
 
 
