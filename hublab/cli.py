@@ -39,6 +39,8 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hublab {__version__}")
     parser.add_argument("--config", help="system.toml to use (default: $HUBLAB_CONFIG or ~/.config/hublab/system.toml)")
     parser.add_argument("--profile", help="board profile to use instead of the detected one (e.g. pi4-4gb)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show llama.cpp's own log on stderr (default: appended to ~/.local/state/hublab/llama.log)")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -78,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if args.config:
             os.environ["HUBLAB_CONFIG"] = args.config
+        if args.verbose:
+            os.environ["HUBLAB_VERBOSE"] = "1"  # read where llama.cpp is loaded (runtime/llama_log.py)
         module = importlib.import_module(COMMANDS[args.verb][0])
         handler = getattr(module, f"{args.verb}_cli", None) or module.cli
         return int(handler(args) or 0)

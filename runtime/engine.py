@@ -29,6 +29,7 @@ import psutil
 
 from .chat import choose_format, render
 from .config import (Catalog, Inference, ModelConfig, SystemConfig, format_size, load_system, scan_models)
+from . import llama_log
 from .errors import HublabError
 from .memory import MemoryEstimate, estimate_adapter, estimate_model, read_gguf
 from .profiles import Profile, active_profile
@@ -398,13 +399,14 @@ class Runtime:
     def _load_base(self, cfg: ModelConfig) -> LoadedBase:
         from llama_cpp import Llama
 
+        llama_log.install()  # llama.cpp's lines go to the state dir's llama.log unless --verbose
         path = self._gguf_path(cfg)
         info = read_gguf(path)
         n_ctx = self.context_size(cfg)
         seed = cfg.inference.seed if cfg.inference.seed >= 0 else 0xFFFFFFFF
         try:
             llama = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=self.threads,
-                          n_threads_batch=self.threads, seed=seed, verbose=False,
+                          n_threads_batch=self.threads, seed=seed, verbose=llama_log.verbose(),
                           swa_full=False)  # sliding-window layers keep only their window: less KV on a Pi
         except (ValueError, RuntimeError) as exc:
             raise HublabError(f"{path}: llama.cpp could not load it ({exc}); check the file is a complete GGUF "

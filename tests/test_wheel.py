@@ -88,5 +88,7 @@ def test_installed_wheel_lists_and_answers_from_anywhere(installed):
     answer = run(installed, str(venv / "bin" / "python"), "-m", "hublab", "run", "python", "What is pip?",
                  "--max-tokens", "1")
     assert answer.stdout.strip()
+    assert "CPU_REPACK" not in answer.stderr  # llama.cpp's log went to the state dir
+    assert (home / "state" / "hublab" / "llama.log").is_file()
     # nothing was written into the installed package
     assert sorted(p for p in (site / "hublab" / "data").rglob("*")) == shipped
