@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from hublab.runtime.config import format_size
 from hublab.runtime.errors import HublabError
+from hublab.runtime.inputs import has_surrogates, quote
 
 
 class CommandError(HublabError):
@@ -123,7 +124,7 @@ def cmd_ask(s: Session, words: list[str], rest: str) -> Result:
 def cmd_moe(s: Session, words: list[str], rest: str) -> Result:
     sub = words[1] if len(words) > 1 else ""
     if sub not in ("route", "query"):
-        raise CommandError(f"usage: moe route \"<question>\" | moe query \"<question>\" (got {sub or 'nothing'!r})")
+        raise CommandError(f"usage: moe route \"<question>\" | moe query \"<question>\" (got {quote(sub) if sub else 'nothing'})")
     query = _question(rest.split(None, 1)[1] if len(rest.split(None, 1)) > 1 else "")
     if not query:
         raise CommandError(f"moe {sub} needs a question, e.g. moe {sub} \"how do I read a file in python?\"")
@@ -196,6 +197,7 @@ class Progress:
         elif kind == "expert_done" and v:
             r = data.get("result") or {}
             self._line(f"         ({r.get('tokens', 0)} tokens, {r.get('tokens_per_s', 0):.1f} tok/s"
+                       + (f", {r['knowledge']} knowledge pairs" if r.get("knowledge") else "")
                        + (", stopped" if r.get("finish_reason") == "cancelled" else "") + ")\n")
         elif kind == "synth_start":
             self.synthesis = data.get("synthesis", "")
@@ -298,7 +300,7 @@ def cmd_ai(s: Session, words: list[str], rest: str) -> Result:
                 + (f", loaded in {d['load_s']:.2f} s" if d.get("load_s") else "") + ")")
         return Result("ai benchmark", d, text)
     hint = difflib.get_close_matches(sub, AI_SUBCOMMANDS, n=1)
-    raise CommandError(f"unknown ai command {sub!r}; " + (f"did you mean 'ai {hint[0]}'?" if hint else
+    raise CommandError(f"unknown ai command {quote(sub)}; " + (f"did you mean 'ai {hint[0]}'?" if hint else
                                                           f"use one of: {', '.join(AI_SUBCOMMANDS)}"))
 
 
@@ -342,15 +344,15 @@ SETTINGS_KEYS = ("routing", "synthesis")
 def cmd_settings(s: Session, words: list[str], rest: str) -> Result:
     args = words[1:]
     if args and args[0] != "moe":
-        raise CommandError(f"unknown settings group {args[0]!r}; use: settings moe [routing=topk:2] [synthesis=voting]")
+        raise CommandError(f"unknown settings group {quote(args[0])}; use: settings moe [routing=topk:2] [synthesis=voting]")
     values: dict[str, str] = {}
     for a in args[1:]:
         key, eq, value = a.partition("=")
         if not eq or not value:
-            raise CommandError(f"{a!r}: write KEY=VALUE, e.g. routing=topk:2 or synthesis=voting")
+            raise CommandError(f"{quote(a)}: write KEY=VALUE, e.g. routing=topk:2 or synthesis=voting")
         if key not in SETTINGS_KEYS:
             hint = difflib.get_close_matches(key, SETTINGS_KEYS, n=1)
-            raise CommandError(f"unknown moe setting {key!r}; " + (f"did you mean {hint[0]!r}?" if hint else
+            raise CommandError(f"unknown moe setting {quote(key)}; " + (f"did you mean {hint[0]!r}?" if hint else
                                                                    "use routing=... or synthesis=..."))
         values[key] = value
     d = s.client.settings(**values)
@@ -379,7 +381,7 @@ def cmd_pkg(s: Session, words: list[str], rest: str) -> Result:
 
     class Parser(argparse.ArgumentParser):
         def error(self, message):  # argparse would exit the shell
-            raise CommandError(f"pkg: {message}; see help pkg")
+            raise CommandError(f"pkg: {message if len(message) <= 300 else message[:300] + '...'}; see help pkg")
 
         def exit(self, status=0, message=None):
             raise _HelpShown(self.format_help() if status == 0 else (message or ""))
@@ -422,7 +424,7 @@ def cmd_help(s: Session, words: list[str], rest: str) -> Result:
     if len(words) > 1:
         name = words[1].lstrip("?") or "?"
         if name not in COMMANDS:
-            raise CommandError(f"no command {name!r}; " + _suggest(name))
+            raise CommandError(f"no command {quote(name)}; " + _suggest(name))
         usage, summary, details = HELP[name]
         return Result("help", {"command": name, "usage": usage, "summary": summary, "details": details},
                       f"{usage}\n  {summary}" + (f"\n\n{details}" if details else ""))
@@ -522,7 +524,7 @@ HELP: dict[str, tuple[str, str, str]] = {
 
 
 def _suggest(word: str) -> str:
-    close = difflib.get_close_matches(word, list(COMMANDS) + list(ALIASES), n=1)
+    close = difflib.get_close_matches(word, list(COMMANDS) + list(ALIASES), n=1) if len(word) < 64 else []
     return (f"did you mean {close[0]!r}? " if close else "") + "type help for the list"
 
 
@@ -543,12 +545,19 @@ def parse(line: str) -> tuple[str, list[str], str]:
     return words[0], words, rest
 
 
+MAX_LINE = 64 * 1024  # a question longer than this would not fit any expert's context anyway
+
+
 def execute(s: Session, line: str) -> Result:
     """Run one command line; raises HublabError (one line, with a hint) when it cannot."""
+    if has_surrogates(line):  # bytes that were not UTF-8, from a pipe (stdin is read with surrogateescape)
+        raise CommandError("that line is not valid UTF-8 text; type or pipe UTF-8")
+    if len(line) > MAX_LINE:
+        raise CommandError(f"that line is {len(line)} characters, over the {MAX_LINE} a command may have")
     name, words, rest = parse(line)
     handler = COMMANDS.get(name)
     if handler is None:
-        raise CommandError(f"unknown command {name!r}; {_suggest(name)}")
+        raise CommandError(f"unknown command {quote(name)}; {_suggest(name)}")
     s.cancel.clear()
     return handler(s, words, rest)
 
@@ -566,7 +575,9 @@ def command_name(line: str) -> str:
     try:
         name, words, _ = parse(line)
     except HublabError:
-        return line.strip().split(" ", 1)[0]
+        name, words = line.strip().split(" ", 1)[0], []
     if name in ("ai", "moe", "pkg") and len(words) > 1:
-        return f"{name} {words[1]}"
-    return name
+        name = f"{name} {words[1]}"
+    # what the --json envelope says the command was: a few characters of a 100 KB line, valid UTF-8
+    name = name if len(name) <= 40 else name[:40] + "..."
+    return name.encode("utf-8", "replace").decode("utf-8")

@@ -169,3 +169,21 @@ def test_missing_fallback_is_a_clear_error(moe_dir):
     with rt:
         with pytest.raises(HublabError, match="fallback"):
             moe.route("anything")
+
+
+def test_best_never_picks_a_degenerate_answer(moe_dir):
+    """A loop is the most probable text a small model writes: confidence must not reward it."""
+    from hublab.runtime.engine import GenerationResult
+    from hublab.runtime.moe import ExpertAnswer, MoEResult
+
+    rt, moe = make(moe_dir)
+    with rt:
+        sel = moe.route("python and rust")
+        loop = ExpertAnswer("python", 0.6, "the cat sat on the mat " * 4,
+                            result=GenerationResult("python", "", mean_token_prob=0.99))
+        good = ExpertAnswer("rust", 0.4, "Run cargo new to start a project.",
+                            result=GenerationResult("rust", "", mean_token_prob=0.3))
+        result = MoEResult("q", "", sel.routing, "best", sel, answers=[loop, good])
+        moe._best(result, lambda kind, data: None, {})
+        assert result.chosen == "rust" and result.answer == good.text
+        assert loop.confidence == 0.0 and good.confidence == pytest.approx(0.4 * 0.3)

@@ -33,6 +33,17 @@ def test_topk_takes_the_k_best_in_score_order():
     assert sel.top.score == 0.5
 
 
+def test_topk_answers_alone_when_the_router_is_sure():
+    sure = select(scores(a=0.05, b=0.85, c=0.1), "topk:2", "a", sure=0.8)
+    assert sure.names == ["b"] and "sure" in sure.note
+    unsure = select(scores(a=0.05, b=0.6, c=0.35), "topk:2", "a", sure=0.8)
+    assert unsure.names == ["b", "c"]
+    assert select(scores(a=0.05, b=0.85, c=0.1), "topk:2", "a").names == ["b", "c"]  # sure=1: never
+    # other strategies keep their meaning
+    assert select(scores(a=0.05, b=0.85, c=0.1), "all", "a", sure=0.8).names == ["b", "c", "a"]
+    assert select(scores(a=0.05, b=0.85, c=0.3), "threshold:0.2", "a", sure=0.8).names == ["b", "c"]
+
+
 def test_topk_never_picks_zero_scores_and_k_larger_than_experts_is_fine():
     sel = select(scores(a=0.0, b=0.7, c=0.3), "topk:5", "a")
     assert sel.names == ["b", "c"]
