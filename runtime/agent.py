@@ -9,6 +9,9 @@ It serves three APIs over one runtime, each a module of small route handlers:
 llama.cpp contexts are not thread-safe, so one generation runs at a time per loaded base: a generation
 waits for its base in a bounded queue (`[agent] queue_size`, runtime/gate.py) and a full queue answers 503
 with Retry-After. A client that disconnects cancels its generation, also while it is still queued.
+A request (line, headers, body) must arrive within `request_timeout` seconds and no socket read or write
+may stall longer, so a client dripping its bytes cannot hold a worker; past `max_connections` open
+connections a new one is answered 503 with Retry-After at once, without a thread.
 Binding a non-loopback address needs a token (`[agent] token` or $HUBLAB_TOKEN); with a token set,
 every request must send `Authorization: Bearer <token>`.
 """
@@ -29,7 +32,8 @@ from . import http_hublab, http_ollama, http_openai
 from .device import Device
 from .errors import HublabError
 from .gate import Gate
-from .http_common import Request, Routes
+from .http_common import Deadlines, Request, Routes
+from .inputs import arg_int, quote
 
 ROUTES: Routes = {**http_hublab.ROUTES, **http_openai.ROUTES, **http_ollama.ROUTES}
 
@@ -43,7 +47,7 @@ def is_loopback(host: str) -> bool:
         pass
     try:
         infos = socket.getaddrinfo(host, None)
-    except OSError:
+    except (OSError, ValueError, UnicodeError):
         return False
     return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
 
@@ -51,7 +55,39 @@ def is_loopback(host: str) -> bool:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
-    request_queue_size = 64
+    request_queue_size = 256  # the listen backlog: a burst of clients waits to be accepted, not refused
+    max_connections = 256
+    active = 0
+    _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+             b"Connection: close\r\nContent-Length: %d\r\n\r\n%s")
+
+    def process_request(self, request, client_address):
+        with self._count:
+            busy = self.active >= self.max_connections
+            if not busy:
+                self.active += 1
+        if busy:  # answered here, in the accept thread: a flood of connections costs no threads
+            body = (b'{"error": {"message": "the agent has too many open connections; retry shortly", '
+                    b'"type": "overloaded", "code": "overloaded"}}')
+            try:
+                request.settimeout(1.0)
+                request.sendall(self._BUSY % (len(body), body))
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._count:
+                self.active -= 1
+
+    def __init__(self, *args, **kw):
+        self._count = threading.Lock()
+        super().__init__(*args, **kw)
 
 
 class Metrics:
@@ -119,26 +155,33 @@ class Agent:
     """The HTTP server over one Device. `start()` runs it in a thread (tests, bench); `serve_forever()` blocks."""
 
     def __init__(self, device: Device, host: str = "127.0.0.1", port: int = 8780, token: str = "",
-                 queue_size: int = 8, quiet: bool = False):
+                 queue_size: int = 8, quiet: bool = False, request_timeout: float = 20.0,
+                 max_connections: int = 256):
         if not is_loopback(host) and not token:
             where = device.rt.system.path or "system.toml"
             raise HublabError(f"refusing to listen on {host} without a token; set [agent] token in {where} "
                               "or HUBLAB_TOKEN (or bind 127.0.0.1)")
-        if queue_size < 1:
-            raise HublabError(f"queue_size must be at least 1, got {queue_size}; fix [agent] queue_size")
+        if isinstance(queue_size, bool) or not isinstance(queue_size, int) or not 1 <= queue_size <= 4096:
+            raise HublabError(f"queue_size must be between 1 and 4096, got {quote(queue_size)}; fix [agent] queue_size "
+                              "or --queue-size")
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise HublabError(f"port must be between 0 and 65535, got {quote(port)}; fix [agent] port or --port")
         self.device, self.token, self.quiet = device, token, quiet
         self.gate = Gate(queue_size)
         self.metrics = Metrics()
+        self.request_timeout = request_timeout
+        self.deadlines = Deadlines(request_timeout)
         self._durations: list[float] = []
-        handler = type("BoundRequest", (Request,), {"agent": self, "routes": ROUTES})
-        server_cls = _Server
+        handler = type("BoundRequest", (Request,), {"agent": self, "routes": ROUTES,
+                                                    "timeout": max(request_timeout, 1.0)})
+        server_cls = type("_BoundServer", (_Server,), {"max_connections": max_connections})
         if ":" in host:
-            server_cls = type("_Server6", (_Server,), {"address_family": socket.AF_INET6})
+            server_cls = type("_Server6", (server_cls,), {"address_family": socket.AF_INET6})
         try:
             self.server = server_cls((host, port), handler)
-        except OSError as exc:
-            raise HublabError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); stop what uses the port "
-                              "or pass --port") from None
+        except (OSError, OverflowError, ValueError, UnicodeError) as exc:
+            raise HublabError(f"cannot listen on {quote(host, 60)}:{port} ({getattr(exc, 'strerror', None) or exc}); "
+                              "stop what uses the port, or fix --host / --port") from None
         self.host, self.port = host, self.server.server_address[1]
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -165,8 +208,12 @@ class Agent:
             except HublabError as exc:
                 sys.stderr.write(f"hublab agent: expire: {exc}\n")
 
+    def _deadline_loop(self) -> None:
+        while not self._stop.wait(0.2):
+            self.deadlines.sweep()
+
     def start(self) -> "Agent":
-        for target in (self.server.serve_forever, self._expire_loop):
+        for target in (self.server.serve_forever, self._expire_loop, self._deadline_loop):
             t = threading.Thread(target=target, name=f"hublab-agent-{target.__name__}", daemon=True)
             t.start()
             self._threads.append(t)
@@ -192,9 +239,10 @@ class Agent:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--host", help="address to listen on (default: [agent] host, 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="TCP port (default: [agent] port, 8780; 0 = any free port)")
-    parser.add_argument("--queue-size", type=int, help="generation requests that may wait before 503 "
-                                                      "(default: [agent] queue_size)")
+    parser.add_argument("--port", type=arg_int(0, 65535),
+                        help="TCP port (default: [agent] port, 8780; 0 = any free port)")
+    parser.add_argument("--queue-size", type=arg_int(1, 4096), help="generation requests that may wait before 503 "
+                                                                   "(default: [agent] queue_size)")
     parser.add_argument("--quiet", action="store_true", help="do not log each request to stderr")
 
 
@@ -203,7 +251,8 @@ def cli(args) -> int:
     system = device.rt.system
     token = os.environ.get("HUBLAB_TOKEN") or system.token
     agent = Agent(device, host=args.host or system.host, port=system.port if args.port is None else args.port,
-                  token=token, queue_size=args.queue_size or system.queue_size, quiet=args.quiet)
+                  token=token, queue_size=system.queue_size if args.queue_size is None else args.queue_size,
+                  quiet=args.quiet)
 
     def stop(signum, frame):
         agent._stop.set()

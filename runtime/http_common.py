@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import json
+import socket
 import sys
 import threading
 import time
@@ -26,6 +27,7 @@ from hublab import __version__
 from .device import UnknownModel
 from .errors import HublabError
 from .gate import Cancelled, QueueFull, watch_disconnect
+from .inputs import number_problem, quote
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -49,11 +51,47 @@ class Route:
 Routes = dict[str, Route]
 
 
-def number(key: str, value: Any, kind: type) -> int | float:
-    """A JSON number checked for `kind` (int or float), else a 400 naming the field."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and int(value) != value):
-        raise ApiError(400, f"{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+def number(key: str, value: Any, kind: type, lo: float | None = None, hi: float | None = None) -> int | float:
+    """A finite JSON number of `kind` (int or float) within [lo, hi], else a 400 naming the field."""
+    problem = number_problem(value, kind is int, lo, hi)
+    if problem:
+        raise ApiError(400, f"{key}: {problem}")
     return kind(value)
+
+
+def text(key: str, value: Any, limit: int = 256) -> str | None:
+    """An optional string field (null or absent is None); another type or an overlong one is a 400."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ApiError(400, f"{key} must be a string, got {type(value).__name__} {quote(value, 40)}")
+    if len(value) > limit:
+        raise ApiError(400, f"{key} is {len(value)} characters, over the {limit} allowed")
+    return value
+
+
+def obj(key: str, value: Any) -> dict:
+    """An optional JSON object field (null or absent is {}); anything else is a 400."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ApiError(400, f"{key} must be an object, got {type(value).__name__} {quote(value, 40)}")
+    return value
+
+
+def moe_fields(extra: dict, prefix: str = "") -> tuple[str | None, str | None]:
+    """routing and synthesis from a request (its `hublab` object, or the body itself): strings that name a
+    strategy and a synthesis, checked whatever the model, so a wrong one is a 400 and not silently unused."""
+    from .device import check_moe_args
+
+    routing = text(f"{prefix}routing", extra.get("routing"), 64)
+    synthesis = text(f"{prefix}synthesis", extra.get("synthesis"), 64)
+    check_moe_args(routing, synthesis)
+    return routing, synthesis
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number; send a finite number")
 
 
 def stop_list(key: str, stop: Any) -> list[str]:
@@ -77,6 +115,10 @@ class Request(BaseHTTPRequestHandler):
     server_version = f"hublab/{__version__}"
     agent: "Agent"    # set on the subclass the Agent makes
     routes: Routes    # likewise
+    timeout = 30      # seconds any one socket read or write may stall (the subclass sets the agent's value)
+    timed_out = False  # the request did not arrive in time (Deadlines shut its reading side)
+    api = "openai"
+    stream_kind = ""
 
     # -- dispatch ---------------------------------------------------------------------------------------
 
@@ -93,7 +135,68 @@ class Request(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:
         self._dispatch("DELETE")
 
+    # Methods no route takes still get a JSON 404 or 405, not the standard library's HTML 501 page.
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    def do_PATCH(self) -> None:
+        self._dispatch("PATCH")
+
+    def do_HEAD(self) -> None:
+        self._dispatch("HEAD")
+
+    def do_OPTIONS(self) -> None:
+        self._dispatch("OPTIONS")
+
+    # -- reading the request in bounded time ------------------------------------------------------------
+
+    def handle_one_request(self) -> None:
+        # From the first byte awaited to the body read, a request has agent.request_timeout seconds:
+        # a client dripping its headers one byte at a time cannot hold this thread for longer.
+        self.timed_out = False
+        self.agent.deadlines.arm(self)
+        try:
+            super().handle_one_request()
+        finally:
+            self.agent.deadlines.disarm(self)
+
+    def parse_request(self) -> bool:
+        if self.timed_out:
+            self.send_error(408)
+            return False
+        if not super().parse_request():
+            return False
+        if self.timed_out:  # the headers were cut short by the deadline: they are not all there
+            self.send_error(408)
+            return False
+        if self.request_version == "HTTP/0.9":  # "GET /path" alone: an answer would have no status line
+            self.send_error(400, "HTTP/0.9 requests are not supported; send HTTP/1.1")
+            return False
+        return True
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The standard library's errors (a bad request line, headers too long or too many, a timeout)
+        as one JSON error in the shape of the path's API, instead of its HTML page."""
+        path = urlparse(getattr(self, "path", "") or "").path if isinstance(getattr(self, "path", None), str) else ""
+        self.api = "ollama" if path.startswith("/api/") else "openai"
+        self.stream_kind = ""
+        self.close_connection = True
+        if not str(getattr(self, "request_version", "")).startswith("HTTP/1."):
+            self.request_version = "HTTP/1.0"  # a request line we could not read still gets a status line
+        if code == 501:  # a method no handler exists for: the client's mistake, not the server's
+            code, message = 405, f"method {str(self.command)[:20]!r} is not supported; use GET, POST or DELETE"
+        elif code == 505:  # likewise an HTTP/2.0 or 9.9 request line: a bad request, answered in HTTP/1.1
+            code, message = 400, f"{message or 'that HTTP version'}; send HTTP/1.1"
+        if code == 408:
+            message = (f"the request did not arrive within {self.agent.request_timeout:g} s; send the whole "
+                       "request at once")
+        reason = message or self.responses.get(code, ("bad request",))[0]
+        self.log_error("code %d, message %s", code, reason)
+        self.error(code, reason, "request_timeout" if code == 408 else "invalid_request_error")
+
     def _dispatch(self, method: str) -> None:
+        if method in ("GET", "HEAD", "OPTIONS") or not self.headers.get("Content-Length"):
+            self.agent.deadlines.disarm(self)  # nothing more to read: the answer may take its time
         url = urlparse(self.path)
         path = url.path.rstrip("/") or "/"
         self.query = parse_qs(url.query)
@@ -117,6 +220,10 @@ class Request(BaseHTTPRequestHandler):
                 raise ApiError(405, f"{path} takes {' or '.join(route.methods)}", "method_not_allowed",
                                {"Allow": ", ".join(route.methods)})
             route.methods[method](self)
+        except TimeoutError:  # a socket read or write stalled for `timeout` seconds
+            self.close_connection = True
+            if not self.status:
+                self.error(408, f"the request did not arrive within {self.timeout:g} s", "request_timeout")
         except ApiError as exc:
             self.error(exc.status, exc.message, exc.code, exc.headers)
         except QueueFull as exc:
@@ -135,7 +242,8 @@ class Request(BaseHTTPRequestHandler):
             traceback.print_exc(file=sys.stderr)
             self.error(500, f"internal error: {exc.__class__.__name__}: {exc}", "internal_error")
         finally:
-            if not self.body_read and self.headers.get("Content-Length", "0") not in ("", "0"):
+            if not self.body_read and (self.headers.get("Content-Length", "0") not in ("", "0")
+                                       or self.headers.get("Transfer-Encoding")):
                 # an unread body would be parsed as the next request on this connection
                 self.close_connection = True
             self.agent.metrics.count(label, self.status)
@@ -148,21 +256,38 @@ class Request(BaseHTTPRequestHandler):
     # -- reading ------------------------------------------------------------------------------------------
 
     def body(self) -> dict:
-        """The JSON object sent (empty when nothing was)."""
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            raise ApiError(400, "bad Content-Length") from None
+        """The JSON object sent (empty when nothing was): UTF-8, at most MAX_BODY bytes, finite numbers."""
+        if self.headers.get("Transfer-Encoding"):
+            raise ApiError(411, "chunked request bodies are not supported; send Content-Length")
+        given = (self.headers.get("Content-Length") or "0").strip()
+        if not given.isascii() or not given.isdigit() or len(given) > 12:
+            raise ApiError(400, f"bad Content-Length {quote(given, 24)}; send the body's size in bytes")
+        length = int(given)
         if length > MAX_BODY:
-            raise ApiError(413, f"request body over {MAX_BODY} bytes")
-        raw = self.rfile.read(length) if length else b""
+            raise ApiError(413, f"request body of {length} bytes is over the {MAX_BODY} allowed")
+        try:
+            raw = self.rfile.read(length) if length else b""
+        except TimeoutError:
+            raise ApiError(408, f"the body did not arrive within {self.timeout:g} s") from None
+        finally:
+            self.agent.deadlines.disarm(self)
         self.body_read = True
+        if len(raw) < length:
+            self.close_connection = True
+            if self.timed_out:
+                raise ApiError(408, f"the body did not arrive within {self.agent.request_timeout:g} s; "
+                                    "send the whole request at once")
+            raise ApiError(400, f"the body ended after {len(raw)} of its {length} bytes (Content-Length)")
         if not raw:
             return {}
         try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"body is not valid JSON ({exc}); send a JSON object") from None
+            body = json.loads(raw.decode("utf-8"), parse_constant=_no_constants)
+        except UnicodeDecodeError as exc:
+            raise ApiError(400, f"body is not UTF-8 (byte {exc.start}); send JSON as UTF-8") from None
+        except RecursionError:
+            raise ApiError(400, "body is nested too deeply; send a flatter JSON object") from None
+        except ValueError as exc:  # JSONDecodeError, NaN/Infinity, an integer too long to convert
+            raise ApiError(400, f"body is not valid JSON ({quote(str(exc), 120)[1:-1]}); send a JSON object") from None
         if not isinstance(body, dict):
             raise ApiError(400, "body must be a JSON object")
         return body
@@ -177,11 +302,14 @@ class Request(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(body)))
             for k, v in (headers or {}).items():
                 self.send_header(k, v)
+            if self.close_connection:
+                self.send_header("Connection", "close")
             self.end_headers()
-            self.wfile.write(body)
+            if self.command != "HEAD":
+                self.wfile.write(body)
             self.wfile.flush()
             self.completed = True
-        except (BrokenPipeError, ConnectionResetError):
+        except OSError:  # the client went away, or stopped reading for `timeout` seconds
             self.close_connection = True
 
     def json(self, obj: Any, status: int = 200, headers: dict | None = None) -> None:
@@ -255,3 +383,34 @@ class Request(BaseHTTPRequestHandler):
     def ended(self) -> bool:
         """The client left (or cancelled) during the generation: nothing more to send."""
         return self.gone or self.cancel.is_set()
+
+
+class Deadlines:
+    """When each connection's request must have arrived. A sweep shuts the reading side of a late one:
+    its read returns at once with what came, and the request is answered 408 and closed."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self._lock = threading.Lock()
+        self._due: dict[Request, float] = {}
+
+    def arm(self, req: Request) -> None:
+        with self._lock:
+            self._due[req] = time.monotonic() + self.seconds
+
+    def disarm(self, req: Request) -> None:
+        with self._lock:
+            self._due.pop(req, None)
+
+    def sweep(self) -> int:
+        """Cut every request past its deadline; returns how many were cut."""
+        now = time.monotonic()
+        with self._lock:
+            late = [r for r, due in self._due.items() if due <= now]
+            for r in late:
+                del self._due[r]
+        for r in late:
+            r.timed_out = True
+            with contextlib.suppress(OSError):
+                r.connection.shutdown(socket.SHUT_RD)
+        return len(late)

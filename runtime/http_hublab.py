@@ -12,14 +12,14 @@ plus /health and /metrics. JSON in and out, errors in OpenAI's shape; /hublab/as
 """
 from __future__ import annotations
 
-from .http_common import ApiError, Request, Route, number
+from .http_common import ApiError, Request, Route, moe_fields, number, text
 
 
 def _name(body: dict) -> str:
     name = body.get("name")
     if not isinstance(name, str) or not name:
         raise ApiError(400, "name is required: a model or expert name from /hublab/experts")
-    return name
+    return text("name", name)
 
 
 def _query(body: dict, what: str) -> str:
@@ -29,14 +29,15 @@ def _query(body: dict, what: str) -> str:
     return query
 
 
+def _moe(body: dict) -> tuple[str | None, str | None]:
+    return moe_fields(body)
+
+
 def _max_tokens(body: dict, default: int | None = None) -> int | None:
     value = body.get("max_tokens")
     if value is None:
         return default
-    value = number("max_tokens", value, int)
-    if value < 1:
-        raise ApiError(400, f"max_tokens must be at least 1, got {value!r}")
-    return value
+    return number("max_tokens", value, int, 1, 1 << 20)
 
 
 def experts(req: Request) -> None:
@@ -56,13 +57,13 @@ def unload(req: Request) -> None:
 
 def route(req: Request) -> None:
     body = req.body()
-    req.json(req.agent.device.route(_query(body, "route"), body.get("routing")))
+    req.json(req.agent.device.route(_query(body, "route"), _moe(body)[0]))
 
 
 def ask(req: Request) -> None:
     body = req.body()
     query = _query(body, "answer")
-    routing, synthesis = body.get("routing"), body.get("synthesis")
+    routing, synthesis = _moe(body)
     max_tokens = _max_tokens(body)
     device = req.agent.device
     stream = body.get("stream", True)
@@ -79,8 +80,8 @@ def settings(req: Request) -> None:
     if req.command == "GET":
         req.json(req.agent.device.settings())
         return
-    body = req.body()
-    req.json(req.agent.device.settings(routing=body.get("routing"), synthesis=body.get("synthesis")))
+    routing, synthesis = _moe(req.body())
+    req.json(req.agent.device.settings(routing=routing, synthesis=synthesis))
 
 
 def info(req: Request) -> None:
@@ -98,13 +99,14 @@ def config(req: Request) -> None:
     key = body.get("key")
     if not isinstance(key, str) or not key or "value" not in body:
         raise ApiError(400, "key and value are required, e.g. {\"key\": \"keep_alive\", \"value\": \"10m\"}")
-    req.json(req.agent.device.config(key, body["value"], body.get("name")))
+    text("key", key, 64)
+    req.json(req.agent.device.config(key, body["value"], text("name", body.get("name"))))
 
 
 def benchmark(req: Request) -> None:
     body = req.body()
     device = req.agent.device
-    name = device.benchmark_target(body.get("name"))
+    name = device.benchmark_target(text("name", body.get("name")))
     with req.generation([device.base_of(name)]):
         req.json(device.benchmark(name, max_tokens=_max_tokens(body, 64), cancel=req.cancel))
 

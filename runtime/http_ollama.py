@@ -33,11 +33,13 @@ from hublab import __version__
 from .config import parse_duration
 from .device import MOE, ROUTER, Completion, UnknownModel
 from .errors import HublabError
-from .http_common import ApiError, Request, Route, iso_time, number, stop_list
+from .http_common import ApiError, Request, Route, iso_time, moe_fields, number, obj, stop_list, text
 
 NEVER = "9999-12-31T23:59:59Z"  # expires_at of a model kept loaded until unloaded (keep_alive < 0)
-OPTIONS = {"num_predict": int, "temperature": float, "top_p": float, "top_k": int, "min_p": float,
-           "repeat_penalty": float, "seed": int, "num_ctx": int}
+# option -> (kind, least, most): the ranges a model TOML's [inference] allows (config.INFERENCE_RANGES)
+OPTIONS = {"num_predict": (int, -2, 1 << 20), "temperature": (float, 0.0, 5.0), "top_p": (float, 0.0, 1.0),
+           "top_k": (int, 0, 1 << 20), "min_p": (float, 0.0, 1.0), "repeat_penalty": (float, 0.0, 10.0),
+           "seed": (int, -1, (1 << 63) - 1), "num_ctx": (int, 1, 1 << 20)}
 UNLIMITED = 1 << 30  # num_predict -1/-2: the context is the limit
 
 
@@ -48,26 +50,25 @@ def _model(body: dict) -> str:
     model = body.get("model") or body.get("name")  # older clients send "name"
     if not isinstance(model, str) or not model.strip():
         raise ApiError(400, "model is required: a name from /api/tags (an expert, moe or router)")
+    text("model", model, 256)
     model = model.strip()
     return model[: -len(":latest")] if model.endswith(":latest") else model
 
 
 def _options(body: dict) -> dict[str, Any]:
     """Ollama options -> Device.complete keyword arguments (checked: a bad value is a 400)."""
-    options = body.get("options") or {}
-    if not isinstance(options, dict):
-        raise ApiError(400, "options must be an object, e.g. {\"temperature\": 0.7, \"num_predict\": 64}")
+    options = obj("options", body.get("options"))  # e.g. {"temperature": 0.7, "num_predict": 64}
     out: dict[str, Any] = {}
-    for key, kind in OPTIONS.items():
+    for key, (kind, lo, hi) in OPTIONS.items():
         if options.get(key) is not None:
-            out[key] = number(f"options.{key}", options[key], kind)
+            out[key] = number(f"options.{key}", options[key], kind, lo, hi)
+    if out.get("seed", -1) >= 1 << 32:
+        out["seed"] %= 1 << 32  # llama.cpp's sampler takes a 32-bit seed
     predict = out.pop("num_predict", None)
     if predict is not None:
-        if predict == 0 or predict < -2:
+        if predict == 0:
             raise ApiError(400, f"options.num_predict must be positive, or -1 for no limit; got {predict}")
         out["max_tokens"] = UNLIMITED if predict < 0 else predict
-    if out.get("num_ctx", 1) < 1:
-        raise ApiError(400, f"options.num_ctx must be positive, got {out['num_ctx']}")
     if options.get("stop") is not None:
         out["stop"] = stop_list("options.stop", options["stop"])
     return out
@@ -189,12 +190,14 @@ def tags(req: Request) -> None:
     for row in rows:
         source = device.rt.models[row["name"]].source
         modified = source.stat().st_mtime if source.exists() else 0
-        models.append(_entry(row["name"], row["size"] or 0, modified, _digest(source), _details(_info(req, row["name"]))))
+        models.append(_entry(row["name"], row["size"] or 0, modified, _digest(source),
+                             _details(_info(req, row["name"]))))
     moe_details = _other_details("moe", "hublab", sorted(device.rt.experts))
     models.insert(0, _entry(MOE, sum(r["size"] or 0 for r in rows), time.time(), "", moe_details))
     router = _router_file(req)
     if router is not None:
-        models.append(_entry(ROUTER, router.stat().st_size, router.stat().st_mtime, _digest(router.with_name("router.toml")),
+        models.append(_entry(ROUTER, router.stat().st_size, router.stat().st_mtime,
+                             _digest(router.with_name("router.toml")),
                              _other_details("router", "onnx")))
     req.json({"models": models})
 
@@ -298,8 +301,8 @@ def _answer(req: Request, body: dict, prompt: str | list[dict], chat: bool) -> N
     if not prompt:
         _load_only(req, model, keep, lines)
         return
-    extra = body.get("hublab") or {}
-    routing, synthesis = extra.get("routing"), extra.get("synthesis")
+    extra = obj("hublab", body.get("hublab"))
+    routing, synthesis = moe_fields(extra, "hublab.")
     bases = device.bases_for(model, prompt, routing, synthesis)
     with req.generation(bases):
         done = device.complete(model, prompt, raw=raw, system=system, cancel=req.cancel, routing=routing,

@@ -12,20 +12,22 @@ import uuid
 from typing import Any
 
 from .device import MOE, Completion
-from .http_common import ApiError, Request, Route, number, stop_list
+from .http_common import ApiError, Request, Route, moe_fields, number, obj, stop_list
 
-SAMPLER = {"max_tokens": int, "temperature": float, "top_p": float, "top_k": int, "min_p": float,
-           "repeat_penalty": float, "seed": int}
+# field -> (kind, least, most): the ranges a model TOML's [inference] allows (config.INFERENCE_RANGES)
+SAMPLER = {"max_tokens": (int, 1, 1 << 20), "temperature": (float, 0.0, 5.0), "top_p": (float, 0.0, 1.0),
+           "top_k": (int, 0, 1 << 20), "min_p": (float, 0.0, 1.0), "repeat_penalty": (float, 0.0, 10.0),
+           "seed": (int, -1, (1 << 63) - 1)}
 
 
 def sampler(body: dict) -> dict:
     """OpenAI request fields -> Device.complete keyword arguments (checked, so a bad one is a 400)."""
     if body.get("max_completion_tokens") is not None and body.get("max_tokens") is None:
         body = {**body, "max_tokens": body["max_completion_tokens"]}
-    opts: dict[str, Any] = {key: number(key, body[key], kind) for key, kind in SAMPLER.items()
+    opts: dict[str, Any] = {key: number(key, body[key], kind, lo, hi) for key, (kind, lo, hi) in SAMPLER.items()
                             if body.get(key) is not None}
-    if opts.get("max_tokens", 1) < 1:
-        raise ApiError(400, f"max_tokens must be at least 1, got {opts['max_tokens']!r}")
+    if opts.get("seed", -1) >= 1 << 32:
+        opts["seed"] %= 1 << 32  # OpenAI seeds are 64-bit; llama.cpp's sampler takes 32
     if body.get("stop") is not None:
         opts["stop"] = stop_list("stop", body["stop"])
     return opts
@@ -38,7 +40,10 @@ def _text_of(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        if not all(isinstance(t, str) for t in parts):
+            raise ApiError(400, "messages[].content text parts need a string text")
+        return "".join(parts)
     raise ApiError(400, "messages[].content must be a string or a list of text parts")
 
 
@@ -83,10 +88,12 @@ def _answer(req: Request, body: dict, prompt: str | list[dict], chat: bool) -> N
     if not isinstance(model, str) or not model:
         raise ApiError(400, "model is required: an expert name from /v1/models, or moe")
     opts = sampler(body)
-    extra = body.get("hublab") or {}
-    if not isinstance(extra, dict):
+    extra = body.get("hublab")
+    if extra is not None and not isinstance(extra, dict):
         raise ApiError(400, "hublab must be an object such as {\"routing\": \"topk:2\"}")
-    routing, synthesis = extra.get("routing"), extra.get("synthesis")
+    extra = extra or {}
+    routing, synthesis = moe_fields(extra, "hublab.")
+    stream_options = obj("stream_options", body.get("stream_options"))
     special = extra.get("parse_special", True)
     if not isinstance(special, bool):
         raise ApiError(400, "hublab.parse_special must be true or false")
@@ -107,7 +114,7 @@ def _answer(req: Request, body: dict, prompt: str | list[dict], chat: bool) -> N
             return
         if stream:
             send(None, _finish(done))
-            if (body.get("stream_options") or {}).get("include_usage"):
+            if stream_options.get("include_usage"):
                 req.sse(chunks.usage(done))
             req.sse("[DONE]")
             req.completed = not req.gone
