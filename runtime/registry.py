@@ -22,6 +22,13 @@ requests and jsonschema to the Pi. The part of the distribution protocol needed 
 HEAD/GET with Range, monolithic blob upload, catalog, tags, Basic and Bearer token auth) is small.
 Credentials come from HUBLAB_REGISTRY_USERNAME / HUBLAB_REGISTRY_PASSWORD, or a ready bearer token in
 HUBLAB_REGISTRY_TOKEN.
+
+A registry is not trusted to behave: every blob is checked against its sha256 before use, a download cut
+off mid-way is resumed (HTTP Range) a few times and then left to resume on the next run, a transfer
+slower than MIN_RATE over HUBLAB_REGISTRY_TIMEOUT seconds (default 30) is abandoned, manifests are read
+within that time and at most MAX_SMALL bytes, and credentials only ever go to the registry's own origin:
+a token realm, a redirect, an upload location or a next-page link on another host gets none (unless the
+host is listed in HUBLAB_REGISTRY_AUTH_HOSTS, as a registry whose token server lives elsewhere needs).
 """
 from __future__ import annotations
 
@@ -42,6 +49,7 @@ from typing import Callable, Iterator
 from urllib.parse import urljoin, urlsplit
 
 from .errors import HublabError
+from .inputs import quote
 from .manifest import ManifestError, safe_relpath
 from .signing import Signature
 
@@ -57,6 +65,9 @@ ANN_DESCRIPTION = "org.opencontainers.image.description"
 ANN_SIGNATURE = "dev.hublab.package.signature"
 MAX_SMALL = 4 << 20  # manifests and package.toml are read into memory; anything bigger is not ours
 CHUNK = 1 << 20
+MIN_RATE = 1024      # bytes/s: a download slower than this over a whole timeout window is abandoned
+RESUMES = 4          # a blob cut off mid-way is resumed this many times in one run
+DEFAULT_TIMEOUT = 30.0
 
 Progress = Callable[[str, int, int], None]  # (label, bytes done, bytes total)
 
@@ -67,6 +78,10 @@ class RegistryError(HublabError):
 
 class NotFound(RegistryError):
     pass
+
+
+class Interrupted(RegistryError):
+    """A download stopped part-way (connection lost, too slow); what arrived is kept to resume from."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -87,7 +102,7 @@ def parse_ref(ref: str) -> tuple[str, str]:
     name, _, tag = ref.strip().partition(":")
     tag = tag or "latest"
     if not _NAME_RE.fullmatch(name) or not _TAG_RE.fullmatch(tag):
-        raise RegistryError(f"{ref!r} is not a package reference; write NAME or NAME:TAG "
+        raise RegistryError(f"{quote(ref)} is not a package reference; write NAME or NAME:TAG "
                             "(lower-case letters, digits, '.', '_', '-')")
     return name, tag
 
@@ -115,9 +130,10 @@ class Descriptor:
             raise RegistryError(f"{source}: a descriptor is not an object; the registry content is corrupt")
         digest, size = d.get("digest"), d.get("size")
         if not isinstance(digest, str) or not _DIGEST_RE.fullmatch(digest):
-            raise RegistryError(f"{source}: descriptor digest {digest!r} is not sha256:<64 hex>; republish the package")
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise RegistryError(f"{source}: descriptor size {size!r} is not a byte count; republish the package")
+            raise RegistryError(f"{source}: descriptor digest {quote(digest)} is not sha256:<64 hex>; republish the "
+                                "package")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0 or size >= 1 << 50:
+            raise RegistryError(f"{source}: descriptor size {quote(size)} is not a byte count; republish the package")
         ann = d.get("annotations") or {}
         if not isinstance(ann, dict) or not all(isinstance(v, str) for v in ann.values()):
             raise RegistryError(f"{source}: annotations must map strings to strings; republish the package")
@@ -157,13 +173,13 @@ class Resolved:
 def parse_oci(raw: bytes, source: str) -> tuple[Descriptor, list[Descriptor], dict]:
     try:
         doc = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise RegistryError(f"{source}: manifest is not JSON; the registry content is corrupt") from None
     if not isinstance(doc, dict) or doc.get("schemaVersion") != 2:
         raise RegistryError(f"{source}: not an OCI image manifest (schemaVersion 2); is this a hublab package?")
     config = Descriptor.from_json(doc.get("config"), source)
     if config.media_type != MEDIA_CONFIG:
-        raise RegistryError(f"{source}: not a hublab package (config media type {config.media_type!r}); "
+        raise RegistryError(f"{source}: not a hublab package (config media type {quote(config.media_type)}); "
                             "publish it with hublab pkg publish")
     layers = doc.get("layers") or []
     if not isinstance(layers, list):
@@ -180,7 +196,8 @@ def resolve(reg: "Registry", name: str, tag: str) -> Resolved:
     raw = reg.get_manifest(name, tag)
     config, layers, ann = parse_oci(raw, source)
     if config.size > MAX_SMALL:
-        raise RegistryError(f"{source}: package.toml is {config.size} bytes, larger than any real manifest; refusing it")
+        raise RegistryError(f"{source}: package.toml is {config.size} bytes, larger than any real manifest; "
+                            "refusing it")
     package_raw = read_blob(reg, name, config)
     sig = None
     if ann.get(ANN_SIGNATURE):
@@ -193,7 +210,7 @@ def resolve(reg: "Registry", name: str, tag: str) -> Resolved:
         except ManifestError as exc:
             raise RegistryError(str(exc)) from None
         if title in by_path:
-            raise RegistryError(f"{source}: two layers are titled {title!r}; republish the package")
+            raise RegistryError(f"{source}: two layers are titled {quote(title)}; republish the package")
         by_path[title] = d
     return Resolved(registry=reg.location, name=name, tag=tag,
                     manifest_digest="sha256:" + hashlib.sha256(raw).hexdigest(), oci_raw=raw, config=config,
@@ -201,13 +218,19 @@ def resolve(reg: "Registry", name: str, tag: str) -> Resolved:
 
 
 def read_blob(reg: "Registry", name: str, desc: Descriptor) -> bytes:
-    """A small blob, read into memory and checked against its digest."""
-    buf = bytearray()
-    with reg.open_blob(name, desc.digest, 0) as (_, chunks):
-        for chunk in chunks:
-            buf += chunk
-            if len(buf) > max(desc.size, 0) or len(buf) > MAX_SMALL:
-                break
+    """A small blob, read into memory and checked against its digest (read again if cut off)."""
+    for attempt in range(RESUMES + 1):
+        buf = bytearray()
+        try:
+            with reg.open_blob(name, desc.digest, 0) as (_, chunks):
+                for chunk in chunks:
+                    buf += chunk
+                    if len(buf) > max(desc.size, 0) or len(buf) > MAX_SMALL:
+                        break
+            break
+        except Interrupted:
+            if attempt == RESUMES:
+                raise
     if len(buf) != desc.size or hashlib.sha256(buf).hexdigest() != desc.hex:
         raise RegistryError(f"{reg.location} {name}: blob {desc.digest[:19]}… does not match its digest; "
                             "the registry content is corrupt or was tampered with")
@@ -251,7 +274,9 @@ def fetch_blob(reg: "Registry", name: str, desc: Descriptor, cache: Path, *,
                 progress(label, desc.size, desc.size)
             return Fetched(final, 0, desc.size)
         final.unlink()
-    for _attempt in range(2):
+    resumes = 0
+    fresh_tries = 0
+    while True:
         have = partial.stat().st_size if partial.exists() else 0
         if have > desc.size:
             partial.unlink()
@@ -262,33 +287,43 @@ def fetch_blob(reg: "Registry", name: str, desc: Descriptor, cache: Path, *,
                 while block := f.read(CHUNK):
                     h.update(block)
         downloaded = 0
-        with reg.open_blob(name, desc.digest, have) as (start, chunks):
-            if start != have:  # the server ignored Range: start over
-                have, h = 0, hashlib.sha256()
-            reused = have
-            with open(partial, "r+b" if have else "wb") as out:
-                out.seek(have)
-                out.truncate()
-                done = have
-                if progress:
-                    progress(label, done, desc.size)
-                for chunk in chunks:
-                    if done + len(chunk) > desc.size:
-                        break  # more bytes than the descriptor promises: corrupt, caught below
-                    out.write(chunk)
-                    h.update(chunk)
-                    done += len(chunk)
-                    downloaded += len(chunk)
+        try:
+            with reg.open_blob(name, desc.digest, have) as (start, chunks):
+                if start != have:  # the server ignored Range: start over
+                    have, h = 0, hashlib.sha256()
+                reused = have
+                with open(partial, "r+b" if have else "wb") as out:
+                    out.seek(have)
+                    out.truncate()
+                    done = have
                     if progress:
                         progress(label, done, desc.size)
-                out.flush()
-                os.fsync(out.fileno())
+                    try:
+                        for chunk in chunks:
+                            if done + len(chunk) > desc.size:
+                                break  # more bytes than the descriptor promises: corrupt, caught below
+                            out.write(chunk)
+                            h.update(chunk)
+                            done += len(chunk)
+                            downloaded += len(chunk)
+                            if progress:
+                                progress(label, done, desc.size)
+                    finally:  # what arrived is kept for the resume, also when the transfer broke off
+                        out.flush()
+                        os.fsync(out.fileno())
+        except Interrupted:
+            # cut off mid-way: resume from what arrived, a few times, while each try gains bytes
+            resumes += 1
+            if downloaded == 0 or resumes > RESUMES:
+                raise
+            continue
         if done == desc.size and h.hexdigest() == desc.hex:
             os.replace(partial, final)
             _fsync_dir(cache)
             return Fetched(final, downloaded, reused)
         partial.unlink(missing_ok=True)
-        if not reused:
+        fresh_tries += 1
+        if not reused or fresh_tries > 1:
             break
         # The bytes kept from an earlier attempt were wrong (or the blob changed): one fresh try.
     what = "does not match its sha256" if done == desc.size else f"has {done} bytes, not {desc.size}"
@@ -499,13 +534,24 @@ class OCIRegistry:
     kind = "oci"
 
     def __init__(self, url: str, *, username: str | None = None, password: str | None = None,
-                 token: str | None = None, timeout: float = 30.0):
+                 token: str | None = None, timeout: float | None = None):
         import httpx
 
-        parts = urlsplit(url if "://" in url else "https://" + url)
+        if timeout is None:
+            timeout = registry_timeout()
+        try:
+            parts = urlsplit(url if "://" in url else "https://" + url)
+        except ValueError:
+            raise RegistryError(f"{quote(url)} is not a registry URL; use http(s)://host[:port][/namespace] or a "
+                                "directory") from None
         scheme = "https" if parts.scheme == "oci" else parts.scheme
+        try:
+            parts.port  # noqa: B018 - a bad port raises here
+        except ValueError:
+            parts = parts._replace(netloc="")
         if scheme not in ("http", "https") or not parts.hostname:
-            raise RegistryError(f"{url!r} is not a registry URL; use http(s)://host[:port][/namespace] or a directory")
+            raise RegistryError(f"{quote(url)} is not a registry URL; use http(s)://host[:port][/namespace] or a "
+                                "directory")
         if parts.username or parts.password:
             raise RegistryError(f"{url}: do not put credentials in the URL; set HUBLAB_REGISTRY_USERNAME and "
                                 "HUBLAB_REGISTRY_PASSWORD")
@@ -518,9 +564,18 @@ class OCIRegistry:
         self._basic: str | None = None
         self._tokens: dict[str, str] = {}
         self._preset = f"Bearer {preset}" if preset else None
-        self._client = httpx.Client(timeout=httpx.Timeout(timeout), follow_redirects=True,
+        self.timeout = timeout
+        # httpx drops Authorization when a redirect leaves the origin, and stops after max_redirects
+        self._client = httpx.Client(timeout=httpx.Timeout(timeout), follow_redirects=True, max_redirects=10,
                                     headers={"User-Agent": "hublab-pkg"})
         self._httpx = httpx
+        self._auth_hosts = {h.strip().lower() for h in os.environ.get("HUBLAB_REGISTRY_AUTH_HOSTS", "").split(",")
+                            if h.strip()}
+
+    def _own(self, url: str) -> bool:
+        """Whether `url` is on the registry's own origin (scheme, host and port): the only place our
+        credentials and tokens go."""
+        return _origin(url) == _origin(self.base)
 
     def close(self) -> None:
         self._client.close()
@@ -542,21 +597,39 @@ class OCIRegistry:
             self._basic = "Basic " + base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode()
             return
         if scheme == "bearer" and params.get("realm"):
+            realm = params["realm"]
+            realm_parts = urlsplit(realm)
+            if realm_parts.scheme not in ("http", "https") or not realm_parts.hostname:
+                raise RegistryError(f"{self.location}: token realm {quote(realm)} is not an http(s) URL; "
+                                    "is this a registry?")
+            if urlsplit(self.base).scheme == "https" and realm_parts.scheme != "https":
+                raise RegistryError(f"{self.location}: token realm {quote(realm)} is plain http for an https "
+                                    "registry; refusing to log in over it")
+            # The user's password goes to the registry's own origin only, or to a host they listed.
+            trusted = self._own(realm) or (realm_parts.hostname or "").lower() in self._auth_hosts
             query = {"service": params.get("service", ""), "scope": params.get("scope", scope)}
             try:
-                r = self._client.get(params["realm"], params={k: v for k, v in query.items() if v}, auth=creds)
+                r = self._client.get(realm, params={k: v for k, v in query.items() if v},
+                                     auth=creds if trusted else None, follow_redirects=False)
+                body_raw = r.content[:MAX_SMALL]
             except self._httpx.HTTPError as exc:
-                raise RegistryError(f"{params['realm']}: token server unreachable ({exc}); check the registry") from None
+                raise RegistryError(f"{quote(realm)}: token server unreachable ({exc.__class__.__name__}); "
+                                    "check the registry") from None
             if r.status_code in (401, 403):
-                raise RegistryError(f"{self.location}: login refused by {params['realm']} (HTTP {r.status_code}); "
+                if creds and not trusted:
+                    raise RegistryError(f"{self.location}: its token server {realm_parts.hostname} is another host; "
+                                        "hublab sends your credentials only to the registry itself (list the host "
+                                        "in HUBLAB_REGISTRY_AUTH_HOSTS to allow it)")
+                raise RegistryError(f"{self.location}: login refused by {quote(realm)} (HTTP {r.status_code}); "
                                     "check HUBLAB_REGISTRY_USERNAME and HUBLAB_REGISTRY_PASSWORD")
             try:
-                body = r.json()
-                tok = body.get("token") or body.get("access_token")
-            except ValueError:
+                body = json.loads(body_raw)
+                tok = body.get("token") or body.get("access_token") if isinstance(body, dict) else None
+                tok = tok if isinstance(tok, str) and 0 < len(tok) < 16384 and tok.isprintable() else None
+            except (ValueError, RecursionError):
                 tok = None
             if r.status_code != 200 or not tok:
-                raise RegistryError(f"{params['realm']}: no token in the answer (HTTP {r.status_code}); "
+                raise RegistryError(f"{quote(realm)}: no token in the answer (HTTP {r.status_code}); "
                                     "is this a registry token server?")
             self._tokens[scope] = f"Bearer {tok}"
             return
@@ -566,7 +639,8 @@ class OCIRegistry:
     def _send(self, method: str, url: str, scope: str, *, headers: dict | None = None, content=None,
               stream: bool = False, retry: bool = True):
         headers = dict(headers or {})
-        auth = self._auth(scope)
+        headers.pop("Authorization", None)
+        auth = self._auth(scope) if self._own(url) else None  # never to another origin
         if auth:
             headers["Authorization"] = auth
         try:
@@ -578,8 +652,7 @@ class OCIRegistry:
         if resp.status_code == 401 and retry and not callable(getattr(content, "__next__", None)):
             resp.close()
             self._login(resp, scope)
-            return self._send(method, url, scope, headers=headers | {"Authorization": self._auth(scope)},
-                              content=content, stream=stream, retry=False)
+            return self._send(method, url, scope, headers=headers, content=content, stream=stream, retry=False)
         if resp.status_code == 401:
             resp.close()
             raise RegistryError(f"{self.location}: login refused (HTTP 401); check HUBLAB_REGISTRY_USERNAME and "
@@ -592,10 +665,13 @@ class OCIRegistry:
 
     def _fail(self, resp, what: str) -> RegistryError:
         try:
-            detail = "; ".join(e.get("message", "") for e in resp.json().get("errors", []))
+            resp.read()
+            detail = "; ".join(str(e.get("message", "")) for e in resp.json().get("errors", []))
         except Exception:  # noqa: BLE001 - the body is only used to enrich the message
             detail = ""
-        return RegistryError(f"{self.location}: {what} failed (HTTP {resp.status_code}{': ' + detail if detail else ''})")
+        detail = detail if len(detail) <= 200 else detail[:200] + "..."
+        shown = f": {detail}" if detail else ""
+        return RegistryError(f"{self.location}: {what} failed (HTTP {resp.status_code}{shown})")
 
     def _scope(self, name: str, push: bool = False) -> str:
         return f"repository:{self.repo(name)}:{'pull,push' if push else 'pull'}"
@@ -611,11 +687,19 @@ class OCIRegistry:
             if resp.status_code != 200:
                 raise self._fail(resp, f"reading manifest {name}:{tag}")
             body = bytearray()
-            for chunk in resp.iter_bytes():
-                body += chunk
-                if len(body) > MAX_SMALL:
-                    raise RegistryError(f"{self.location} {name}:{tag}: manifest larger than {MAX_SMALL} bytes; "
-                                        "not a hublab package")
+            deadline = time.monotonic() + self.timeout
+            try:
+                for chunk in resp.iter_bytes():
+                    body += chunk
+                    if len(body) > MAX_SMALL:
+                        raise RegistryError(f"{self.location} {name}:{tag}: manifest larger than {MAX_SMALL} bytes; "
+                                            "not a hublab package")
+                    if time.monotonic() > deadline:
+                        raise RegistryError(f"{self.location} {name}:{tag}: the manifest did not arrive within "
+                                            f"{self.timeout:g} s; try again later")
+            except self._httpx.HTTPError as exc:
+                raise RegistryError(f"{self.location} {name}:{tag}: reading the manifest failed "
+                                    f"({exc.__class__.__name__}); try again") from None
         finally:
             resp.close()
         return bytes(body)
@@ -630,23 +714,37 @@ class OCIRegistry:
                 resp.close()
                 resp = self._send("GET", url, self._scope(name), stream=True)
             if resp.status_code == 206:
-                m = re.match(r"bytes (\d+)-", resp.headers.get("Content-Range", ""))
+                m = re.match(r"bytes (\d{1,18})-", resp.headers.get("Content-Range", ""))
                 start = int(m.group(1)) if m else -1
                 if start != offset:
                     raise RegistryError(f"{self.location}: answered Range bytes={offset}- with "
-                                        f"{resp.headers.get('Content-Range')!r}; cannot resume")
+                                        f"{quote(resp.headers.get('Content-Range'))}; cannot resume")
             elif resp.status_code == 200:
                 start = 0
             elif resp.status_code == 404:
                 raise RegistryError(f"{self.location} {name}: blob {digest[:19]}… is missing; publish {name} again")
             else:
                 raise self._fail(resp, f"downloading blob {digest[:19]}…")
-            yield start, resp.iter_bytes(CHUNK)
+            yield start, self._watched(resp)
         except self._httpx.HTTPError as exc:
-            raise RegistryError(f"{self.location}: download interrupted ({exc.__class__.__name__}); run the "
-                                "command again to resume") from None
+            raise Interrupted(f"{self.location}: download interrupted ({exc.__class__.__name__}); run the "
+                              "command again to resume") from None
         finally:
             resp.close()
+
+    def _watched(self, resp) -> Iterator[bytes]:
+        """The body as it arrives (a dripping server yields its drips: httpx's chunk_size would wait for a
+        whole chunk), abandoned when a timeout window brings less than MIN_RATE bytes a second."""
+        window_start, window_bytes = time.monotonic(), 0
+        for chunk in resp.iter_bytes():
+            yield chunk
+            window_bytes += len(chunk)
+            now = time.monotonic()
+            if now - window_start >= self.timeout:
+                if window_bytes < MIN_RATE * self.timeout:
+                    raise Interrupted(f"{self.location}: download slower than {MIN_RATE} bytes/s for "
+                                      f"{self.timeout:g} s; run the command again to resume")
+                window_start, window_bytes = now, 0
 
     def has_blob(self, name: str, digest: str, size: int) -> bool:
         resp = self._send("HEAD", f"{self.base}/v2/{self.repo(name)}/blobs/{digest}", self._scope(name, True))
@@ -655,15 +753,26 @@ class OCIRegistry:
 
     def _paged(self, url: str, scope: str, key: str) -> list[str]:
         out: list[str] = []
-        while url:
+        seen: set[str] = set()
+        while url and url not in seen and len(seen) < 1000:  # a Link loop or an endless catalog ends here
+            seen.add(url)
             resp = self._send("GET", url, scope)
             if resp.status_code == 404:
                 return out
             if resp.status_code != 200:
                 raise self._fail(resp, f"listing {key}")
-            out += resp.json().get(key) or []
+            try:
+                items = resp.json().get(key) or []
+            except (ValueError, AttributeError, RecursionError):
+                items = None
+            if not isinstance(items, list):
+                raise RegistryError(f"{self.location}: listing {key} did not answer a JSON list; is this a registry?")
+            out += [i for i in items if isinstance(i, str)]
             link = re.search(r'<([^>]+)>;\s*rel="?next"?', resp.headers.get("Link", ""))
             url = urljoin(self.base, link.group(1)) if link else ""
+            if url and not self._own(url):
+                raise RegistryError(f"{self.location}: its next page of {key} is on another host ({quote(url)}); "
+                                    "refusing to follow it")
         return out
 
     def names(self) -> list[str]:
@@ -686,6 +795,9 @@ class OCIRegistry:
         if resp.status_code != 202 or "Location" not in resp.headers:
             raise self._fail(resp, f"starting upload of {label or desc.digest[:19]}")
         location = urljoin(self.base, resp.headers["Location"])
+        if not self._own(location):
+            raise RegistryError(f"{self.location}: upload location {quote(location)} is on another host; refusing to "
+                                "send the package there")
         put_url = f"{location}{'&' if '?' in location else '?'}digest={desc.digest}"
 
         def body() -> Iterator[bytes]:
@@ -718,6 +830,27 @@ class OCIRegistry:
 
 
 Registry = DirRegistry | OCIRegistry
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    try:
+        parts = urlsplit(url)
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    except ValueError:
+        return ("", url, None)
+    return (parts.scheme, (parts.hostname or "").lower(), port)
+
+
+def registry_timeout() -> float:
+    """$HUBLAB_REGISTRY_TIMEOUT seconds (default 30): the longest a registry may stall or drip."""
+    raw = os.environ.get("HUBLAB_REGISTRY_TIMEOUT", "")
+    try:
+        value = float(raw) if raw else DEFAULT_TIMEOUT
+    except ValueError:
+        raise RegistryError(f"HUBLAB_REGISTRY_TIMEOUT={quote(raw)} is not a number of seconds") from None
+    if not 0 < value <= 3600:
+        raise RegistryError(f"HUBLAB_REGISTRY_TIMEOUT={quote(raw)} must be between 0 and 3600 seconds")
+    return value
 
 
 def open_registry(location: str | Path) -> Registry:
