@@ -34,13 +34,36 @@ def _available(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, whose usage errors are one line that quotes a bad value cut short (a 100 KB argument is
+    not echoed back) and points at --help instead of printing the whole usage."""
+
+    def error(self, message: str):
+        if len(message) > 300:
+            message = message[:300] + "... (cut)"
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _profile_name(text: str) -> str:
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", text):
+        from hublab.runtime.inputs import quote
+
+        raise argparse.ArgumentTypeError(f"{quote(text, 40)} is not a profile name (e.g. pi4-4gb; hublab profile "
+                                         "--all lists them)")
+    return text
+
+
 def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hublab", description="A mixture of real expert language models on a Raspberry Pi.")
+    parser = Parser(prog="hublab", description="A mixture of real expert language models on a Raspberry Pi.")
     parser.add_argument("--version", action="version", version=f"hublab {__version__}")
     parser.add_argument("--config", help="system.toml to use (default: $HUBLAB_CONFIG or ~/.config/hublab/system.toml)")
-    parser.add_argument("--profile", help="board profile to use instead of the detected one (e.g. pi4-4gb)")
+    parser.add_argument("--profile", type=_profile_name,
+                        help="board profile to use instead of the detected one (e.g. pi4-4gb)")
     parser.add_argument("--verbose", action="store_true",
-                        help="show llama.cpp's own log on stderr (default: appended to ~/.local/state/hublab/llama.log)")
+                        help="show llama.cpp's own log on stderr (default: appended to "
+                             "~/.local/state/hublab/llama.log)")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -64,8 +87,23 @@ def _find_verb(argv: list[str]) -> str | None:
     return None
 
 
+def _not_utf8(argv: list[str]) -> int | None:
+    """The position of the first argument that was not UTF-8 (Python decodes argv with surrogateescape)."""
+    from hublab.runtime.inputs import has_surrogates
+
+    return next((i for i, a in enumerate(argv, 1) if has_surrogates(a)), None)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    bad = _not_utf8(argv)
+    if bad is not None:
+        print(f"hublab: error: argument {bad} is not valid UTF-8 text; pass arguments as UTF-8", file=sys.stderr)
+        return 2
+    try:  # piped commands that are not UTF-8 reach the shell as lines it refuses, not as a crash
+        sys.stdin.reconfigure(errors="surrogateescape")
+    except (AttributeError, ValueError, OSError):
+        pass
     verb = _find_verb(argv)
     if verb is None and not any(a in ("-h", "--help", "--version") for a in argv):
         argv.append("shell")
@@ -86,7 +124,13 @@ def main(argv: list[str] | None = None) -> int:
         handler = getattr(module, f"{args.verb}_cli", None) or module.cli
         return int(handler(args) or 0)
     except HublabError as exc:
-        print(f"hublab: error: {exc}", file=sys.stderr)
+        from hublab.runtime.inputs import clip_message
+
+        print(f"hublab: error: {clip_message(str(exc))}", file=sys.stderr)
+        return 1
+    except UnicodeError as exc:  # text that is not UTF-8 where a verb reads it (a file, a pipe)
+        print(f"hublab: error: input is not valid UTF-8 text ({exc.__class__.__name__} at position "
+              f"{getattr(exc, 'start', '?')}); give UTF-8", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("", file=sys.stderr)

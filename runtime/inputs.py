@@ -27,6 +27,11 @@ def quote(value: Any, limit: int = QUOTE_MAX) -> str:
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
+def clip_message(message: str, limit: int = 1000) -> str:
+    """A last guard for an error that quoted more than it should have: its head and its length."""
+    return message if len(message) <= limit else message[: limit // 2] + f"... ({len(message)} characters)"
+
+
 def finite(value: Any) -> bool:
     """A real number (int or float, never bool) that is neither nan nor infinite."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

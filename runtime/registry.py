@@ -605,8 +605,10 @@ class OCIRegistry:
             if urlsplit(self.base).scheme == "https" and realm_parts.scheme != "https":
                 raise RegistryError(f"{self.location}: token realm {quote(realm)} is plain http for an https "
                                     "registry; refusing to log in over it")
-            # The user's password goes to the registry's own origin only, or to a host they listed.
-            trusted = self._own(realm) or (realm_parts.hostname or "").lower() in self._auth_hosts
+            # The user's password goes to the registry's own host only, or to a host they listed
+            # (the same host on another port is the registry's own token service, as docker deploys it)
+            host = (realm_parts.hostname or "").lower()
+            trusted = host == (urlsplit(self.base).hostname or "").lower() or host in self._auth_hosts
             query = {"service": params.get("service", ""), "scope": params.get("scope", scope)}
             try:
                 r = self._client.get(realm, params={k: v for k, v in query.items() if v},
@@ -620,7 +622,7 @@ class OCIRegistry:
                     raise RegistryError(f"{self.location}: its token server {realm_parts.hostname} is another host; "
                                         "hublab sends your credentials only to the registry itself (list the host "
                                         "in HUBLAB_REGISTRY_AUTH_HOSTS to allow it)")
-                raise RegistryError(f"{self.location}: login refused by {quote(realm)} (HTTP {r.status_code}); "
+                raise RegistryError(f"{self.location}: login refused by {realm[:200]} (HTTP {r.status_code}); "
                                     "check HUBLAB_REGISTRY_USERNAME and HUBLAB_REGISTRY_PASSWORD")
             try:
                 body = json.loads(body_raw)

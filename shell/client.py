@@ -32,12 +32,14 @@ class RemoteClient:
     def __init__(self, url: str, token: str = "", timeout: float = 600.0):
         import httpx
 
-        if "://" not in url:
-            url = "http://" + url
-        self.url = url.rstrip("/")
+        self.url = agent_url(url)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=self.url, headers=headers,
-                                  timeout=httpx.Timeout(timeout, connect=10.0))
+        try:
+            self._http = httpx.Client(base_url=self.url, headers=headers,
+                                      timeout=httpx.Timeout(timeout, connect=10.0))
+        except (httpx.InvalidURL, ValueError) as exc:
+            raise HublabError(f"--remote {self.url[:80]!r} is not a usable URL ({exc}); "
+                              "write http://HOST:PORT") from None
         self._names: list[str] | None = None
 
     # -- plumbing ---------------------------------------------------------------------------------------
@@ -153,6 +155,30 @@ class RemoteClient:
 
     def close(self) -> None:
         self._http.close()
+
+
+def agent_url(url: str) -> str:
+    """`--remote` as an http(s) base URL (host[:port] alone means http), or a one-line error saying why not."""
+    from urllib.parse import urlsplit
+
+    from hublab.runtime.inputs import has_surrogates, quote
+
+    given = url
+    if has_surrogates(url) or any(c.isspace() or ord(c) < 32 for c in url) or len(url) > 2048:
+        raise HublabError(f"--remote {quote(given)} is not a URL; write http://HOST:PORT")
+    if "://" not in url:
+        url = "http://" + url
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # a port that is not a number, or over 65535, raises here
+    except ValueError as exc:
+        raise HublabError(f"--remote {quote(given)} is not a URL ({exc}); write http://HOST:PORT, e.g. "
+                          "http://[::1]:8780") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise HublabError(f"--remote {quote(given)} is not an http(s) URL with a host; write http://HOST:PORT")
+    if port == 0:
+        raise HublabError(f"--remote {quote(given)}: port 0 is not a port an agent listens on")
+    return url.rstrip("/")
 
 
 def iter_sse(lines):

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from hublab.runtime.config import format_size
 from hublab.runtime.errors import HublabError
-from hublab.runtime.inputs import has_surrogates, quote
+from hublab.runtime.inputs import clip_message, has_surrogates, quote
 
 
 class CommandError(HublabError):
@@ -124,7 +124,8 @@ def cmd_ask(s: Session, words: list[str], rest: str) -> Result:
 def cmd_moe(s: Session, words: list[str], rest: str) -> Result:
     sub = words[1] if len(words) > 1 else ""
     if sub not in ("route", "query"):
-        raise CommandError(f"usage: moe route \"<question>\" | moe query \"<question>\" (got {quote(sub) if sub else 'nothing'})")
+        raise CommandError("usage: moe route \"<question>\" | moe query \"<question>\" (got "
+                           f"{quote(sub) if sub else 'nothing'})")
     query = _question(rest.split(None, 1)[1] if len(rest.split(None, 1)) > 1 else "")
     if not query:
         raise CommandError(f"moe {sub} needs a question, e.g. moe {sub} \"how do I read a file in python?\"")
@@ -244,8 +245,8 @@ def cmd_ai(s: Session, words: list[str], rest: str) -> Result:
     c = s.client
     if sub == "list":
         d = c.list()
-        rows = [[r["name"], r["type"], r["base"] or "-", r["quant"] or "-", _size(r["size"] or None), _size(r["estimate"]),
-                 "yes" if r["loaded"] else "no"] if not r.get("error") else
+        rows = [[r["name"], r["type"], r["base"] or "-", r["quant"] or "-", _size(r["size"] or None),
+                 _size(r["estimate"]), "yes" if r["loaded"] else "no"] if not r.get("error") else
                 [r["name"], r["type"], r["base"] or "-", "error", "", "", r["error"]] for r in d["models"]]
         text = _table(rows, ["NAME", "TYPE", "BASE", "QUANT", "SIZE", "MEMORY", "LOADED"]) if rows else "no models"
         text += f"\nboard {d['profile']}: {_size(d['used'])} loaded of {_size(d['budget'])} budget"
@@ -273,7 +274,8 @@ def cmd_ai(s: Session, words: list[str], rest: str) -> Result:
         elif len(args) == 3:
             name, key, value = args
         else:
-            raise CommandError("usage: ai config KEY VALUE (system.toml: threads, keep_alive, max_memory, routing, ...) "
+            raise CommandError("usage: ai config KEY VALUE "
+                               "(system.toml: threads, keep_alive, max_memory, routing, ...) "
                                "or ai config NAME KEY VALUE (a model's temperature, max_tokens, context_size, ...)")
         d = c.config(key, value, name)
         where = f"{d['model']}: " if d.get("model") else ""
@@ -344,7 +346,8 @@ SETTINGS_KEYS = ("routing", "synthesis")
 def cmd_settings(s: Session, words: list[str], rest: str) -> Result:
     args = words[1:]
     if args and args[0] != "moe":
-        raise CommandError(f"unknown settings group {quote(args[0])}; use: settings moe [routing=topk:2] [synthesis=voting]")
+        raise CommandError(f"unknown settings group {quote(args[0])}; use: settings moe [routing=topk:2] "
+                           "[synthesis=voting]")
     values: dict[str, str] = {}
     for a in args[1:]:
         key, eq, value = a.partition("=")
@@ -559,7 +562,12 @@ def execute(s: Session, line: str) -> Result:
     if handler is None:
         raise CommandError(f"unknown command {quote(name)}; {_suggest(name)}")
     s.cancel.clear()
-    return handler(s, words, rest)
+    try:
+        return handler(s, words, rest)
+    except HublabError as exc:  # a last guard: no error prints more than a screen of what it was given
+        if len(str(exc)) > 1000 and len(exc.args) == 1:
+            exc.args = (clip_message(str(exc)),)
+        raise
 
 
 def envelope(command: str, result: Result | None = None, error: str | None = None) -> str:
