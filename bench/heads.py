@@ -39,7 +39,8 @@ def qa(n: int, seed: int) -> list[dict]:
             rows.append({"question": f"Repeat the words: {words}", "response": words})
         else:
             a, k = rng.randint(0, 90), rng.randint(3, 6)
-            rows.append({"question": f"Count from {a} to {a + k - 1}", "response": " ".join(str(a + j) for j in range(k))})
+            rows.append({"question": f"Count from {a} to {a + k - 1}",
+                         "response": " ".join(str(a + j) for j in range(k))})
     return rows
 
 
@@ -90,7 +91,8 @@ def main() -> int:
     greedy = ev["greedy"]
     ratio = {}
     for name in ("heads", "verified"):
-        ratio[f"{name}_tokens_per_forward_vs_greedy"] = round(ev[name]["tokens_per_forward"] / greedy["tokens_per_forward"], 3)
+        per_forward = ev[name]["tokens_per_forward"] / greedy["tokens_per_forward"]
+        ratio[f"{name}_tokens_per_forward_vs_greedy"] = round(per_forward, 3)
         ratio[f"{name}_accuracy_minus_greedy"] = round(ev[name]["accuracy"] - greedy["accuracy"], 3)
     print(json.dumps({"device": "cpu", "threads": args.threads, "heads": args.heads, "k_max": args.k_max,
                       "stage1_epochs": args.stage1_epochs, "stage2_epochs": args.stage2_epochs,

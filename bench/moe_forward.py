@@ -1,7 +1,7 @@
 """MoE training throughput: hublab's fast experts forward vs transformers' own, on the same model.
 
-For each family a mid-size model (hidden 512, 2 layers, experts half the 1b width, the 1b sizes' expert counts and top-k) is
-built once from random init; forward + backward of the causal-LM loss on the same batch runs with
+For each family a mid-size model (hidden 512, 2 layers, experts half the 1b width, the 1b sizes' expert counts and
+top-k) is built once from random init; forward + backward of the causal-LM loss on the same batch runs with
 each experts implementation in turn, repetitions interleaved so that load from other processes hits
 every side alike. Time is this process's CPU time (time.process_time), not wall time: on a
 machine shared with other jobs, wall time measured their load more than ours. With one thread it
@@ -64,7 +64,8 @@ def bench(family: str, impls: list[str], tokens: int, reps: int) -> dict:
 
     model = build(family)
     seq = 128
-    ids = torch.randint(0, model.config.vocab_size, (max(1, tokens // seq), seq), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, model.config.vocab_size, (max(1, tokens // seq), seq),
+                        generator=torch.Generator().manual_seed(0))
     n = ids.numel()
     times: dict[str, list[float]] = {i: [] for i in impls}
     for impl in impls:  # warm-up: first calls allocate and register

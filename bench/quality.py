@@ -42,7 +42,7 @@ def load_set(path: Path, per_domain: int = 0, domains: list[str] | None = None) 
         rows = []
         for dev in sorted(path.glob("*_dev.jsonl")):
             domain = dev.name[: -len("_dev.jsonl")]
-            for i, line in enumerate(l for l in dev.read_text().splitlines() if l.strip()):
+            for i, line in enumerate(t for t in dev.read_text().splitlines() if t.strip()):
                 pair = json.loads(line)
                 rows.append({"id": f"{domain}-dev-{i:03d}", "domain": domain, "question": pair["question"],
                              "reference": pair["response"], "key_terms": []})
@@ -149,7 +149,8 @@ def write_readme(path: Path, report: dict, tab: str) -> None:
     if begin not in text or end not in text:
         raise SystemExit(f"{path}: no {begin} ... {end} section to fill")
     ratios = ", ".join(f"{k} {v}" for k, v in report.get("ratios", {}).items())
-    body = (f"{begin}\n`bench/quality.py`, {report['questions']} held-out questions, {report['threads']} thread, at most "
+    body = (f"{begin}\n`bench/quality.py`, {report['questions']} held-out questions, {report['threads']} thread, at "
+            "most "
             f"{report['max_tokens']} tokens; default = the `?` path, expert = each expert alone on its own domain, "
             f"floor = the bare base with the two-example prompt, greedy. Ratios: {ratios}.\n\n{tab}\n{end}")
     path.write_text(text[: text.index(begin)] + body + text[text.index(end) + len(end):])
@@ -194,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         results[system] = score(rows, answers, embed, prompts)
         every += answers
     rt.close()
-    report = {"set": str(args.set), "questions": len(rows), "set_expert": args.set_expert, "threads": args.threads, "max_tokens": args.max_tokens,
+    report = {"set": str(args.set), "questions": len(rows), "set_expert": args.set_expert, "threads": args.threads,
+              "max_tokens": args.max_tokens,
               "seconds": round(time.perf_counter() - t0, 1), "results": results}
     if "default" in results and "floor" in results:
         d, f = results["default"]["overall"], results["floor"]["overall"]

@@ -45,7 +45,8 @@ def percentiles(samples_s: list[float]) -> dict[str, float]:
         return ms[min(len(ms) - 1, max(0, round(p / 100 * (len(ms) - 1))))]
 
     return {"p50_ms": round(pct(50), 3), "p90_ms": round(pct(90), 3), "p99_ms": round(pct(99), 3),
-            "mean_ms": round(sum(ms) / len(ms), 3), "min_ms": round(ms[0], 3), "max_ms": round(ms[-1], 3), "runs": len(ms)}
+            "mean_ms": round(sum(ms) / len(ms), 3), "min_ms": round(ms[0], 3), "max_ms": round(ms[-1], 3),
+            "runs": len(ms)}
 
 
 def time_calls(fn, runs: int, warmup: int) -> list[float]:
@@ -163,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--router", type=Path, default=REPO / "models" / "router", help="router directory")
     parser.add_argument("--runs", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads; 0 = its default (all cores)")
+    parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads; 0 = its default (all "
+                                                               "cores)")
     parser.add_argument("--tokens", type=int, default=32, help="query length in tokens, [CLS] and [SEP] included")
     parser.add_argument("--synthesis-tokens", type=int, default=32,
                         help="max tokens per answer in the synthesis benchmark; 0 skips it")

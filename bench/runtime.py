@@ -134,7 +134,8 @@ def switch(base: Path, adapters: list[Path], threads: int, rounds: int, out: Pat
         reloads.append(time.perf_counter() - t0)
     rt.close()
     s, r = statistics.median(switches), statistics.median(reloads)
-    return {"switch_ms": round(s * 1000, 3), "reload_ms": round(r * 1000, 1), "ratio": round(s / r, 4), "goal": "<= 0.05"}
+    return {"switch_ms": round(s * 1000, 3), "reload_ms": round(r * 1000, 1), "ratio": round(s / r, 4),
+            "goal": "<= 0.05"}
 
 
 def fit(base: Path, threads: int, out: Path) -> dict:

@@ -64,7 +64,7 @@ def run_ours(args) -> dict:
 def run_hf(args) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from hublab.trainer import data as D
     from hublab.trainer.lora import load_base
@@ -87,7 +87,7 @@ def run_hf(args) -> dict:
             ids[r, :n], labels[r, :n], mask[r, :n] = torch.tensor(b["input_ids"]), torch.tensor(b["labels"]), 1
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
-    times, tokens = [], []
+    times = []
 
     class Clock(TrainerCallback):
         def on_step_begin(self, *a, **k):

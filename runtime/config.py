@@ -129,7 +129,8 @@ def check_sections(path: Path, text: str, data: dict, allowed: dict[str, dict[st
     for section in data:
         if section not in allowed:
             close = difflib.get_close_matches(section, list(allowed), n=1, cutoff=0.6)
-            hint = f"did you mean [{close[0]}]?" if close else f"allowed sections: {', '.join(f'[{s}]' for s in allowed)}"
+            names = ", ".join(f"[{s}]" for s in allowed)
+            hint = f"did you mean [{close[0]}]?" if close else f"allowed sections: {names}"
             raise ConfigError(f"{_where(path, text, section)}: unknown section; {hint}")
 
 
@@ -202,7 +203,8 @@ SYSTEM_SCHEMA: dict[str, dict[str, Key]] = {
         "synthesis": Key(str, "best", "best, weighted, voting, concatenate or summarize",
                          ("best", "weighted", "voting", "concatenate", "summarize")),
         "fallback": Key(str, "general", "expert that answers when nothing passes routing"),
-        "router": Key(str, "", "router directory (model.onnx, tokenizer.json, router.toml); empty = <models_dir>/router"),
+        "router": Key(str, "", "router directory (model.onnx, tokenizer.json, router.toml); "
+                               "empty = <models_dir>/router"),
         "keyword_weight": Key(float, 0.25, "weight of keyword evidence blended with router scores, 0..1"),
         "sure": Key(float, 0.8, "topk answers with the top expert alone when its score reaches this; 1 = never"),
         "aggregator": Key(str, "", "expert that writes the summarize answer; empty = the fallback expert"),
@@ -569,9 +571,11 @@ def load_model(path: Path) -> ModelConfig:
     adapter = resolve_model_path(ex["adapter"], path.parent) if ex["adapter"] else None
     return ModelConfig(
         name=m["name"], source=path, type="expert" if is_expert else "base", path=gguf,
-        description=m["description"], inference=Inference(**inf), chat_format=m["chat_format"], domain=ex["domain"] or m["name"],
+        description=m["description"], inference=Inference(**inf), chat_format=m["chat_format"],
+        domain=ex["domain"] or m["name"],
         keywords=[k.strip() for k in ex["keywords"]], threshold=ex["threshold"], base=ex["base"],
-        adapter=adapter, scale=ex["scale"], knowledge=(path.parent / ex["knowledge"]).resolve() if ex["knowledge"] else None,
+        adapter=adapter, scale=ex["scale"],
+        knowledge=(path.parent / ex["knowledge"]).resolve() if ex["knowledge"] else None,
         knowledge_shots=ex["knowledge_shots"], knowledge_min=ex["knowledge_min"], examples=examples,
     )
 

@@ -148,7 +148,8 @@ def _run(cmd: list[str]) -> None:
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         msg = (r.stderr or r.stdout).strip().splitlines()
-        raise DeployError(f"{cmd[0]} failed: {msg[-1] if msg else r.returncode}; is mtools installed and the disk not full?")
+        raise DeployError(f"{cmd[0]} failed: {msg[-1] if msg else r.returncode}; is mtools installed and the disk not "
+                          "full?")
 
 
 def write_image(tree: Path, image: Path) -> Path:

@@ -379,7 +379,8 @@ class Device:
             load_s = time.perf_counter() - t0
             if num_ctx is not None:
                 if num_ctx > base.n_ctx:
-                    raise HublabError(f"num_ctx {num_ctx} is over {model}'s context of {base.n_ctx} tokens; lower it or "
+                    raise HublabError(f"num_ctx {num_ctx} is over {model}'s context of {base.n_ctx} tokens; lower it "
+                                      "or "
                                       f"raise context_size in {cfg.source} (ai config {model} context_size {num_ctx})")
                 system_prompt = cfg.inference.system_prompt if system is None else system
                 n = len(self.rt.prompt_tokens(base, cfg, prompt, raw, system_prompt, special)[0])

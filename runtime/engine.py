@@ -346,7 +346,8 @@ class Runtime:
         owner = self._owner(cfg)
         size = self._gguf_path(owner).stat().st_size
         if self.profile.max_model_size and size > self.profile.max_model_size:
-            raise FitError(f"{owner.name} is {format_size(size)}, larger than the {format_size(self.profile.max_model_size)} "
+            raise FitError(f"{owner.name} is {format_size(size)}, larger than the "
+                           f"{format_size(self.profile.max_model_size)} "
                            f"this board ({self.profile.name}) accepts; use a smaller quantization "
                            f"({', '.join(self.profile.preferred_quants[-2:])})")
         need = self._extra_needed(cfg)
@@ -362,7 +363,8 @@ class Runtime:
                 f"{cfg.name} needs {format_size(need)} more (weights {format_size(total.weights)}, "
                 f"KV cache {format_size(total.kv_cache)}, compute {format_size(total.compute)}), board budget "
                 f"{format_size(budget)} ({self.profile.name}), loaded: {loaded}; try a smaller quantization "
-                f"({'/'.join(self.profile.preferred_quants[-2:]) or 'Q4_K_M'}), a smaller context_size, or unload a model")
+                f"({'/'.join(self.profile.preferred_quants[-2:]) or 'Q4_K_M'}), a smaller context_size, "
+                "or unload a model")
 
     # -- load / unload ------------------------------------------------------------------------------
 
@@ -781,7 +783,8 @@ class Runtime:
         """Every model and expert: kind, base, file, size, quantization, estimate, loaded or not."""
         rows = []
         for name, cfg in sorted(self.models.items()):
-            row = {"name": name, "type": cfg.type, "base": cfg.base or None, "domain": cfg.domain if cfg.is_expert else None,
+            row = {"name": name, "type": cfg.type, "base": cfg.base or None,
+                   "domain": cfg.domain if cfg.is_expert else None,
                    "loaded": False, "file": None, "size": None, "quant": None, "estimate": None, "error": None}
             try:
                 owner = self._owner(cfg)

@@ -35,7 +35,8 @@ def read_pack(path: Path) -> list[dict]:
         try:
             rec = json.loads(line)
         except ValueError:
-            raise HublabError(f"{path}:{n}: not a JSON object; each line is {{\"question\": ..., \"response\": ...}}") from None
+            raise HublabError(f"{path}:{n}: not a JSON object; each line is "
+                              '{"question": ..., "response": ...}') from None
         if not (isinstance(rec, dict) and isinstance(rec.get("question"), str) and isinstance(rec.get("response"), str)
                 and rec["question"].strip() and rec["response"].strip()):
             raise HublabError(f"{path}:{n}: needs non-empty string fields question and response")

@@ -269,7 +269,8 @@ def manifest_from_dict(data: dict, source: str, *, built: bool = True) -> Manife
     for i, f in enumerate(data.get("files", [])):
         path = safe_relpath(f["path"], f"{source}: files[{i}].path")
         if path in RESERVED:
-            raise ManifestError(f"{source}: files[{i}].path: {path!r} is reserved for the package manager; rename the file")
+            raise ManifestError(f"{source}: files[{i}].path: {path!r} is reserved for the package manager; rename the "
+                                "file")
         if path in seen:
             raise ManifestError(f"{source}: files[{i}].path: {path!r} is listed twice; list each file once")
         seen.add(path)

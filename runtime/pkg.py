@@ -207,7 +207,8 @@ def read_record(root: Path) -> Installed:
                          signed_by=i.get("signed_by", ""), installed=i.get("installed", ""),
                          description=p.get("description", ""), experts=list(p.get("experts", [])),
                          models=list(p.get("models", [])), router=p.get("router", ""), files=files)
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError, ValueError, ManifestError) as exc:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError, ValueError,
+            ManifestError) as exc:
         raise PackageError(f"{path}: not a readable install record ({exc.__class__.__name__}); "
                            "reinstall the package with hublab pkg install") from None
 
@@ -607,7 +608,8 @@ def build(directory: str | Path, *, key: str | Path | None = None, sign: bool = 
     present = source_files(d)
     missing = sorted(set(declared) - set(present))
     if missing:
-        raise PackageError(f"{src}: lists {missing[0]!r} but the file is not in {d}; restore it or remove its [[files]] entry")
+        raise PackageError(f"{src}: lists {missing[0]!r} but the file is not in {d}; restore it or remove its "
+                           "[[files]] entry")
     files = []
     for rel in present:
         old = declared.get(rel)
@@ -620,7 +622,8 @@ def build(directory: str | Path, *, key: str | Path | None = None, sign: bool = 
     for v in m.variants:
         v_files = [f for f in files if f.variant == v.name]
         if not v_files:
-            raise PackageError(f"{src}: variant {v.name!r} has no files; put them under {v.name}/ or set its files patterns")
+            raise PackageError(f"{src}: variant {v.name!r} has no files; put them under {v.name}/ or set its files "
+                               "patterns")
     experts, models = describe_models(d, [f.path for f in files])
     m.files = files
     # The model TOMLs are the truth about what the package provides; declared names only stand in
@@ -830,7 +833,8 @@ def _verified_package(reg: Registry, name: str, tag: str, trusted: list[str],
     signer = check_trust(res.signature, res.package_digest, trusted, res.source, allow_unsigned)
     m = parse_manifest(res.package_raw, f"{res.source} package.toml")
     if m.name != name:
-        raise PackageError(f"{res.source}: package.toml names {m.name!r}, not {name!r}; republish it under its own name")
+        raise PackageError(f"{res.source}: package.toml names {m.name!r}, not {name!r}; republish it under its own "
+                           "name")
     if m.requires and not requirement_met(m.requires, __version__):
         raise PackageError(f"{res.source}: needs hublab {m.requires}, this is {__version__}; update hublab or pick "
                            "an older package version")
@@ -1087,7 +1091,8 @@ def verify(names: list[str] | None = None, *, models_dir: str | Path | None = No
         if names and rec.name not in names:
             continue
         if package_root(store.models_dir, rec.name, rec.category) != root:
-            store_problems.append(f"{root}: record names {rec.name} ({rec.category}), which belongs elsewhere; reinstall it")
+            store_problems.append(f"{root}: record names {rec.name} ({rec.category}), which belongs elsewhere; "
+                                  "reinstall it")
         probs = _problems(rec)
         reports.append(VerifyReport(rec.name, rec.version, str(root), len(rec.files), not probs, probs))
     if names:
@@ -1391,7 +1396,8 @@ def cli(args) -> int:
         elif not found:
             print("no packages match")
         for p in found if not args.json else []:
-            print(f"{p['name']:<24} {p['version']:<10} {p['category']:<7} {format_size(p['size']):>10}  {p['description']}")
+            print(f"{p['name']:<24} {p['version']:<10} {p['category']:<7} {format_size(p['size']):>10}  "
+                  f"{p['description']}")
         return 0
     if cmd == "show":
         info = show(args.ref, args.registry, profile=prof, **kw_models)
@@ -1409,7 +1415,8 @@ def cli(args) -> int:
             print(f"variants on {info['profile']}:")
             for i, v in enumerate(info["variants"]):
                 mark = "*" if i == 0 and v["fits"] else ("-" if not v["fits"] else " ")
-                print(f"  {mark} {v['variant'] or '(single)':<12} {v['quant']:<8} {format_size(v['size']):>10}  {v['reason']}")
+                print(f"  {mark} {v['variant'] or '(single)':<12} {v['quant']:<8} {format_size(v['size']):>10}  "
+                      f"{v['reason']}")
         if rec:
             print(f"installed {rec['version']}" + (f" [{rec['variant']}]" if rec["variant"] else "")
                   + f" in {rec['root']} from {rec['registry']}")

@@ -127,7 +127,8 @@ def host_profile() -> Profile:
                    max_model_size=int(budget * 0.8), source="computed", notes=notes)
 
 
-def detect_board(profiles: dict[str, Profile], model_text: str | None = None, mem_total: int | None = None) -> Profile | None:
+def detect_board(profiles: dict[str, Profile], model_text: str | None = None,
+                 mem_total: int | None = None) -> Profile | None:
     """The Pi profile matching the device-tree model string, sized by installed memory; None off a Pi."""
     if model_text is None:
         try:
@@ -156,7 +157,8 @@ def active_profile(name: str = "auto", directory: Path = PROFILES_DIR) -> Profil
     profiles = board_profiles(directory)
     if name not in profiles:
         close = difflib.get_close_matches(name, list(profiles) + ["host"], n=1)
-        hint = f"did you mean '{close[0]}'?" if close else "choose one of: " + ", ".join(list(profiles) + ["host", "auto"])
+        names = ", ".join(list(profiles) + ["host", "auto"])
+        hint = f"did you mean '{close[0]}'?" if close else f"choose one of: {names}"
         raise ConfigError(f"unknown profile {name!r}; {hint}")
     return profiles[name]
 
@@ -173,7 +175,8 @@ def describe(p: Profile) -> str:
              f"ram          {format_size(p.ram)}",
              f"model budget {format_size(p.model_budget)}",
              f"largest model {format_size(p.max_model_size)}",
-             f"cores/threads {p.cores}/{p.threads}" + (f"  ({p.cpu}{', dotprod' if p.dotprod else ''})" if p.cpu else ""),
+             f"cores/threads {p.cores}/{p.threads}"
+             + (f"  ({p.cpu}{', dotprod' if p.dotprod else ''})" if p.cpu else ""),
              f"quants       {', '.join(p.preferred_quants)}",
              f"context      {p.default_context}",
              f"source       {p.source}"]

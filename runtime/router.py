@@ -240,7 +240,8 @@ def select(scores: Sequence[RouteScore] | Mapping[str, float], routing: str, fal
     ranked = sorted(scores, key=_rank)
     names = [s.expert for s in ranked]
     if fallback not in names:
-        raise RouterError(f"[moe] fallback: {fallback!r} is not one of the experts ({', '.join(sorted(names)) or 'none'}); "
+        raise RouterError(f"[moe] fallback: {fallback!r} is not one of the experts "
+                          f"({', '.join(sorted(names)) or 'none'}); "
                           "set [moe] fallback to one of them")
     try:
         kind, arg = parse_routing(routing)
@@ -303,10 +304,12 @@ def read_router_toml(path: Path) -> RouterInfo:
         raise RouterError(str(exc)) from None
     experts = sec["experts"]
     if not experts:
-        raise RouterError(f"{path}: [router] experts: missing or empty; list the expert names in the model's output order")
+        raise RouterError(f"{path}: [router] experts: missing or empty; list the expert names in the model's output "
+                          "order")
     bad = [e for e in experts if not isinstance(e, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", e)]
     if bad:
-        raise RouterError(f"{path}: [router] experts: {bad[0]!r} is not a valid expert name; use letters, digits, '.', '_' and '-'")
+        raise RouterError(f"{path}: [router] experts: {bad[0]!r} is not a valid expert name; use letters, digits, "
+                          "'.', '_' and '-'")
     dupes = sorted({e for e in experts if experts.count(e) > 1})
     if dupes:
         raise RouterError(f"{path}: [router] experts: {dupes[0]!r} is listed twice; each output needs its own name")
@@ -357,7 +360,8 @@ def map_experts(labels: Sequence[str], experts: Sequence[ExpertRoute], fallback:
     """Router output -> the configured experts that share it, plus warnings; errors when nothing fits."""
     names = [e.name for e in experts]
     if fallback not in names:
-        raise RouterError(f"[moe] fallback: no configured expert named {fallback!r} (experts: {', '.join(sorted(names))}); "
+        raise RouterError(f"[moe] fallback: no configured expert named {fallback!r} (experts: "
+                          f"{', '.join(sorted(names))}); "
                           "set [moe] fallback to one of them or add that expert")
     owners: dict[str, list[str]] = {}
     warnings = []
@@ -371,7 +375,8 @@ def map_experts(labels: Sequence[str], experts: Sequence[ExpertRoute], fallback:
                           "or set each expert's [expert] domain to one of the router's outputs")
     for label, group in owners.items():
         if not group:
-            warnings.append(f"router output {label!r} has no configured expert; its score goes to the fallback {fallback!r}")
+            warnings.append(f"router output {label!r} has no configured expert; its score goes to the fallback "
+                            f"{fallback!r}")
     for e in experts:
         if e.name not in mapped and not e.examples:
             warnings.append(f"expert {e.name!r} (domain {e.label!r}) has no router output; only its keywords can "
@@ -482,9 +487,11 @@ class Router:
                               "`hublab train router`") from None
         if probs.shape != (len(info.experts),):
             raise RouterError(f"{onnx_path}: outputs {probs.size} scores but {info.path.name} [router] experts names "
-                              f"{len(info.experts)}; use the router.toml that came with this model or rebuild the router")
+                              f"{len(info.experts)}; use the router.toml that came with this model or rebuild the "
+                              "router")
         if not np.all(np.isfinite(probs)) or abs(float(probs.sum()) - 1.0) > 1e-3 or probs.min() < 0:
-            raise RouterError(f"{onnx_path}: output probabilities do not form a distribution (sum {float(probs.sum()):.4f}); "
+            raise RouterError(f"{onnx_path}: output probabilities do not form a distribution (sum "
+                              f"{float(probs.sum()):.4f}); "
                               "rebuild the router")
         blend("", {e.name: 0.0 for e in targets}, router.keywords, keyword_weight)  # validates the weight
         return router
@@ -694,7 +701,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("query", nargs="+", help="the question to route")
     parser.add_argument("--routing", help="strategy: topk:K, threshold:T, single or all (default: [moe] routing)")
     parser.add_argument("--router", help="router directory (default: [moe] router or <models_dir>/router)")
-    parser.add_argument("--keyword-weight", type=float, help="weight of keyword evidence, 0..1 (default: [moe] keyword_weight)")
+    parser.add_argument("--keyword-weight", type=float, help="weight of keyword evidence, 0..1 (default: [moe] "
+                                                             "keyword_weight)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 

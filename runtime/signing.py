@@ -103,7 +103,8 @@ def load_private_key(path: Path):
     try:
         text = Path(path).read_text().strip()
     except OSError as exc:
-        raise SignatureError(f"{path}: cannot read signing key ({exc.strerror}); create one with hublab pkg keygen") from None
+        raise SignatureError(f"{path}: cannot read signing key ({exc.strerror}); "
+                             "create one with hublab pkg keygen") from None
     if not _is_hex(text.lower(), 64):
         raise SignatureError(f"{path}: not a hublab signing key (64 hex characters); create one with hublab pkg keygen")
     return Ed25519PrivateKey.from_private_bytes(bytes.fromhex(text))

@@ -170,7 +170,8 @@ def test_openai_client_text_completion_plain_and_streaming(agent):
 
 def test_model_moe_routes_by_keywords(agent):
     r = httpx.post(agent.url + "/v1/chat/completions", json={
-        "model": "moe", "max_tokens": 5, "messages": [{"role": "user", "content": "how do I publish a rust crate with cargo"}]})
+        "model": "moe", "max_tokens": 5, "messages": [{"role": "user", "content": "how do I publish a rust crate with "
+                                                                                  "cargo"}]})
     d = r.json()
     assert r.status_code == 200 and d["hublab"]["selected"][0]["name"] == "beta"
     assert d["choices"][0]["message"]["content"].strip() and d["usage"]["completion_tokens"] == 5

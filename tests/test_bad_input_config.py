@@ -230,7 +230,8 @@ def _gguf(path: Path, kv: dict[str, tuple[int, bytes]], tensors: list[tuple[str,
     for key, (vtype, raw) in kv.items():
         out += s(key) + struct.pack("<I", vtype) + raw
     for name, dims, ttype in tensors:
-        out += s(name) + struct.pack("<I", len(dims)) + struct.pack(f"<{len(dims)}Q", *dims) + struct.pack("<IQ", ttype, 0)
+        out += s(name) + struct.pack("<I", len(dims)) + struct.pack(f"<{len(dims)}Q", *dims)
+        out += struct.pack("<IQ", ttype, 0)
     path.write_bytes(out + b"\0" * 64)
     return path
 

@@ -15,7 +15,7 @@ from hublab.cli import main
 from hublab.runtime import pkg
 from hublab.runtime.errors import HublabError
 from hublab.runtime.manifest import PATH_MAX, _schema, safe_relpath
-from hublab.runtime.registry import (ANN_TITLE, MEDIA_CONFIG, MEDIA_FILE, Descriptor, DirRegistry, oci_manifest,
+from hublab.runtime.registry import (ANN_TITLE, MEDIA_FILE, Descriptor, DirRegistry, oci_manifest,
                                      open_registry, resolve)
 from hublab.runtime.signing import sign_digest
 

@@ -131,7 +131,8 @@ def expert_package(directory: Path, base_gguf: Path, *, name: str = "alpha-exper
     write_lora_adapter(base_gguf, directory / f"{expert}.gguf", seed=seed, scale=0.3)
     write_model_toml(directory / f"{expert}.toml", expert, base=base, adapter=Path(f"{expert}.gguf"))
     (directory / "package.toml").write_text(
-        f'[package]\nname = "{name}"\nversion = "{version}"\ncategory = "expert"\ndescription = "the {expert} expert"\n')
+        f'[package]\nname = "{name}"\nversion = "{version}"\ncategory = "expert"\ndescription = "the {expert} '
+        'expert"\n')
     return directory
 
 
@@ -181,6 +182,7 @@ def manifest_text(name: str, files: dict[str, bytes], *, version: str = "1.0", c
     """A package.toml for `files` (path -> content); `paths` renames entries to forge traversal."""
     lines = ["[package]", f'name = "{name}"', f'version = "{version}"', f'category = "{category}"', extra]
     for path, data in files.items():
-        lines += ["[[files]]", "path = " + json.dumps((paths or {}).get(path, path)), 'role = "data"', f"size = {len(data)}",
+        lines += ["[[files]]", "path = " + json.dumps((paths or {}).get(path, path)), 'role = "data"',
+                  f"size = {len(data)}",
                   f'sha256 = "{hashlib.sha256(data).hexdigest()}"']
     return ("\n".join(lines) + "\n").encode()

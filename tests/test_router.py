@@ -200,7 +200,8 @@ def write_fixed_onnx(path: Path, probs: list[float], experts: list[str] | None =
          helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "s"])],
         [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["b", len(probs)]),
          helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["b", 2])],
-        [numpy_helper.from_array(logits, "logits"), numpy_helper.from_array(np.asarray([[0.6, 0.8]], np.float32), "emb")])
+        [numpy_helper.from_array(logits, "logits"),
+         numpy_helper.from_array(np.asarray([[0.6, 0.8]], np.float32), "emb")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     if experts is not None:
@@ -214,7 +215,8 @@ def make_router_dir(d: Path, experts: list[str], probs: list[float], toml_expert
     write_tokenizer(d / "tokenizer.json")
     write_fixed_onnx(d / "model.onnx", probs, meta_experts)
     names = toml_experts if toml_experts is not None else experts
-    (d / "router.toml").write_text("[router]\nexperts = [" + ", ".join(f'"{e}"' for e in names) + "]\ntemperature = 1.0\n")
+    listed = ", ".join(f'"{e}"' for e in names)
+    (d / "router.toml").write_text(f"[router]\nexperts = [{listed}]\ntemperature = 1.0\n")
     return d
 
 
@@ -284,14 +286,16 @@ def test_no_overlap_or_missing_fallback_is_fatal(fixed_router):
 def test_output_width_disagreeing_with_router_toml_is_an_error(tmp_path):
     d = make_router_dir(tmp_path / "r", ["a", "b", "general"], [0.5, 0.3, 0.2],
                         toml_experts=["a", "b", "c", "d", "general"])
-    with pytest.raises(RouterError, match=r"model.onnx: outputs 3 scores but router.toml \[router\] experts names 5") as e:
+    with pytest.raises(RouterError,
+                       match=r"model.onnx: outputs 3 scores but router.toml \[router\] experts names 5") as e:
         Router.load(d)
     assert "\n" not in str(e.value)
 
 
 def test_model_built_for_other_experts_is_an_error(tmp_path):
     d = make_router_dir(tmp_path / "r", ["a", "b", "general"], [0.5, 0.3, 0.2], meta_experts=["x", "y", "general"])
-    with pytest.raises(RouterError, match=r"disagree with the experts \['x', 'y', 'general'\] that model.onnx was built for"):
+    with pytest.raises(RouterError, match=r"disagree with the experts \['x', 'y', 'general'\] that model.onnx was "
+                                          r"built for"):
         Router.load(d)
 
 
@@ -309,7 +313,8 @@ def test_outputs_that_are_not_probabilities_are_an_error(tmp_path):
 
 
 @pytest.mark.parametrize("damage,message", [
-    (lambda d: (d / "model.onnx").write_bytes(b"\x00garbage, not protobuf" * 10), r"model.onnx: not a loadable ONNX model"),
+    (lambda d: (d / "model.onnx").write_bytes(b"\x00garbage, not protobuf" * 10),
+     r"model.onnx: not a loadable ONNX model"),
     (lambda d: (d / "model.onnx").write_bytes(b""), r"model.onnx: not a loadable ONNX model"),
     (lambda d: (d / "model.onnx").unlink(), r"model.onnx: file not found"),
     (lambda d: (d / "tokenizer.json").write_text("{not json"), r"tokenizer.json: not a valid tokenizers file"),
@@ -379,7 +384,8 @@ def test_trained_router_directory_is_complete_and_consistent(trained_router):
     import onnx
 
     out, metrics = trained_router
-    assert {p.name for p in out.iterdir()} >= {"model.onnx", "tokenizer.json", "router.toml", "metrics.json", "examples.npz"}
+    assert {p.name for p in out.iterdir()} >= {"model.onnx", "tokenizer.json", "router.toml", "metrics.json",
+                                               "examples.npz"}
     r = Router.load(out)
     assert r.labels == ("ai", "general", "python", "rust", "system")
     assert r.info.quantization == "int8-dynamic" and r.info.accuracy_split == "heldout"
@@ -505,7 +511,8 @@ def test_default_router_matches_the_default_experts():
 def _hublab(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     """Run the CLI in a fresh interpreter and report whether torch or llama.cpp got imported."""
     code = ("import sys, json; from hublab.cli import main; rc = main(sys.argv[1:]); "
-            "print(json.dumps({'heavy': sorted(m for m in ('torch', 'llama_cpp', 'transformers') if m in sys.modules)}), "
+            "print(json.dumps({'heavy': sorted(m for m in ('torch', 'llama_cpp', 'transformers') if m in "
+            "sys.modules)}), "
             "file=sys.stderr); sys.exit(rc)")
     env = dict(os.environ, HUBLAB_CONFIG=str(tmp_path / "none.toml"))
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=120)

@@ -212,7 +212,8 @@ def test_pkg_build_refuses_an_expert_whose_examples_file_is_not_in_the_package(w
     expert_toml(src / "cooking.toml", "cooking", 'examples_file = "examples.txt"\n')
     (src / "cooking.gguf").write_bytes(b"GGUF")
     (src / "package.toml").write_text('[package]\nname = "cooking-expert"\nversion = "1.0"\ncategory = "expert"\n')
-    with pytest.raises(HublabError, match=r"cooking.toml: \[expert\] examples_file 'examples.txt' is not in the package"):
+    with pytest.raises(HublabError, match=r"cooking.toml: \[expert\] examples_file 'examples.txt' is not in the "
+                                          r"package"):
         pkg.build(src, key=ws.key)
     (src / "examples.txt").write_text("how to make risotto\n")
     assert pkg.build(src, key=ws.key).files == 3

@@ -254,7 +254,8 @@ def test_cli_train_and_infer(trained, tiny_hf, tiny_data, capsys):  # noqa: F811
                          "--ppo-steps", "2", "--router-hidden", "16", "--eval-fraction", "0.2", "--max-tokens", "4"])
     assert MH.train_cli(args) == 0  # everything done already: loads, evaluates, reports
     report = json.loads(capsys.readouterr().out)
-    assert report["checkpoint"].endswith("ppo_final") and set(report["eval"]) == {"examples", "heads", "verified", "greedy"}
+    assert report["checkpoint"].endswith("ppo_final")
+    assert set(report["eval"]) == {"examples", "heads", "verified", "greedy"}
 
 
 def test_bad_data_names_file_and_line(tiny_hf, tmp_path):  # noqa: F811

@@ -97,7 +97,8 @@ def test_fast_experts_match_transformers_outputs_and_gradients(inits, arch, torc
         model.zero_grad()
         logits = model(input_ids=ids).logits
         (logits.float().pow(2).mean()).backward()
-        results[impl] = (logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[impl] = (logits.detach(), grads)
     (ref, ref_grads), (out, grads) = results["eager"], results["fast"]
     assert torch.allclose(out, ref, atol=1e-5, rtol=1e-4)
     assert ref_grads.keys() == grads.keys() and any(".experts." in n for n in grads)

@@ -59,7 +59,8 @@ def test_bad_uploads_say_row_and_field_and_write_nothing(webui):  # noqa: F811
     bad = b'{"question": "a", "response": "b"}\n{"question": "c"}\n{"question": "d", "response": 3}\n'
     status, body = client.call("PUT", "/api/datasets?file=bad.jsonl", raw=bad)
     assert status == 422
-    assert "row 2: missing column 'response'" in body["error"] and "row 3: column 'response' must be a string" in body["error"]
+    assert "row 2: missing column 'response'" in body["error"]
+    assert "row 3: column 'response' must be a string" in body["error"]
     status, body = client.call("PUT", "/api/datasets?file=broken.jsonl", raw=b'{"text": "a"}\n{oops\n')
     assert status == 422 and "broken.jsonl:2: invalid JSON" in body["error"]
     status, body = client.call("PUT", "/api/datasets?file=x.jsonl&folder=..", raw=b'{"text": "a"}\n')
@@ -96,7 +97,8 @@ def test_upload_inspect_mix(webui):  # noqa: F811
     status, body = client.call("PUT", "/api/datasets?file=alp.json", raw=json.dumps(rows, indent=1).encode())
     assert status == 201 and body == {"path": "datasets/alp.json", "records": 3, "format": "alpaca"}
     status, r = client.call("GET", "/api/inspect?path=datasets/alp.json&template=chatml")
-    assert r["records"] == 3 and r["duplicate_count"] == 1 and r["duplicates"][0] == {"row": "6", "same_as": "2"}  # lines in the file
+    assert r["records"] == 3 and r["duplicate_count"] == 1
+    assert r["duplicates"][0] == {"row": "6", "same_as": "2"}  # lines in the file
     assert r["preview"][0]["rendered"].startswith("<|im_start|>user\nSay hi<|im_end|>")
     assert sum(b["count"] for b in r["histogram"]) == 3
     status, r = client.call("GET", "/api/inspect?path=datasets/qa.jsonl&base=models/tiny&template=plain&rows=1")
@@ -225,7 +227,8 @@ def test_chat_and_bench_through_the_runtime(tiny_models_dir, tmp_path):
         assert status == 200 and r["tokens"] >= 1 and isinstance(r["text"], str)
         assert c.call("POST", "/api/chat", {"model": "alpha", "messages": [{"role": "x"}]})[0] == 400
         (app.ws / "datasets" / "q.jsonl").write_text('{"question": "hello?", "terms": ["hello"]}\n')
-        status, job = c.call("POST", "/api/bench", {"expert": "alpha", "questions": "datasets/q.jsonl", "max_tokens": 4})
+        status, job = c.call("POST", "/api/bench",
+                             {"expert": "alpha", "questions": "datasets/q.jsonl", "max_tokens": 4})
         assert status == 201, job
         assert c.wait(job["id"], 120)["status"] == "done"
         status, r = c.call("GET", f"/api/jobs/{job['id']}/bench")

@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _site_packages(venv: Path) -> Path:
-    out = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+    out = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; "
+                                                              "print(sysconfig.get_paths()['purelib'])"],
                          capture_output=True, text=True, check=True)
     return Path(out.stdout.strip())
 

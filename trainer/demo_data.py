@@ -210,15 +210,15 @@ _ARTICLES = ("a ", "an ", "the ")
 # Verbs documentation sentences start with ("Return the ...", "list directory contents"); a sentence that
 # starts with any other word is a noun phrase ("Context manager for ...") and is dropped, not conjugated.
 _VERBS = frozenset("""add adjust allocate append apply ask assign attach build calculate call change check clear close
-collect combine communicate compare compile compress compute configure connect construct control convert copy count create
-decode decompress define delete describe detect determine display download drop dump edit emit encode ensure evaluate
-execute expand export extract fetch fill filter find flush format generate get handle hash import inform initialize insert
-install invoke iterate join keep kill list load lock look make manage map mark merge modify monitor mount move normalize
-open output pack parse perform play print process produce provide query raise read receive record reduce register reload
-remove rename render repeat replace report represent reset resize resolve restore retrieve return reverse rotate run save
-scan schedule search select send serialize set show shut sign sort split start stop store strip submit swap synchronize
-take test trace track transform translate trigger truncate try turn unlock unmount unpack update upgrade upload validate
-verify view wait wrap write yield""".split())
+collect combine communicate compare compile compress compute configure connect construct control convert copy count
+create decode decompress define delete describe detect determine display download drop dump edit emit encode ensure
+evaluate execute expand export extract fetch fill filter find flush format generate get handle hash import inform
+initialize insert install invoke iterate join keep kill list load lock look make manage map mark merge modify monitor
+mount move normalize open output pack parse perform play print process produce provide query raise read receive record
+reduce register reload remove rename render repeat replace report represent reset resize resolve restore retrieve
+return reverse rotate run save scan schedule search select send serialize set show shut sign sort split start stop
+store strip submit swap synchronize take test trace track transform translate trigger truncate try turn unlock unmount
+unpack update upgrade upload validate verify view wait wrap write yield""".split())
 
 
 def _third_person(verb: str) -> str:
@@ -371,12 +371,13 @@ def build_answers(out_dir: Path, domains=DOMAINS, seed: int = 0) -> dict[str, di
         rng.shuffle(docs)
         docs = docs[: int(len(own[d]) * DOC_SHARE / (1 - DOC_SHARE))]
         mine = _dedupe(own[d] + docs)
-        general = [] if d == "general" else rng.sample(own["general"], min(len(own["general"]),
-                                                                         int(len(mine) * GENERAL_SHARE / (1 - GENERAL_SHARE))))
+        share = int(len(mine) * GENERAL_SHARE / (1 - GENERAL_SHARE))
+        general = [] if d == "general" else rng.sample(own["general"], min(len(own["general"]), share))
         train = mine + general
         rng.shuffle(train)
         for name, rows in ((f"{d}.jsonl", train), (f"{d}_dev.jsonl", dev[d]), (f"{d}_pack.jsonl", mine)):
-            (out_dir / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+            (out_dir / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                                        encoding="utf-8")
         counts[d] = {"team": len(own[d]), "docs": len(docs), "general_mix": len(general), "train": len(train),
                      "dev": len(dev[d]), "pack": len(mine)}
     return counts

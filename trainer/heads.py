@@ -816,7 +816,8 @@ def train_heads(model: str, data: Path | str, out: Path | str, heads: int = 4, k
         raise TrainError(f"{data}: no training example has a response token within max_seq_len={max_seq_len}; "
                          "raise --max-seq-len or shorten the questions")
     if left:
-        _log(f"{len(items)} training examples, {len(eval_ex)} held out; hidden states in {time.perf_counter() - t0:.1f}s")
+        _log(f"{len(items)} training examples, {len(eval_ex)} held out; hidden states in "
+             f"{time.perf_counter() - t0:.1f}s")
     per_epoch = math.ceil(len(items) / batch)
     for stage, name, epochs in ((1, "s1", stage1_epochs), (2, "s2", stage2_epochs)):
         total = epochs * per_epoch
@@ -832,7 +833,8 @@ def train_heads(model: str, data: Path | str, out: Path | str, heads: int = 4, k
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
-                meta["history"].append({"stage": name, "step": step + 1, "loss": round(float(loss.detach()), 4), **info})
+                meta["history"].append({"stage": name, "step": step + 1, "loss": round(float(loss.detach()), 4),
+                                        **info})
             meta["done"][name] = epoch + 1
             _log(f"{name} epoch {epoch + 1}/{epochs} " + " ".join(f"{k}={v}" for k, v in meta["history"][-1].items()
                                                                   if k not in ("stage", "step")))
@@ -868,7 +870,8 @@ def infer_heads(ckpt: Path | str, prompt: str, max_tokens: int = 64, verify: boo
     hm = load_heads(ckpt, quant)
     hm.router.eval()
     hm.heads.eval()
-    return (decode_verified if verify else decode)(hm, prompt_ids(hm, [{"role": "user", "content": prompt}]), max_tokens)
+    ids = prompt_ids(hm, [{"role": "user", "content": prompt}])
+    return (decode_verified if verify else decode)(hm, ids, max_tokens)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -945,5 +948,6 @@ def infer_cli(args: argparse.Namespace) -> int:
                           "steps": [{"tokens": s.tokens, "gates": s.gates} for s in gen.steps]}))
     else:
         print(gen.text)
-        _log(f"{len(gen.ids)} tokens in {gen.forwards} forwards ({gen.tokens_per_forward:.2f}/forward), stop: {gen.stop}")
+        _log(f"{len(gen.ids)} tokens in {gen.forwards} forwards ({gen.tokens_per_forward:.2f}/forward), stop: "
+             f"{gen.stop}")
     return 0

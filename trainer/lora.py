@@ -512,8 +512,10 @@ def train_lora(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult
                 state["bad_evals"] += 1
         state["history"].append(record)
         if progress:
-            progress.update(step, total_steps, {"loss": f"{last_loss:.3f}", "tok/s": f"{step_tokens / dt:.0f}",
-                                                **({"eval": f"{record['eval_loss']:.3f}"} if "eval_loss" in record else {})})
+            shown = {"loss": f"{last_loss:.3f}", "tok/s": f"{step_tokens / dt:.0f}"}
+            if "eval_loss" in record:
+                shown["eval"] = f"{record['eval_loss']:.3f}"
+            progress.update(step, total_steps, shown)
         if cfg.patience and state["bad_evals"] >= cfg.patience:
             stopped_early = True
             if progress:

@@ -94,7 +94,8 @@ FAMILIES = {
     "deepseekv3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
 }
 _TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512, vocab_size=512)
-_1B = dict(hidden_size=1024, num_hidden_layers=16, num_attention_heads=16, max_position_embeddings=4096, vocab_size=32000)
+_1B = dict(hidden_size=1024, num_hidden_layers=16, num_attention_heads=16, max_position_embeddings=4096,
+           vocab_size=32000)
 ARCHS: dict[str, dict] = {
     "mixtral-tiny": dict(family="mixtral", **_TINY, num_key_value_heads=2, intermediate_size=128,
                          num_local_experts=4, num_experts_per_tok=2),

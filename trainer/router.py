@@ -75,9 +75,11 @@ def load_queries(path: Path) -> list[Query]:
         except json.JSONDecodeError as exc:
             raise HublabError(f"{path}:{number}: invalid JSON ({exc.msg}); write one JSON object per line") from None
         if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
-            raise HublabError(f"{path}:{number}: needs a non-empty string \"text\"; write {{\"text\": \"...\", \"domain\": \"...\"}}")
+            raise HublabError(f"{path}:{number}: needs a non-empty string \"text\"; write {{\"text\": \"...\", "
+                              "\"domain\": \"...\"}}")
         if not isinstance(row.get("domain"), str) or not row["domain"].strip():
-            raise HublabError(f"{path}:{number}: needs a non-empty string \"domain\" (the expert this query belongs to)")
+            raise HublabError(f"{path}:{number}: needs a non-empty string \"domain\" (the expert this query belongs "
+                              "to)")
         out.append(Query(row["text"].strip(), row["domain"].strip()))
     if not out:
         raise HublabError(f"{path}: no queries; add JSONL lines like {{\"text\": \"...\", \"domain\": \"python\"}}")
@@ -115,11 +117,13 @@ def load_openset(path: Path) -> dict[str, tuple[list[str], list[str]]]:
             row = json.loads(line)
             text, domain, example = row["text"].strip(), row["domain"].strip(), bool(row.get("example"))
         except (ValueError, KeyError, TypeError, AttributeError):
-            raise HublabError(f"{path}:{number}: needs {{\"text\": ..., \"domain\": ..., \"example\": true|false}}") from None
+            raise HublabError(f"{path}:{number}: needs "
+                              '{"text": ..., "domain": ..., "example": true|false}') from None
         out.setdefault(domain, ([], []))[0 if example else 1].append(text)
     bad = [d for d, (ex, qs) in out.items() if not ex or not qs]
     if not out or bad:
-        raise HublabError(f"{path}: each open-set domain needs example lines and query lines ({bad[0] if bad else 'none found'})")
+        raise HublabError(f"{path}: each open-set domain needs example lines and query lines "
+                          f"({bad[0] if bad else 'none found'})")
     return out
 
 
@@ -337,7 +341,8 @@ def embed_onnx(onnx_path: Path, tokenizer, texts: Sequence[str]):
     rows = []
     for text in texts:
         enc = tokenizer.encode(text)
-        feeds = {"input_ids": np.asarray([enc.ids], np.int64), "attention_mask": np.asarray([enc.attention_mask], np.int64)}
+        feeds = {"input_ids": np.asarray([enc.ids], np.int64),
+                 "attention_mask": np.asarray([enc.attention_mask], np.int64)}
         rows.append(session.run(["embedding"], feeds)[0][0])
     return np.stack(rows).astype(np.float32)
 
@@ -469,7 +474,8 @@ def append_head(encoder_onnx: Path, out_path: Path, weight, bias, temperature: f
         numpy_helper.from_array(np.asarray(temperature, np.float32), "router_temperature"),
     ])
     graph.node.extend([
-        helper.make_node("MatMul", ["embedding", "router_head_weight"], ["router_head_matmul"], name="RouterHeadMatMul"),
+        helper.make_node("MatMul", ["embedding", "router_head_weight"], ["router_head_matmul"],
+                         name="RouterHeadMatMul"),
         helper.make_node("Add", ["router_head_matmul", "router_head_bias"], ["logits"], name="RouterHeadAdd"),
         helper.make_node("Div", ["logits", "router_temperature"], ["router_scaled_logits"], name="RouterTemperature"),
         helper.make_node("Softmax", ["router_scaled_logits"], ["probabilities"], axis=-1, name="RouterSoftmax"),
@@ -510,7 +516,8 @@ def train_router(data: Path, out_dir: Path, *, heldout: Path | None = None, expe
     if len(set(experts)) != len(experts):
         raise HublabError(f"experts {experts}: a name is listed twice; give each output once")
     if len(experts) < 2:
-        raise HublabError(f"{data}: a router needs at least two domains, found {', '.join(domains)}; add queries for more experts")
+        raise HublabError(f"{data}: a router needs at least two domains, found {', '.join(domains)}; add queries for "
+                          "more experts")
     unknown = [d for d in domains if d not in experts]
     if unknown:
         raise HublabError(f"{data}: domain {unknown[0]!r} is not in experts {experts}; add it or drop those lines")
@@ -554,12 +561,14 @@ def train_router(data: Path, out_dir: Path, *, heldout: Path | None = None, expe
         x_val = embed_onnx(graph, tokenizer, [q.text for q in val])
         y_train = np.array([index[q.domain] for q in train])
         y_val = np.array([index[q.domain] for q in val])
-        weight, bias = fit_head(x_train, y_train, len(experts), epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed)
+        weight, bias = fit_head(x_train, y_train, len(experts), epochs=epochs, lr=lr, weight_decay=weight_decay,
+                                seed=seed)
         val_logits = x_val @ weight + bias
         temperature = calibrate_temperature(val_logits, y_val)
         val_probs = softmax(val_logits, temperature)
         validation = classification_metrics(y_val, val_probs.argmax(1), experts)
-        validation.update(nll_uncalibrated=round(nll(val_logits, y_val), 4), nll=round(nll(val_logits, y_val, temperature), 4),
+        validation.update(nll_uncalibrated=round(nll(val_logits, y_val), 4),
+                          nll=round(nll(val_logits, y_val, temperature), 4),
                           ece_uncalibrated=round(expected_calibration_error(softmax(val_logits), y_val), 4),
                           ece=round(expected_calibration_error(val_probs, y_val), 4))
         train_acc = float(((x_train @ weight + bias).argmax(1) == y_train).mean())
@@ -619,7 +628,8 @@ def train_router(data: Path, out_dir: Path, *, heldout: Path | None = None, expe
             router_toml["router"].update(accuracy=heldout_metrics["accuracy"], accuracy_split="heldout",
                                          macro_f1=heldout_metrics["macro_f1"])
             (staged / ROUTER_TOML).write_text(dump_toml(router_toml), encoding="utf-8")
-            log(f"router: held-out accuracy {heldout_metrics['accuracy']:.3f}, macro F1 {heldout_metrics['macro_f1']:.3f}")
+            log(f"router: held-out accuracy {heldout_metrics['accuracy']:.3f}, macro F1 "
+                f"{heldout_metrics['macro_f1']:.3f}")
         del router
         result["model_bytes"] = (staged / MODEL_ONNX).stat().st_size
         result["seconds"] = round(time.time() - started, 1)
@@ -683,7 +693,8 @@ def cli(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hublab.trainer.router", description="Train and export a query router.")
+    parser = argparse.ArgumentParser(prog="python -m hublab.trainer.router", description="Train and export a query "
+                                                                                         "router.")
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:

@@ -178,7 +178,8 @@ def scratch(arch: str, data: list[Path], out: Path, tokenizer: Path | None = Non
                                     vocab_size or ARCHS.get(arch, {}).get("vocab_size", 32000))
     init_dir = init_model(arch, Path(tokenizer), out / "init", seed=seed)
     cfg = TrainConfig(base=str(init_dir), output=out, data=specs, lora_r=0, max_steps=max_steps,
-                      batch_size=batch_size, max_seq_len=max_seq_len, lr=lr, seed=seed, warmup_steps=min(50, max_steps // 10),
+                      batch_size=batch_size, max_seq_len=max_seq_len, lr=lr, seed=seed,
+                      warmup_steps=min(50, max_steps // 10),
                       template="alpaca", **overrides)
     result = train_lora(cfg)
     tok_model = Path(tokenizer) / "tokenizer.model"

@@ -243,7 +243,8 @@ class App:
             catalog = scan_models(self.models_dir)
         except (HublabError, OSError):
             return []
-        return [{"name": n, "expert": n in catalog.experts, "base": m.base or ""} for n, m in sorted(catalog.models.items())]
+        return [{"name": n, "expert": n in catalog.experts, "base": m.base or ""}
+                for n, m in sorted(catalog.models.items())]
 
     def runtime(self):
         if self.models_dir is None:
