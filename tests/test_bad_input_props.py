@@ -104,16 +104,16 @@ def test_any_model_toml_loads_or_is_one_config_error(tmp_path, doc):
         one_line(str(exc))
         return
     inf = cfg.inference
-    for value in (inf.temperature, inf.top_p, inf.min_p, inf.repeat_penalty, cfg.threshold, cfg.scale, cfg.knowledge_min):
+    for value in (inf.temperature, inf.top_p, inf.min_p, inf.repeat_penalty, cfg.threshold, cfg.scale,
+                  cfg.knowledge_min):
         assert math.isfinite(value)
 
 
 PACKAGE_KEYS = ["name", "version", "category", "description", "license", "requires", "files", "variants", "models",
                 "experts", "path", "role", "size", "sha256", "quant", "nope"]
+package_tables = st.dictionaries(st.sampled_from(PACKAGE_KEYS), json_values, max_size=6)
 package_docs = st.dictionaries(st.sampled_from(["package", "files", "variants", "nope"]),
-                               st.one_of(st.dictionaries(st.sampled_from(PACKAGE_KEYS), json_values, max_size=6),
-                                         st.lists(st.dictionaries(st.sampled_from(PACKAGE_KEYS), json_values, max_size=6),
-                                                  max_size=3)),
+                               st.one_of(package_tables, st.lists(package_tables, max_size=3)),
                                max_size=3)
 
 
@@ -139,7 +139,8 @@ def test_any_package_manifest_parses_or_is_one_manifest_error(doc):
 @SETTINGS
 @given(doc=st.one_of(json_values, st.fixed_dictionaries({"schemaVersion": st.sampled_from([2, 2, "2", None])},
                                                          optional={"config": json_values, "layers": json_values,
-                                                                   "annotations": json_values, "mediaType": json_values})))
+                                                                   "annotations": json_values,
+                                                                   "mediaType": json_values})))
 def test_any_oci_manifest_parses_or_is_one_registry_error(doc):
     try:
         raw = json.dumps(doc).encode()
