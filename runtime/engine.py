@@ -269,8 +269,11 @@ class Runtime:
     # -- catalog ------------------------------------------------------------------------------------
 
     def rescan(self) -> Catalog:
-        """Re-read the models dir (after an install, say); loaded models stay loaded."""
+        """Re-read the models dir (after an install, say); loaded models stay loaded, the router reopens on
+        next use so that it knows the experts now installed."""
         self.catalog = scan_models(self.system.model_dirs)
+        with self._router_lock:
+            self._router, self._router_loaded, self.router_note = None, False, ""
         return self.catalog
 
     @property
