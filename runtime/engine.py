@@ -31,6 +31,7 @@ from .chat import choose_format, render
 from .config import (Catalog, Inference, ModelConfig, SystemConfig, format_size, load_system, scan_models)
 from . import llama_log
 from .errors import HublabError
+from .inputs import quote
 from .memory import MemoryEstimate, estimate_adapter, estimate_model, read_gguf
 from .profiles import Profile, active_profile
 
@@ -290,7 +291,7 @@ class Runtime:
 
             close = difflib.get_close_matches(name, list(self.models), n=1)
             hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(sorted(self.models)) or 'none'}"
-            raise HublabError(f"no model or expert named {name!r}; {hint}")
+            raise HublabError(f"no model or expert named {quote(name)}; {hint}")
         return self.models[name]
 
     def _owner(self, cfg: ModelConfig) -> ModelConfig:

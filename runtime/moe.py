@@ -26,6 +26,7 @@ import numpy as np
 from .config import SYSTEM_SCHEMA, parse_routing
 from .engine import GenerationResult, Runtime
 from .errors import HublabError
+from .inputs import quote
 from .quality import degenerate
 from .router import Router, RouterError, Selection, blend, select
 
@@ -130,7 +131,7 @@ class MoE:
             except ValueError as exc:
                 raise HublabError(f"routing: {exc}") from None
         if synthesis is not None and synthesis not in SYNTHESES:
-            raise HublabError(f"synthesis: unknown {synthesis!r}; use one of {', '.join(SYNTHESES)}")
+            raise HublabError(f"synthesis: unknown {quote(synthesis)}; use one of {', '.join(SYNTHESES)}")
         self.routing = routing or self.routing
         self.synthesis = synthesis or self.synthesis
 
@@ -162,7 +163,7 @@ class MoE:
         emit = on_event or (lambda kind, data: None)
         synthesis = synthesis or self.synthesis
         if synthesis not in SYNTHESES:
-            raise HublabError(f"synthesis: unknown {synthesis!r}; use one of {', '.join(SYNTHESES)}")
+            raise HublabError(f"synthesis: unknown {quote(synthesis)}; use one of {', '.join(SYNTHESES)}")
         t0 = time.perf_counter()
         selection = self.route(query, routing)
         t_route = time.perf_counter() - t0
