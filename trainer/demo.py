@@ -210,8 +210,8 @@ Dev-set perplexity (answer tokens; base vs base+adapter, HF model on the same de
 {chr(10).join(table)}
 {gguf}
 Training ran on a 2-core CPU shared with other jobs, two threads, 8 examples x up to 256 tokens per step,
-lr 5e-4 with warm-up and cosine decay, one epoch or at most 20 minutes per expert, the adapter with the
-lowest loss on a 3% eval split kept.
+lr 5e-4 with warm-up and cosine decay, one epoch or the `--minutes` cap per expert, whichever came first
+(the steps column; rust stopped at 110 of 157), the adapter with the lowest loss on a 3% eval split kept.
 
 ## Rebuild
 
