@@ -75,6 +75,13 @@ def test_merge_convert_quantize_and_generate(tiny_trained, tiny_hf, tmp_path):  
     merged = E.merge(result.adapter_dir, tmp_path / "merged", dtype="float32")
     assert (merged / "tokenizer.model").exists()
     f16 = E.convert_gguf(merged, tmp_path / "merged-f16.gguf")
+    # the chat template training rendered with is the one the GGUF carries (runtime/chat.py defines it once)
+    from transformers import AutoTokenizer
+
+    from hublab.runtime.memory import read_gguf
+
+    trained_with = AutoTokenizer.from_pretrained(result.adapter_dir).chat_template
+    assert trained_with and read_gguf(f16).chat_template == trained_with
     imatrix = E.compute_imatrix(merged, LINES)
     assert imatrix["blk.0.attn_q.weight"].shape == (64,) and (imatrix["blk.0.ffn_down.weight"] > 0).all()
     paths = E.quantize(f16, tmp_path / "q", ["Q8_0", "Q4_K_M", "IQ2_XXS"], imatrix=imatrix)
