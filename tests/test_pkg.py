@@ -55,8 +55,8 @@ def test_build_fills_in_files_variants_and_signature(ws, built):
         assert f.variant == f.path.split("/")[0]
         assert f.role == ("model" if f.path.endswith(".gguf") else "config")
     # The schema in packaging/ accepts what build writes; the expert's adapter is recognised as one.
-    import tomli
-    assert schema_errors(tomli.loads(raw.decode()), _schema()) == []
+    from hublab.runtime.config import tomllib
+    assert schema_errors(tomllib.loads(raw.decode()), _schema()) == []
     e = parse_manifest((built["expert"] / "package.toml").read_bytes(), "x")
     assert e.experts == ["alpha"] and {f.role for f in e.files} == {"adapter", "config"}
     sig = Signature.from_json((built["base"] / "package.sig").read_text(), "sig")
