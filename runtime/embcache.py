@@ -23,14 +23,6 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hublab"
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def texts_hash(texts: Sequence[str]) -> str:
     """sha256 over the texts in order (NUL-separated, so ["ab"] and ["a", "b"] differ)."""
     h = hashlib.sha256()

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .embcache import cached_embeddings, sha256_file
+from .embcache import cached_embeddings
 from .errors import HublabError
+from .manifest import sha256_file
 
 
 def read_pack(path: Path) -> list[dict]:

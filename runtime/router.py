@@ -519,13 +519,9 @@ class Router:
     def encoder_id(self) -> str:
         """sha256 of model.onnx: what embeddings cached elsewhere (knowledge packs) are keyed by."""
         if self._encoder_id is None:
-            import hashlib
+            from .manifest import sha256_file
 
-            h = hashlib.sha256()
-            with (self.directory / MODEL_ONNX).open("rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            self._encoder_id = h.hexdigest()
+            self._encoder_id = sha256_file(self.directory / MODEL_ONNX)
         return self._encoder_id
 
     def embed(self, texts: Sequence[str]):

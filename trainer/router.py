@@ -601,7 +601,7 @@ def train_router(data: Path, out_dir: Path, *, heldout: Path | None = None, expe
             router_toml["router"].update(example_temperature=open_set["temperature"], example_margin=open_set["margin"],
                                          example_k=open_set["k"])
         # Every labelled query's embedding (as the device computes it) ships as the known experts' examples.
-        from hublab.runtime.embcache import sha256_file
+        from hublab.runtime.manifest import sha256_file
 
         np.savez_compressed(staged / EXAMPLES_NPZ, vectors=np.concatenate([x_train, x_val]).astype(np.float16),
                             labels=np.array([q.domain for q in train + val]),
