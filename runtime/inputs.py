@@ -77,31 +77,26 @@ def has_surrogates(text: str) -> bool:
 
 # -- argparse types: a bad value is argparse's one-line usage error, never a traceback ------------------
 
-def arg_int(lo: int | None = None, hi: int | None = None):
-    def parse(text: str) -> int:
+def _arg_number(cast, kind: str, lo, hi):
+    integer = cast is int
+
+    def parse(text: str):
         try:
-            value = int(text.strip())
+            value = cast(text.strip())
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer {bounds(lo, hi)}, got {quote(text)}") from None
-        problem = number_problem(value, True, lo, hi)
+            raise argparse.ArgumentTypeError(f"expected {kind} {bounds(lo, hi)}, got {quote(text)}") from None
+        problem = number_problem(value, integer, lo, hi)
         if problem:
             raise argparse.ArgumentTypeError(problem)
         return value
 
-    parse.__name__ = "integer"
+    parse.__name__ = "integer" if integer else "number"
     return parse
+
+
+def arg_int(lo: int | None = None, hi: int | None = None):
+    return _arg_number(int, "an integer", lo, hi)
 
 
 def arg_float(lo: float | None = None, hi: float | None = None):
-    def parse(text: str) -> float:
-        try:
-            value = float(text.strip())
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number {bounds(lo, hi)}, got {quote(text)}") from None
-        problem = number_problem(value, False, lo, hi)
-        if problem:
-            raise argparse.ArgumentTypeError(problem)
-        return value
-
-    parse.__name__ = "number"
-    return parse
+    return _arg_number(float, "a number", lo, hi)
