@@ -145,7 +145,7 @@ def table(results: dict) -> str:
 
 
 def write_readme(path: Path, report: dict, tab: str) -> None:
-    begin, end = "<!-- quality -->", "<!-- /quality -->"
+    from hublab.trainer.demo import QUALITY_BEGIN as begin, QUALITY_END as end  # the export keeps this section
     text = path.read_text()
     if begin not in text or end not in text:
         raise SystemExit(f"{path}: no {begin} ... {end} section to fill")
