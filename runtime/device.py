@@ -250,8 +250,7 @@ class Device:
         if section == "runtime":
             rt.system = system
             if key == "threads":
-                rt.threads = system.threads or rt.profile.threads
-                applies = "next load"
+                rt.set_threads(system.threads)
             elif key == "max_memory":
                 rt.max_memory = system.max_memory
             elif key == "keep_alive":
@@ -547,7 +546,7 @@ class Device:
         return {"name": name, "load_s": None if was_loaded else round(load_s, 3), "prompt_tokens": r.prompt_tokens,
                 "prompt_tokens_per_s": round(r.prompt_tokens / r.ttft_s, 1) if r.ttft_s else None,
                 "tokens": r.tokens, "tokens_per_s": r.tokens_per_s, "ttft_s": r.ttft_s, "seconds": r.seconds,
-                "finish_reason": r.finish_reason, "rss": r.rss_bytes, "threads": self.rt.threads,
+                "finish_reason": r.finish_reason, "rss": r.rss_bytes, "threads": r.threads,
                 "profile": self.rt.profile.name}
 
     # -- about ------------------------------------------------------------------------------------------------

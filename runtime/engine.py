@@ -20,6 +20,7 @@ import ctypes
 import math
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from .errors import HublabError
 from .inputs import quote
 from .memory import MemoryEstimate, estimate_adapter, estimate_model, read_gguf
 from .profiles import Profile, active_profile
+from .threads import ThreadPolicy
 
 
 class FitError(HublabError):
@@ -53,6 +55,8 @@ class GenerationResult:
     rss_bytes: int = 0
     mean_token_prob: float | None = None  # mean probability of the sampled tokens (when asked for)
     knowledge: int = 0                    # knowledge-pack pairs put before the question
+    cached_tokens: int = 0                # prompt tokens whose KV was reused (this expert's prefix cache)
+    threads: int = 0                      # llama.cpp threads at the end of the generation
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,31 +93,121 @@ class LoadedBase:
     busy: int = 0
     chat_format: str = "plain"
     jinja: object = None                 # the GGUF's own chat template, when it has one
+    policy: ThreadPolicy = field(default_factory=lambda: ThreadPolicy(1, fixed=True))
+    states: OrderedDict = field(default_factory=OrderedDict)  # key(expert) -> SavedState, least recent first
 
     @property
     def memory(self) -> int:
-        return self.estimate.total + sum(b for _, _, b in self.adapters.values())
+        return (self.estimate.total + sum(b for _, _, b in self.adapters.values())
+                + sum(st.size for st in self.states.values()))
+
+    def key(self, expert: str | None) -> tuple:
+        """What KV computed now belongs to: the expert and the very adapter object applied (its pointer)."""
+        ptr = self.adapters[expert][0] if expert in self.adapters else None
+        return (expert, ctypes.cast(ptr, ctypes.c_void_p).value if ptr is not None else None)
+
+    @property
+    def state_cap(self) -> int:
+        """Bytes the saved per-expert states may take: at most as much as the live KV cache, 8 MiB at least."""
+        return max(8 << 20, self.estimate.kv_cache)
 
     def use(self, expert: str | None) -> None:
-        """Apply `expert`'s adapter (None = bare base). Clears the KV cache when the adapter changes,
-        since cached keys/values were computed with the other weights."""
+        """Apply `expert`'s adapter (None = bare base). The KV cache was computed with the other weights, so
+        it is saved under the expert it belongs to and cleared; the new expert's own saved KV, if any, comes
+        back (a prompt-prefix cache per expert that never serves one adapter's keys/values to another)."""
         import llama_cpp
 
+        expert = expert if expert in self.adapters else None
         if expert == self.active:
             return
         ctx = self.llama._ctx.ctx
-        if expert is None or expert not in self.adapters:
+        self._save_state()
+        if expert is None:
             llama_cpp.llama_set_adapters_lora(ctx, None, 0, None)
         else:
             ptr, scale, _ = self.adapters[expert]
             arr = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(ptr)
             scales = (ctypes.c_float * 1)(scale)
             llama_cpp.llama_set_adapters_lora(ctx, arr, 1, scales)
-        mem = llama_cpp.llama_get_memory(ctx)
+        self.clear_kv()
+        self.active = expert
+        self._restore_state()
+
+    def clear_kv(self) -> None:
+        import llama_cpp
+
+        mem = llama_cpp.llama_get_memory(self.llama._ctx.ctx)
         if mem is not None:
             llama_cpp.llama_memory_clear(mem, True)
         self.llama.reset()
-        self.active = expert if expert in self.adapters else None
+
+    def _save_state(self) -> None:
+        import llama_cpp
+
+        n = self.llama.n_tokens
+        ctx = self.llama._ctx.ctx
+        if n <= 0:
+            return
+        size = llama_cpp.llama_state_seq_get_size(ctx, 0)
+        if not size or size > self.state_cap:
+            return
+        data = (ctypes.c_uint8 * size)()
+        if llama_cpp.llama_state_seq_get_data(ctx, data, size, 0) != size:
+            return
+        key = self.key(self.active)
+        self.states[key] = SavedState(self.llama.input_ids[:n].copy(), data)
+        self.states.move_to_end(key)
+        while sum(st.size for st in self.states.values()) > self.state_cap:
+            self.states.popitem(last=False)
+
+    def _restore_state(self) -> None:
+        import llama_cpp
+
+        st = self.states.pop(self.key(self.active), None)  # the live KV owns these tokens from now on
+        if st is None:
+            return
+        if llama_cpp.llama_state_seq_set_data(self.llama._ctx.ctx, st.data, st.size, 0) != st.size:
+            self.clear_kv()
+            return
+        self.llama.input_ids[:len(st.tokens)] = st.tokens
+        self.llama.n_tokens = len(st.tokens)
+
+    def forget(self, expert: str | None) -> None:
+        """Drop what was saved for `expert` (its adapter is going away)."""
+        for key in [k for k in self.states if k[0] == expert]:
+            del self.states[key]
+
+    def reuse_prefix(self, tokens: list[int]) -> int:
+        """Keep the KV of the longest prefix of `tokens` already evaluated (at least the last token is always
+        evaluated again, for its logits) and drop the rest; returns how many tokens are kept."""
+        import llama_cpp
+
+        llama = self.llama
+        limit = min(llama.n_tokens, len(tokens) - 1)
+        if limit <= 0:
+            self.clear_kv()
+            return 0
+        differ = np.flatnonzero(llama.input_ids[:limit] != np.asarray(tokens[:limit], dtype=llama.input_ids.dtype))
+        keep = int(differ[0]) if differ.size else limit
+        mem = llama_cpp.llama_get_memory(llama._ctx.ctx)
+        # a sliding-window layer that already dropped early positions cannot be rolled back to an earlier one
+        if keep == 0 or mem is None or llama_cpp.llama_memory_seq_pos_min(mem, 0) > 0:
+            self.clear_kv()
+            return 0
+        llama_cpp.llama_memory_seq_rm(mem, 0, keep, -1)
+        llama.n_tokens = keep
+        return keep
+
+
+@dataclass
+class SavedState:
+    """One expert's KV cache (llama.cpp sequence state) and the tokens it holds."""
+    tokens: np.ndarray
+    data: object  # ctypes byte array
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
 
 
 def _is_special(llama, token: str) -> bool:
@@ -250,7 +344,7 @@ class Runtime:
             self.profile = profile
         else:
             self.profile = active_profile(profile or self.system.profile)
-        self.threads = threads or self.system.threads or self.profile.threads
+        self.set_threads(threads or self.system.threads)
         self.max_memory = max_memory if max_memory is not None else self.system.max_memory
         self.keep_alive = keep_alive if keep_alive is not None else self.system.keep_alive
         self._lock = threading.RLock()
@@ -262,6 +356,13 @@ class Runtime:
         self._loaded: dict[str, LoadedBase] = {}
         self.stats: dict[str, ExpertStats] = {}
         self.rescan()
+
+    def set_threads(self, threads: int) -> None:
+        """A fixed thread count, or 0: up to the profile's count, as many as measure fastest (runtime/threads.py)."""
+        self.threads = threads or self.profile.threads
+        self.fixed_threads = bool(threads)
+        for base in getattr(self, "_loaded", {}).values():
+            base.policy = ThreadPolicy(self.threads, fixed=self.fixed_threads)
 
     @classmethod
     def from_config(cls, config: Path | None = None, profile: str | None = None) -> "Runtime":
@@ -428,6 +529,7 @@ class Runtime:
                 bos_token=vocab.token_get_text(vocab.token_bos()) if vocab.token_bos() >= 0 else "")
         base = LoadedBase(name=cfg.name, config=cfg, llama=llama, n_ctx=n_ctx,
                           estimate=estimate_model(info, n_ctx), jinja=jinja,
+                          policy=ThreadPolicy(self.threads, fixed=self.fixed_threads),
                           chat_format=choose_format(cfg.chat_format, info.arch, bool(info.chat_template),
                                                     lambda token: _is_special(llama, token)))
         self._loaded[cfg.name] = base
@@ -467,6 +569,7 @@ class Runtime:
                         base.use(None)
                     import llama_cpp
 
+                    base.forget(cfg.name)
                     ptr, _, _ = base.adapters.pop(cfg.name)
                     llama_cpp.llama_adapter_lora_free(ptr)
                 return [cfg.name]
@@ -644,9 +747,16 @@ class Runtime:
                 logprob_sum += float(row[token]) - m - math.log(float(np.exp(row - m).sum()))
 
             out, state = _TextStream(stops), _Decoded()
-            sampled = llama.generate(tokens, top_k=opts.top_k, top_p=opts.top_p, min_p=opts.min_p,
-                                     temp=opts.temperature, repeat_penalty=opts.repeat_penalty)
-            yield from _decode_text(sampled, llama, out, cancel, max_new, t0, state,
+            cached = base.reuse_prefix(tokens)
+            threads = []
+
+            def set_threads(n: int) -> None:
+                threads.append(n)
+                llama_cpp.llama_set_n_threads(llama._ctx.ctx, n, n)
+
+            sampled = llama.generate(tokens[cached:], reset=False, top_k=opts.top_k, top_p=opts.top_p,
+                                     min_p=opts.min_p, temp=opts.temperature, repeat_penalty=opts.repeat_penalty)
+            yield from _decode_text(base.policy.paced(sampled, set_threads), llama, out, cancel, max_new, t0, state,
                                     add_logprob if logprobs else None)
             text, n_new, ttft, finish = out.text, state.n_new, state.ttft, state.finish
             seconds = time.perf_counter() - t0
@@ -656,6 +766,7 @@ class Runtime:
                 seconds=round(seconds, 4),
                 tokens_per_s=round((n_new - 1) / decode_s, 2) if n_new > 1 else 0.0,
                 finish_reason=finish, rss_bytes=psutil.Process().memory_info().rss, knowledge=n_shots,
+                cached_tokens=cached, threads=threads[-1] if threads else 0,
                 mean_token_prob=(math.exp(logprob_sum / n_new) if n_new else 0.0) if logprobs else None)
             st = self.stats.setdefault(cfg.name, ExpertStats())
             st.calls += 1
