@@ -33,7 +33,7 @@ from .config import (Catalog, Inference, ModelConfig, SystemConfig, format_size,
 from . import llama_log
 from .errors import HublabError
 from .inputs import quote
-from .memory import MemoryEstimate, estimate_adapter, estimate_model, read_gguf
+from .memory import MemoryEstimate, estimate_adapter, estimate_model, read_gguf, release_free_memory
 from .profiles import Profile, active_profile
 from .threads import ThreadPolicy
 
@@ -95,6 +95,9 @@ class LoadedBase:
     jinja: object = None                 # the GGUF's own chat template, when it has one
     policy: ThreadPolicy = field(default_factory=lambda: ThreadPolicy(1, fixed=True))
     states: OrderedDict = field(default_factory=OrderedDict)  # key(expert) -> SavedState, least recent first
+    state_cap: int = 64 << 20            # bytes the saved per-expert KV states may take (Runtime sets it)
+    batch: object = None                 # the llama_batch decode() reuses
+    prompt_len: int = 0                  # prompt tokens of the last generation (the KV worth saving)
 
     @property
     def memory(self) -> int:
@@ -106,10 +109,6 @@ class LoadedBase:
         ptr = self.adapters[expert][0] if expert in self.adapters else None
         return (expert, ctypes.cast(ptr, ctypes.c_void_p).value if ptr is not None else None)
 
-    @property
-    def state_cap(self) -> int:
-        """Bytes the saved per-expert states may take: at most as much as the live KV cache, 8 MiB at least."""
-        return max(8 << 20, self.estimate.kv_cache)
 
     def use(self, expert: str | None) -> None:
         """Apply `expert`'s adapter (None = bare base). The KV cache was computed with the other weights, so
@@ -142,12 +141,18 @@ class LoadedBase:
         self.llama.reset()
 
     def _save_state(self) -> None:
+        """Keep the live KV's prompt part under the expert it was computed with (the answer after it is dropped:
+        a next turn re-reads it in its own template anyway, and it would double what the state costs)."""
         import llama_cpp
 
-        n = self.llama.n_tokens
         ctx = self.llama._ctx.ctx
-        if n <= 0:
+        mem = llama_cpp.llama_get_memory(ctx)
+        n = min(self.llama.n_tokens, self.prompt_len)
+        # a sliding-window layer that dropped early positions could not be rolled back to a prefix: not worth it
+        if n <= 0 or mem is None or llama_cpp.llama_memory_seq_pos_min(mem, 0) > 0:
             return
+        llama_cpp.llama_memory_seq_rm(mem, 0, n, -1)
+        self.llama.n_tokens = n
         size = llama_cpp.llama_state_seq_get_size(ctx, 0)
         if not size or size > self.state_cap:
             return
@@ -170,7 +175,7 @@ class LoadedBase:
             self.clear_kv()
             return
         self.llama.input_ids[:len(st.tokens)] = st.tokens
-        self.llama.n_tokens = len(st.tokens)
+        self.llama.n_tokens = self.prompt_len = len(st.tokens)
 
     def forget(self, expert: str | None) -> None:
         """Drop what was saved for `expert` (its adapter is going away)."""
@@ -197,6 +202,67 @@ class LoadedBase:
         llama_cpp.llama_memory_seq_rm(mem, 0, keep, -1)
         llama.n_tokens = keep
         return keep
+
+
+    def free_batch(self) -> None:
+        import llama_cpp
+
+        if self.batch is not None:
+            llama_cpp.llama_batch_free(self.batch)
+            self.batch = None
+
+    def decode(self, tokens: list[int]) -> None:
+        """Read `tokens` into the KV cache after what it holds (in batches), logits for the last one only."""
+        import llama_cpp
+
+        llama = self.llama
+        if self.batch is None:
+            self.batch = llama_cpp.llama_batch_init(llama.n_batch, 0, 1)
+        batch = self.batch
+        for at in range(0, len(tokens), llama.n_batch):
+            chunk = tokens[at:at + llama.n_batch]
+            last = at + len(chunk) == len(tokens)
+            n_past = llama.n_tokens
+            batch.n_tokens = len(chunk)
+            for i, token in enumerate(chunk):
+                batch.token[i], batch.pos[i] = token, n_past + i
+                batch.n_seq_id[i], batch.seq_id[i][0] = 1, 0
+                batch.logits[i] = last and i == len(chunk) - 1
+            if llama_cpp.llama_decode(llama._ctx.ctx, batch) != 0:
+                raise HublabError(f"llama.cpp could not decode at position {n_past} of {self.n_ctx}; "
+                                  "shorten the prompt or lower max_tokens")
+            llama.input_ids[n_past:n_past + len(chunk)] = chunk
+            llama.n_tokens = n_past + len(chunk)
+
+    def sample(self, tokens: list[int], opts: Inference) -> Iterator[int]:
+        """Read the prompt's `tokens`, then sample and read one token at a time, for as long as asked. The
+        sampler chain is llama-cpp-python's (penalties over the last 64 generated tokens, then greedy, or
+        top-k, typical, top-p, min-p, temperature and a seeded draw) and lives exactly as long as the loop."""
+        import llama_cpp
+
+        ctx = self.llama._ctx.ctx
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        add = lambda s: llama_cpp.llama_sampler_chain_add(chain, s)  # noqa: E731
+        try:
+            add(llama_cpp.llama_sampler_init_penalties(self.llama.n_vocab(), PENALTY_LAST_N, opts.repeat_penalty,
+                                                       0.0, 0.0))
+            if opts.temperature <= 0:
+                add(llama_cpp.llama_sampler_init_greedy())
+            else:
+                add(llama_cpp.llama_sampler_init_top_k(opts.top_k))
+                add(llama_cpp.llama_sampler_init_typical(1.0, 1))
+                add(llama_cpp.llama_sampler_init_top_p(opts.top_p, 1))
+                add(llama_cpp.llama_sampler_init_min_p(opts.min_p, 1))
+                add(llama_cpp.llama_sampler_init_temp(opts.temperature))
+                add(llama_cpp.llama_sampler_init_dist(opts.seed if opts.seed >= 0 else llama_cpp.LLAMA_DEFAULT_SEED))
+            pending = tokens
+            while True:
+                self.decode(pending)
+                token = llama_cpp.llama_sampler_sample(chain, ctx, -1)
+                yield token
+                pending = [token]
+        finally:
+            llama_cpp.llama_sampler_free(chain)
 
 
 @dataclass
@@ -514,7 +580,8 @@ class Runtime:
         try:
             llama = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=self.threads,
                           n_threads_batch=self.threads, seed=seed, verbose=llama_log.verbose(),
-                          swa_full=False)  # sliding-window layers keep only their window: less KV on a Pi
+                          swa_full=False,  # sliding-window layers keep only their window: less KV on a Pi
+                          flash_attn=True)  # as llama-server does on CPU: less compute memory, same answers
         except (ValueError, RuntimeError) as exc:
             raise HublabError(f"{path}: llama.cpp could not load it ({exc}); check the file is a complete GGUF "
                               "this llama.cpp supports") from None
@@ -530,9 +597,11 @@ class Runtime:
         base = LoadedBase(name=cfg.name, config=cfg, llama=llama, n_ctx=n_ctx,
                           estimate=estimate_model(info, n_ctx), jinja=jinja,
                           policy=ThreadPolicy(self.threads, fixed=self.fixed_threads),
+                          state_cap=min(max(self.budget // 16, 8 << 20), 128 << 20),
                           chat_format=choose_format(cfg.chat_format, info.arch, bool(info.chat_template),
                                                     lambda token: _is_special(llama, token)))
         self._loaded[cfg.name] = base
+        release_free_memory()
         return base
 
     def _load_adapter(self, base: LoadedBase, cfg: ModelConfig) -> None:
@@ -552,6 +621,7 @@ class Runtime:
             raise HublabError(f"{cfg.source}: [expert] adapter: llama.cpp rejected {path} (tensor shapes do not "
                               f"match base {base.name}?); re-export the adapter against this base")
         base.adapters[cfg.name] = (ptr, cfg.scale, info.tensor_bytes)
+        release_free_memory()
 
     def unload(self, name: str) -> list[str]:
         """Unload `name`. A base takes its adapter experts with it; returns what was unloaded."""
@@ -580,7 +650,10 @@ class Runtime:
         with base.lock:
             gone = [name, *base.adapters]
             base.adapters.clear()
+            base.free_batch()
+            base.states.clear()
             base.llama.close()
+        release_free_memory()
         return gone
 
     def expire_idle(self) -> list[str]:
@@ -735,8 +808,6 @@ class Runtime:
                 raise HublabError(f"prompt is {len(tokens)} tokens, the context holds {base.n_ctx}; "
                                   "shorten it or raise context_size")
             max_new = min(opts.max_tokens or base.n_ctx, base.n_ctx - len(tokens))
-            if opts.seed >= 0:
-                llama.set_seed(opts.seed)
             n_vocab = llama.n_vocab()
             logprob_sum = 0.0
 
@@ -748,14 +819,14 @@ class Runtime:
 
             out, state = _TextStream(stops), _Decoded()
             cached = base.reuse_prefix(tokens)
+            base.prompt_len = len(tokens)
             threads = []
 
             def set_threads(n: int) -> None:
                 threads.append(n)
                 llama_cpp.llama_set_n_threads(llama._ctx.ctx, n, n)
 
-            sampled = llama.generate(tokens[cached:], reset=False, top_k=opts.top_k, top_p=opts.top_p,
-                                     min_p=opts.min_p, temp=opts.temperature, repeat_penalty=opts.repeat_penalty)
+            sampled = base.sample(tokens[cached:], opts)
             yield from _decode_text(base.policy.paced(sampled, set_threads), llama, out, cancel, max_new, t0, state,
                                     add_logprob if logprobs else None)
             text, n_new, ttft, finish = out.text, state.n_new, state.ttft, state.finish
