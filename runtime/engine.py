@@ -839,6 +839,7 @@ class Runtime:
                 finish_reason=finish, rss_bytes=psutil.Process().memory_info().rss, knowledge=n_shots,
                 cached_tokens=cached, threads=threads[-1] if threads else 0,
                 mean_token_prob=(math.exp(logprob_sum / n_new) if n_new else 0.0) if logprobs else None)
+            release_free_memory()
             st = self.stats.setdefault(cfg.name, ExpertStats())
             st.calls += 1
             st.prompt_tokens += len(tokens)

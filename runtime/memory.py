@@ -25,6 +25,19 @@ FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9:
               23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S", 29: "IQ2_M",
               30: "IQ4_XS", 31: "IQ1_M", 32: "BF16"}
 
+# ggml tensor types by number: name, elements per block, bytes per block (the GGUF format's layouts; kept
+# here so that reading a header does not import the gguf package, ~5 MB resident on a Pi).
+TENSOR_TYPES = {
+    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 40), 10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110),
+    12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292),
+    16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74), 18: ("IQ3_XXS", 256, 98), 19: ("IQ1_S", 256, 50),
+    20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110), 22: ("IQ2_S", 256, 82), 23: ("IQ4_XS", 256, 136),
+    24: ("I8", 1, 1), 25: ("I16", 1, 2), 26: ("I32", 1, 4), 27: ("I64", 1, 8), 28: ("F64", 1, 8),
+    29: ("IQ1_M", 256, 56), 30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66),
+    39: ("MXFP4", 32, 17), 40: ("NVFP4", 64, 36), 41: ("Q1_0", 128, 18),
+}
+
 N_UBATCH = 512
 
 
@@ -130,8 +143,6 @@ def _parse_header(path: str) -> tuple[dict, list[tuple[str, int, int]]]:
 
 @lru_cache(maxsize=64)
 def _read(path: str, mtime: float) -> GGUFInfo:
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
     try:
         meta, tensors = _parse_header(path)
     except (ValueError, OSError, struct.error) as exc:
@@ -145,15 +156,13 @@ def _read(path: str, mtime: float) -> GGUFInfo:
     sizes: dict[str, int] = {}
     tensor_bytes = n_params = 0
     for _name, ttype, n in tensors:
-        try:
-            qtype = GGMLQuantizationType(ttype)
-            block, type_size = GGML_QUANT_SIZES[qtype]
-        except (ValueError, KeyError):
-            raise GGUFError(f"{path}: tensor type {ttype} unknown to this hublab; update hublab") from None
+        if ttype not in TENSOR_TYPES:
+            raise GGUFError(f"{path}: tensor type {ttype} unknown to this hublab; update hublab")
+        type_name, block, type_size = TENSOR_TYPES[ttype]
         nbytes = n // block * type_size
         tensor_bytes += nbytes
         n_params += n
-        sizes[qtype.name] = sizes.get(qtype.name, 0) + nbytes
+        sizes[type_name] = sizes.get(type_name, 0) + nbytes
     _check_header(path, meta, arch, tensor_bytes)
     ftype = meta.get("general.file_type")
     if ftype is None:

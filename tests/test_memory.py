@@ -48,3 +48,12 @@ def test_estimate_covers_what_llama_cpp_really_allocates(gemma_gguf):
     grown = int(out.stdout.strip().splitlines()[-1])
     est = estimate_model(read_gguf(gemma_gguf), 1024).total
     assert 0.85 < est / grown < 1.15, (est, grown)
+
+
+def test_tensor_type_table_matches_the_gguf_package():
+    from gguf.constants import GGML_QUANT_SIZES
+
+    from hublab.runtime.memory import TENSOR_TYPES
+
+    assert {k: (name, block, size) for k, (name, block, size) in TENSOR_TYPES.items()} == {
+        int(t): (t.name, *GGML_QUANT_SIZES[t]) for t in GGML_QUANT_SIZES}
