@@ -9,8 +9,9 @@ Measured: time per request, time to first token, decode tokens/s, resident memor
 after the requests (five adapters loaded), greedy agreement (same text), and hublab's prefix cache: a long
 system prompt per expert, asked again after the other experts ran (first token of the repeat / of the
 first). llama-server runs with cache_prompt off: with it on, KV computed under one adapter is reused for
-the next request's adapter (an open llama-server bug; in a trial it changed the rust adapter's answer). llama-server is built once from the llama.cpp vendored in the pinned llama-cpp-python's sdist
-(cached in ~/.cache/hublab/llama-server; ~10 min on 2 cores).
+the next request's adapter (an open llama-server bug; in a trial it changed the rust adapter's answer).
+llama-server is built once from the llama.cpp vendored in the pinned llama-cpp-python's sdist (cached in
+~/.cache/hublab/llama-server; ~10 min on 2 cores).
 
     .venv/bin/python bench/vs_llama_server.py [--rounds 4] [--tokens 64] [--threads 1]
 """
@@ -201,14 +202,17 @@ def main() -> None:
             for i, e in enumerate(EXPERTS):  # warm both: every adapter used once
                 theirs.ask(i, turn("Hello"), 4)
                 ours.ask(e, turn("Hello"), 4)
-            a, b, same = [], [], 0
+            a, b, same, differ = [], [], 0, []
             for r in range(args.rounds):
                 for i, e in enumerate(EXPERTS):
                     q = turn(QUESTIONS[(r * len(EXPERTS) + i) % len(QUESTIONS)])
                     pair = [(theirs.ask, i, b), (ours.ask, e, a)]
                     for ask, who, into in (pair if (r + i) % 2 else pair[::-1]):
                         into.append(ask(who, q, args.tokens))
-                    same += a[-1]["text"] == b[-1]["text"]
+                    if a[-1]["text"] == b[-1]["text"]:
+                        same += 1
+                    else:
+                        differ.append({"expert": e, "hublab": a[-1]["text"][:120], "llama_server": b[-1]["text"][:120]})
             mem_ours, mem_theirs = rss_mb(ours.proc), rss_mb(theirs.proc)
             # prefix cache: the long system prompt per expert, first ask, the others run, then asked again
             first, again, their_first, their_again = [], [], [], []
@@ -235,6 +239,7 @@ def main() -> None:
         "rss_mb": {"hublab": mem_ours, "llama_server": mem_theirs, "ratio": round(mem_ours / mem_theirs, 3),
                    "goal": "<= 1.05"},
         "greedy_agreement": round(same / len(a), 3),
+        "disagreements": differ[:3],
         "prefix_cache": {
             "hublab_first_ttft_s": round(statistics.median(first), 4),
             "hublab_again_ttft_s": round(statistics.median(again), 4),

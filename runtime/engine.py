@@ -35,7 +35,7 @@ from .errors import HublabError
 from .inputs import quote
 from .memory import MemoryEstimate, estimate_adapter, estimate_model, read_gguf, release_free_memory
 from .profiles import Profile, active_profile
-from .threads import ThreadPolicy
+from .threads import ThreadPolicy, usable_cpus
 
 
 class FitError(HublabError):
@@ -424,8 +424,9 @@ class Runtime:
         self.rescan()
 
     def set_threads(self, threads: int) -> None:
-        """A fixed thread count, or 0: up to the profile's count, as many as measure fastest (runtime/threads.py)."""
-        self.threads = threads or self.profile.threads
+        """A fixed thread count, or 0: up to the profile's count (and the CPUs this process may use), as many as
+        measure fastest (runtime/threads.py)."""
+        self.threads = threads or max(1, min(self.profile.threads, usable_cpus()))
         self.fixed_threads = bool(threads)
         for base in getattr(self, "_loaded", {}).values():
             base.policy = ThreadPolicy(self.threads, fixed=self.fixed_threads)

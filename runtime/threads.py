@@ -10,6 +10,7 @@ count again (another process may have started or stopped since). Changing the co
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -18,6 +19,14 @@ WINDOW = 8          # decode steps per measurement
 RETRY_S = 10.0      # a neighbouring count is tried again when its measurement is older than this
 SMOOTH = 0.5        # weight of the newest window in the smoothed seconds-per-token
 WORSE = 1.25        # the count in use measuring this much slower than when last chosen: retry neighbours now
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: a cpuset or taskset), not every CPU of the machine."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 @dataclass
