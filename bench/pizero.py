@@ -2,8 +2,9 @@
 inside a 512 MB memory cgroup on one core, with the pi-zero-2w profile; prints one JSON document.
 
 Every question goes through `?` (the MoE: route, knowledge pairs, expert), one per domain, then each expert
-is asked directly. Reported: peak memory of the cgroup (the kernel's high-water mark), how often it hit the
-limit, decode tokens/s, whether anything was refused or killed. Needs root and cgroup v1 or v2 (as on this
+is asked directly. Reported: peak memory of the cgroup (the kernel's high-water mark, page cache of the model
+file included: the caches are dropped first), the process's peak RSS, how often it hit the limit, decode
+tokens/s, whether anything was refused or killed. Needs root and cgroup v1 or v2 (as on this
 build box); elsewhere it says why and exits 2.
 
     sudo .venv/bin/python bench/pizero.py [--memory 512M] [--cpus 0] [--tokens 48]
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -106,11 +108,15 @@ def main() -> int:
         print(f"pizero: cannot make a cgroup ({exc}); run as root on a Linux with cgroups", file=sys.stderr)
         return 2
     code = CHILD.format(models=str(ROOT / "models"), questions=QUESTIONS, tokens=args.tokens)
+    # the model file's pages count against the cgroup only if its process reads them in: start from a cold cache
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("1")
     try:
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, preexec_fn=group.enter,
                               env={**os.environ, "HUBLAB_HOME": str(Path("/tmp") / NAME)})
         report = {"memory_limit_mb": size(args.memory) >> 20, "cpus": args.cpus, "exit": proc.returncode,
-                  "peak_mb": round(group.peak() / 2**20, 1), "limit_hits": group.hits()}
+                  "peak_mb": round(group.peak() / 2**20, 1), "limit_hits": group.hits(),
+                  "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)}
     finally:
         group.remove()
     if proc.returncode == 0:
