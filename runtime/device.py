@@ -51,6 +51,7 @@ class Completion:
     load_s: float = 0.0
     prompt_s: float = 0.0           # time to the first token
     seconds: float = 0.0            # the whole answer, load included
+    cached_tokens: int = 0          # prompt tokens read from the expert's prefix cache
     hublab: dict = field(default_factory=dict)  # moe: routing, selection, chosen; expert: speed
 
 
@@ -395,8 +396,8 @@ class Device:
         r = gen.result
         return Completion(model=model, text=r.text, prompt_tokens=r.prompt_tokens, tokens=r.tokens,
                           finish_reason=r.finish_reason, load_s=load_s, prompt_s=r.ttft_s,
-                          seconds=time.perf_counter() - t0,
-                          hublab={"ttft_s": r.ttft_s, "tokens_per_s": r.tokens_per_s})
+                          seconds=time.perf_counter() - t0, cached_tokens=r.cached_tokens,
+                          hublab={"ttft_s": r.ttft_s, "tokens_per_s": r.tokens_per_s, "threads": r.threads})
 
     # -- keep-alive per request (Ollama's keep_alive) -------------------------------------------------------
 

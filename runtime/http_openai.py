@@ -128,7 +128,8 @@ def _finish(done: Completion) -> str:
 
 def _usage(done: Completion) -> dict:
     return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.tokens,
-            "total_tokens": done.prompt_tokens + done.tokens}
+            "total_tokens": done.prompt_tokens + done.tokens,
+            "prompt_tokens_details": {"cached_tokens": done.cached_tokens}}
 
 
 class _Chunks:

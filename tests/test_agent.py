@@ -123,6 +123,13 @@ def test_openai_client_chat_plain_and_streaming(agent):
     assert r.usage.completion_tokens == 8 and r.usage.prompt_tokens > 0
     assert r.usage.total_tokens == r.usage.prompt_tokens + 8
 
+    assert r.usage.prompt_tokens_details.cached_tokens >= 0
+
+    # the prefix cache per expert shows in usage: alpha's prompt again, after beta ran, is read from its cache
+    client.completions.create(model="beta", prompt="the python model", max_tokens=2, temperature=0)
+    again = client.chat.completions.create(model="alpha", messages=messages, max_tokens=8, temperature=0)
+    assert 0 < again.usage.prompt_tokens_details.cached_tokens < again.usage.prompt_tokens
+
     stream = client.chat.completions.create(model="alpha", messages=messages, max_tokens=8, temperature=0,
                                             stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
