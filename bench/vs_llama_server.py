@@ -6,10 +6,12 @@ with the `lora` field; hublab serve gets the expert's name. Requests cycle throu
 adapter changes on every request) and alternate between the servers, so both see the same machine load.
 
 Measured: time per request, time to first token, decode tokens/s, resident memory of each server process
-after the requests (five adapters loaded), greedy agreement (same text), and hublab's prefix cache: a long
-system prompt per expert, asked again after the other experts ran (first token of the repeat / of the
-first). llama-server runs with cache_prompt off: with it on, KV computed under one adapter is reused for
-the next request's adapter (an open llama-server bug; in a trial it changed the rust adapter's answer).
+after the requests (five adapters loaded), greedy agreement (same text, and how much of the longer answer
+both share from its start: a 270M model's greedy near-ties flip on rounding, such as a prompt prefix read
+in a separate batch), and hublab's prefix cache: a long system prompt per expert, asked again after the
+other experts ran (first token of the repeat / of the first). llama-server runs with cache_prompt off:
+with it on, KV computed under one adapter is reused for the next request's adapter (an open llama-server
+bug; in a trial it changed the rust adapter's answer).
 llama-server is built once from the llama.cpp vendored in the pinned llama-cpp-python's sdist (cached in
 ~/.cache/hublab/llama-server; ~10 min on 2 cores).
 
@@ -202,14 +204,16 @@ def main() -> None:
             for i, e in enumerate(EXPERTS):  # warm both: every adapter used once
                 theirs.ask(i, turn("Hello"), 4)
                 ours.ask(e, turn("Hello"), 4)
-            a, b, same, differ = [], [], 0, []
+            a, b, same, differ, shared = [], [], 0, [], []
             for r in range(args.rounds):
                 for i, e in enumerate(EXPERTS):
                     q = turn(QUESTIONS[(r * len(EXPERTS) + i) % len(QUESTIONS)])
                     pair = [(theirs.ask, i, b), (ours.ask, e, a)]
                     for ask, who, into in (pair if (r + i) % 2 else pair[::-1]):
                         into.append(ask(who, q, args.tokens))
-                    if a[-1]["text"] == b[-1]["text"]:
+                    ta, tb = a[-1]["text"], b[-1]["text"]
+                    shared.append(len(os.path.commonprefix([ta, tb])) / max(len(ta), len(tb), 1))
+                    if ta == tb:
                         same += 1
                     else:
                         differ.append({"expert": e, "hublab": a[-1]["text"][:120], "llama_server": b[-1]["text"][:120]})
@@ -239,6 +243,7 @@ def main() -> None:
         "rss_mb": {"hublab": mem_ours, "llama_server": mem_theirs, "ratio": round(mem_ours / mem_theirs, 3),
                    "goal": "<= 1.05"},
         "greedy_agreement": round(same / len(a), 3),
+        "shared_prefix": round(statistics.mean(shared), 3),  # of the longer answer, mean over requests
         "disagreements": differ[:3],
         "prefix_cache": {
             "hublab_first_ttft_s": round(statistics.median(first), 4),
