@@ -828,8 +828,11 @@ class Runtime:
                 llama_cpp.llama_set_n_threads(llama._ctx.ctx, n, n)
 
             sampled = base.sample(tokens[cached:], opts)
-            yield from _decode_text(base.policy.paced(sampled, set_threads), llama, out, cancel, max_new, t0, state,
-                                    add_logprob if logprobs else None)
+            try:
+                yield from _decode_text(base.policy.paced(sampled, set_threads), llama, out, cancel, max_new, t0,
+                                        state, add_logprob if logprobs else None)
+            finally:
+                sampled.close()  # frees the sampler chain now, while the base is still held
             text, n_new, ttft, finish = out.text, state.n_new, state.ttft, state.finish
             seconds = time.perf_counter() - t0
             decode_s = max(seconds - ttft, 1e-9)
