@@ -109,7 +109,6 @@ class LoadedBase:
         ptr = self.adapters[expert][0] if expert in self.adapters else None
         return (expert, ctypes.cast(ptr, ctypes.c_void_p).value if ptr is not None else None)
 
-
     def use(self, expert: str | None) -> None:
         """Apply `expert`'s adapter (None = bare base). The KV cache was computed with the other weights, so
         it is saved under the expert it belongs to and cleared; the new expert's own saved KV, if any, comes
@@ -202,7 +201,6 @@ class LoadedBase:
         llama_cpp.llama_memory_seq_rm(mem, 0, keep, -1)
         llama.n_tokens = keep
         return keep
-
 
     def free_batch(self) -> None:
         import llama_cpp
@@ -823,13 +821,13 @@ class Runtime:
             base.prompt_len = len(tokens)
             threads = []
 
-            def set_threads(n: int) -> None:
+            def apply_threads(n: int) -> None:
                 threads.append(n)
                 llama_cpp.llama_set_n_threads(llama._ctx.ctx, n, n)
 
             sampled = base.sample(tokens[cached:], opts)
             try:
-                yield from _decode_text(base.policy.paced(sampled, set_threads), llama, out, cancel, max_new, t0,
+                yield from _decode_text(base.policy.paced(sampled, apply_threads), llama, out, cancel, max_new, t0,
                                         state, add_logprob if logprobs else None)
             finally:
                 sampled.close()  # frees the sampler chain now, while the base is still held
@@ -901,7 +899,7 @@ class Runtime:
             params.n_seq_max = len(cfgs)
             params.kv_unified = True
             params.swa_full = False
-            params.n_threads = params.n_threads_batch = self.threads
+            params.n_threads = params.n_threads_batch = base.policy.best()  # the count measured fastest lately
             ctx = llama_cpp.llama_init_from_model(llama._model.model, params)
             if not ctx:
                 raise HublabError("llama.cpp could not create the mixture context (out of memory?); "
