@@ -52,8 +52,10 @@ import json
 import math
 import re
 import sys
+import threading
 import time
 import zipfile
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -63,6 +65,7 @@ from .errors import HublabError
 from .memory import release_free_memory
 
 ROUTER_TOML = "router.toml"
+RECENT_EMBEDDINGS = 16  # queries whose embedding the router keeps for the knowledge lookup that follows
 TOKENIZER_JSON = "tokenizer.json"
 MODEL_ONNX = "model.onnx"
 EXAMPLES_NPZ = "examples.npz"  # the router's labelled queries: texts, labels, vectors, the encoder's sha256
@@ -408,6 +411,8 @@ class Router:
         self._input_types = {i.name: i.type for i in session.get_inputs()}
         self.has_embedding = any(o.name == "embedding" for o in session.get_outputs())
         self._encoder_id: str | None = None
+        self._recent: OrderedDict[str, Any] = OrderedDict()   # text -> embedding of the last few queries
+        self._recent_lock = threading.Lock()
         self._examples: tuple[Any, Any, list[str], list[bool]] | None = None  # see example_index
 
     @property
@@ -536,8 +541,24 @@ class Router:
         if not self.has_embedding:
             raise RouterError(f"{self.directory / MODEL_ONNX}: has no embedding output; rebuild the router "
                               "with `hublab train router`")
-        rows = [self.session.run(["embedding"], self._feeds(t))[0][0] for t in texts]
+        rows = []
+        for t in texts:
+            row = self._remembered(t)
+            if row is None:
+                row = self.session.run(["embedding"], self._feeds(t))[0][0]
+            rows.append(row)
         return np.stack(rows) if rows else np.zeros((0, 0), dtype=np.float32)
+
+    def _remembered(self, text: str, embedding=None):
+        """The embedding of a query routed a moment ago (a `?` embeds its question to route it and again to
+        find knowledge pairs: once is enough); with `embedding`, remember it."""
+        with self._recent_lock:
+            if embedding is not None:
+                self._recent[text] = embedding
+                while len(self._recent) > RECENT_EMBEDDINGS:
+                    self._recent.popitem(last=False)
+                return embedding
+            return self._recent.get(text)
 
     # -- experts --------------------------------------------------------------------------------------
 
@@ -640,6 +661,7 @@ class Router:
             head = self.head_scores(self.probabilities(text))
             return head, {n: (h, 0.0, None) for n, h in head.items()}
         probs, embedding = self.session.run(["probabilities", "embedding"], self._feeds(text))
+        self._remembered(text, embedding[0])
         head = self.head_scores(probs[0])
         sims = self.similarities(embedding[0])
         _, _, names, known_flags = self.example_index()

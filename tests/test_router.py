@@ -567,3 +567,30 @@ def test_recalibrate_rewrites_only_the_open_set_fields(trained_router, tmp_path,
     assert main(["recalibrate", str(d), str(openset)]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("hublab: error:") and len(err.splitlines()) == 1 and "examples.npz" in err
+
+
+def test_a_routed_query_is_not_embedded_again_for_its_knowledge_lookup():
+    import numpy as np
+
+    r = Router.load(DEFAULT_ROUTER)
+    runs = []
+
+    class Counting:
+        def __init__(self, session):
+            self.session = session
+
+        def run(self, names, feeds):
+            runs.append(names)
+            return self.session.run(names, feeds)
+
+        def __getattr__(self, name):
+            return getattr(self.session, name)
+
+    q = "how do I list the files in a directory with python"
+    fresh = r.embed([q])[0]
+    r.session = Counting(r.session)
+    r.route(q, "single")
+    assert len(runs) == 1                                      # route: probabilities and embedding in one run
+    again = r.embed([q, "something else entirely"])
+    assert len(runs) == 2                                      # only the new text ran
+    assert np.allclose(again[0], fresh, atol=1e-6)
