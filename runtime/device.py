@@ -184,7 +184,9 @@ class Device:
         mem = {"used": rt.used_memory(), "budget": rt.budget, "rss": psutil.Process().memory_info().rss}
         if not name:
             return {"profile": rt.profile.name, "profile_description": rt.profile.description,
-                    "threads": rt.threads, "keep_alive": rt.keep_alive, "models_dir": str(rt.system.models_dir),
+                    "threads": rt.threads, "threads_fixed": rt.fixed_threads,
+                    "threads_now": {b.name: b.policy.best() for b in rt._loaded.values()},
+                    "keep_alive": rt.keep_alive, "models_dir": str(rt.system.models_dir),
                     "config": str(rt.system.path) if rt.system.path else None, "loaded": rt.loaded(),
                     "models": len(rt.models), "experts": len(rt.experts), "memory": mem}
         from .memory import read_gguf

@@ -309,12 +309,20 @@ def cmd_ai(s: Session, words: list[str], rest: str) -> Result:
 AI_SUBCOMMANDS = ["list", "load", "unload", "info", "config", "stats", "benchmark"]
 
 
+def _threads(d: dict) -> str:
+    """'2 (fixed)' or 'up to 2, the fastest measured (gemma3-270m: 1)'."""
+    if d.get("threads_fixed", True):
+        return f"{d['threads']} (fixed)"
+    now = ", ".join(f"{base}: {n}" for base, n in d.get("threads_now", {}).items())
+    return f"up to {d['threads']}, the fastest measured" + (f" ({now})" if now else "")
+
+
 def _render_info(d: dict) -> str:
     m = d["memory"]
     if "name" not in d:
         return "\n".join([
             f"profile      {d['profile']}  {d.get('profile_description', '')}".rstrip(),
-            f"threads      {d['threads']}",
+            f"threads      {_threads(d)}",
             f"keep_alive   {d['keep_alive']:g} s",
             f"models       {d['models']} ({d['experts']} experts) in {d['models_dir']}",
             f"loaded       {', '.join(d['loaded']) or 'nothing'}",
