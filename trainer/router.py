@@ -194,7 +194,7 @@ def recalibrate(router_dir: Path, openset: Path, log=print) -> dict:
                           f"{len(vectors)} rows of {EXAMPLES_NPZ}; retrain the router")
     tokenizer = _tokenizer(router_dir, int(info["router"].get("max_length", 128)))
     result = calibrate_open_set(vectors[:n_train], labels[:n_train], vectors[n_train:], load_openset(openset),
-                                lambda texts: embed_onnx(router_dir / MODEL_ONNX, tokenizer, texts))
+                                onnx_embedder(router_dir / MODEL_ONNX, tokenizer))
     info["router"].update(example_temperature=result["temperature"], example_margin=result["margin"],
                           example_k=result["k"])
     (router_dir / ROUTER_TOML).write_text(dump_toml(info), encoding="utf-8")
@@ -365,21 +365,26 @@ def quantize_int8(src: Path, dst: Path) -> None:
 # ---------------------------------------------------------------------------------------------------
 # numpy side: embeddings through the exported graph, the head, calibration, metrics.
 
-def embed_onnx(onnx_path: Path, tokenizer, texts: Sequence[str]):
-    """Embed texts one per run with onnxruntime (the device's way: int8 activations are scaled per run)."""
+def onnx_embedder(onnx_path: Path, tokenizer):
+    """texts -> embeddings (n, dim) through one onnxruntime session, one text per run (the device's way: int8
+    activations are scaled per run)."""
     import numpy as np
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    rows = []
-    for text in texts:
-        enc = tokenizer.encode(text)
-        feeds = {"input_ids": np.asarray([enc.ids], np.int64),
-                 "attention_mask": np.asarray([enc.attention_mask], np.int64)}
-        rows.append(session.run(["embedding"], feeds)[0][0])
-    return np.stack(rows).astype(np.float32)
+
+    def embed(texts: Sequence[str]):
+        rows = []
+        for text in texts:
+            enc = tokenizer.encode(text)
+            feeds = {"input_ids": np.asarray([enc.ids], np.int64),
+                     "attention_mask": np.asarray([enc.attention_mask], np.int64)}
+            rows.append(session.run(["embedding"], feeds)[0][0])
+        return np.stack(rows).astype(np.float32)
+
+    return embed
 
 
 def fit_head(x, y, n_classes: int, *, epochs: int = 30, lr: float = 0.02, weight_decay: float = 1e-4,
@@ -592,8 +597,9 @@ def train_router(data: Path, out_dir: Path, *, heldout: Path | None = None, expe
             quantize_int8(fp32, graph)
         log(f"router: encoder exported{' and int8-quantized' if quantize else ''} ({time.time() - started:.1f} s)")
 
-        x_train = embed_onnx(graph, tokenizer, [q.text for q in train])
-        x_val = embed_onnx(graph, tokenizer, [q.text for q in val])
+        embed = onnx_embedder(graph, tokenizer)
+        x_train = embed([q.text for q in train])
+        x_val = embed([q.text for q in val])
         y_train = np.array([index[q.domain] for q in train])
         y_val = np.array([index[q.domain] for q in val])
         weight, bias = fit_head(x_train, y_train, len(experts), epochs=epochs, lr=lr, weight_decay=weight_decay,
@@ -610,7 +616,7 @@ def train_router(data: Path, out_dir: Path, *, heldout: Path | None = None, expe
         open_set = None
         if openset:
             open_set = calibrate_open_set(x_train, [experts[i] for i in y_train], x_val, load_openset(openset),
-                                          lambda texts: embed_onnx(graph, tokenizer, texts))
+                                          embed)
             log(f"router: open set: margin {open_set['margin']}, temperature {open_set['temperature']} "
                 f"(calibration recall {open_set['recall']}, false claims {open_set['false_claims']})")
         log(f"router: head fitted (train accuracy {train_acc:.3f}); temperature {temperature:.4f}; "
