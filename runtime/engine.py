@@ -147,8 +147,7 @@ class LoadedBase:
         ctx = self.llama._ctx.ctx
         mem = llama_cpp.llama_get_memory(ctx)
         n = min(self.llama.n_tokens, self.prompt_len)
-        # a sliding-window layer that dropped early positions could not be rolled back to a prefix: not worth it
-        if n <= 0 or mem is None or llama_cpp.llama_memory_seq_pos_min(mem, 0) > 0:
+        if n <= 0 or not _rolls_back(mem):  # a state no prefix could be taken from is not worth saving
             return
         llama_cpp.llama_memory_seq_rm(mem, 0, n, -1)
         self.llama.n_tokens = n
@@ -194,8 +193,7 @@ class LoadedBase:
         differ = np.flatnonzero(llama.input_ids[:limit] != np.asarray(tokens[:limit], dtype=llama.input_ids.dtype))
         keep = int(differ[0]) if differ.size else limit
         mem = llama_cpp.llama_get_memory(llama._ctx.ctx)
-        # a sliding-window layer that already dropped early positions cannot be rolled back to an earlier one
-        if keep == 0 or mem is None or llama_cpp.llama_memory_seq_pos_min(mem, 0) > 0:
+        if keep == 0 or not _rolls_back(mem):
             self.clear_kv()
             return 0
         llama_cpp.llama_memory_seq_rm(mem, 0, keep, -1)
@@ -261,6 +259,14 @@ class LoadedBase:
                 pending = [token]
         finally:
             llama_cpp.llama_sampler_free(chain)
+
+
+def _rolls_back(mem) -> bool:
+    """Whether sequence 0's KV can be cut back to a prefix: not once a sliding-window layer dropped its early
+    positions (llama_memory_seq_pos_min > 0), since the prefix would miss them."""
+    import llama_cpp
+
+    return mem is not None and llama_cpp.llama_memory_seq_pos_min(mem, 0) <= 0
 
 
 @dataclass
