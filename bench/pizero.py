@@ -98,19 +98,21 @@ class Cgroup:
                 pass
 
 
-def size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    return int(float(text[:-1]) * units[text[-1].upper()]) if text[-1].upper() in units else int(text)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--memory", default="512M", help="memory limit of the cgroup (default 512M, a Pi Zero 2W)")
     ap.add_argument("--cpus", default="0", help="CPUs the cgroup may use (default 0: one core)")
     ap.add_argument("--tokens", type=int, default=48, help="tokens per answer (default 48)")
     args = ap.parse_args()
+    from hublab.runtime.config import parse_size
+
     try:
-        group = Cgroup(size(args.memory), args.cpus)
+        limit = parse_size(args.memory)
+    except ValueError as exc:
+        print(f"pizero: --memory: {exc}", file=sys.stderr)
+        return 2
+    try:
+        group = Cgroup(limit, args.cpus)
     except OSError as exc:
         print(f"pizero: cannot make a cgroup ({exc}); run as root on a Linux with cgroups", file=sys.stderr)
         return 2
@@ -125,7 +127,7 @@ def main() -> int:
     try:
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, preexec_fn=group.enter,
                               env={**os.environ, "HUBLAB_HOME": str(Path("/tmp") / NAME)})
-        report = {"memory_limit_mb": size(args.memory) >> 20, "cpus": args.cpus, "exit": proc.returncode,
+        report = {"memory_limit_mb": limit >> 20, "cpus": args.cpus, "exit": proc.returncode,
                   "peak_mb": round(group.peak() / 2**20, 1), "limit_hits": group.hits(),
                   "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
                   "cold_page_cache": cold}

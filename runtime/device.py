@@ -185,7 +185,7 @@ class Device:
         if not name:
             return {"profile": rt.profile.name, "profile_description": rt.profile.description,
                     "threads": rt.threads, "threads_fixed": rt.fixed_threads,
-                    "threads_now": {b.name: b.policy.best() for b in rt._loaded.values()},
+                    "threads_now": {b.name: b.policy.best() for b in _loaded_bases(rt)},
                     "keep_alive": rt.keep_alive, "models_dir": str(rt.system.models_dir),
                     "config": str(rt.system.path) if rt.system.path else None, "loaded": rt.loaded(),
                     "models": len(rt.models), "experts": len(rt.experts), "memory": mem}
