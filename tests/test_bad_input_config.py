@@ -136,11 +136,20 @@ def test_model_toml_bad_value(tmp_path, section, key, value):
     assert str(path) in msg
 
 
+def write_system(tmp_path: Path, models_dir) -> Path:
+    """A system.toml in tmp_path: `models_dir`, the host profile."""
+    config = tmp_path / "system.toml"
+    config.write_text(f'[runtime]\nmodels_dir = "{models_dir}"\nprofile = "host"\n', encoding="utf-8")
+    return config
+
+
+def open_device(tmp_path: Path, models_dir) -> Device:
+    return Device(Runtime(system=load_system(write_system(tmp_path, models_dir))))
+
+
 @pytest.fixture
 def device(tmp_path, tiny_models_dir):
-    config = tmp_path / "system.toml"
-    config.write_text(f'[runtime]\nmodels_dir = "{tiny_models_dir}"\nprofile = "host"\n', encoding="utf-8")
-    d = Device(Runtime(system=load_system(config)))
+    d = open_device(tmp_path, tiny_models_dir)
     yield d
     d.close()
 
@@ -177,9 +186,7 @@ def test_ai_config_model_value_refused_and_file_kept(device):
 def test_unknown_model_says_why_a_broken_toml_failed(tmp_path, tiny_models_dir):
     (tiny_models_dir / "experts" / "broken.toml").write_text(
         '[model]\nname = "broken"\n[expert]\nbase = "tiny"\n[inference]\ntemperature = nan\n', encoding="utf-8")
-    config = tmp_path / "system.toml"
-    config.write_text(f'[runtime]\nmodels_dir = "{tiny_models_dir}"\nprofile = "host"\n', encoding="utf-8")
-    d = Device(Runtime(system=load_system(config)))
+    d = open_device(tmp_path, tiny_models_dir)
     try:
         with pytest.raises(HublabError) as err:
             d.load("broken")
@@ -193,9 +200,7 @@ def test_unknown_model_says_why_a_broken_toml_failed(tmp_path, tiny_models_dir):
 
 
 def test_unknown_model_says_the_models_dir_is_missing(tmp_path):
-    config = tmp_path / "system.toml"
-    config.write_text('[runtime]\nmodels_dir = "/nonexistent/hublab-models"\nprofile = "host"\n', encoding="utf-8")
-    d = Device(Runtime(system=load_system(config)))
+    d = open_device(tmp_path, "/nonexistent/hublab-models")
     try:
         with pytest.raises(HublabError) as err:
             d.info("general")
@@ -210,9 +215,7 @@ def test_run_names_a_broken_expert_toml(tmp_path, tiny_models_dir, capsys, monke
 
     (tiny_models_dir / "experts" / "broken.toml").write_text(
         '[model]\nname = "broken"\n[expert]\nbase = "tiny"\nscale = inf\n', encoding="utf-8")
-    config = tmp_path / "system.toml"
-    config.write_text(f'[runtime]\nmodels_dir = "{tiny_models_dir}"\nprofile = "host"\n', encoding="utf-8")
-    monkeypatch.setenv("HUBLAB_CONFIG", str(config))
+    monkeypatch.setenv("HUBLAB_CONFIG", str(write_system(tmp_path, tiny_models_dir)))
     assert main(["run", "broken", "hello"]) == 1
     err = capsys.readouterr().err.strip()
     assert "broken.toml" in one_line(err) and "scale" in err
@@ -264,9 +267,7 @@ def test_absurd_gguf_in_a_model_is_named_by_info(tmp_path):
     models.mkdir()
     gguf = _gguf(models / "absurd.gguf", {"llama.block_count": (10, struct.pack("<Q", 1 << 40))}, [])
     write_model_toml(models / "absurd.toml", "absurd", gguf_path=gguf)
-    config = tmp_path / "system.toml"
-    config.write_text(f'[runtime]\nmodels_dir = "{models}"\nprofile = "host"\n', encoding="utf-8")
-    d = Device(Runtime(system=load_system(config)))
+    d = open_device(tmp_path, models)
     try:
         with pytest.raises(HublabError) as err:
             d.info("absurd")

@@ -76,16 +76,22 @@ def write_toml(path: Path, doc: dict, head: str = "") -> bool:
     return True
 
 
+def load_or_one_error(load, path: Path, doc: dict):
+    """`load(path)` of `doc` written as TOML; None when it is not writable as TOML or refused with one line."""
+    if not write_toml(path, doc):
+        return None
+    try:
+        return load(path)
+    except ConfigError as exc:
+        one_line(str(exc))
+        return None
+
+
 @SETTINGS
 @given(doc=toml_doc(SYSTEM_SCHEMA))
 def test_any_system_toml_loads_or_is_one_config_error(tmp_path, doc):
-    path = tmp_path / "system.toml"
-    if not write_toml(path, doc):
-        return
-    try:
-        system = load_system(path)
-    except ConfigError as exc:
-        one_line(str(exc))
+    system = load_or_one_error(load_system, tmp_path / "system.toml", doc)
+    if system is None:
         return
     for value in (system.keyword_weight, system.sure, system.keep_alive):
         assert math.isfinite(value)  # whatever loads is usable
@@ -94,14 +100,9 @@ def test_any_system_toml_loads_or_is_one_config_error(tmp_path, doc):
 @SETTINGS
 @given(doc=toml_doc({k: v for k, v in MODEL_SCHEMA.items()}))
 def test_any_model_toml_loads_or_is_one_config_error(tmp_path, doc):
-    path = tmp_path / "m.toml"
     doc = {"model": {"name": "m", "path": "m.gguf"}, **doc} if "model" not in doc else doc
-    if not write_toml(path, doc):
-        return
-    try:
-        cfg = load_model(path)
-    except ConfigError as exc:
-        one_line(str(exc))
+    cfg = load_or_one_error(load_model, tmp_path / "m.toml", doc)
+    if cfg is None:
         return
     inf = cfg.inference
     for value in (inf.temperature, inf.top_p, inf.min_p, inf.repeat_penalty, cfg.threshold, cfg.scale,
