@@ -9,20 +9,23 @@ A router directory holds three files, all written by `hublab train router` (trai
 - `router.toml`: `[router] experts = [...]` in output order, `temperature`, `max_length`, `encoder`, `accuracy`.
 
 Scores. `head_score` is the trained head's calibrated probability. Every expert with examples has a
-`similarity`: the mean cosine of the query to its `example_k` closest examples, through the same encoder.
+`similarity`, through the same encoder: the mean cosine of the query to its `example_k` closest examples
+("near"), and for deciding a new expert's claim, `(1 - example_centroid) * near + example_centroid *` the
+cosine to the examples' mean direction (the nearest examples catch a query like one of them; the mean
+direction weighs what they share, so one outlying example of a broad domain does not decide).
 The router's own labelled queries (`examples.npz`, written by the trainer) are the examples of the experts
 that own its outputs, joined by those experts' `[expert] examples`. For the experts the head knows, the
-head is blended with a softmax of their similarities over `example_temperature`:
+head is blended with a softmax of their near similarities over `example_temperature`:
 `(1 - example_weight) * head + example_weight * softmax`. An expert the head does not know (a new
-package) claims its `example_score` by a softmax over `example_temperature` of its similarity plus
+package) claims its `example_score` by a softmax over `example_temperature` of its claim similarity plus
 `example_margin` (a specialist beats the broad domains it overlaps) against one "rest" entry: the best
-similarity of the known experts (`example_floor` when the router ships no examples). The rest goes to the
+claim similarity of the known experts (`example_floor` when the router ships no examples). The rest goes to the
 known experts: `model_score = example_score + (1 - sum of example_scores) * blended head`. A query close to
 no new expert leaves everything to the head and its examples, so thresholds and the fallback keep their
 meaning; a new expert needs no retraining and leaves routing with its TOML. Examples are embedded on
 first use (not at load: shell start stays fast) and cached by embcache, keyed by the encoder's and the
-examples' hashes. The temperature and margin are calibrated by the trainer on open-set domains of its
-own (trainer/data/router_openset.jsonl). `keyword_score` is the keyword
+examples' hashes. The temperature, margin and centroid weight are calibrated by the trainer on open-set
+domains of its own (trainer/data/router_openset.jsonl). `keyword_score` is the keyword
 distribution: for each expert, the number of its distinct `keywords` found in the query (whole words or
 phrases, case-folded, never substrings) divided by the hits of all experts together. The final score is
 `(1 - w) * model_score + w * keyword_score` with `w = [moe] keyword_weight` (default 0.25); when no keyword
@@ -88,10 +91,13 @@ ROUTER_SCHEMA: dict[str, dict[str, Key]] = {
         "macro_f1": Key(float, 0.0, "macro-averaged F1 on accuracy_split"),
         "examples": Key(int, 0, "number of labelled queries the head was fitted on"),
         "example_temperature": Key(float, 0.05, "softmax temperature over example similarities (calibrated)"),
-        "example_margin": Key(float, 0.0, "added to a new expert's similarity against the known experts' (calibrated)"),
+        "example_margin": Key(float, 0.0, "added to a new expert's claim similarity against the known experts' "
+                              "(calibrated)"),
         "example_weight": Key(float, 0.5, "weight of example similarity against the head for the known experts"),
         "example_floor": Key(float, 0.4, "the known experts' similarity when the router ships no examples"),
         "example_k": Key(int, 3, "an expert's similarity is the mean of its k closest examples"),
+        "example_centroid": Key(float, 0.0, "weight of the cosine to an expert's examples' mean direction against "
+                                "its k closest examples (calibrated)"),
     },
 }
 
@@ -111,7 +117,8 @@ class RouteScore:
     knows, example_score is its share of a softmax over the known experts' similarities and
     model_score = (1 - new experts' example_scores) * ((1 - example_weight) * head + example_weight *
     example); for a new expert (no head output) model_score = example_score. `similarity` is the query's
-    similarity to the expert's examples (None when it has none).
+    similarity to the expert's examples that its score used: near for a known expert, claim for a new one
+    (None when it has none).
     """
     expert: str
     score: float
@@ -296,6 +303,7 @@ class RouterInfo:
     example_weight: float = 0.5
     example_floor: float = 0.4
     example_k: int = 3
+    example_centroid: float = 0.0
 
 
 def read_router_toml(path: Path) -> RouterInfo:
@@ -324,6 +332,8 @@ def read_router_toml(path: Path) -> RouterInfo:
                           "use e.g. 0.05 or rebuild the router")
     if not 0.0 <= sec["example_weight"] <= 1.0:
         raise RouterError(f"{path}: [router] example_weight: {sec['example_weight']} is out of range; use 0..1")
+    if not 0.0 <= sec["example_centroid"] <= 1.0:
+        raise RouterError(f"{path}: [router] example_centroid: {sec['example_centroid']} is out of range; use 0..1")
     if sec["example_k"] < 1:
         raise RouterError(f"{path}: [router] example_k: {sec['example_k']} must be at least 1; use e.g. 3")
     if sec["max_length"] < 4:
@@ -333,7 +343,7 @@ def read_router_toml(path: Path) -> RouterInfo:
                       accuracy_split=sec["accuracy_split"], macro_f1=sec["macro_f1"], examples=sec["examples"],
                       example_temperature=sec["example_temperature"], example_margin=sec["example_margin"],
                       example_weight=sec["example_weight"], example_floor=sec["example_floor"],
-                      example_k=sec["example_k"])
+                      example_k=sec["example_k"], example_centroid=sec["example_centroid"])
 
 
 @dataclass(frozen=True)
@@ -413,7 +423,7 @@ class Router:
         self._encoder_id: str | None = None
         self._recent: OrderedDict[str, Any] = OrderedDict()   # text -> embedding of the last few queries
         self._recent_lock = threading.Lock()
-        self._examples: tuple[Any, Any, list[str], list[bool]] | None = None  # see example_index
+        self._examples: tuple[Any, Any, list[str], list[bool], Any] | None = None  # see example_index
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -612,7 +622,8 @@ class Router:
         return out
 
     def example_index(self):
-        """(vectors (n, dim), expert index of each row, expert names, known flags): built on first use."""
+        """(vectors (n, dim), expert index of each row, expert names, known flags, unit mean vector of each
+        expert's examples): built on first use."""
         if self._examples is None:
             import numpy as np
 
@@ -637,23 +648,31 @@ class Router:
                     rows.extend(vecs)
                     names.append(e.name)
             vectors = np.stack(rows).astype(np.float32) if rows else np.zeros((0, 1), np.float32)
-            self._examples = (vectors, np.asarray(owner, dtype=np.int64), names,
-                              [n in known for n in names])
+            owner = np.asarray(owner, dtype=np.int64)
+            means = [vectors[owner == i].mean(axis=0) for i in range(len(names))]
+            centroids = (np.stack([m / (np.linalg.norm(m) or 1.0) for m in means]).astype(np.float32) if means
+                         else np.zeros((0, 1), np.float32))
+            self._examples = (vectors, owner, names, [n in known for n in names], centroids)
         return self._examples
 
-    def similarities(self, embedding) -> dict[str, float]:
-        """Each expert with examples: the mean cosine of the query to its `example_k` closest examples."""
+    def similarities(self, embedding) -> tuple[dict[str, float], dict[str, float]]:
+        """Each expert with examples: (near, claim). `near` is the mean cosine of the query to the expert's
+        `example_k` closest examples; `claim` blends it with the cosine to the examples' mean direction
+        (`example_centroid` of the latter): what a new expert's claim is decided on."""
         import numpy as np
 
-        vectors, owner, names, _ = self.example_index()
-        sims = vectors @ np.asarray(embedding, dtype=np.float32)
-        k = self.info.example_k
-        out = {}
+        vectors, owner, names, _, centroids = self.example_index()
+        query = np.asarray(embedding, dtype=np.float32)
+        sims = vectors @ query
+        to_centre = centroids @ query
+        k, c = self.info.example_k, self.info.example_centroid
+        near, claim = {}, {}
         for i, name in enumerate(names):
             mine = sims[owner == i]
             top = mine if len(mine) <= k else np.partition(mine, len(mine) - k)[-k:]
-            out[name] = float(top.mean())
-        return out
+            near[name] = float(top.mean())
+            claim[name] = (1 - c) * near[name] + c * float(to_centre[i])
+        return near, claim
 
     def model_parts(self, text: str) -> tuple[dict[str, float], dict[str, tuple[float, float, float | None]]]:
         """Model score per expert and its parts (head_score, example_score, similarity) for one query."""
@@ -663,8 +682,8 @@ class Router:
         probs, embedding = self.session.run(["probabilities", "embedding"], self._feeds(text))
         self._remembered(text, embedding[0])
         head = self.head_scores(probs[0])
-        sims = self.similarities(embedding[0])
-        _, _, names, known_flags = self.example_index()
+        sims, claim = self.similarities(embedding[0])
+        _, _, names, known_flags, _ = self.example_index()
         known = {n for n, k in zip(names, known_flags) if k}
         info = self.info
         t = info.example_temperature
@@ -678,9 +697,9 @@ class Router:
             knn = {n: v / total for n, v in e.items()}
             w = info.example_weight
             blended = {n: (1 - w) * h + w * knn.get(n, 0.0) for n, h in head.items()}
-        # New experts claim their share against the best known similarity (the "rest").
-        new = {n: s + info.example_margin for n, s in sims.items() if n not in known}
-        rest = max(sims[n] for n in known) if known else info.example_floor
+        # New experts claim their share against the best known claim similarity (the "rest").
+        new = {n: s + info.example_margin for n, s in claim.items() if n not in known}
+        rest = max(claim[n] for n in known) if known else info.example_floor
         shares: dict[str, float] = {}
         if new:
             top = max(rest, *new.values())
@@ -689,7 +708,8 @@ class Router:
             shares = {n: v / total for n, v in e.items()}
         left = max(0.0, 1.0 - sum(shares.values()))
         model = {n: shares.get(n, 0.0) + left * blended[n] for n in head}
-        return model, {n: (head[n], shares.get(n, knn.get(n, 0.0)), sims.get(n)) for n in head}
+        return model, {n: (head[n], shares.get(n, knn.get(n, 0.0)), sims.get(n) if n in known else claim.get(n))
+                       for n in head}
 
     def model_scores(self, text: str) -> dict[str, float]:
         """Every configured expert's model score: examples' shares first, the head's for the rest."""

@@ -6,7 +6,8 @@ import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-HELDOUT_FILES = (REPO / "bench" / "quality" / "heldout.jsonl", REPO / "bench" / "routing" / "heldout.jsonl")
+HELDOUT_FILES = (REPO / "bench" / "quality" / "heldout.jsonl", REPO / "bench" / "routing" / "heldout.jsonl",
+                 REPO / "bench" / "routing" / "dev.jsonl")
 
 
 def words(text: str) -> frozenset[str]:

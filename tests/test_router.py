@@ -545,7 +545,7 @@ def test_route_cli_table_and_corrupt_router_error(tmp_path):
 def test_recalibrate_rewrites_only_the_open_set_fields(trained_router, tmp_path, capsys):
     import shutil
 
-    from hublab.trainer.router import main, recalibrate
+    from hublab.trainer.router import CENTROID_WEIGHTS, main, recalibrate
 
     src, metrics = trained_router
     d = tmp_path / "router"
@@ -557,7 +557,9 @@ def test_recalibrate_rewrites_only_the_open_set_fields(trained_router, tmp_path,
     result = recalibrate(d, openset, log=lambda m: None)
     assert result["domains"] == ["gardening", "music"] and 0 < result["temperature"] and 0 <= result["recall"] <= 1
     r = Router.load(d)
-    assert (r.info.example_margin, r.info.example_temperature) == (result["margin"], result["temperature"])
+    assert (r.info.example_margin, r.info.example_temperature, r.info.example_centroid) == \
+        (result["margin"], result["temperature"], result["centroid"])
+    assert result["centroid"] in CENTROID_WEIGHTS and result["prior"] == round(1 / 6, 4)  # one in five known + 1
     assert r.info.temperature == Router.load(src).info.temperature            # the head is untouched
     assert json.loads((d / "metrics.json").read_text())["open_set_calibration"] == result
     after = (d / "router.toml").read_text()

@@ -119,6 +119,25 @@ def test_every_part_of_the_score_is_shown_and_adds_up():
 
 
 @needs_default
+def test_a_new_expert_claims_by_nearest_examples_and_their_mean_direction():
+    r = open_router()
+    assert 0 < r.info.example_centroid < 1  # calibrated by the trainer; 0 would be the nearest examples alone
+    q = "how long should I knead bread dough"
+    ex = r.embed(list(cooking_examples()))
+    v = r.embed([q])[0]
+    cos = np.sort(ex @ v)[::-1]
+    mean = ex.mean(axis=0)
+    near = cos[:r.info.example_k].mean()
+    expected = (1 - r.info.example_centroid) * near + r.info.example_centroid * v @ mean / np.linalg.norm(mean)
+    parts = {s.expert: s for s in r.score(q)}
+    assert parts["cooking"].similarity == pytest.approx(float(expected), abs=1e-5)
+    # The known experts' softmax uses their nearest examples alone: their shown similarity is that mean.
+    near_known, claim = r.similarities(v)
+    assert parts["general"].similarity == pytest.approx(near_known["general"], abs=1e-6)
+    assert claim["general"] != near_known["general"] and claim["cooking"] == pytest.approx(expected, abs=1e-5)
+
+
+@needs_default
 def test_a_query_close_to_no_example_is_the_heads_and_the_fallback_keeps_its_meaning():
     r = open_router()
     # Not a cooking question: the examples claim almost nothing and the head decides as before.

@@ -8,8 +8,9 @@ Steps (each a function the `hublab train router` command can reuse):
 4. embed every query with that quantized graph, one query per run exactly as the device does, and fit
    the linear head on those embeddings, so the head matches what the Pi computes;
 5. calibrate a softmax temperature on the validation part (lowest negative log-likelihood), and, given
-   open-set domains (`--openset`, trainer/data/router_openset.jsonl), the temperature and margin with
-   which a new expert's examples claim queries from the known experts (see runtime/router.py);
+   open-set domains (`--openset`, trainer/data/router_openset.jsonl), the temperature, margin and
+   centroid weight with which a new expert's examples claim queries from the known experts (see
+   runtime/router.py);
 6. append head, temperature and softmax to the graph: `input_ids, attention_mask -> probabilities,
    embedding`, and write model.onnx, tokenizer.json, router.toml, examples.npz (every labelled query's
    embedding: the known experts' examples on the device), metrics.json, confusion.png.
@@ -135,41 +136,60 @@ def topk_mean(sims, k: int):
     return np.sort(sims, axis=1)[:, -k:].mean(axis=1)
 
 
+def example_similarity(x, examples, k: int, centroid: float):
+    """The device's similarity of queries `x` to one expert's examples (runtime/router.py): the mean of the k
+    closest cosines, blended with the cosine to the examples' mean direction by `centroid`."""
+    import numpy as np
+
+    mean = examples.mean(axis=0)
+    return (1 - centroid) * topk_mean(x @ examples.T, k) + centroid * (x @ (mean / (np.linalg.norm(mean) or 1.0)))
+
+
+CENTROID_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
 def calibrate_open_set(anchors, anchor_labels, negatives, domains: dict, embed, k: int = 3) -> dict:
     """Fit how a new expert's examples claim queries: p = sigmoid((s_new + margin - s_known) / T).
 
     s_new is a query's similarity to the new domain's examples, s_known its best similarity to the known
-    domains' queries. Positives: the open-set domains' own queries; negatives: the known domains'
-    validation queries. The fit (least log-loss on a grid, both classes weighted equally) gives `margin`
-    and `temperature`.
+    domains' queries (both `example_similarity`). Positives: the open-set domains' own queries; negatives:
+    the known domains' validation queries. The fit (least log-loss on a grid) gives `margin`, `temperature`
+    and the similarity's `centroid` weight. Positives are weighted by `prior`, a new expert's share of the
+    queries when it is one of K + 1 equally asked experts, so the fit minimises the expected misroutes:
+    with equal weights it would trade one claimed query of the new expert for one lost by the K others.
     """
     import numpy as np
 
     anchor_labels = np.asarray(anchor_labels)
-
-    def known(x):
-        return np.max([topk_mean(x @ anchors[anchor_labels == lab].T, k) for lab in sorted(set(anchor_labels))], axis=0)
-
-    gaps, y = [], []
-    neg_known = known(negatives)
-    for name, (examples, queries) in domains.items():
-        ex = embed(examples)
-        pos = embed(queries)
-        gaps += list(topk_mean(pos @ ex.T, k) - known(pos)) + list(topk_mean(negatives @ ex.T, k) - neg_known)
-        y += [1.0] * len(queries) + [0.0] * len(negatives)
-    gaps, y = np.asarray(gaps), np.asarray(y)
-    w = np.where(y > 0, 0.5 / y.sum(), 0.5 / (1 - y).sum())  # both classes count equally
+    groups = [anchors[anchor_labels == lab] for lab in sorted(set(anchor_labels))]
+    embedded = [(embed(examples), embed(queries)) for examples, queries in domains.values()]
+    y = np.concatenate([np.r_[np.ones(len(pos)), np.zeros(len(negatives))] for _, pos in embedded])
+    prior = 1 / (len(groups) + 1)
+    w = np.where(y > 0, prior / y.sum(), (1 - prior) / (1 - y).sum())
     best = None
-    for margin in np.linspace(-0.2, 0.3, 101):
-        for t in np.exp(np.linspace(np.log(0.005), np.log(0.2), 40)):
-            p = np.clip(1 / (1 + np.exp(-(gaps + margin) / t)), 1e-9, 1 - 1e-9)
-            loss = float(-(w * (y * np.log(p) + (1 - y) * np.log(1 - p))).sum())
-            if best is None or loss < best[0]:
-                best = (loss, float(margin), float(t))
-    _, margin, t = best
+    for centroid in CENTROID_WEIGHTS:
+        neg_known = np.max([example_similarity(negatives, g, k, centroid) for g in groups], axis=0)
+        gaps = np.concatenate([np.r_[example_similarity(pos, ex, k, centroid)
+                                     - np.max([example_similarity(pos, g, k, centroid) for g in groups], axis=0),
+                                     example_similarity(negatives, ex, k, centroid) - neg_known]
+                               for ex, pos in embedded])
+        for margin in np.linspace(-0.2, 0.3, 101):
+            for t in np.exp(np.linspace(np.log(0.005), np.log(0.2), 40)):
+                p = np.clip(1 / (1 + np.exp(-(gaps + margin) / t)), 1e-9, 1 - 1e-9)
+                loss = float(-(w * (y * np.log(p) + (1 - y) * np.log(1 - p))).sum())
+                if best is None or loss < best[0]:
+                    best = (loss, float(margin), float(t), centroid, gaps)
+    _, margin, t, centroid, gaps = best
     claimed = (gaps + margin) > 0
-    return {"margin": round(margin, 4), "temperature": round(t, 4), "k": k, "domains": sorted(domains),
-            "recall": round(float(claimed[y > 0].mean()), 4), "false_claims": round(float(claimed[y == 0].mean()), 4)}
+    return {"margin": round(margin, 4), "temperature": round(t, 4), "k": k, "centroid": centroid,
+            "prior": round(prior, 4), "domains": sorted(domains), "recall": round(float(claimed[y > 0].mean()), 4),
+            "false_claims": round(float(claimed[y == 0].mean()), 4)}
+
+
+def open_set_keys(result: dict) -> dict:
+    """router.toml keys of an open-set calibration."""
+    return {"example_temperature": result["temperature"], "example_margin": result["margin"],
+            "example_k": result["k"], "example_centroid": result["centroid"]}
 
 
 def recalibrate(router_dir: Path, openset: Path, log=print) -> dict:
@@ -195,14 +215,14 @@ def recalibrate(router_dir: Path, openset: Path, log=print) -> dict:
     tokenizer = _tokenizer(router_dir, int(info["router"].get("max_length", 128)))
     result = calibrate_open_set(vectors[:n_train], labels[:n_train], vectors[n_train:], load_openset(openset),
                                 onnx_embedder(router_dir / MODEL_ONNX, tokenizer))
-    info["router"].update(example_temperature=result["temperature"], example_margin=result["margin"],
-                          example_k=result["k"])
+    info["router"].update(open_set_keys(result))
     (router_dir / ROUTER_TOML).write_text(dump_toml(info), encoding="utf-8")
     metrics_path = router_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
     metrics["open_set_calibration"] = result
     metrics_path.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    log(f"router: open set: margin {result['margin']}, temperature {result['temperature']} (calibration recall "
+    log(f"router: open set: margin {result['margin']}, temperature {result['temperature']}, centroid "
+        f"{result['centroid']} (calibration recall "
         f"{result['recall']}, false claims {result['false_claims']}, domains {', '.join(result['domains'])})")
     return result
 
@@ -617,8 +637,9 @@ def train_router(data: Path, out_dir: Path, *, heldout: Path | None = None, expe
         if openset:
             open_set = calibrate_open_set(x_train, [experts[i] for i in y_train], x_val, load_openset(openset),
                                           embed)
-            log(f"router: open set: margin {open_set['margin']}, temperature {open_set['temperature']} "
-                f"(calibration recall {open_set['recall']}, false claims {open_set['false_claims']})")
+            log(f"router: open set: margin {open_set['margin']}, temperature {open_set['temperature']}, "
+                f"centroid {open_set['centroid']} (calibration recall {open_set['recall']}, "
+                f"false claims {open_set['false_claims']})")
         log(f"router: head fitted (train accuracy {train_acc:.3f}); temperature {temperature:.4f}; "
             f"validation accuracy {validation['accuracy']:.3f}")
 
@@ -639,8 +660,7 @@ def train_router(data: Path, out_dir: Path, *, heldout: Path | None = None, expe
             "accuracy": validation["accuracy"], "accuracy_split": "validation", "macro_f1": validation["macro_f1"],
         }}
         if open_set:
-            router_toml["router"].update(example_temperature=open_set["temperature"], example_margin=open_set["margin"],
-                                         example_k=open_set["k"])
+            router_toml["router"].update(open_set_keys(open_set))
         # Every labelled query's embedding (as the device computes it) ships as the known experts' examples.
         from hublab.runtime.manifest import sha256_file
 
