@@ -1,9 +1,10 @@
 """Routing quality on queries written apart from the training data (bench/routing/).
 
 Two query sets, neither trained nor calibrated on (tests/test_quality.py checks every training file):
-- `heldout` (bench/routing/heldout.jsonl, 410 queries): 60 per known domain, 60 cooking and 50 legal,
+- `heldout` (bench/routing/heldout.jsonl, 386 queries): 54-56 per known domain, 60 cooking and 50 legal,
   with the 20 examples of cooking_examples.txt and legal_examples.txt; written at once by someone who saw
-  no training data, and read only to measure a finished router;
+  no training data (24 queries that coincided with training queries were dropped), and read only to
+  measure a finished router;
 - `dev` (bench/routing/dev.jsonl, 342 queries, cooking examples dev_cooking_examples.txt): the first
   held-out set, on which the open-set scoring was chosen between variants; its numbers are no longer
   independent.
