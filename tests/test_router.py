@@ -292,6 +292,20 @@ def test_output_width_disagreeing_with_router_toml_is_an_error(tmp_path):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("line, message", [
+    ("example_centroid = 1.5", r"\[router\] example_centroid: 1.5 is out of range; use 0..1"),
+    ("example_centroid = \"half\"", r"example_centroid"),
+])
+def test_bad_example_centroid_is_a_one_line_error(tmp_path, line, message):
+    from hublab.runtime.router import read_router_toml
+
+    path = tmp_path / "router.toml"
+    path.write_text(f'[router]\nexperts = ["a", "general"]\ntemperature = 1.0\n{line}\n')
+    with pytest.raises(RouterError, match=message) as e:
+        read_router_toml(path)
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
+
+
 def test_model_built_for_other_experts_is_an_error(tmp_path):
     d = make_router_dir(tmp_path / "r", ["a", "b", "general"], [0.5, 0.3, 0.2], meta_experts=["x", "y", "general"])
     with pytest.raises(RouterError, match=r"disagree with the experts \['x', 'y', 'general'\] that model.onnx was "

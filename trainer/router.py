@@ -192,6 +192,13 @@ def open_set_keys(result: dict) -> dict:
             "example_k": result["k"], "example_centroid": result["centroid"]}
 
 
+def open_set_summary(result: dict) -> str:
+    """One log line for an open-set calibration."""
+    return (f"router: open set: margin {result['margin']}, temperature {result['temperature']}, centroid "
+            f"{result['centroid']} (calibration recall {result['recall']}, false claims {result['false_claims']}, "
+            f"domains {', '.join(result['domains'])})")
+
+
 def recalibrate(router_dir: Path, openset: Path, log=print) -> dict:
     """Calibrate an existing router's routing by examples again on `openset` (the encoder and head unchanged):
     the known experts' queries come from its examples.npz (training split first, then validation, as
@@ -221,9 +228,7 @@ def recalibrate(router_dir: Path, openset: Path, log=print) -> dict:
     metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
     metrics["open_set_calibration"] = result
     metrics_path.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    log(f"router: open set: margin {result['margin']}, temperature {result['temperature']}, centroid "
-        f"{result['centroid']} (calibration recall "
-        f"{result['recall']}, false claims {result['false_claims']}, domains {', '.join(result['domains'])})")
+    log(open_set_summary(result))
     return result
 
 
@@ -637,9 +642,7 @@ def train_router(data: Path, out_dir: Path, *, heldout: Path | None = None, expe
         if openset:
             open_set = calibrate_open_set(x_train, [experts[i] for i in y_train], x_val, load_openset(openset),
                                           embed)
-            log(f"router: open set: margin {open_set['margin']}, temperature {open_set['temperature']}, "
-                f"centroid {open_set['centroid']} (calibration recall {open_set['recall']}, "
-                f"false claims {open_set['false_claims']})")
+            log(open_set_summary(open_set))
         log(f"router: head fitted (train accuracy {train_acc:.3f}); temperature {temperature:.4f}; "
             f"validation accuracy {validation['accuracy']:.3f}")
 
