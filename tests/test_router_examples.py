@@ -236,3 +236,21 @@ def test_pkg_build_refuses_an_expert_whose_examples_file_is_not_in_the_package(w
         pkg.build(src, key=ws.key)
     (src / "examples.txt").write_text("how to make risotto\n")
     assert pkg.build(src, key=ws.key).files == 3
+
+
+@needs_default
+def test_the_shipped_router_meets_the_open_set_goals_on_the_heldout_queries():
+    """bench/routing_eval.py's numbers as a guard: a retrained or recalibrated router that loses them fails."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("routing_eval", Path(__file__).resolve().parents[1] / "bench"
+                                                  / "routing_eval.py")
+    routing_eval = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(routing_eval)
+    result = routing_eval.evaluate(DEFAULT_ROUTER, "heldout")
+    assert result["five"]["accuracy"] >= routing_eval.GOAL_FIVE and result["five"]["n"] >= 250
+    assert set(result["open_set"]) == {"cooking", "legal"}
+    for name, run in result["open_set"].items():
+        assert run["examples"] == {name: 20}
+        assert run[f"{name}_share"] >= routing_eval.GOAL_OPEN and run["five_accuracy"] >= routing_eval.GOAL_FIVE, name
+    assert result["goal"]["five_met"] and all(result["goal"]["open_set_met"].values())
