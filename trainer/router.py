@@ -136,13 +136,14 @@ def topk_mean(sims, k: int):
     return np.sort(sims, axis=1)[:, -k:].mean(axis=1)
 
 
-def example_similarity(x, examples, k: int, centroid: float):
-    """The device's similarity of queries `x` to one expert's examples (runtime/router.py): the mean of the k
-    closest cosines, blended with the cosine to the examples' mean direction by `centroid`."""
+def similarity_parts(x, examples, k: int):
+    """The two parts of the device's similarity of queries `x` to one expert's examples (runtime/router.py):
+    the mean of the k closest cosines, and the cosine to the examples' mean direction. A claim blends them
+    `(1 - centroid) * near + centroid * centre`."""
     import numpy as np
 
     mean = examples.mean(axis=0)
-    return (1 - centroid) * topk_mean(x @ examples.T, k) + centroid * (x @ (mean / (np.linalg.norm(mean) or 1.0)))
+    return topk_mean(x @ examples.T, k), x @ (mean / (np.linalg.norm(mean) or 1.0))
 
 
 CENTROID_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -152,7 +153,7 @@ def calibrate_open_set(anchors, anchor_labels, negatives, domains: dict, embed, 
     """Fit how a new expert's examples claim queries: p = sigmoid((s_new + margin - s_known) / T).
 
     s_new is a query's similarity to the new domain's examples, s_known its best similarity to the known
-    domains' queries (both `example_similarity`). Positives: the open-set domains' own queries; negatives:
+    domains' queries (both blends of `similarity_parts`). Positives: the open-set domains' own queries; negatives:
     the known domains' validation queries. The fit (least log-loss on a grid) gives `margin`, `temperature`
     and the similarity's `centroid` weight. Positives are weighted by `prior`, a new expert's share of the
     queries when it is one of K + 1 equally asked experts, so the fit minimises the expected misroutes:
@@ -166,13 +167,18 @@ def calibrate_open_set(anchors, anchor_labels, negatives, domains: dict, embed, 
     y = np.concatenate([np.r_[np.ones(len(pos)), np.zeros(len(negatives))] for _, pos in embedded])
     prior = 1 / (len(groups) + 1)
     w = np.where(y > 0, prior / y.sum(), (1 - prior) / (1 - y).sum())
+    # Both parts of every similarity once; each centroid weight only blends them.
+    neg_known = [similarity_parts(negatives, g, k) for g in groups]
+    parts = [(similarity_parts(pos, ex, k), [similarity_parts(pos, g, k) for g in groups],
+              similarity_parts(negatives, ex, k)) for ex, pos in embedded]
     best = None
     for centroid in CENTROID_WEIGHTS:
-        neg_known = np.max([example_similarity(negatives, g, k, centroid) for g in groups], axis=0)
-        gaps = np.concatenate([np.r_[example_similarity(pos, ex, k, centroid)
-                                     - np.max([example_similarity(pos, g, k, centroid) for g in groups], axis=0),
-                                     example_similarity(negatives, ex, k, centroid) - neg_known]
-                               for ex, pos in embedded])
+        def mix(near_centre, c=centroid):
+            return (1 - c) * near_centre[0] + c * near_centre[1]
+
+        neg_rest = np.max([mix(p) for p in neg_known], axis=0)
+        gaps = np.concatenate([np.r_[mix(new_pos) - np.max([mix(p) for p in known_pos], axis=0),
+                                     mix(new_neg) - neg_rest] for new_pos, known_pos, new_neg in parts])
         for margin in np.linspace(-0.2, 0.3, 101):
             for t in np.exp(np.linspace(np.log(0.005), np.log(0.2), 40)):
                 p = np.clip(1 / (1 + np.exp(-(gaps + margin) / t)), 1e-9, 1 - 1e-9)
