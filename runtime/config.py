@@ -20,7 +20,7 @@ import tomlkit
 from .chat import FORMATS as CHAT_FORMATS
 from .errors import HublabError
 from .inputs import finite, quote
-from .paths import EMBEDDED_MODELS_DIR, user_models_dir
+from .paths import EMBEDDED_MODELS_DIR, config_home, user_models_dir
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -286,12 +286,11 @@ class SystemConfig:
 
 
 def default_system_path() -> Path:
-    """$HUBLAB_CONFIG, else ~/.config/hublab/system.toml."""
+    """$HUBLAB_CONFIG, else system.toml in the config home ($HUBLAB_HOME or ~/.config/hublab)."""
     env = os.environ.get("HUBLAB_CONFIG")
     if env:
         return Path(env)
-    base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
-    return base / "hublab" / "system.toml"
+    return config_home() / "system.toml"
 
 
 def load_system(path: Path | None = None) -> SystemConfig:

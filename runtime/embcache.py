@@ -15,12 +15,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .paths import cache_home
+
 
 def cache_root() -> Path:
     """$HUBLAB_HOME/cache, else $XDG_CACHE_HOME/hublab (~/.cache/hublab)."""
-    if os.environ.get("HUBLAB_HOME"):
-        return Path(os.environ["HUBLAB_HOME"]) / "cache"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hublab"
+    return cache_home()
 
 
 def texts_hash(texts: Sequence[str]) -> str:

@@ -5,9 +5,12 @@ through the installed `hublab` package with importlib.resources, so a wheel and 
 it the same way (the checkout's hublab/data/ links to the repo's models/, hardware-profiles/ and
 packaging/). It is read-only: what the user installs, caches and logs goes to their own directories.
 
-    $HUBLAB_HOME               one root for everything below, when set (a service, a test)
+    $HUBLAB_HOME               one root for everything below, when set (a service, a test): data and
+                               state in it, system.toml and signing.key in it, caches in cache/
+    ~/.config/hublab/          config: system.toml (or $HUBLAB_CONFIG), signing.key
     ~/.local/share/hublab/     data: models/ (installed packages, the user's own TOMLs), registry/
     ~/.local/state/hublab/     state: history, llama.log
+    ~/.cache/hublab/           caches: embeddings, dequantized training bases (hf/)
 """
 from __future__ import annotations
 
@@ -33,6 +36,20 @@ def data_home() -> Path:
 def user_models_dir() -> Path:
     """Where packages install and the user's own model TOMLs go unless [runtime] models_dir says otherwise."""
     return data_home() / "models"
+
+
+def config_home() -> Path:
+    """$HUBLAB_HOME, else $XDG_CONFIG_HOME/hublab (~/.config/hublab): system.toml and signing.key."""
+    if os.environ.get("HUBLAB_HOME"):
+        return Path(os.environ["HUBLAB_HOME"])
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "hublab"
+
+
+def cache_home() -> Path:
+    """$HUBLAB_HOME/cache, else $XDG_CACHE_HOME/hublab (~/.cache/hublab): files that can be made again."""
+    if os.environ.get("HUBLAB_HOME"):
+        return Path(os.environ["HUBLAB_HOME"]) / "cache"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hublab"
 
 
 def state_home() -> Path:

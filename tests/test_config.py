@@ -136,6 +136,24 @@ def test_models_dir_defaults_to_the_user_data_dir_over_the_embedded_set(tmp_path
     assert explicit.defaults_dir is None and explicit.model_dirs == [tmp_path / "mine"]
 
 
+def test_hublab_home_holds_config_and_caches_too(tmp_path, monkeypatch):
+    """$HUBLAB_HOME is one root: system.toml (what `settings` writes), the signing key and caches go in it."""
+    from hublab.runtime import config, embcache, paths, signing
+
+    for var in ("HUBLAB_CONFIG", "XDG_CONFIG_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HUBLAB_HOME", str(tmp_path / "home"))
+    home = tmp_path / "home"
+    assert config.default_system_path() == home / "system.toml"
+    assert signing.default_key_path() == home / "signing.key"
+    assert embcache.cache_root() == paths.cache_home() == home / "cache"
+    set_system_value(config.default_system_path(), "moe", "synthesis", "voting")
+    assert load_system().synthesis == "voting" and (home / "system.toml").is_file()
+    monkeypatch.delenv("HUBLAB_HOME")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    assert config.default_system_path() == tmp_path / "xdg" / "hublab" / "system.toml"
+
+
 def test_parsers():
     assert parse_routing("topk:2") == ("topk", 2)
     assert parse_routing("threshold:0.25") == ("threshold", 0.25)

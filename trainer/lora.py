@@ -27,11 +27,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from hublab.runtime.errors import HublabError
+from hublab.runtime.paths import cache_home
 
 from . import data as D
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-CACHE_DIR = Path(os.environ.get("HUBLAB_CACHE", Path.home() / ".cache" / "hublab"))
+# $HUBLAB_CACHE, else the cache home ($HUBLAB_HOME/cache or ~/.cache/hublab)
+CACHE_DIR = Path(os.environ.get("HUBLAB_CACHE") or cache_home())
 
 
 class TrainError(HublabError, ValueError):
