@@ -1,6 +1,7 @@
 """The Ollama-compatible routes, so Ollama clients (the `ollama` library, Open WebUI, most local-LLM tools)
 reach hublab as they reach Ollama. `model` is an expert or base name (a ":latest" tag is accepted), "moe"
-for a routed answer, or "router" for embeddings from the router's sentence encoder.
+for a routed answer, or "router" for embeddings from the router's sentence encoder. Embeddings answer for
+every listed name, as Ollama's do, and always come from that encoder (/api/show says so in model_info).
 
     GET    /api/version                {"version"}
     GET    /api/tags                   every model, plus moe (and router when there is one)
@@ -8,8 +9,8 @@ for a routed answer, or "router" for embeddings from the router's sentence encod
     POST   /api/show                   {"model"} -> details, parameters, modelfile, capabilities
     POST   /api/chat                   {"model", "messages", "stream" (default true), "options", "keep_alive"}
     POST   /api/generate               {"model", "prompt", "system", "raw", "stream", "options", "keep_alive"}
-    POST   /api/embed                  {"model": "router", "input": text or [texts]} -> {"embeddings"}
-    POST   /api/embeddings             {"model": "router", "prompt"} -> {"embedding"} (the older endpoint)
+    POST   /api/embed                  {"model", "input": text or [texts]} -> {"embeddings"}
+    POST   /api/embeddings             {"model", "prompt"} -> {"embedding"} (the older endpoint)
     POST   /api/pull                   {"model": package[:tag]} install from the configured registry; NDJSON progress
     DELETE /api/delete                 {"model": package or a model it provides}
 
@@ -31,7 +32,7 @@ from typing import Any
 from hublab import __version__
 
 from .config import parse_duration
-from .device import MOE, ROUTER, Completion, UnknownModel
+from .device import MOE, ROUTER, Completion, UnknownModel, unknown_model_message
 from .errors import HublabError
 from .http_common import ApiError, Request, Route, iso_time, moe_fields, number, obj, stop_list, text
 
@@ -117,7 +118,14 @@ def _chat_model(req: Request, model: str) -> None:
     if model == ROUTER:
         raise ApiError(400, "router is an embedding model (use /api/embed); chat with an expert or moe")
     if model != MOE:
-        req.agent.device.config_of(model)
+        _known(req, model, [MOE])
+
+
+def _known(req: Request, model: str, extra: list[str]) -> None:
+    """UnknownModel unless `model` is a model of the device; the message's known names include `extra`."""
+    rt = req.agent.device.rt
+    if model not in rt.models:
+        raise UnknownModel(unknown_model_message(model, [*rt.models, *extra], rt.catalog.errors))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -223,8 +231,9 @@ def show(req: Request) -> None:
                   "details": _other_details("moe", "hublab", sorted(device.rt.experts)),
                   "model_info": {"hublab.type": "moe", "hublab.experts": sorted(device.rt.experts),
                                  "hublab.routing": s["routing"], "hublab.synthesis": s["synthesis"],
-                                 "hublab.fallback": s["fallback"], "hublab.router": s["router"]},
-                  "capabilities": ["completion"], "modified_at": iso_time()})
+                                 "hublab.fallback": s["fallback"], "hublab.router": s["router"],
+                                 **_embedding_info(req)},
+                  "capabilities": _capabilities(req), "modified_at": iso_time()})
         return
     if model == ROUTER:
         router = _router_file(req)
@@ -249,8 +258,21 @@ def show(req: Request) -> None:
               "model_info": {"general.architecture": arch, "general.parameter_count": info["parameters"],
                              f"{arch}.context_length": info["trained_context"], "hublab.type": info["type"],
                              "hublab.base": info["base"], "hublab.domain": info["domain"],
-                             "hublab.context_size": info["context_size"], "hublab.keywords": info["keywords"]},
-              "capabilities": ["completion"], "modified_at": iso_time(device.rt.models[model].source.stat().st_mtime)})
+                             "hublab.context_size": info["context_size"], "hublab.keywords": info["keywords"],
+                             **_embedding_info(req)},
+              "capabilities": _capabilities(req),
+              "modified_at": iso_time(device.rt.models[model].source.stat().st_mtime)})
+
+
+def _capabilities(req: Request) -> list[str]:
+    """A text model completes; it embeds too (with the router's encoder) when there is a router."""
+    return ["completion", "embedding"] if _router_file(req) is not None else ["completion"]
+
+
+def _embedding_info(req: Request) -> dict:
+    """Where a text model's embeddings come from: the router's encoder, not the model itself."""
+    router = _router_file(req)
+    return {"hublab.embedding": f"router encoder ({router.parent})"} if router is not None else {}
 
 
 def _parameters(inference: dict) -> list[str]:
@@ -393,11 +415,11 @@ def embeddings(req: Request) -> None:
 
 
 def _embedding_model(req: Request, model: str) -> str:
-    if model == ROUTER:
-        return model
-    if model == MOE or model in req.agent.device.rt.models:
-        raise ApiError(400, f"{model} generates text; embeddings come from the router's encoder: model router")
-    raise UnknownModel(f"no embedding model named {model!r}; embeddings come from the router's encoder: model router")
+    """Every listed name embeds, as Ollama embeds with any model it serves: tools that embed with their chat
+    model work. The vectors always come from the router's encoder (/api/show says so)."""
+    if model not in (ROUTER, MOE):
+        _known(req, model, [MOE, ROUTER])
+    return model
 
 
 def pull(req: Request) -> None:

@@ -216,12 +216,16 @@ def test_embed_and_embeddings_from_the_router_encoder(tmp_path, tiny_gguf, tiny_
         one = client.embed(model="router", input="python model").embeddings
         old = client.embeddings(model="router", prompt="python model").embedding
         assert np.allclose(one[0], got[0]) and np.allclose(old, got[0])
-        with pytest.raises(ollama.ResponseError) as e:
-            client.embed(model="alpha", input="x")
-        assert e.value.status_code == 400 and "model router" in e.value.error
+        # every listed name embeds, with the router's encoder (as Ollama embeds with any model it serves)
+        for name in ("moe", "alpha", "alpha:latest", "tiny"):
+            assert np.allclose(client.embed(model=name, input=["python model", "rust linux water"]).embeddings, got)
+            assert np.allclose(client.embeddings(model=name, prompt="python model").embedding, got[0])
+        shown = client.show("alpha")
+        assert "embedding" in shown.capabilities and "router" in shown.modelinfo["hublab.embedding"]
+        assert "embedding" in client.show("moe").capabilities
         with pytest.raises(ollama.ResponseError) as e:
             client.embed(model="nope", input="x")
-        assert e.value.status_code == 404
+        assert e.value.status_code == 404 and "moe" in e.value.error and "router" in e.value.error
         with pytest.raises(ollama.ResponseError) as e:
             client.chat(model="router", messages=QUESTION)
         assert e.value.status_code == 400 and "/api/embed" in e.value.error
@@ -320,6 +324,7 @@ def test_bad_requests_are_one_line_json_errors(agent):
     assert r.status_code == 400 and "not valid JSON" in error_of(r)
     r = httpx.post(u + "/chat", json={"model": "nope", "messages": QUESTION})
     assert r.status_code == 404 and "no model or expert named 'nope'" in error_of(r)
+    assert "known: alpha, beta, gamma, moe, plain" in error_of(r)  # moe is a name a client can use
     r = httpx.post(u + "/chat", json={"model": "alpha", "messages": "hi"})
     assert r.status_code == 400 and "messages" in error_of(r)
     r = httpx.post(u + "/generate", json={"model": "alpha", "prompt": "x", "format": "json"})
