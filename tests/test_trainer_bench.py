@@ -33,3 +33,19 @@ def test_bad_question_file(tmp_path):
     (tmp_path / "q.jsonl").write_text('{"question": "ok"}\n{"terms": ["x"]}\n')
     with pytest.raises(Exception, match=r"q\.jsonl:2: missing column 'question'"):
         load_questions(tmp_path / "q.jsonl")
+
+
+def test_questions_from_training_datasets(tmp_path):
+    """The formats the trainer reads are question files too: a record's first user turn is its question."""
+    alpaca = [{"instruction": "Name a list method.", "input": "", "output": "append"},
+              {"instruction": "Say hi", "input": "to Bob", "output": "hi Bob", "terms": ["hi"]}]
+    (tmp_path / "a.json").write_text(json.dumps(alpaca, indent=2))
+    assert load_questions(tmp_path / "a.json") == [{"question": "Name a list method.", "terms": []},
+                                                   {"question": "Say hi\n\nto Bob", "terms": ["hi"]}]
+    (tmp_path / "s.jsonl").write_text(json.dumps({"conversations": [{"from": "human", "value": "What is pip?"},
+                                                                    {"from": "gpt", "value": "a tool"}]}) + "\n"
+                                      + json.dumps({"question": "What is Rust?", "response": "a language"}) + "\n")
+    assert [r["question"] for r in load_questions(tmp_path / "s.jsonl")] == ["What is pip?", "What is Rust?"]
+    (tmp_path / "n.json").write_text('[{"nothing": 1}]')
+    with pytest.raises(Exception, match=r"n\.json:1: missing column 'question'"):
+        load_questions(tmp_path / "n.json")

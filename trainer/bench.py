@@ -17,12 +17,18 @@ from hublab.runtime.errors import HublabError
 
 
 def load_questions(path: Path) -> list[dict]:
-    """{"question", "terms"?} per JSONL line, or one plain-text question per line."""
+    """Questions, with optional target terms: {"question"|"prompt"|"text", "terms"?} per JSONL line, one
+    plain-text question per line, or a training dataset in any format `hublab train` reads (JSON array or
+    JSONL; alpaca, sharegpt, question/response): each record's first user turn is the question."""
+    from . import data as D
+
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise HublabError(f"{path}: file not found; give a JSONL of questions") from None
+    if text.lstrip().startswith("["):  # a JSON array file: a dataset
+        return [_question(rec, f"{path}:{number}", D) for number, rec in D.read_records(path)]
     rows = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -32,18 +38,31 @@ def load_questions(path: Path) -> list[dict]:
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise HublabError(f"{path}:{number}: invalid JSON ({exc.msg}); write one object per line") from None
-            q = rec.get("question") or rec.get("prompt") or rec.get("text")
-            if not isinstance(q, str) or not q.strip():
-                raise HublabError(f"{path}:{number}: missing column 'question'; add it")
-            terms = rec.get("terms", [])
-            if not isinstance(terms, list) or not all(isinstance(t, str) for t in terms):
-                raise HublabError(f"{path}:{number}: 'terms' must be a list of strings")
-            rows.append({"question": q, "terms": terms})
+            rows.append(_question(rec, f"{path}:{number}", D))
         else:
             rows.append({"question": line.strip(), "terms": []})
     if not rows:
         raise HublabError(f"{path}: no questions; write one per line")
     return rows
+
+
+def _question(rec, where: str, D) -> dict:
+    """{"question", "terms"} of one record: a question line, or a dataset record's first user turn."""
+    if not isinstance(rec, dict):
+        raise HublabError(f"{where}: expected a JSON object; write one {{\"question\": ...}} per line")
+    terms = rec.get("terms", [])
+    if not isinstance(terms, list) or not all(isinstance(t, str) for t in terms):
+        raise HublabError(f"{where}: 'terms' must be a list of strings")
+    q = rec.get("question") or rec.get("prompt")
+    if not isinstance(q, str) and D.detect_format(rec) in ("alpaca", "sharegpt"):
+        ex = D.to_example(rec, D.detect_format(rec), where)
+        q = next((m["content"] for m in ex.messages if m["role"] == "user"), None)
+    if not isinstance(q, str):
+        q = rec.get("text")
+    if not isinstance(q, str) or not q.strip():
+        raise HublabError(f"{where}: missing column 'question'; add it (or prompt/text), or give a dataset "
+                          "record (instruction/output, conversations, question/response)")
+    return {"question": q.strip(), "terms": terms}
 
 
 def mentions(text: str, terms: list[str]) -> int:
