@@ -53,12 +53,11 @@ def models_dir(base: Path, adapters: list[Path], out: Path, n_ctx: int) -> Path:
 
 
 def throughput(base: Path, threads: int, tokens: int, rounds: int, out: Path) -> dict:
-    from llama_cpp import Llama
-
     from hublab.runtime.engine import Runtime
+    from hublab.runtime.hostcpu import load_llama
 
     rt = Runtime(models_dir=models_dir(base, [], out / "tp", 1024), profile="host", threads=threads, keep_alive=-1)
-    bare = Llama(str(base), n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False, swa_full=False)
+    bare = load_llama(base, n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False, swa_full=False)
     s = SAMPLER
     ours, theirs = [], []
     rt.generate("base", PROMPT, raw=True, max_tokens=8, **s)  # warm both

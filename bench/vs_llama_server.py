@@ -35,6 +35,8 @@ from pathlib import Path
 import httpx
 import psutil
 
+from hublab.runtime.hostcpu import llama_server_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hublab" / "llama-server"
 EXPERTS = ["python", "rust", "system", "ai", "general"]
@@ -108,7 +110,8 @@ class LlamaServer:
     def __init__(self, binary: Path, base: Path, adapters: list[Path], n_ctx: int, threads: int):
         self.port = free_port()
         cmd = [str(binary), "-m", str(base), "-c", str(n_ctx), "-t", str(threads), "-tb", str(threads),
-               "-np", "1", "--host", "127.0.0.1", "--port", str(self.port), "--no-webui", "--lora-init-without-apply"]
+               "-np", "1", "--host", "127.0.0.1", "--port", str(self.port), "--no-webui", "--lora-init-without-apply",
+               *llama_server_flags()]  # the weight buffers hublab uses on this host (no AMX repack)
         for a in adapters:
             cmd += ["--lora", str(a)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -180,6 +180,8 @@ class Device:
         """The runtime (no name), or one model: parameters, quantization, context, memory, last tokens/s."""
         import psutil
 
+        from .hostcpu import configure_llama
+
         rt = self.rt
         mem = {"used": rt.used_memory(), "budget": rt.budget, "rss": psutil.Process().memory_info().rss}
         if not name:
@@ -188,7 +190,8 @@ class Device:
                     "threads_now": {b.name: b.policy.best() for b in _loaded_bases(rt)},
                     "keep_alive": rt.keep_alive, "models_dir": str(rt.system.models_dir),
                     "config": str(rt.system.path) if rt.system.path else None, "loaded": rt.loaded(),
-                    "models": len(rt.models), "experts": len(rt.experts), "memory": mem}
+                    "models": len(rt.models), "experts": len(rt.experts), "memory": mem,
+                    "weights": configure_llama().to_dict()}
         from .memory import read_gguf
 
         cfg = self.config_of(name)

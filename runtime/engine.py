@@ -32,6 +32,7 @@ from .chat import choose_format, render
 from .config import (Catalog, Inference, ModelConfig, SystemConfig, format_size, load_system, scan_models)
 from . import llama_log
 from .errors import HublabError
+from .hostcpu import load_llama
 from .inputs import quote
 from .memory import MemoryEstimate, estimate_adapter, estimate_model, read_gguf, release_free_memory
 from .profiles import Profile, active_profile
@@ -575,18 +576,16 @@ class Runtime:
             return base
 
     def _load_base(self, cfg: ModelConfig) -> LoadedBase:
-        from llama_cpp import Llama
-
         llama_log.install()  # llama.cpp's lines go to the state dir's llama.log unless --verbose
         path = self._gguf_path(cfg)
         info = read_gguf(path)
         n_ctx = self.context_size(cfg)
         seed = cfg.inference.seed if cfg.inference.seed >= 0 else 0xFFFFFFFF
         try:
-            llama = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=self.threads,
-                          n_threads_batch=self.threads, seed=seed, verbose=llama_log.verbose(),
-                          swa_full=False,  # sliding-window layers keep only their window: less KV on a Pi
-                          flash_attn=True)  # as llama-server does on CPU: less compute memory, same answers
+            llama = load_llama(path, n_ctx=n_ctx, n_threads=self.threads,
+                               n_threads_batch=self.threads, seed=seed, verbose=llama_log.verbose(),
+                               swa_full=False,  # sliding-window layers keep only their window: less KV on a Pi
+                               flash_attn=True)  # as llama-server does on CPU: less compute memory, same answers
         except (ValueError, RuntimeError) as exc:
             raise HublabError(f"{path}: llama.cpp could not load it ({exc}); check the file is a complete GGUF "
                               "this llama.cpp supports") from None

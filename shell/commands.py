@@ -317,6 +317,13 @@ def _threads(d: dict) -> str:
     return f"up to {d['threads']}, the fastest measured" + (f" ({now})" if now else "")
 
 
+def _weights(w: dict | None) -> list[str]:
+    """Which buffer types llama.cpp keeps the weights in on this host, and why."""
+    if not w:
+        return []
+    return [f"weights      {' then '.join(w['buffer_types'])} buffers ({w['reason']})"]
+
+
 def _render_info(d: dict) -> str:
     m = d["memory"]
     if "name" not in d:
@@ -327,6 +334,7 @@ def _render_info(d: dict) -> str:
             f"models       {d['models']} ({d['experts']} experts) in {d['models_dir']}",
             f"loaded       {', '.join(d['loaded']) or 'nothing'}",
             f"memory       {_size(m['used'])} of {_size(m['budget'])} budget; process RSS {_size(m['rss'])}",
+            *_weights(d.get("weights")),
             f"config       {d['config']}"])
     inf = d["inference"]
     est = d["estimate"]

@@ -30,10 +30,11 @@ def test_adapter_estimate_is_its_tensor_bytes(tmp_path, tiny_gguf):
 
 
 MEASURE = """
-import sys, psutil, llama_cpp
+import sys, psutil
+from hublab.runtime.hostcpu import load_llama
 proc = psutil.Process()
 before = proc.memory_info().rss
-llm = llama_cpp.Llama(sys.argv[1], n_ctx=1024, n_threads=1, verbose=False, swa_full=False)
+llm = load_llama(sys.argv[1], n_ctx=1024, n_threads=1, verbose=False, swa_full=False)
 llm.create_completion("The capital of France is", max_tokens=8, temperature=0)
 print(proc.memory_info().rss - before)
 """

@@ -10,6 +10,7 @@ import pytest
 from trainer_tiny import LINES, tiny_data, tiny_hf, tiny_trained  # noqa: F401
 
 from hublab.cli import main as hublab_main
+from hublab.runtime.hostcpu import load_llama
 from hublab.trainer import export as E
 
 
@@ -53,7 +54,7 @@ def test_adapter_gguf_matches_peft_in_llama_cpp(tiny_trained, tiny_base_gguf, tm
         with model.disable_adapter():
             hf_base = model(input_ids=ids).logits[0, -1].numpy()
         hf_tuned = model(input_ids=ids).logits[0, -1].numpy()
-    llm = llama_cpp.Llama(model_path=str(tiny_base_gguf), n_ctx=64, verbose=False)
+    llm = load_llama(tiny_base_gguf, n_ctx=64, verbose=False)
     tokens = ids[0].tolist()
     cpp_base = _llama_logits(llm, tokens)
     adapter = llama_cpp.llama_adapter_lora_init(llm.model, str(out).encode())
@@ -69,7 +70,6 @@ def test_adapter_gguf_matches_peft_in_llama_cpp(tiny_trained, tiny_base_gguf, tm
 
 
 def test_merge_convert_quantize_and_generate(tiny_trained, tiny_hf, tmp_path):  # noqa: F811
-    import llama_cpp
 
     result, _ = tiny_trained
     merged = E.merge(result.adapter_dir, tmp_path / "merged", dtype="float32")
@@ -90,7 +90,7 @@ def test_merge_convert_quantize_and_generate(tiny_trained, tiny_hf, tmp_path):  
     for p in paths:
         assert p.with_suffix(".md").read_text().startswith(f"# {p.stem}")
         assert p.with_suffix(".Modelfile").read_text().startswith(f"FROM ./{p.name}")
-    llm = llama_cpp.Llama(model_path=str(paths[0]), n_ctx=64, verbose=False)
+    llm = load_llama(paths[0], n_ctx=64, verbose=False)
     out = llm("Python lists", max_tokens=6, temperature=0)
     llm.close()
     assert out["usage"]["completion_tokens"] > 0

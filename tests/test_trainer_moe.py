@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from trainer_tiny import LINES, QA, write_jsonl
 
+from hublab.runtime.hostcpu import load_llama
 from hublab.trainer import moe
 from hublab.trainer.export import ExportError
 from hublab.trainer.lora import TrainError
@@ -128,7 +129,7 @@ def test_moe_init_trains_exports_and_llama_cpp_generates(arch, tokenizer, text_d
     model = AutoModelForCausalLM.from_pretrained(result.model_dir).eval()
     with torch.no_grad():
         hf = model(input_ids=torch.tensor([tok_ids])).logits[0, -1].numpy()
-    llm = llama_cpp.Llama(model_path=str(result.gguf), n_ctx=64, n_threads=1, verbose=False)
+    llm = load_llama(result.gguf, n_ctx=64, n_threads=1, verbose=False)
     try:
         llm.eval(tok_ids)
         cpp = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy()

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from trainer_tiny import LINES, QA, write_jsonl
 
+from hublab.runtime.hostcpu import load_llama
 from hublab.trainer import data as D
 from hublab.trainer.lora import TrainConfig, TrainError, train_lora
 from hublab.trainer.moe_lora import (MoeSettings, RouterTraining, add_arguments, adapt, balance_entropy_loss,
@@ -237,7 +238,6 @@ def test_aux_losses_prevent_router_collapse(moe_models, moe_data, tmp_path):
 def test_merge_convert_and_run_as_runtime_expert(moe_models, moe_data, tmp_path):
     import json
 
-    import llama_cpp
     import torch
     from safetensors.torch import load_file
 
@@ -258,7 +258,7 @@ def test_merge_convert_and_run_as_runtime_expert(moe_models, moe_data, tmp_path)
     report = json.loads(r.routing_json.read_text())
     assert list(report["snapshots"]) == ["before", "unfreeze", "end"] and report["aux_history"]
     assert r.gguf.name == "mixmoe-q8_0.gguf"
-    llm = llama_cpp.Llama(model_path=str(r.gguf), n_ctx=64, n_threads=1, verbose=False)
+    llm = load_llama(r.gguf, n_ctx=64, n_threads=1, verbose=False)
     assert llm.metadata["general.architecture"] == "llama" and llm.metadata["llama.expert_count"] == "4"
     assert llm("Python lists", max_tokens=6, temperature=0)["usage"]["completion_tokens"] > 0
     llm.close()
@@ -271,14 +271,13 @@ def test_merge_convert_and_run_as_runtime_expert(moe_models, moe_data, tmp_path)
 def test_qwen2_moe_with_tied_head_converts_and_runs(moe_models, moe_data, tmp_path):
     """The tiny Qwen2-MoE ties its head and has a sentencepiece tokenizer: export writes the head out
     and takes moe-init's converter route; llama.cpp's qwen2moe loads it (shared expert included)."""
-    import llama_cpp
 
     from hublab.runtime.engine import Runtime
 
     r = moe_lora(str(moe_models["qwen2_moe"]), tmp_path / "q", conversation_data=moe_data / "memory.jsonl",
                  max_steps=1, batch_size=2, max_seq_len=32, eval_fraction=0.0, save_every=0, name="qmoe",
                  log=lambda _: None)
-    llm = llama_cpp.Llama(model_path=str(r.gguf), n_ctx=64, n_threads=1, verbose=False)
+    llm = load_llama(r.gguf, n_ctx=64, n_threads=1, verbose=False)
     assert llm.metadata["general.architecture"] == "qwen2moe"
     assert llm.metadata["qwen2moe.expert_count"] == "8" and "qwen2moe.expert_shared_feed_forward_length" in llm.metadata
     assert llm("Python lists", max_tokens=6, temperature=0)["usage"]["completion_tokens"] > 0

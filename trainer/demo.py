@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from hublab.runtime.hostcpu import load_llama
+
 from .demo_data import DOMAINS
 
 BASE = "gemma3-270m"
@@ -141,7 +143,7 @@ def gguf_perplexity(base_gguf: Path, adapter_gguf: Path | None, tok, template: s
 
     from . import data as D
 
-    llm = llama_cpp.Llama(model_path=str(base_gguf), n_ctx=max_len + 8, logits_all=True, n_threads=threads,
+    llm = load_llama(base_gguf, n_ctx=max_len + 8, logits_all=True, n_threads=threads,
                           verbose=False)
     try:
         if adapter_gguf is not None:

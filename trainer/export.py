@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hublab.runtime.errors import HublabError
+from hublab.runtime.hostcpu import load_llama
 
 
 class ExportError(HublabError, ValueError):
@@ -182,7 +183,7 @@ def verify_adapter(base_gguf: Path, adapter_gguf: Path, prompt: str = "The quick
     import llama_cpp
     import numpy as np
 
-    llm = llama_cpp.Llama(model_path=str(base_gguf), n_ctx=64, n_threads=2, verbose=False, logits_all=False)
+    llm = load_llama(base_gguf, n_ctx=64, n_threads=2, verbose=False, logits_all=False)
     try:
         tokens = llm.tokenize(prompt.encode())
 

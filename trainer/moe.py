@@ -84,6 +84,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hublab.runtime.errors import HublabError
+from hublab.runtime.hostcpu import load_llama
 
 from . import data as D
 
@@ -557,12 +558,10 @@ def export_gguf(model_dir: Path, out: Path, outtype: str = "q8_0") -> Path:
 
 def check_gguf(path: Path, prompt: str = "The", max_tokens: int = 4) -> str:
     """Load a GGUF in llama.cpp and generate a few tokens; the text, or ExportError when it will not run."""
-    import llama_cpp
-
     from .export import ExportError
 
     try:
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, verbose=False)
+        llm = load_llama(path, n_ctx=64, n_threads=1, verbose=False)
     except ValueError as exc:
         raise ExportError(f"{path}: llama.cpp cannot load it ({exc}); re-export with hublab train moe-init "
                           "--export or file a bug with the model's config.json") from None
