@@ -461,6 +461,22 @@ def _boards_for(size: int) -> list[str]:
         return []
 
 
+def _portable_base(base: str) -> str:
+    """The base as a Modelfile FROM that works on another machine: a file or folder name beside the
+    Modelfile (./NAME), never this machine's path; a dequantized training copy names its source GGUF."""
+    if not base:
+        return "<base model GGUF>"
+    p = Path(base)
+    import re
+
+    if not p.is_absolute() and len(p.parts) == 1 and not p.suffix:
+        return base  # a model name, not a path
+    name = p.name
+    if p.parent.name == "hf" and re.search(r"-[0-9a-f]{12}$", name):
+        name = re.sub(r"-[0-9a-f]{12}$", "", name) + ".gguf"  # lora.dequantized_dir's <gguf stem>-<key>
+    return f"./{name}"
+
+
 def write_card(path: Path, kind: str, base: str = "", quant: str = "", seconds: float = 0.0) -> None:
     """README (model card) and Ollama Modelfile beside a GGUF: `<name>.md` and `<name>.Modelfile`."""
     path = Path(path)
@@ -481,7 +497,7 @@ def write_card(path: Path, kind: str, base: str = "", quant: str = "", seconds: 
               "check perplexity on your own text before shipping one."]
     (path.with_suffix(".md")).write_text("\n".join(lines) + "\n")
     if kind == "adapter":
-        modelfile = f"FROM {base or '<base model GGUF>'}\nADAPTER ./{path.name}\n"
+        modelfile = f"FROM {_portable_base(base)}\nADAPTER ./{path.name}\n"
     else:
         modelfile = f"FROM ./{path.name}\nPARAMETER temperature 0.7\nPARAMETER num_ctx 2048\n"
     (path.with_suffix(".Modelfile")).write_text(modelfile)
