@@ -180,8 +180,6 @@ class Device:
         """The runtime (no name), or one model: parameters, quantization, context, memory, last tokens/s."""
         import psutil
 
-        from .hostcpu import configure_llama
-
         rt = self.rt
         mem = {"used": rt.used_memory(), "budget": rt.budget, "rss": psutil.Process().memory_info().rss}
         if not name:
@@ -191,7 +189,7 @@ class Device:
                     "keep_alive": rt.keep_alive, "models_dir": str(rt.system.models_dir),
                     "config": str(rt.system.path) if rt.system.path else None, "loaded": rt.loaded(),
                     "models": len(rt.models), "experts": len(rt.experts), "memory": mem,
-                    "weights": configure_llama().to_dict()}
+                    "weights": rt.weights.to_dict()}
         from .memory import read_gguf
 
         cfg = self.config_of(name)

@@ -18,6 +18,7 @@ import codecs
 import contextlib
 import ctypes
 import math
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -32,7 +33,7 @@ from .chat import choose_format, render
 from .config import (Catalog, Inference, ModelConfig, SystemConfig, format_size, load_system, scan_models)
 from . import llama_log
 from .errors import HublabError
-from .hostcpu import load_llama
+from .hostcpu import ENV as REPACK_ENV, WeightBuffers, configure_llama, for_profile, load_llama
 from .inputs import quote
 from .memory import MemoryEstimate, estimate_adapter, estimate_model, read_gguf, release_free_memory
 from .profiles import Profile, active_profile
@@ -436,6 +437,12 @@ class Runtime:
         for base in getattr(self, "_loaded", {}).values():
             base.policy = ThreadPolicy(self.threads, fixed=self.fixed_threads)
 
+    @property
+    def weights(self) -> WeightBuffers:
+        """Where llama.cpp keeps the weights (runtime/hostcpu.py): the host's rule, narrowed by the board profile."""
+        p = self.profile
+        return for_profile(configure_llama(), p.cpu, p.dotprod, p.name, os.environ.get(REPACK_ENV))
+
     @classmethod
     def from_config(cls, config: Path | None = None, profile: str | None = None) -> "Runtime":
         return cls(system=load_system(config), profile=profile)
@@ -582,7 +589,7 @@ class Runtime:
         n_ctx = self.context_size(cfg)
         seed = cfg.inference.seed if cfg.inference.seed >= 0 else 0xFFFFFFFF
         try:
-            llama = load_llama(path, n_ctx=n_ctx, n_threads=self.threads,
+            llama = load_llama(path, extra=self.weights.extra, n_ctx=n_ctx, n_threads=self.threads,
                                n_threads_batch=self.threads, seed=seed, verbose=llama_log.verbose(),
                                swa_full=False,  # sliding-window layers keep only their window: less KV on a Pi
                                flash_attn=True)  # as llama-server does on CPU: less compute memory, same answers

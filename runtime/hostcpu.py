@@ -9,9 +9,14 @@ Q4_K model (llama.cpp issue #20824, open), so on such a host the extra buffer ty
 The decision reads /proc/cpuinfo text and, where the llama.cpp library is loaded, the extra buffer types it
 offers, so it can be tested with recorded samples of other hosts. `HUBLAB_REPACK=on|off` overrides it.
 Every llama.cpp model load in the process follows it once `configure_llama()` ran (`load_llama` does).
+
+A board profile can narrow it (`for_profile`): a Pi whose cores lack dotprod (Zero 2W, Pi 3, Pi 4) has no
+repacked Q4 kernels in llama.cpp, so on the board its weights stay in the model file's pages; a host
+simulating that board keeps them there too instead of holding a second, repacked copy in memory.
 """
 from __future__ import annotations
 
+import contextvars
 import ctypes
 import os
 import platform
@@ -146,8 +151,19 @@ def extra_buffer_types() -> tuple[str, ...] | None:
         return None
 
 
+def for_profile(host: WeightBuffers, cpu: str, dotprod: bool, profile: str, override: str | None = None
+                ) -> WeightBuffers:
+    """The host's decision for a runtime on board profile `profile` (its `cpu` and `dotprod` as the profile says)."""
+    if not host.extra or override not in (None, "", "auto") or not cpu.startswith("cortex-a") or dotprod:
+        return host
+    return WeightBuffers(False, f"profile {profile}: a {cpu.title()} has no dotprod, so llama.cpp has no repacked "
+                                "Q4 kernels there and the weights stay in the model file's pages (one copy)",
+                         host.available)
+
+
 _lock = threading.Lock()
 _decision: WeightBuffers | None = None
+_this_load: contextvars.ContextVar[bool | None] = contextvars.ContextVar("hublab_use_extra_bufts", default=None)
 
 
 def configure_llama() -> WeightBuffers:
@@ -167,7 +183,8 @@ def configure_llama() -> WeightBuffers:
 
             def default_params():
                 params = original()
-                params.use_extra_bufts = decision.extra
+                wanted = _this_load.get()
+                params.use_extra_bufts = decision.extra if wanted is None else wanted
                 return params
 
             ll.llama_model_default_params = default_params
@@ -176,12 +193,17 @@ def configure_llama() -> WeightBuffers:
         return _decision
 
 
-def load_llama(path, **kwargs):
-    """`llama_cpp.Llama(path, **kwargs)` with this host's weight buffers (see the module's docstring)."""
-    configure_llama()
+def load_llama(path, extra: bool | None = None, **kwargs):
+    """`llama_cpp.Llama(path, **kwargs)` with this host's weight buffers (see the module's docstring), or with
+    extra buffer types on/off for this load alone (`extra`, from `for_profile`)."""
+    host = configure_llama()
     from llama_cpp import Llama
 
-    return Llama(model_path=str(path), **kwargs)
+    token = _this_load.set(host.extra and extra if extra is not None else None)  # never on where the host says off
+    try:
+        return Llama(model_path=str(path), **kwargs)
+    finally:
+        _this_load.reset(token)
 
 
 def llama_server_flags() -> list[str]:

@@ -118,3 +118,30 @@ def test_load_llama_applies_to_trainer_loads(tiny_gguf):
         assert llm.model_params.use_extra_bufts is configure_llama().extra
     finally:
         llm.close()
+
+
+def test_profiles_without_dotprod_keep_one_copy_of_the_weights():
+    """A Zero 2W, Pi 3 or Pi 4 has no repacked Q4 kernels in llama.cpp: a runtime on those profiles keeps the
+    weights in the file's pages (what the board does) even on a host that could repack; Pi 5 and the host repack."""
+    from hublab.runtime.hostcpu import for_profile
+    from hublab.runtime.profiles import board_profiles
+
+    host = decide(sample("x86_64-epyc-avx512.txt"), ("CPU_REPACK",))
+    profiles = board_profiles()
+    got = {name: for_profile(host, p.cpu, p.dotprod, name).extra for name, p in profiles.items()}
+    assert not got["pi-zero-2w"] and not got["pi3b"] and not got["pi4-4gb"]
+    assert got["pi5-8gb"]
+    assert "no dotprod" in for_profile(host, "cortex-a53", False, "pi-zero-2w").reason
+    assert for_profile(host, "cortex-a53", False, "pi-zero-2w", override="on").extra  # the user's word wins
+    amx = decide(sample("x86_64-xeon-amx.txt"))
+    assert not for_profile(amx, "cortex-a76", True, "pi5-8gb").extra  # never on where the host says off
+
+
+def test_runtime_on_a_zero_profile_loads_plain(tiny_models_dir):
+    from hublab.runtime.engine import Runtime
+
+    with Runtime(models_dir=tiny_models_dir, profile="pi-zero-2w", threads=1) as rt:
+        assert not rt.weights.extra
+        name = sorted(rt.models)[0]
+        base = rt.load(name)
+        assert base.llama.model_params.use_extra_bufts is False
