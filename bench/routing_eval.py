@@ -31,7 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 ROUTING = REPO / "bench" / "routing"
 SETS = {"heldout": (ROUTING / "heldout.jsonl", {"cooking": ROUTING / "cooking_examples.txt",
                                                 "legal": ROUTING / "legal_examples.txt"}),
-        "dev": (ROUTING / "dev.jsonl", {"cooking": ROUTING / "dev_cooking_examples.txt"})}
+        "dev": (ROUTING / "dev.jsonl", {"cooking": ROUTING / "dev_cooking_examples.txt"}),
+        "dev2": (ROUTING / "dev2.jsonl", {"cooking": ROUTING / "cooking_examples.txt",
+                                          "legal": ROUTING / "legal_examples.txt"})}
 GOAL_FIVE, GOAL_OPEN = 0.95, 0.85
 
 

@@ -239,15 +239,16 @@ def test_pkg_build_refuses_an_expert_whose_examples_file_is_not_in_the_package(w
 
 
 @needs_default
-def test_the_shipped_router_meets_the_open_set_goals_on_the_heldout_queries():
-    """bench/routing_eval.py's numbers as a guard: a retrained or recalibrated router that loses them fails."""
+def test_the_shipped_router_meets_the_open_set_goals_on_the_dev_queries():
+    """bench/routing_eval.py's numbers on dev2 (the held-out set these goals were reached on, issue 14) as a guard:
+    a retrained or recalibrated router that loses them fails. The held-out set is measured, never asserted on."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("routing_eval", Path(__file__).resolve().parents[1] / "bench"
                                                   / "routing_eval.py")
     routing_eval = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(routing_eval)
-    result = routing_eval.evaluate(DEFAULT_ROUTER, "heldout")
+    result = routing_eval.evaluate(DEFAULT_ROUTER, "dev2")
     assert result["five"]["accuracy"] >= routing_eval.GOAL_FIVE and result["five"]["n"] >= 250
     assert set(result["open_set"]) == {"cooking", "legal"}
     for name, run in result["open_set"].items():
