@@ -1,12 +1,15 @@
-"""The answer-quality metrics (runtime/quality.py) and the held-out sets' separation from every training file."""
+"""The answer-quality metrics (runtime/quality.py), and what bench/quality.py makes of them on the sets.
+
+The sets' separation from every training file is tests/test_heldout.py."""
 from __future__ import annotations
 
-import json
+import importlib.util
+from collections import Counter
 
 import pytest
-from heldout import HELDOUT_FILES, REPO, heldout_questions, too_close, words
+from heldout import QUALITY_DEV, QUALITY_HELDOUT, REPO, read_jsonl
 
-from hublab.runtime.quality import degenerate, hit, term_found
+from hublab.runtime.quality import degenerate, hit, recall, term_found, variants
 
 SYSTEM = "You are a Python expert. Answer with correct, idiomatic Python and short code examples."
 
@@ -22,6 +25,11 @@ SYSTEM = "You are a Python expert. Answer with correct, idiomatic Python and sho
     ("-list -- list all systems in your system.stepToken and the deviceToken with userToken", "glued"),
     ("Options:\n-a all files\n-l long listing\n--color use colours\n", "flags"),
     ("You are a Python expert. Answer with correct, idiomatic Python. Lists are mutable.", "system prompt"),
+    # lists of terms, not sentences: a run with no function words, a long comma list, many bare lines
+    ("venv activate pip mutable hashable borrow lifetime tokio cargo gradient epoch systemctl chmod swap cron",
+     "list of terms"),
+    (", ".join(f"term{i}" for i in range(16)) + ".", "list of terms"),
+    ("\n".join(f"- term {i}" for i in range(16)), "list of terms"),
 ])
 def test_degenerate_flags_each_kind(text, why):
     reason = degenerate(text, SYSTEM)
@@ -35,6 +43,10 @@ def test_degenerate_flags_each_kind(text, why):
     "In Rust:\n```rust\nfn main() {\n    let userName = 1;\n    let fileName = 2;\n    let hostName = 3;\n}\n```",
     "- one\n- two\n- three\n",               # a markdown list is not a list of flags
     "JavaScript and PyTorch are names, not junk.",
+    # lists a real answer needs are not lists of terms
+    "January, February, March, April, May, June, July, August, September, October, November, and December.",
+    "Red, orange, yellow, green, blue, indigo, and violet, often remembered as ROYGBIV.",
+    "Neil Armstrong, on July 20, 1969, during NASA's Apollo 11 mission. Buzz Aldrin followed him shortly after.",
 ])
 def test_degenerate_passes_real_answers(text):
     assert degenerate(text, SYSTEM) is None
@@ -51,37 +63,59 @@ def test_hit_needs_a_key_term_at_a_word_start():
     assert term_found("use a virtual environment", "venv|virtual environment")
 
 
-def test_heldout_sets_are_well_formed():
-    rows = [json.loads(line) for line in HELDOUT_FILES[0].read_text().splitlines() if line.strip()]
-    assert len(rows) >= 150
-    by_domain: dict[str, int] = {}
+def test_variants_under_three_characters_are_never_looked_for():
+    """"&", "?", "8" or "df" start a word in almost any answer; "&str" is a code token worth finding."""
+    assert variants("reference|&|?") == ["reference"] and variants("&str| 8 ") == ["&str"]
+    assert not hit("I & you, 8 times?", ["&", "?", "8", "df"])
+    assert hit("take a &str", ["&str"])
+
+
+def test_recall_is_the_share_of_key_terms_held():
+    terms = ["mutable|immutable", "hashable|dict key", "square brackets|parentheses"]
+    assert recall("Tuples are immutable and hashable.", terms) == pytest.approx(2 / 3)
+    assert recall("Nothing here.", terms) == 0.0
+    assert recall("Lists are mutable.", ["mutable", "&"]) == 1.0   # a term with no variant long enough is not scored
+    assert recall("anything", ["&", "?"]) is None
+
+
+def bench_quality():
+    spec = importlib.util.spec_from_file_location("bench_quality", REPO / "bench" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("path", [QUALITY_HELDOUT, QUALITY_DEV], ids=["heldout", "dev"])
+def test_a_fixed_list_of_key_terms_scores_under_a_tenth(path):
+    """The same answer to every question, made of the set's most common key terms, gets nothing: it is a list
+    of terms (degenerate), and a degenerate answer scores 0 (an unflagged 39-term string once hit 0.633)."""
+    bench = bench_quality()
+    rows = read_jsonl(path)
+    common = Counter(v.split()[0] for r in rows for t in bench.scored_terms(r) for v in variants(t)[:1])
+    terms = [t for t, _ in common.most_common(39)]
+    for answer in (" ".join(terms), ", ".join(terms) + ".", "\n".join(f"- {t}" for t in terms),
+                   "Key terms: " + ", ".join(terms) + "."):
+        answers = [{"id": r["id"], "domain": r["domain"], "answer": answer, "seconds": 0.0} for r in rows]
+        result = bench.score(rows, answers, None, {})["overall"]
+        assert result["hit"] < 0.10 and result["recall"] < 0.10 and result["degenerate"] == 1.0, answer[:60]
+
+
+@pytest.mark.parametrize("path", [QUALITY_HELDOUT, QUALITY_DEV], ids=["heldout", "dev"])
+def test_quality_sets_are_well_formed(path):
+    rows = read_jsonl(path)
+    assert len({r["id"] for r in rows}) == len(rows) >= 140
+    domains = Counter(r["domain"] for r in rows)
+    assert set(domains) >= {"python", "rust", "ai", "general", "system"} and min(domains.values()) >= 18
+    bench = bench_quality()
     for r in rows:
-        by_domain[r["domain"]] = by_domain.get(r["domain"], 0) + 1
-        assert r["reference"].strip() and 3 <= len(r["key_terms"]) <= 6
-        assert all(t == t.lower() for t in r["key_terms"])
-        # echoing the question must not count as a hit
-        assert not hit(r["question"], r["key_terms"]), r["id"]
-        # a correct answer hits: the reference does
-        assert hit(r["reference"], r["key_terms"]), r["id"]
-    assert min(by_domain.values()) >= 30 and len(by_domain) == 5
+        assert r["question"].strip() and r["reference"].strip() and 2 <= len(r["key_terms"]) <= 6, r["id"]
+        # a correct answer hits: the reference does, on the terms that are scored
+        terms = bench.scored_terms(r)
+        assert hit(r["reference"], terms) or (path == QUALITY_DEV and not terms), r["id"]
 
 
-def training_files():
-    yield from (REPO / "trainer" / "data").rglob("*.jsonl")
-    yield from (REPO / "models").rglob("*.jsonl")  # knowledge packs
-
-
-def test_no_heldout_question_is_in_any_training_file():
-    held = [(q, words(q)) for q in heldout_questions()]
-    files = list(training_files())
-    assert any(f.parent.name == "answers" for f in files)
-    clashes = []
-    for path in files:
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            text = row.get("question") or row.get("query") or row.get("text") or ""
-            w = words(text)
-            clashes += [(path.name, text, q) for q, hw in held if too_close(w, hw)]
-    assert not clashes, clashes[:5]
+def test_heldout_key_terms_follow_the_three_character_rule():
+    """Every variant of every held-out key term is looked for (dev.jsonl predates the rule: PROVENANCE.md)."""
+    short = [(r["id"], v) for r in read_jsonl(QUALITY_HELDOUT) for t in r["key_terms"] for v in t.split("|")
+             if len(v.strip()) < 3]
+    assert not short
