@@ -100,6 +100,53 @@ def _package_of(source: Path, models_dir: Path) -> Path | None:
     return None
 
 
+class MoeStream:
+    """The pieces of a streamed `moe` answer, sent as they are produced. summarize and weighted stream what
+    the synthesis writes. best and voting stream the leading expert's words as it writes them (one expert
+    selected: that is the answer); when another expert's answer wins once every answer is in, it follows
+    under a line that says so. concatenate streams each expert under its header as it answers."""
+
+    def __init__(self, on_piece: Callable[[str], None] | None, synthesis: str):
+        self.on_piece = on_piece
+        self.synthesis = synthesis
+        self.lead: str | None = None     # the expert whose words are streamed (best, voting)
+        self.experts = 0                 # experts started (concatenate)
+        self.started = False             # a piece of the current expert's answer was sent (leading space dropped)
+        self.held = ""                   # trailing whitespace, sent only once more words follow (answers are trimmed)
+        self.live = synthesis in ("best", "voting", "concatenate")
+
+    def _send(self, text: str) -> None:
+        if self.on_piece is not None and text:
+            self.on_piece(text)
+
+    def __call__(self, kind: str, data: dict) -> None:
+        if kind == "expert_start" and self.live and data.get("role") != "aggregator":
+            self.started, self.held = False, ""
+            if self.synthesis == "concatenate":
+                self._send(("\n\n" if self.experts else "") + f"### {data['expert']} (score {data['score']:.2f})\n")
+                self.experts += 1
+            elif self.lead is None:
+                self.lead = data["expert"]
+        elif kind == "expert_token" and self.live:
+            if self.synthesis == "concatenate" or data.get("expert") == self.lead:
+                text = data.get("text", "") if self.started else data.get("text", "").lstrip()
+                self.started = self.started or bool(text)
+                text = self.held + text
+                body = text.rstrip()
+                self.held = text[len(body):]
+                self._send(body)
+        elif kind == "answer_token" and not self.live:
+            self._send(data.get("text", ""))
+
+    def finish(self, result: dict) -> None:
+        """After the synthesis: best or voting chose another expert than the one streamed."""
+        chosen = result.get("chosen")
+        if self.synthesis in ("best", "voting") and chosen and self.lead and chosen != self.lead \
+                and result.get("finish_reason") != "cancelled":
+            how = "confidence" if self.synthesis == "best" else "agreement with the others"
+            self._send(f"\n\n[{self.synthesis}: {chosen} answered with more {how}]\n{result.get('answer', '')}")
+
+
 class Device:
     """What a device offers, in-process: the shell uses it directly, the agent serves it over HTTP."""
 
@@ -362,12 +409,10 @@ class Device:
         tokenizes special tokens in a raw prompt as plain text."""
         t0 = time.perf_counter()
         if model == MOE:
-            def on_event(kind: str, data: dict) -> None:
-                if on_piece is not None and kind == "answer_token" and data.get("text"):
-                    on_piece(data["text"])
-
-            r = self.ask(moe_query(prompt), routing=routing, synthesis=synthesis, on_event=on_event, cancel=cancel,
+            relay = MoeStream(on_piece, synthesis or self.moe.synthesis)
+            r = self.ask(moe_query(prompt), routing=routing, synthesis=synthesis, on_event=relay, cancel=cancel,
                          max_tokens=sampler.get("max_tokens"), temperature=sampler.get("temperature"))
+            relay.finish(r)
             stats = [a["stats"] for a in r["answers"] if a.get("stats")]
             return Completion(
                 model=model, text=r["answer"], prompt_tokens=sum(s["prompt_tokens"] for s in stats),

@@ -37,7 +37,7 @@ from .hostcpu import ENV as REPACK_ENV, WeightBuffers, configure_llama, for_prof
 from .inputs import quote
 from .memory import MemoryEstimate, estimate_adapter, estimate_model, read_gguf, release_free_memory
 from .profiles import Profile, active_profile
-from .threads import ThreadPolicy, usable_cpus
+from .threads import CpuLoad, ThreadPolicy, usable_cpus
 
 
 class FitError(HublabError):
@@ -209,16 +209,21 @@ class LoadedBase:
             llama_cpp.llama_batch_free(self.batch)
             self.batch = None
 
-    def decode(self, tokens: list[int]) -> None:
-        """Read `tokens` into the KV cache after what it holds (in batches), logits for the last one only."""
+    def decode(self, tokens: list[int], cancel: threading.Event | None = None) -> bool:
+        """Read `tokens` into the KV cache after what it holds (in batches), logits for the last one only.
+        With `cancel`, a long prompt is read PREFILL_STEP tokens at a time and stops between steps once it is set
+        (a stopped answer does not wait for the whole prompt); False when it stopped."""
         import llama_cpp
 
         llama = self.llama
         if self.batch is None:
             self.batch = llama_cpp.llama_batch_init(llama.n_batch, 0, 1)
         batch = self.batch
-        for at in range(0, len(tokens), llama.n_batch):
-            chunk = tokens[at:at + llama.n_batch]
+        step = llama.n_batch if cancel is None else min(llama.n_batch, PREFILL_STEP)
+        for at in range(0, len(tokens), step):
+            if at and cancel is not None and cancel.is_set():
+                return False
+            chunk = tokens[at:at + step]
             last = at + len(chunk) == len(tokens)
             n_past = llama.n_tokens
             batch.n_tokens = len(chunk)
@@ -231,8 +236,9 @@ class LoadedBase:
                                   "shorten the prompt or lower max_tokens")
             llama.input_ids[n_past:n_past + len(chunk)] = chunk
             llama.n_tokens = n_past + len(chunk)
+        return True
 
-    def sample(self, tokens: list[int], opts: Inference) -> Iterator[int]:
+    def sample(self, tokens: list[int], opts: Inference, cancel: threading.Event | None = None) -> Iterator[int]:
         """Read the prompt's `tokens`, then sample and read one token at a time, for as long as asked. The
         sampler chain is llama-cpp-python's (penalties over the last 64 generated tokens, then greedy, or
         top-k, typical, top-p, min-p, temperature and a seeded draw) and lives exactly as long as the loop."""
@@ -253,12 +259,12 @@ class LoadedBase:
                 add(llama_cpp.llama_sampler_init_min_p(opts.min_p, 1))
                 add(llama_cpp.llama_sampler_init_temp(opts.temperature))
                 add(llama_cpp.llama_sampler_init_dist(opts.seed if opts.seed >= 0 else llama_cpp.LLAMA_DEFAULT_SEED))
-            pending = tokens
+            if not self.decode(tokens, cancel):
+                return  # stopped while reading the prompt
             while True:
-                self.decode(pending)
                 token = llama_cpp.llama_sampler_sample(chain, ctx, -1)
                 yield token
-                pending = [token]
+                self.decode([token])
         finally:
             llama_cpp.llama_sampler_free(chain)
 
@@ -310,6 +316,7 @@ def _holdback(text: str, stops: list[str]) -> int:
 
 
 PENALTY_LAST_N = 64  # llama-cpp-python's default last_n_tokens_size
+PREFILL_STEP = 128  # prompt tokens read between checks for a stop (a stopped answer waits at most this)
 
 
 def _sample(probs: np.ndarray, opts: Inference, rng: np.random.Generator) -> int:
@@ -397,7 +404,8 @@ def _decode_text(tokens: Iterator[int], llama, out: _TextStream, cancel: threadi
         if state.n_new >= max_new:
             break
     else:
-        state.finish = "length" if state.n_new >= max_new else "stop"
+        state.finish = ("cancelled" if cancel is not None and cancel.is_set() else
+                        "length" if state.n_new >= max_new else "stop")
     piece = out.flush()
     if piece:
         yield piece
@@ -416,6 +424,7 @@ class Runtime:
             self.profile = profile
         else:
             self.profile = active_profile(profile or self.system.profile)
+        self.cpu_load = CpuLoad()  # what other processes leave free, looked at before each answer
         self.set_threads(threads or self.system.threads)
         self.max_memory = max_memory if max_memory is not None else self.system.max_memory
         self.keep_alive = keep_alive if keep_alive is not None else self.system.keep_alive
@@ -435,7 +444,7 @@ class Runtime:
         self.threads = threads or max(1, min(self.profile.threads, usable_cpus()))
         self.fixed_threads = bool(threads)
         for base in getattr(self, "_loaded", {}).values():
-            base.policy = ThreadPolicy(self.threads, fixed=self.fixed_threads)
+            base.policy = ThreadPolicy(self.threads, fixed=self.fixed_threads, load=self.cpu_load)
 
     @property
     def weights(self) -> WeightBuffers:
@@ -607,7 +616,7 @@ class Runtime:
                 bos_token=vocab.token_get_text(vocab.token_bos()) if vocab.token_bos() >= 0 else "")
         base = LoadedBase(name=cfg.name, config=cfg, llama=llama, n_ctx=n_ctx,
                           estimate=estimate_model(info, n_ctx), jinja=jinja,
-                          policy=ThreadPolicy(self.threads, fixed=self.fixed_threads),
+                          policy=ThreadPolicy(self.threads, fixed=self.fixed_threads, load=self.cpu_load),
                           state_cap=min(max(self.budget // 16, 8 << 20), 128 << 20),
                           chat_format=choose_format(cfg.chat_format, info.arch, bool(info.chat_template),
                                                     lambda token: _is_special(llama, token)))
@@ -837,7 +846,7 @@ class Runtime:
                 threads.append(n)
                 llama_cpp.llama_set_n_threads(llama._ctx.ctx, n, n)
 
-            sampled = base.sample(tokens[cached:], opts)
+            sampled = base.sample(tokens[cached:], opts, cancel)
             try:
                 yield from _decode_text(base.policy.paced(sampled, apply_threads), llama, out, cancel, max_new, t0,
                                         state, add_logprob if logprobs else None)

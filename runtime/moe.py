@@ -177,7 +177,13 @@ class MoE:
         else:
             result.answers = self._run_experts(query, selection, emit, logprobs=synthesis == "best", **gen_opts)
         t2 = time.perf_counter()
-        if synthesis != "weighted":
+        stopped = cancel is not None and cancel.is_set()
+        if stopped and synthesis != "weighted":
+            # a stopped question starts nothing new: the answer is what the first expert had said so far
+            result.answer = result.answers[0].text if result.answers else ""
+            result.chosen = result.answers[0].expert if result.answers else None
+            result.note = "; ".join(n for n in (result.note, f"stopped before {synthesis} synthesis") if n)
+        elif synthesis != "weighted":
             emit("synth_start", {"synthesis": synthesis})
             getattr(self, f"_{synthesis}")(result, emit, gen_opts)
         t3 = time.perf_counter()

@@ -25,7 +25,7 @@ def run_cli(args) -> int:
     from .errors import HublabError
     from .moe import MoE
 
-    from .device import check_moe_args, check_query, unknown_model_message
+    from .device import MoeStream, check_moe_args, check_query, unknown_model_message
 
     prompt = " ".join(args.prompt)
     check_query(prompt)  # a blank prompt is refused here as `?` refuses it in the shell
@@ -35,12 +35,13 @@ def run_cli(args) -> int:
         raise HublabError(unknown_model_message(args.name, list(rt.models), rt.catalog.errors))
     with rt:
         if args.name == "moe":
-            def show(kind, data):
-                if kind == "answer_token" and not args.json:
-                    print(data["text"], end="", flush=True)
-            result = MoE(rt).ask(prompt, routing=args.routing, synthesis=args.synthesis, on_event=show,
-                                 max_tokens=args.max_tokens, temperature=args.temperature)
+            moe = MoE(rt)
+            show = MoeStream(None if args.json else lambda text: print(text, end="", flush=True),
+                             args.synthesis or moe.synthesis)  # the answer's words as they are written
+            result = moe.ask(prompt, routing=args.routing, synthesis=args.synthesis, on_event=show,
+                             max_tokens=args.max_tokens, temperature=args.temperature)
             doc = result.to_dict()
+            show.finish(doc)
         else:
             gen = rt.stream(args.name, prompt, raw=args.raw, max_tokens=args.max_tokens, temperature=args.temperature)
             for piece in gen:

@@ -71,3 +71,57 @@ def test_keep_sets_each_base_keep_alive_and_expire_honours_it(device):
     device.load("alpha")
     device.keep(["tiny"], None)  # back to [runtime] keep_alive (5m)
     assert 299 < device.running()[0]["expires"] - time.time() <= 300 and device.expire_idle() == []
+
+
+def test_moe_streams_the_leading_expert_as_it_writes(device):
+    """One expert selected: its words arrive piece by piece, long before the answer is done, and add up to the
+    answer. Two experts under best: the first one's words stream, and the winner follows when it is another."""
+    import time as _time
+
+    stamps: list[tuple[float, str]] = []
+    t0 = _time.perf_counter()
+    one = device.complete("moe", [{"role": "user", "content": "how do I publish a rust crate with cargo"}],
+                          on_piece=lambda p: stamps.append((_time.perf_counter() - t0, p)), max_tokens=12,
+                          temperature=0)
+    assert len(one.hublab["selected"]) == 1 and len(stamps) > 1
+    assert "".join(p for _, p in stamps) == one.text
+    assert stamps[0][0] < one.seconds * 0.8  # the first piece came while the expert was still writing
+
+    pieces: list[str] = []
+    two = device.complete("moe", [{"role": "user", "content": "the python model"}], on_piece=pieces.append,
+                          routing="all", synthesis="best", max_tokens=8, temperature=0)
+    lead = two.hublab["selected"][0]["name"]
+    streamed = "".join(pieces)
+    lead_text = device.rt.generate(lead, [{"role": "user", "content": "the python model"}], max_tokens=8,
+                                   temperature=0).text.strip()
+    assert streamed.startswith(lead_text)
+    if two.hublab["chosen"] == lead:
+        assert streamed == two.text
+    else:
+        assert streamed.endswith(two.text) and f"best: {two.hublab['chosen']} answered" in streamed
+
+
+def test_concatenate_streams_each_expert_under_its_header(device):
+    pieces: list[str] = []
+    r = device.complete("moe", [{"role": "user", "content": "the python model"}], on_piece=pieces.append,
+                        routing="all", synthesis="concatenate", max_tokens=6, temperature=0)
+    assert len(pieces) > 2 and "".join(pieces) == r.text and r.text.count("### ") == len(r.hublab["selected"])
+
+
+def test_a_stopped_question_starts_no_synthesis(device):
+    """Stop during the first expert: no other expert and no summariser starts; the answer is what was said."""
+    import threading
+
+    cancel = threading.Event()
+    events: list[str] = []
+
+    def on_event(kind: str, data: dict) -> None:
+        events.append(kind if kind != "expert_start" else f"start:{data['expert']}")
+        if kind == "expert_token":
+            cancel.set()
+
+    r = device.ask("the python model", routing="all", synthesis="summarize", on_event=on_event, cancel=cancel,
+                   max_tokens=32)
+    assert r["finish_reason"] == "cancelled" and "synth_start" not in events
+    assert sum(e.startswith("start:") for e in events) == 1 and "stopped before summarize" in r["note"]
+    assert r["answer"] == r["answers"][0]["text"]
