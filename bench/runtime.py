@@ -6,6 +6,11 @@
 (d) fit: memory estimate / measured RSS growth, per board profile's default context (goal within +-15%)
 (e) busy: decode tokens/s with the default thread policy / the best fixed thread count, with one core kept busy
     by another process (goal >= 0.90) and idle (goal >= 0.95)
+(f) oneshot: one core busy, `hublab run general "Write a story about a robot." --max-tokens 64 --temperature 0` as
+    a fresh process: tokens/s with the default threads / with `threads = 1` (goal >= 0.90)
+(g) session: one core busy, a long-lived runtime asked 5 questions 12 s apart (a person at the shell): median
+    answer time with the default threads / with `threads = 1` (goal <= 1.2) and the worst single answer's ratio
+    (goal <= 2.0)
 
 Usage: .venv/bin/python bench/runtime.py [--threads 1] [--tokens 64] [--rounds 3] [--adapters DIR]
 Adapters default to rank-8 LoRA adapters on every linear layer of the gemma base, written for the run
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -200,15 +206,87 @@ def busy(base: Path, tokens: int, rounds: int, out: Path) -> dict:
     return report
 
 
+def burner() -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-c", BURN])
+    time.sleep(0.5)
+    return p
+
+
+def config_file(out: Path, threads: int) -> Path:
+    path = out / f"system-threads{threads}.toml"
+    path.write_text(f"[runtime]\nthreads = {threads}\nprofile = \"host\"\n")
+    return path
+
+
+def oneshot(rounds: int, out: Path) -> dict:
+    hublab = str(Path(sys.executable).parent / "hublab")
+    runs: dict[int, list[float]] = {0: [], 1: []}
+    burn = burner()
+    try:
+        for _ in range(rounds):  # interleaved
+            for threads in runs:
+                env = {**os.environ, "HUBLAB_CONFIG": str(config_file(out, threads)),
+                       "HUBLAB_HOME": str(out / "oneshot-home")}
+                p = subprocess.run([hublab, "run", "general", "Write a story about a robot.", "--max-tokens", "64",
+                                    "--temperature", "0", "--json"], env=env, capture_output=True, text=True,
+                                   timeout=600)
+                if p.returncode != 0:
+                    raise SystemExit(f"hublab run (threads {threads}) exit {p.returncode}: {p.stderr[-800:]}")
+                runs[threads].append(json.loads(p.stdout)["tokens_per_s"])
+    finally:
+        burn.kill()
+        burn.wait()
+    med = {("default" if k == 0 else "threads_1"): round(statistics.median(v), 2) for k, v in runs.items()}
+    return {"tok_s": med, "ratio": round(med["default"] / med["threads_1"], 3), "goal": ">= 0.90"}
+
+
+SESSION = r"""
+import json, sys, time
+from hublab.runtime.engine import Runtime
+rt = Runtime(profile="host", threads={threads}, keep_alive=-1)
+out = []
+for q in {questions!r}:
+    time.sleep({pause})
+    t0 = time.perf_counter()
+    r = rt.generate("general", q, max_tokens=48, temperature=0.0)
+    out.append({{"seconds": time.perf_counter() - t0, "threads": r.threads}})
+print(json.dumps(out))
+"""
+SESSION_QUESTIONS = ["What is a Raspberry Pi?", "Why is the sky blue?", "How do plants make food?",
+                     "What is the capital of Canada?", "How does a rainbow form?"]
+
+
+def session(out: Path, pause: float = 12.0) -> dict:
+    runs = {}
+    burn = burner()
+    try:
+        for threads in (0, 1):
+            code = SESSION.format(threads=threads, questions=SESSION_QUESTIONS, pause=pause)
+            env = {**os.environ, "HUBLAB_HOME": str(out / "session-home")}
+            p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+            if p.returncode != 0:
+                raise SystemExit(f"session (threads {threads}) exit {p.returncode}: {p.stderr[-800:]}")
+            runs["default" if threads == 0 else "threads_1"] = json.loads(p.stdout.strip().splitlines()[-1])
+    finally:
+        burn.kill()
+        burn.wait()
+    a = [r["seconds"] for r in runs["default"]]
+    b = [r["seconds"] for r in runs["threads_1"]]
+    return {"seconds": {"default": [round(x, 2) for x in a], "threads_1": [round(x, 2) for x in b]},
+            "default_threads": [r["threads"] for r in runs["default"]],
+            "median_ratio": round(statistics.median(a) / statistics.median(b), 3), "goal_median": "<= 1.2",
+            "worst_ratio": round(max(x / y for x, y in zip(a, b)), 3), "goal_worst": "<= 2.0"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--adapters", type=Path, help="directory of 5 real adapter GGUFs for the gemma base")
-    ap.add_argument("--only", help="comma-separated subset of throughput,memory,switch,fit,busy")
+    ap.add_argument("--only", help="comma-separated subset of throughput,memory,switch,fit,busy,oneshot,session")
     args = ap.parse_args()
-    parts = set((args.only or "throughput,memory,switch,fit,busy").split(","))
+    parts = set((args.only or "throughput,memory,switch,fit,busy,oneshot,session").split(","))
     base = gemma()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
@@ -224,6 +302,10 @@ def main() -> None:
             report["fit"] = fit(base, args.threads, out)
         if "busy" in parts:
             report["busy"] = busy(base, args.tokens, args.rounds, out)
+        if "oneshot" in parts:
+            report["oneshot"] = oneshot(args.rounds, out)
+        if "session" in parts:
+            report["session"] = session(out)
     print(json.dumps(report, indent=2))
 
 
