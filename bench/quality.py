@@ -232,7 +232,8 @@ def source() -> str:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout
 
     head = git("rev-parse", "--short", "HEAD").strip() or "unknown"
-    changed = [line[3:] for line in git("status", "--porcelain", "--", "runtime", "models", "bench").splitlines()]
+    changed = [line[3:] for line in git("status", "--porcelain", "--", "runtime", "models", "bench").splitlines()
+               if not line.endswith(".md")]  # the READMEs it writes
     if not changed:
         return f"commit {head}"
     shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")

@@ -142,7 +142,8 @@ def source() -> str:
 
     head = git("rev-parse", "--short", "HEAD").strip() or "unknown"
     changed = [line[3:] for line in git("status", "--porcelain", "--", "runtime", "models/router", "bench/routing",
-                                        "bench/routing_eval.py").splitlines()]
+                                        "bench/routing_eval.py").splitlines()
+               if not line.endswith(".md")]  # the READMEs it writes
     if not changed:
         return f"commit {head}"
     shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
