@@ -233,6 +233,8 @@ class Device:
             return {"profile": rt.profile.name, "profile_description": rt.profile.description,
                     "threads": rt.threads, "threads_fixed": rt.fixed_threads,
                     "threads_now": {b.name: b.policy.best() for b in _loaded_bases(rt)},
+                    "ubatch": rt.profile.ubatch,
+                    "compute_reserved": {b.name: b.compute_reserved for b in _loaded_bases(rt)},
                     "keep_alive": rt.keep_alive, "models_dir": str(rt.system.models_dir),
                     "config": str(rt.system.path) if rt.system.path else None, "loaded": rt.loaded(),
                     "models": len(rt.models), "experts": len(rt.experts), "memory": mem,

@@ -100,6 +100,7 @@ class LoadedBase:
     state_cap: int = 64 << 20            # bytes the saved per-expert KV states may take (Runtime sets it)
     batch: object = None                 # the llama_batch decode() reuses
     prompt_len: int = 0                  # prompt tokens of the last generation (the KV worth saving)
+    compute_reserved: int = 0            # bytes llama.cpp reserved for its compute buffer (address space, most unused)
 
     @property
     def memory(self) -> int:
@@ -597,8 +598,10 @@ class Runtime:
         info = read_gguf(path)
         n_ctx = self.context_size(cfg)
         seed = cfg.inference.seed if cfg.inference.seed >= 0 else 0xFFFFFFFF
+        mark = llama_log.compute_buffers()
         try:
-            llama = load_llama(path, extra=self.weights.extra, n_ctx=n_ctx, n_threads=self.threads,
+            llama = load_llama(path, extra=self.weights.extra, n_ctx=n_ctx, n_ubatch=self.profile.ubatch,
+                               n_threads=self.threads,
                                n_threads_batch=self.threads, seed=seed, verbose=llama_log.verbose(),
                                swa_full=False,  # sliding-window layers keep only their window: less KV on a Pi
                                flash_attn=True)  # as llama-server does on CPU: less compute memory, same answers
@@ -616,6 +619,7 @@ class Runtime:
                 bos_token=vocab.token_get_text(vocab.token_bos()) if vocab.token_bos() >= 0 else "")
         base = LoadedBase(name=cfg.name, config=cfg, llama=llama, n_ctx=n_ctx,
                           estimate=estimate_model(info, n_ctx), jinja=jinja,
+                          compute_reserved=llama_log.compute_since(mark),
                           policy=ThreadPolicy(self.threads, fixed=self.fixed_threads, load=self.cpu_load),
                           state_cap=min(max(self.budget // 16, 8 << 20), 128 << 20),
                           chat_format=choose_format(cfg.chat_format, info.arch, bool(info.chat_template),

@@ -21,6 +21,7 @@ GGML_LOG_LEVEL_DEBUG, GGML_LOG_LEVEL_INFO, GGML_LOG_LEVEL_CONT = 1, 2, 5
 MAX_BYTES = 4 << 20  # past this the log starts over, keeping one older file (llama.log.1)
 
 _lock = threading.Lock()
+_compute: list[float] = []  # MiB of each compute buffer llama.cpp reserved (read off its log), newest last
 _callback = None  # ctypes keeps no reference of its own: without this one the callback is freed under C
 _sink = None
 
@@ -45,6 +46,16 @@ def _open_log() -> object:
         return None  # an unwritable state dir must not stop an answer: the lines are dropped
 
 
+def compute_buffers() -> int:
+    """How many compute-buffer sizes were logged so far (a mark for `compute_since`)."""
+    return len(_compute)
+
+
+def compute_since(mark: int) -> int:
+    """Bytes of the compute buffers llama.cpp reserved since `mark` (0 when its log said nothing)."""
+    return int(sum(_compute[mark:]) * (1 << 20))
+
+
 def install() -> None:
     """Route llama.cpp's log (call before loading a model; again is a no-op)."""
     global _callback, _sink
@@ -62,6 +73,11 @@ def install() -> None:
         def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
             if level != GGML_LOG_LEVEL_CONT:
                 last[0] = level
+            if b"compute buffer size" in text:  # "sched_reserve: CPU compute buffer size = 64.31 MiB"
+                try:
+                    _compute.append(float(text.rsplit(b"=", 1)[1].split()[0]))
+                except (IndexError, ValueError):
+                    pass
             # debug lines (one per tensor and graph input, ~200 KB per model load) only with --verbose:
             # a Pi's SD card should not take them on every start
             if _sink is None or (last[0] == GGML_LOG_LEVEL_DEBUG and not loud):

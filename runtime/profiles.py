@@ -28,6 +28,8 @@ PROFILE_SCHEMA = {
         "preferred_quants": Key(list, [], "quantizations to prefer, best first"),
         "default_context": Key(int, 2048, "context window when a model does not set one"),
         "max_model_size": Key(str, "", "largest model file the board accepts"),
+        "ubatch": Key(int, 256, "prompt tokens llama.cpp computes at once (its compute buffer is sized for this "
+                                "many rows of logits: smaller saves memory, too small slows prompt reading)"),
     }
 }
 
@@ -45,6 +47,7 @@ class Profile:
     max_model_size: int
     cpu: str = ""
     dotprod: bool = False
+    ubatch: int = 256
     device_tree_match: str = ""
     source: str = ""
     notes: list[str] = field(default_factory=list)
@@ -63,10 +66,13 @@ def load_profile_file(path: Path) -> Profile:
             sizes[key] = parse_size(p[key])
         except ValueError as exc:
             raise ConfigError(f"{path}: [profile] {key}: {exc}") from None
+    if not 8 <= p["ubatch"] <= 4096:
+        raise ConfigError(f"{path}: [profile] ubatch: {p['ubatch']} is out of range; give 8 to 4096 tokens (256 "
+                          "suits most boards, 64 a 512 MB one)")
     return Profile(name=p["name"] or path.stem, description=p["description"], ram=sizes["ram"],
                    model_budget=sizes["model_budget"], cores=p["cores"], threads=p["threads"],
                    preferred_quants=list(p["preferred_quants"]), default_context=p["default_context"],
-                   max_model_size=sizes["max_model_size"], cpu=p["cpu"], dotprod=p["dotprod"],
+                   max_model_size=sizes["max_model_size"], cpu=p["cpu"], dotprod=p["dotprod"], ubatch=p["ubatch"],
                    device_tree_match=p["device_tree_match"], source=str(path))
 
 

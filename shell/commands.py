@@ -324,6 +324,15 @@ def _weights(w: dict | None) -> list[str]:
     return [f"weights      {' then '.join(w['buffer_types'])} buffers ({w['reason']})"]
 
 
+def _compute(d: dict) -> list[str]:
+    """The compute buffer llama.cpp reserved per loaded base (address space sized for the micro-batch)."""
+    reserved = d.get("compute_reserved") or {}
+    if not reserved:
+        return []
+    each = ", ".join(f"{name} {_size(n)}" for name, n in reserved.items())
+    return [f"compute      {each} reserved for {d.get('ubatch')}-token micro-batches (touched as needed)"]
+
+
 def _render_info(d: dict) -> str:
     m = d["memory"]
     if "name" not in d:
@@ -335,6 +344,7 @@ def _render_info(d: dict) -> str:
             f"loaded       {', '.join(d['loaded']) or 'nothing'}",
             f"memory       {_size(m['used'])} of {_size(m['budget'])} budget; process RSS {_size(m['rss'])}",
             *_weights(d.get("weights")),
+            *_compute(d),
             f"config       {d['config']}"])
     inf = d["inference"]
     est = d["estimate"]

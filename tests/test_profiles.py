@@ -71,3 +71,27 @@ def test_profile_command_shows_the_active_one_and_honours_overrides(tmp_path):
     bad = subprocess.run([hublab, "--profile", "pi9", "profile"], capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "unknown profile" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_micro_batch_per_board(tmp_path, tiny_models_dir):
+    """A 512 MB board reads prompts 64 tokens at a time: llama.cpp's compute buffer (rows of logits over the
+    vocabulary) is sized for that; the others 128-256. The runtime loads with it and says what was reserved."""
+    from hublab.runtime.device import Device
+    from hublab.runtime.engine import Runtime
+
+    boards = board_profiles()
+    assert boards["pi-zero-2w"].ubatch == 64 and boards["pi3b"].ubatch == 128 and boards["pi5-8gb"].ubatch == 256
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[profile]\nname = "bad"\nram = "1GB"\nmodel_budget = "500MB"\nmax_model_size = "1GB"\n'
+                   "ubatch = 2\n")
+    with pytest.raises(ConfigError, match=r"bad.toml: \[profile\] ubatch: 2 is out of range; give 8 to 4096"):
+        load_profile_file(bad)
+    sizes = {}
+    for name in ("pi-zero-2w", "pi5-8gb"):
+        with Runtime(models_dir=tiny_models_dir, profile=name, threads=1) as rt:
+            base = rt.load("tiny")
+            assert base.llama.context_params.n_ubatch == min(boards[name].ubatch, base.n_ctx)
+            info = Device(rt).info()
+            assert info["ubatch"] == boards[name].ubatch and info["compute_reserved"]["tiny"] > 0
+            sizes[name] = base.compute_reserved
+    assert sizes["pi-zero-2w"] < sizes["pi5-8gb"]
