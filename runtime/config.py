@@ -11,7 +11,7 @@ import json
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import tomlkit
 
 from .chat import FORMATS as CHAT_FORMATS
 from .errors import HublabError
-from .inputs import finite, quote
+from .inputs import finite, number_problem, quote
 from .paths import EMBEDDED_MODELS_DIR, config_home, user_models_dir
 
 if sys.version_info >= (3, 11):
@@ -33,14 +33,46 @@ class ConfigError(HublabError, ValueError):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Small schema machinery: one table of (type, default, help) per section, shared by every file kind.
+# Small schema machinery: one table of Keys per section, shared by every file kind, and read by everything
+# else that takes a setting (the HTTP APIs, `hublab run`, `ai config`, the shell's completion, the README).
+
+SURFACES = ("openai", "ollama", "hublab", "run")  # where a request may set a sampler setting, beyond the TOMLs
+
 
 @dataclass(frozen=True)
 class Key:
+    """One setting. `range`: the least and most a file may hold (`why` says why a bound is where it is);
+    `request_min`: a request's least where a file's least means "the default" (leave the field out instead);
+    `api`: the surfaces a request sets it on, "surface=name" where the name there differs from the key;
+    `model_only`: a model TOML's [inference] takes it, system.toml's does not; `applies`: when a change by
+    `ai config` reaches a running runtime (now, next load, agent restart)."""
     type: type | tuple[type, ...]
     default: Any
     help: str
     choices: tuple[str, ...] = ()
+    range: tuple[float, float] | None = None
+    why: str = ""
+    request_min: int | None = None
+    api: tuple[str, ...] = ()
+    model_only: bool = False
+    applies: str = "now"
+
+    def names(self, key: str) -> dict[str, str]:
+        """This setting's field name on each surface that takes it."""
+        return {surface: name or key for surface, _, name in (a.partition("=") for a in self.api)}
+
+    def bounds(self, request: bool = False) -> tuple[float | None, float | None]:
+        """The least and most a file (or, with request=True, a request) may give; None where unbounded."""
+        lo, hi = self.range or (None, None)
+        return (self.request_min if request and self.request_min is not None else lo), hi
+
+    def problem(self, value: Any, request: bool = False) -> str | None:
+        """Why `value` is not a number in range for this setting (a request's range with request=True), or None."""
+        lo, hi = self.bounds(request)
+        problem = number_problem(value, self.type is int, lo, hi)
+        if problem and self.why and finite(value) and lo is not None and hi is not None and not lo <= value <= hi:
+            problem += f" ({self.why})"
+        return problem
 
 
 def _type_name(t: type | tuple[type, ...]) -> str:
@@ -119,6 +151,9 @@ def validate_section(path: Path, text: str, section: str, values: Any, schema: d
         if spec.choices and value not in spec.choices:
             raise ConfigError(f"{_where(path, text, section, key)}: expected one of {', '.join(spec.choices)}, "
                               f"got {quote(value)}; pick one of those")
+        problem = spec.problem(value) if spec.range else None
+        if problem:
+            raise ConfigError(f"{_where(path, text, section, key)}: {problem}")
         out[key] = value
     for key, spec in schema.items():
         out.setdefault(key, spec.default)
@@ -132,14 +167,6 @@ def check_sections(path: Path, text: str, data: dict, allowed: dict[str, dict[st
             names = ", ".join(f"[{s}]" for s in allowed)
             hint = f"did you mean [{close[0]}]?" if close else f"allowed sections: {names}"
             raise ConfigError(f"{_where(path, text, section)}: unknown section; {hint}")
-
-
-def _check_range(path: Path, text: str, section: str, key: str, value: float, lo: float, hi: float | None) -> None:
-    if not finite(value):
-        raise ConfigError(f"{_where(path, text, section, key)}: {quote(value)} is not a finite number; write a number")
-    if value < lo or (hi is not None and value > hi):
-        bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
-        raise ConfigError(f"{_where(path, text, section, key)}: {quote(value)} is out of range; use a value {bound}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -187,14 +214,52 @@ def format_size(n: float) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
+# The sampler settings: a model TOML's [inference], system.toml's [inference] (over every model's), the
+# OpenAI, Ollama and hublab request fields and `hublab run`'s flags. A new one is one line here (and, where
+# the engine must use it, its place in Runtime.stream).
+
+SEED_MAX = (1 << 32) - 1
+
+SAMPLER: dict[str, Key] = {
+    "max_tokens": Key(int, 256, "most tokens generated per answer", range=(0, 1 << 20),
+                      request_min=1, api=("openai", "ollama=num_predict", "hublab", "run")),
+    "temperature": Key(float, 0.7, "sampling temperature; 0 = greedy", range=(0.0, 5.0),
+                       api=("openai", "ollama", "run")),
+    "top_p": Key(float, 0.9, "nucleus sampling mass", range=(0.0, 1.0), api=("openai", "ollama")),
+    "top_k": Key(int, 40, "sample from the k most likely tokens; 0 = all", range=(0, 1 << 20),
+                 api=("openai", "ollama")),
+    "repeat_penalty": Key(float, 1.1, "penalty for repeated tokens; 1 = none", range=(0.0, 10.0),
+                          api=("openai", "ollama")),
+    "context_size": Key(int, 0, "context window in tokens; 0 = the board profile's default", range=(0, 1 << 20),
+                        request_min=1, api=("ollama=num_ctx",), applies="next load"),
+    "min_p": Key(float, 0.05, "minimum token probability relative to the best", range=(0.0, 1.0),
+                 api=("openai", "ollama")),
+    "seed": Key(int, -1, "sampler seed; -1 = random", range=(-1, SEED_MAX),
+                why="llama.cpp's sampler seed is a 32-bit unsigned integer", api=("openai", "ollama")),
+    "stop": Key(list, [], "strings that end generation", api=("openai", "ollama"), model_only=True),
+    "system_prompt": Key(str, "", "system message placed before every question", model_only=True),
+}
+
+Inference = make_dataclass("Inference", [
+    (key, spec.type, field(default_factory=list) if spec.type is list else field(default=spec.default))
+    for key, spec in SAMPLER.items()])
+Inference.__doc__ = "The sampler settings of one answer: a model's [inference], system.toml's over it, a request's."
+
+
+def request_fields(surface: str) -> dict[str, tuple[str, Key]]:
+    """The sampler settings a request on `surface` (SURFACES) may set: its field name -> (key, Key)."""
+    return {spec.names(key)[surface]: (key, spec) for key, spec in SAMPLER.items() if surface in spec.names(key)}
+
+
+# ---------------------------------------------------------------------------------------------------
 # system.toml
 
 SYSTEM_SCHEMA: dict[str, dict[str, Key]] = {
     "runtime": {
         "models_dir": Key(str, "", "directory holding model and expert TOMLs; relative to system.toml; empty = "
                                    "~/.local/share/hublab/models over the embedded default set"),
-        "profile": Key(str, "auto", "board profile name from hardware-profiles/, or auto"),
-        "threads": Key(int, 0, "llama.cpp threads; 0 = the profile's choice"),
+        "profile": Key(str, "auto", "board profile name from hardware-profiles/, or auto", applies="next load"),
+        "threads": Key(int, 0, "llama.cpp threads; 0 = the profile's choice", range=(0, 256)),
         "max_memory": Key((str, int), "", "cap on model memory such as 400MB; empty = the profile budget"),
         "keep_alive": Key((str, int, float), "5m", "how long an idle expert stays loaded: 5m, 0, -1"),
     },
@@ -205,15 +270,18 @@ SYSTEM_SCHEMA: dict[str, dict[str, Key]] = {
         "fallback": Key(str, "general", "expert that answers when nothing passes routing"),
         "router": Key(str, "", "router directory (model.onnx, tokenizer.json, router.toml); "
                                "empty = <models_dir>/router"),
-        "keyword_weight": Key(float, 0.25, "weight of keyword evidence blended with router scores, 0..1"),
-        "sure": Key(float, 0.8, "topk answers with the top expert alone when its score reaches this; 1 = never"),
+        "keyword_weight": Key(float, 0.25, "weight of keyword evidence blended with router scores, 0..1",
+                              range=(0.0, 1.0)),
+        "sure": Key(float, 0.8, "topk answers with the top expert alone when its score reaches this; 1 = never",
+                    range=(0.0, 1.0)),
         "aggregator": Key(str, "", "expert that writes the summarize answer; empty = the fallback expert"),
     },
     "agent": {
-        "host": Key(str, "127.0.0.1", "address the agent listens on"),
-        "port": Key(int, 8780, "TCP port of the agent"),
-        "token": Key(str, "", "bearer token; required when host is not loopback"),
-        "queue_size": Key(int, 8, "waiting requests before the agent answers 503"),
+        "host": Key(str, "127.0.0.1", "address the agent listens on", applies="agent restart"),
+        "port": Key(int, 8780, "TCP port of the agent", range=(1, 65535), applies="agent restart"),
+        "token": Key(str, "", "bearer token; required when host is not loopback", applies="agent restart"),
+        "queue_size": Key(int, 8, "waiting requests before the agent answers 503", range=(1, 4096),
+                          applies="agent restart"),
     },
     "trust": {
         "keys": Key(list, [], "trusted package signing public keys (hex ed25519)"),
@@ -222,6 +290,9 @@ SYSTEM_SCHEMA: dict[str, dict[str, Key]] = {
         "url": Key(str, "", "default package registry: http(s)://host[:port][/namespace] or a directory; "
                             "empty = ~/.local/share/hublab/registry"),
     },
+    # sampler settings for every model, over each model's own [inference] (`ai config temperature 0.5`); only
+    # keys written there apply
+    "inference": {key: spec for key, spec in SAMPLER.items() if not spec.model_only},
 }
 
 
@@ -249,26 +320,27 @@ def parse_routing(spec: str) -> tuple[str, float]:
 
 @dataclass
 class SystemConfig:
+    """system.toml as load_system read it: every field is set there, from the file or SYSTEM_SCHEMA's default."""
     path: Path | None
     models_dir: Path                    # where packages install and the user's TOMLs live (writable)
-    profile: str = "auto"
-    threads: int = 0
-    max_memory: int = 0
-    keep_alive: float = 300.0
-    routing: str = "topk:2"
-    synthesis: str = "best"
-    fallback: str = "general"
-    router_dir: Path | None = None
-    keyword_weight: float = 0.25
-    sure: float = 0.8
-    aggregator: str = ""
-    host: str = "127.0.0.1"
-    port: int = 8780
-    token: str = ""
-    queue_size: int = 8
-    trusted_keys: list[str] = field(default_factory=list)
-    inference: dict = field(default_factory=dict)
-    raw: dict = field(default_factory=dict)
+    profile: str
+    threads: int
+    max_memory: int
+    keep_alive: float
+    routing: str
+    synthesis: str
+    fallback: str
+    router_dir: Path | None
+    keyword_weight: float
+    sure: float
+    aggregator: str
+    host: str
+    port: int
+    token: str
+    queue_size: int
+    trusted_keys: list[str]
+    inference: dict                     # the [inference] keys written there, over every model's own
+    raw: dict
     # The read-only embedded default set, scanned after models_dir (which shadows it by name); None when
     # models_dir was given explicitly, which then is the whole model set (an SD-card tree, a test).
     defaults_dir: Path | None = None
@@ -319,19 +391,14 @@ def load_system(path: Path | None = None) -> SystemConfig:
         parse_routing(moe["routing"])
     except ValueError as exc:
         raise ConfigError(f"{_where(path, text, 'moe', 'routing')}: {exc}") from None
-    _check_range(path, text, "moe", "keyword_weight", moe["keyword_weight"], 0.0, 1.0)
-    _check_range(path, text, "moe", "sure", moe["sure"], 0.0, 1.0)
-    _check_range(path, text, "runtime", "threads", rt["threads"], 0, 256)
-    _check_range(path, text, "agent", "port", agent["port"], 1, 65535)
-    _check_range(path, text, "agent", "queue_size", agent["queue_size"], 1, 4096)
-    check_inference_ranges(path, text, data.get("inference", {}))
     return SystemConfig(
         path=path, models_dir=models_dir, profile=rt["profile"], threads=rt["threads"],
         max_memory=max_memory, keep_alive=keep_alive, routing=moe["routing"], synthesis=moe["synthesis"],
         fallback=moe["fallback"], router_dir=rel(moe["router"]) if moe["router"] else None,
         keyword_weight=moe["keyword_weight"], sure=moe["sure"], aggregator=moe["aggregator"], host=agent["host"],
         port=agent["port"], token=agent["token"], queue_size=agent["queue_size"],
-        trusted_keys=list(sec["trust"]["keys"]), inference=dict(data.get("inference", {})), raw=data,
+        trusted_keys=list(sec["trust"]["keys"]), inference={k: sec["inference"][k] for k in data.get("inference", {})},
+        raw=data,
         defaults_dir=None if rt["models_dir"] else EMBEDDED_MODELS_DIR,
     )
 
@@ -405,64 +472,25 @@ MODEL_SCHEMA: dict[str, dict[str, Key]] = {
         "chat_format": Key(str, "auto", "prompt format: auto (the GGUF's template), gemma, chatml, llama3, "
                            "alpaca or plain", CHAT_FORMATS),
     },
-    "inference": {
-        "max_tokens": Key(int, 256, "most tokens generated per answer"),
-        "temperature": Key(float, 0.7, "sampling temperature; 0 = greedy"),
-        "top_p": Key(float, 0.9, "nucleus sampling mass"),
-        "top_k": Key(int, 40, "sample from the k most likely tokens; 0 = all"),
-        "repeat_penalty": Key(float, 1.1, "penalty for repeated tokens; 1 = none"),
-        "context_size": Key(int, 0, "context window in tokens; 0 = the board profile's default"),
-        "min_p": Key(float, 0.05, "minimum token probability relative to the best"),
-        "seed": Key(int, -1, "sampler seed; -1 = random"),
-        "stop": Key(list, [], "strings that end generation"),
-        "system_prompt": Key(str, "", "system message placed before every question"),
-    },
+    "inference": SAMPLER,
     "expert": {
         "domain": Key(str, "", "domain this expert answers (the router's label)"),
         "keywords": Key(list, [], "words or phrases that point at this domain (matched whole, case-folded)"),
-        "threshold": Key(float, 0.0, "minimum routing score for this expert under threshold routing"),
+        "threshold": Key(float, 0.0, "minimum routing score for this expert under threshold routing",
+                         range=(0.0, 1.0)),
         "base": Key(str, "", "name of the base model this adapter runs on"),
         "adapter": Key(str, "", "LoRA adapter GGUF, relative to this TOML"),
-        "scale": Key(float, 1.0, "LoRA adapter scale"),
+        "scale": Key(float, 1.0, "LoRA adapter scale", range=(-10.0, 10.0)),
         "knowledge": Key(str, "", "knowledge pack: question/answer JSONL retrieved into the prompt, relative to "
                                   "this TOML"),
-        "knowledge_shots": Key(int, 2, "how many retrieved pairs go before the question; 0 = none"),
-        "knowledge_min": Key(float, 0.45, "least similarity (router encoder cosine) for a pair to be shown"),
+        "knowledge_shots": Key(int, 2, "how many retrieved pairs go before the question; 0 = none", range=(0, 8)),
+        "knowledge_min": Key(float, 0.45, "least similarity (router encoder cosine) for a pair to be shown",
+                             range=(-1.0, 1.0)),
         "examples": Key(list, [], "example queries this expert answers: routed by similarity, no router retraining"),
         "examples_file": Key(str, "", "more example queries, one per line (UTF-8), relative to this TOML and inside "
                                       "its directory"),
     },
 }
-
-
-# system.toml [inference]: sampler settings for every model, over each model's own [inference]
-# (set with `ai config KEY VALUE` in the shell); only keys written there apply.
-SYSTEM_SCHEMA["inference"] = {k: v for k, v in MODEL_SCHEMA["inference"].items() if k not in ("stop", "system_prompt")}
-
-
-INFERENCE_RANGES = {"temperature": (0.0, 5.0), "top_p": (0.0, 1.0), "min_p": (0.0, 1.0),
-                    "repeat_penalty": (0.0, 10.0), "max_tokens": (0, 1 << 20), "top_k": (0, 1 << 20),
-                    "context_size": (0, 1 << 20), "seed": (-1, (1 << 32) - 1)}
-
-
-def check_inference_ranges(path: Path, text: str, values: dict) -> None:
-    for key, (lo, hi) in INFERENCE_RANGES.items():
-        if key in values:
-            _check_range(path, text, "inference", key, values[key], lo, hi)
-
-
-@dataclass
-class Inference:
-    max_tokens: int = 256
-    temperature: float = 0.7
-    top_p: float = 0.9
-    top_k: int = 40
-    repeat_penalty: float = 1.1
-    context_size: int = 0
-    min_p: float = 0.05
-    seed: int = -1
-    stop: list[str] = field(default_factory=list)
-    system_prompt: str = ""
 
 
 @dataclass
@@ -548,11 +576,6 @@ def load_model(path: Path) -> ModelConfig:
     if not ex["base"] and not m["path"]:
         raise ConfigError(f"{_where(path, text, 'model')}: missing key path; add path = \"<file>.gguf\" "
                           "(or [expert] base = \"<base>\" for an expert on a shared base)")
-    check_inference_ranges(path, text, inf)
-    _check_range(path, text, "expert", "threshold", ex["threshold"], 0.0, 1.0)
-    _check_range(path, text, "expert", "knowledge_shots", ex["knowledge_shots"], 0, 8)
-    _check_range(path, text, "expert", "knowledge_min", ex["knowledge_min"], -1.0, 1.0)
-    _check_range(path, text, "expert", "scale", ex["scale"], -10.0, 10.0)
     for i, item in enumerate(ex["keywords"]):
         if not isinstance(item, str) or not item.strip():
             raise ConfigError(f"{_where(path, text, 'expert', 'keywords')}: item {i + 1} must be a non-empty "
@@ -679,3 +702,59 @@ def _scan_dir(models_dir: Path, errors: list[str]) -> dict[str, ModelConfig]:
             continue
         models[cfg.name] = cfg
     return models
+
+
+# ---------------------------------------------------------------------------------------------------
+# The README's settings tables, made from the tables above: `python -m hublab.runtime.config README.md` fills
+# them in between their <!-- settings:NAME --> markers (tests/test_config.py checks they are current).
+
+def _cell(value: Any) -> str:
+    return f"`{toml_value(value)}`" if not isinstance(value, tuple) else ", ".join(f"`{v}`" for v in value)
+
+
+def _limits(spec: Key) -> str:
+    if spec.choices:
+        return _cell(spec.choices)
+    if spec.range is None:
+        return ""
+    lo, hi = (str(int(x)) if float(x).is_integer() else f"{x:g}" for x in spec.range)
+    text = f"{lo} to {hi}" + (f" (a request: from {spec.request_min})" if spec.request_min is not None else "")
+    return text + (f"; {spec.why}" if spec.why else "")
+
+
+def settings_markdown() -> dict[str, str]:
+    """The README's tables by marker name: the sampler settings with their names on each surface, and every
+    system.toml setting with when `ai config` applies it."""
+    sampler = ["| key | default | range | OpenAI | Ollama | hublab API | `hublab run` | what |", "|---" * 8 + "|"]
+    for key, spec in SAMPLER.items():
+        names = spec.names(key)
+        on = [f"`{names[s]}`" if s in names else "" for s in ("openai", "ollama", "hublab")]
+        run = f"`--{names['run'].replace('_', '-')}`" if "run" in names else ""
+        what = spec.help + (" (a model's TOML only; system.toml's [inference] takes the others)"
+                            if spec.model_only else "")
+        sampler.append(f"| `{key}` | {_cell(spec.default)} | {_limits(spec)} | {' | '.join(on)} | {run} | {what} |")
+    system = ["| section | key | default | range | `ai config` applies | what |", "|---" * 6 + "|"]
+    for section, keys in SYSTEM_SCHEMA.items():
+        if section == "inference":
+            continue  # the sampler table
+        for key, spec in keys.items():
+            applies = spec.applies if section != "trust" else "not set there (`pkg keygen --trust`)"
+            what = spec.help.replace("<", "\\<")  # <models_dir> is text, not an HTML tag
+            system.append(f"| `[{section}]` | `{key}` | {_cell(spec.default)} | {_limits(spec)} | {applies} | {what} |")
+    return {"settings:sampler": "\n".join(sampler), "settings:system": "\n".join(system)}
+
+
+def fill_markers(text: str, sections: dict[str, str]) -> str:
+    """`text` with each <!-- NAME --> ... <!-- /NAME --> pair holding sections[NAME]; a missing pair is an error."""
+    for name, body in sections.items():
+        begin, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+        if begin not in text or end not in text:
+            raise ValueError(f"no {begin} ... {end} pair; add one where the table belongs")
+        head, rest = text.split(begin, 1)
+        text = head + begin + "\n" + body + "\n" + end + rest.split(end, 1)[1]
+    return text
+
+
+if __name__ == "__main__":
+    for readme in map(Path, sys.argv[1:]):
+        readme.write_text(fill_markers(readme.read_text(encoding="utf-8"), settings_markdown()), encoding="utf-8")

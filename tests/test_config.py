@@ -1,10 +1,12 @@
 """system.toml and model/expert TOMLs: every error names the file, the line/key and the fix."""
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
-from hublab.runtime.config import (ConfigError, load_model, load_system, parse_duration, parse_routing, parse_size,
-                                   scan_models, set_system_value)
+from hublab.runtime.config import (MODEL_SCHEMA, SAMPLER, SEED_MAX, SYSTEM_SCHEMA, ConfigError, Inference, fill_markers,
+                                   load_model, load_system, parse_duration, parse_routing, parse_size, scan_models,
+                                   set_system_value, settings_markdown)
 
 
 def write(path: Path, text: str) -> Path:
@@ -209,6 +211,32 @@ def test_model_toml_errors(tmp_path, mutate, expect):
     p = write(tmp_path / "python.toml", mutate(MODEL))
     msg = error_of(load_model, p)
     assert str(p) in msg and expect in msg
+
+
+def test_seed_tops_out_at_llama_cpps_32_bits_in_both_files(tmp_path):
+    def seeded(seed: int) -> str:
+        return MODEL.replace("temperature = 0.2", f"temperature = 0.2\nseed = {seed}")
+
+    assert load_model(write(tmp_path / "ok.toml", seeded(SEED_MAX))).inference.seed == (1 << 32) - 1
+    for path, load in ((write(tmp_path / "over.toml", seeded(SEED_MAX + 1)), load_model),
+                       (write(tmp_path / "system.toml", f"[inference]\nseed = {SEED_MAX + 1}\n"), load_system)):
+        msg = error_of(load, path)
+        assert "[inference] seed" in msg and "out of range" in msg and "32-bit" in msg and str(SEED_MAX) in msg
+
+
+def test_the_sampler_table_makes_the_inference_defaults_and_both_inference_sections(tmp_path):
+    assert asdict(Inference()) == {key: spec.default for key, spec in SAMPLER.items()}
+    assert MODEL_SCHEMA["inference"] is SAMPLER
+    assert set(SYSTEM_SCHEMA["inference"]) == set(SAMPLER) - {"stop", "system_prompt"}
+    # system.toml [inference] holds only what was written there, typed as the table says
+    assert load_system(write(tmp_path / "system.toml", "[inference]\ntemperature = 1\n")).inference == \
+        {"temperature": 1.0}
+
+
+def test_the_readme_tables_are_the_settings_table():
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    assert fill_markers(readme, settings_markdown()) == readme, \
+        "README.md's settings tables are stale: run .venv/bin/python -m hublab.runtime.config README.md"
 
 
 def test_model_needs_a_path_or_a_base(tmp_path):
