@@ -24,6 +24,7 @@ from urllib.parse import parse_qs, urlparse
 
 from hublab import __version__
 
+from .config import request_fields
 from .device import UnknownModel
 from .errors import HublabError
 from .gate import Cancelled, QueueFull, watch_disconnect
@@ -88,6 +89,24 @@ def moe_fields(extra: dict, prefix: str = "") -> tuple[str | None, str | None]:
     synthesis = text(f"{prefix}synthesis", extra.get("synthesis"), 64)
     check_moe_args(routing, synthesis)
     return routing, synthesis
+
+
+def sampler_fields(fields: dict, surface: str, prefix: str = "") -> dict[str, Any]:
+    """The sampler settings a request sets (config.SAMPLER's fields on `surface`) as Runtime.stream keywords,
+    each checked against the table's type and request range: a bad one is a 400 naming the field."""
+    out: dict[str, Any] = {}
+    for name, (key, spec) in request_fields(surface).items():
+        value = fields.get(name)
+        if value is None:
+            continue
+        if spec.type is list:
+            out[key] = stop_list(prefix + name, value)
+            continue
+        problem = spec.problem(value, request=True)
+        if problem:
+            raise ApiError(400, f"{prefix}{name}: {problem}")
+        out[key] = spec.type(value)
+    return out
 
 
 def _no_constants(name: str) -> Any:

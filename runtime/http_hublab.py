@@ -12,7 +12,7 @@ plus /health and /metrics. JSON in and out, errors in OpenAI's shape; /hublab/as
 """
 from __future__ import annotations
 
-from .http_common import ApiError, Request, Route, moe_fields, number, text
+from .http_common import ApiError, Request, Route, moe_fields, sampler_fields, text
 
 
 def _name(body: dict) -> str:
@@ -34,10 +34,7 @@ def _moe(body: dict) -> tuple[str | None, str | None]:
 
 
 def _max_tokens(body: dict, default: int | None = None) -> int | None:
-    value = body.get("max_tokens")
-    if value is None:
-        return default
-    return number("max_tokens", value, int, 1, 1 << 20)
+    return sampler_fields(body, "hublab").get("max_tokens", default)
 
 
 def experts(req: Request) -> None:

@@ -15,9 +15,9 @@ every listed name, as Ollama's do, and always come from that encoder (/api/show 
     DELETE /api/delete                 {"model": package or a model it provides}
 
 Streams are NDJSON, one object a line, the last with "done": true and Ollama's counters (durations in
-nanoseconds). Options: num_predict (-1 = until the context is full), temperature, top_p, top_k, min_p,
-repeat_penalty, seed, stop, num_ctx (prompt + answer must fit; at most the model's context_size); other
-Ollama options are accepted and ignored, as Ollama ignores those a model has no use for. keep_alive: a
+nanoseconds). Options: the sampler settings of config.SAMPLER under their Ollama names (num_predict -1 = until
+the context is full; num_ctx: prompt + answer must fit, at most the model's context_size); other Ollama
+options are accepted and ignored, as Ollama ignores those a model has no use for. keep_alive: a
 duration ("5m", seconds, 0 = unload right after the answer, negative = keep); without it the model
 stays [runtime] keep_alive. An empty prompt or message list only loads the model (or unloads it with
 keep_alive 0). Errors are `{"error": "..."}` with a 4xx status.
@@ -31,16 +31,13 @@ from typing import Any
 
 from hublab import __version__
 
-from .config import parse_duration
+from .config import parse_duration, request_fields
 from .device import MOE, ROUTER, Completion, UnknownModel, unknown_model_message
 from .errors import HublabError
-from .http_common import ApiError, Request, Route, iso_time, moe_fields, number, obj, stop_list, text
+from .http_common import ApiError, Request, Route, iso_time, moe_fields, obj, sampler_fields, text
+from .inputs import finite
 
 NEVER = "9999-12-31T23:59:59Z"  # expires_at of a model kept loaded until unloaded (keep_alive < 0)
-# option -> (kind, least, most): the ranges a model TOML's [inference] allows (config.INFERENCE_RANGES)
-OPTIONS = {"num_predict": (int, -2, 1 << 20), "temperature": (float, 0.0, 5.0), "top_p": (float, 0.0, 1.0),
-           "top_k": (int, 0, 1 << 20), "min_p": (float, 0.0, 1.0), "repeat_penalty": (float, 0.0, 10.0),
-           "seed": (int, -1, (1 << 63) - 1), "num_ctx": (int, 1, 1 << 20)}
 UNLIMITED = 1 << 30  # num_predict -1/-2: the context is the limit
 
 
@@ -57,21 +54,19 @@ def _model(body: dict) -> str:
 
 
 def _options(body: dict) -> dict[str, Any]:
-    """Ollama options -> Device.complete keyword arguments (checked: a bad value is a 400)."""
+    """Ollama options -> Device.complete keyword arguments (checked: a bad value is a 400). num_predict -1 (or -2)
+    is no limit but the context; num_ctx caps this request's prompt + answer, within the model's context_size."""
     options = obj("options", body.get("options"))  # e.g. {"temperature": 0.7, "num_predict": 64}
-    out: dict[str, Any] = {}
-    for key, (kind, lo, hi) in OPTIONS.items():
-        if options.get(key) is not None:
-            out[key] = number(f"options.{key}", options[key], kind, lo, hi)
-    if out.get("seed", -1) >= 1 << 32:
-        out["seed"] %= 1 << 32  # llama.cpp's sampler takes a 32-bit seed
-    predict = out.pop("num_predict", None)
-    if predict is not None:
-        if predict == 0:
-            raise ApiError(400, f"options.num_predict must be positive, or -1 for no limit; got {predict}")
-        out["max_tokens"] = UNLIMITED if predict < 0 else predict
-    if options.get("stop") is not None:
-        out["stop"] = stop_list("options.stop", options["stop"])
+    predict = options.get("num_predict")
+    unlimited = finite(predict) and predict in (-1, -2)
+    if finite(predict) and predict == 0:
+        raise ApiError(400, "options.num_predict must be positive, or -1 for no limit; got 0")
+    out = sampler_fields({k: v for k, v in options.items() if not (unlimited and k == "num_predict")}, "ollama",
+                         "options.")
+    if unlimited:
+        out["max_tokens"] = UNLIMITED
+    if "context_size" in out:
+        out["num_ctx"] = out.pop("context_size")
     return out
 
 
@@ -277,12 +272,13 @@ def _embedding_info(req: Request) -> dict:
 
 def _parameters(inference: dict) -> list[str]:
     """A model's [inference] as Ollama's PARAMETER lines."""
-    names = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-             "repeat_penalty": "repeat_penalty", "max_tokens": "num_predict", "context_size": "num_ctx",
-             "seed": "seed"}
-    lines = [f"{ollama} {inference[ours]}" for ours, ollama in names.items()
-             if inference.get(ours) not in (None, "") and not (ours == "context_size" and not inference[ours])]
-    lines += [f'stop "{s}"' for s in inference.get("stop") or []]
+    lines = []
+    for ollama, (ours, spec) in request_fields("ollama").items():
+        value = inference.get(ours)
+        if spec.type is list:
+            lines += [f'{ollama} "{s}"' for s in value or []]
+        elif value not in (None, "") and not (ours == "context_size" and not value):
+            lines.append(f"{ollama} {value}")
     return lines
 
 

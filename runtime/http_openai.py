@@ -12,25 +12,14 @@ import uuid
 from typing import Any
 
 from .device import MOE, Completion
-from .http_common import ApiError, Request, Route, moe_fields, number, obj, stop_list
-
-# field -> (kind, least, most): the ranges a model TOML's [inference] allows (config.INFERENCE_RANGES)
-SAMPLER = {"max_tokens": (int, 1, 1 << 20), "temperature": (float, 0.0, 5.0), "top_p": (float, 0.0, 1.0),
-           "top_k": (int, 0, 1 << 20), "min_p": (float, 0.0, 1.0), "repeat_penalty": (float, 0.0, 10.0),
-           "seed": (int, -1, (1 << 63) - 1)}
+from .http_common import ApiError, Request, Route, moe_fields, obj, sampler_fields
 
 
 def sampler(body: dict) -> dict:
     """OpenAI request fields -> Device.complete keyword arguments (checked, so a bad one is a 400)."""
     if body.get("max_completion_tokens") is not None and body.get("max_tokens") is None:
         body = {**body, "max_tokens": body["max_completion_tokens"]}
-    opts: dict[str, Any] = {key: number(key, body[key], kind, lo, hi) for key, (kind, lo, hi) in SAMPLER.items()
-                            if body.get(key) is not None}
-    if opts.get("seed", -1) >= 1 << 32:
-        opts["seed"] %= 1 << 32  # OpenAI seeds are 64-bit; llama.cpp's sampler takes 32
-    if body.get("stop") is not None:
-        opts["stop"] = stop_list("stop", body["stop"])
-    return opts
+    return sampler_fields(body, "openai")
 
 
 def _text_of(content: Any) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .config import SYSTEM_SCHEMA
+from .config import SYSTEM_SCHEMA, request_fields
 from .inputs import arg_float, arg_int
 
 
@@ -12,8 +12,10 @@ def add_run_arguments(parser) -> None:
     parser.add_argument("name", help="expert or model name, or 'moe' for a routed, synthesised answer")
     parser.add_argument("prompt", nargs="+", help="the question")
     parser.add_argument("--raw", action="store_true", help="complete the text as is (no chat template)")
-    parser.add_argument("--max-tokens", type=arg_int(1, 1 << 20), help="most tokens to generate")
-    parser.add_argument("--temperature", type=arg_float(0.0, 5.0), help="sampling temperature (0 = greedy)")
+    for name, (key, spec) in request_fields("run").items():  # --max-tokens, --temperature
+        number = arg_int if spec.type is int else arg_float
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=key, type=number(*spec.bounds(request=True)),
+                            help=spec.help)
     parser.add_argument("--routing", help="for moe: topk:K, threshold:T, single or all")
     parser.add_argument("--synthesis", choices=SYSTEM_SCHEMA["moe"]["synthesis"].choices,
                         help="for moe: best, weighted, voting, concatenate or summarize")

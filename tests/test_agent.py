@@ -19,7 +19,7 @@ import pytest
 from ggufs import write_model_toml, write_tiny_llama
 from hublab.runtime.agent import Agent
 from hublab.runtime.device import Device
-from hublab.runtime.config import load_system
+from hublab.runtime.config import SEED_MAX, load_system
 from hublab.runtime.engine import Runtime
 from hublab.runtime.errors import HublabError
 
@@ -204,6 +204,25 @@ def test_request_errors_are_openai_shaped(agent):
     r = httpx.get(u + "/v1/chat/completions")
     assert r.status_code == 405 and r.headers["allow"] == "POST"
     assert httpx.get(u + "/health").json()["status"] == "ok"  # and the agent still serves
+
+
+def test_seed_tops_out_at_llama_cpps_32_bits_on_every_surface(agent, device_config):
+    """One seed limit wherever a seed is given: OpenAI and Ollama requests, and ai config into system.toml and
+    into a model's TOML; one past it is refused saying why (files: test_config.py)."""
+    u, msg = agent.url, [{"role": "user", "content": "x"}]
+    for seed, ok in ((SEED_MAX, True), (SEED_MAX + 1, False)):
+        answers = {
+            "openai": httpx.post(u + "/v1/chat/completions",
+                                 json={"model": "alpha", "messages": msg, "max_tokens": 1, "seed": seed}),
+            "ollama": httpx.post(u + "/api/chat", json={"model": "alpha", "messages": msg, "stream": False,
+                                                        "options": {"num_predict": 1, "seed": seed}}),
+            "ai config": httpx.post(u + "/hublab/config", json={"key": "seed", "value": seed}),
+            "ai config alpha": httpx.post(u + "/hublab/config", json={"name": "alpha", "key": "seed", "value": seed}),
+        }
+        for surface, r in answers.items():
+            assert r.status_code == (200 if ok else 400) and ("32-bit" in r.text) != ok, (surface, seed, r.text)
+    assert load_system(device_config).inference == {"seed": SEED_MAX}
+    assert agent.device.rt.config("alpha").inference.seed == SEED_MAX
 
 
 # ---------------------------------------------------------------------------------------------------
