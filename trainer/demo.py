@@ -130,7 +130,8 @@ def quality_section(text: str) -> str:
     """The benchmark's section of an existing README (bench/quality.py --readme writes it), kept on export."""
     if QUALITY_BEGIN in text and QUALITY_END in text:
         return text[text.index(QUALITY_BEGIN): text.index(QUALITY_END) + len(QUALITY_END)]
-    return f"{QUALITY_BEGIN}\n(run bench/quality.py --readme models/demo/README.md)\n{QUALITY_END}"
+    return (f"{QUALITY_BEGIN}\n<!-- quality:heldout -->\n<!-- /quality:heldout -->\n\n<!-- quality:dev -->\n"
+            f"<!-- /quality:dev -->\n{QUALITY_END}")
 
 
 def gguf_perplexity(base_gguf: Path, adapter_gguf: Path | None, tok, template: str, examples, max_len: int = 160,
@@ -198,10 +199,10 @@ documentation (the first sentence of Python stdlib docstrings, Rust std docs, to
 page NAME lines, turned into "`ls` lists directory contents."-style answers, at most 30% of a domain), plus
 20% general pairs mixed into every other expert so it keeps answering instead of imitating documents. 30
 team-written pairs per domain are held out as a dev set (checkpoint and decoding choices); the benchmark's
-held-out questions (`bench/quality/heldout.jsonl`, written apart) are never read by any of this, and
-`tests/test_quality.py` checks no training file holds one of them.
+held-out questions (`bench/quality/heldout.jsonl`, written apart: `bench/quality/PROVENANCE.md`) are never read
+by any of this, and `tests/test_heldout.py` checks no training or knowledge file comes near one of them.
 
-## Quality on the held-out questions
+## Quality on the held-out and dev questions
 
 {quality}
 
@@ -221,7 +222,8 @@ lr 5e-4 with warm-up and cosine decay, one epoch or the `--minutes` cap per expe
     .venv/bin/python -m hublab.trainer.demo_data build/demo-data
     .venv/bin/python -m hublab.trainer.demo train build/demo-data build/demo-runs --epochs 1 --minutes 20 --threads 2
     .venv/bin/python -m hublab.trainer.demo export build/demo-runs models/demo
-    .venv/bin/python bench/quality.py --readme models/demo/README.md
+    .venv/bin/python bench/quality.py --set heldout --readme models/demo/README.md --readme README.md
+    .venv/bin/python bench/quality.py --set dev --readme models/demo/README.md
 
 The documentation part depends on what the machine has installed, so a rebuild elsewhere gives similar,
 not identical, adapters.

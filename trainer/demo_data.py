@@ -11,8 +11,8 @@ instead of imitating documents. Per domain it writes:
   <domain>_dev.jsonl   DEV_SIZE team-written pairs held out from training and packs: for choosing
                        checkpoints and decoding settings (bench/quality.py --set), never the held-out set
   <domain>_pack.jsonl  the knowledge pack: the domain's own pairs, retrieved into the prompt on the device
-The benchmark's held-out questions (bench/quality/) are never read here; tests/test_quality.py checks that
-no training file holds one of them.
+The benchmark's question sets (bench/quality/, bench/routing/) are never read here; tests/test_heldout.py checks
+that no training or knowledge file comes near a held-out question or reference.
 """
 from __future__ import annotations
 
