@@ -30,10 +30,10 @@ from .inputs import has_surrogates, quote
 MOE = "moe"        # the model name that routes a query to the experts and synthesises their answers
 ROUTER = "router"  # the model name of the router's sentence encoder (embeddings only)
 BENCH_PROMPT = "Explain in a few sentences how a Raspberry Pi starts up after power is applied."
-# `ai config KEY VALUE`: a bare key names its system.toml section (keys are unique across sections).
+# `ai config KEY VALUE`: a bare key names its system.toml section (keys are unique across sections);
+# `ai config NAME KEY VALUE` sets a sampler key of one model's TOML.
 SYSTEM_KEYS = {key: section for section, keys in SYSTEM_SCHEMA.items() if section != "trust" for key in keys}
 INFERENCE_KEYS = MODEL_SCHEMA["inference"]
-RESTART_KEYS = {"host", "port", "token", "queue_size"}
 
 
 class UnknownModel(HublabError):
@@ -53,6 +53,11 @@ class Completion:
     seconds: float = 0.0            # the whole answer, load included
     cached_tokens: int = 0          # prompt tokens read from the expert's prefix cache
     hublab: dict = field(default_factory=dict)  # moe: routing, selection, chosen; expert: speed
+
+
+def _applies(spec: Key, loaded: bool) -> str:
+    """When an `ai config` change takes effect: the Key's word, but "next load" is "now" while nothing is loaded."""
+    return "now" if spec.applies == "next load" and not loaded else spec.applies
 
 
 def _coerce(key: str, value: Any, spec: Key) -> Any:
@@ -274,8 +279,9 @@ class Device:
             return self._config_system(SYSTEM_KEYS[key], key, value)
         if key in INFERENCE_KEYS:
             some = next(iter(sorted(self.rt.experts)), "NAME")
-            raise HublabError(f"{key}: is set per model in this build (system.toml has no [inference] section); "
-                              f"name the model, e.g. `ai config {some} {key} {value}`")
+            raise HublabError(f"{key}: is set per model (system.toml's [inference] takes "
+                              f"{', '.join(SYSTEM_SCHEMA['inference'])}); name the model, e.g. "
+                              f"`ai config {some} {key} {quote(value, 40)}`")
         import difflib
 
         keys = sorted(set(SYSTEM_KEYS) | set(INFERENCE_KEYS))
@@ -287,7 +293,8 @@ class Device:
         path = self.rt.system.path
         if path is None:
             raise HublabError("no system.toml path in use; start with --config FILE or set HUBLAB_CONFIG")
-        value = _coerce(key, value, SYSTEM_SCHEMA[section][key])
+        spec = SYSTEM_SCHEMA[section][key]
+        value = _coerce(key, value, spec)
         if key == "models_dir" and isinstance(value, str) and value:
             where = Path(os.path.expanduser(value))
             where = where if where.is_absolute() else path.parent / where
@@ -297,33 +304,36 @@ class Device:
         if section == "moe" and key in ("routing", "synthesis"):
             self.moe.set(**{key: value})  # validates before anything is written
         set_system_value(path, section, key, value)
-        system = load_system(path)
-        applies = "now"
-        rt = self.rt
-        if section == "runtime":
-            rt.system = system
-            if key == "threads":
-                rt.set_threads(system.threads)
-            elif key == "max_memory":
-                rt.max_memory = system.max_memory
-            elif key == "keep_alive":
-                rt.keep_alive = system.keep_alive
-            elif key == "profile":
-                from .profiles import active_profile
+        self._apply_system(section, key, load_system(path))
+        return {"key": key, "value": value, "section": section, "saved_to": str(path),
+                "applies": _applies(spec, bool(self.rt.loaded()))}
 
-                rt.profile = active_profile(system.profile)
-                applies = "next load"
-            elif key == "models_dir":
-                self.rescan()
-        elif section == "moe":
-            for k in ("routing", "synthesis", "fallback", "router_dir", "keyword_weight", "aggregator"):
-                setattr(rt.system, k, getattr(system, k))
-            if key not in ("routing", "synthesis"):
-                with self._moe_lock:
-                    self._moe = None  # the router and fallback are read when the MoE is made
-        elif key in RESTART_KEYS:
-            applies = "agent restart"
-        return {"key": key, "value": value, "section": section, "saved_to": str(path), "applies": applies}
+    def _apply_system(self, section: str, key: str, system) -> None:
+        """Hand the running runtime the setting just saved, as `applies` says (SYSTEM_SCHEMA's Key.applies):
+        the one setting, so what the runtime was started with beyond system.toml (--models-dir) stays."""
+        rt = self.rt
+        rt.system.raw = system.raw  # [registry] url: pkg reads it from the file on every call
+        attr = {"router": "router_dir"}.get(key, key)  # SystemConfig names the router directory router_dir
+        if section == "inference":
+            rt.system.inference = system.inference  # Runtime.sampler reads it for every answer
+        elif hasattr(system, attr):
+            setattr(rt.system, attr, getattr(system, attr))
+        if key == "models_dir":
+            rt.system.defaults_dir = system.defaults_dir
+            self.rescan()
+        elif key == "threads":
+            rt.set_threads(system.threads)
+        elif key == "max_memory":
+            rt.max_memory = system.max_memory
+        elif key == "keep_alive":
+            rt.keep_alive = system.keep_alive
+        elif key == "profile":  # the budget now, contexts and buffers as each base loads
+            from .profiles import active_profile
+
+            rt.profile = active_profile(system.profile)
+            rt.set_threads(rt.threads if rt.fixed_threads else 0)  # 0: the new profile's count
+        elif key in ("fallback", "router", "keyword_weight"):
+            self.rescan()  # the router is opened with these, and the MoE takes its fallback when made
 
     def _config_model(self, name: str, key: str, value: Any) -> dict:
         cfg = self.config_of(name)
@@ -348,8 +358,8 @@ class Device:
             raise HublabError(str(exc).replace(str(tmp), str(cfg.source))) from None
         os.replace(tmp, cfg.source)
         self.rt.rescan()
-        applies = "next load" if key == "context_size" and self.rt.is_loaded(name) else "now"
-        return {"key": key, "value": value, "model": name, "saved_to": str(cfg.source), "applies": applies}
+        return {"key": key, "value": value, "model": name, "saved_to": str(cfg.source),
+                "applies": _applies(INFERENCE_KEYS[key], (cfg.base or cfg.name) in self.rt.loaded())}
 
     def settings(self, routing: str | None = None, synthesis: str | None = None, save: bool = True) -> dict:
         """Show routing and synthesis; with values, set them (validated) and save them to system.toml."""

@@ -125,3 +125,60 @@ def test_a_stopped_question_starts_no_synthesis(device):
     assert r["finish_reason"] == "cancelled" and "synth_start" not in events
     assert sum(e.startswith("start:") for e in events) == 1 and "stopped before summarize" in r["note"]
     assert r["answer"] == r["answers"][0]["text"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# ai config: a setting reaches the running runtime when the answer says it does
+
+def test_ai_config_inference_applies_to_the_next_answer(device):
+    """system.toml [inference] (issue 27: it answered "now" and the runtime kept the old sampler until a restart)."""
+    rt, alpha = device.rt, device.rt.config("alpha")
+    assert device.config("temperature", "0.3")["applies"] == "now" and rt.sampler(alpha, {}).temperature == 0.3
+    assert device.config("max_tokens", "3")["applies"] == "now"
+    assert device.complete("alpha", QUESTION).tokens == 3
+    assert device.config("seed", "7")["applies"] == "now" and rt.sampler(alpha, {}).seed == 7
+    # a context is sized as its base loads: a loaded base keeps its own until it loads again
+    assert device.config("context_size", "128")["applies"] == "next load" and rt.context_size(alpha) == 128
+    device.unload("tiny")
+    assert device.config("context_size", "192")["applies"] == "now"
+    with rt.hold("alpha") as base:
+        assert base.n_ctx == 192
+
+
+def test_ai_config_runtime_moe_and_registry_apply_now(device, tmp_path):
+    rt = device.rt
+    assert device.config("threads", "2")["applies"] == "now" and rt.threads == 2 and rt.fixed_threads
+    assert device.config("max_memory", "64MB")["applies"] == "now" and rt.budget == 64 << 20
+    assert device.config("keep_alive", "1m")["applies"] == "now" and rt.keep_alive == 60
+    assert device.config("profile", "pi4-4gb")["applies"] == "now" and rt.profile.name == "pi4-4gb"
+
+    both = "python pip and rust cargo"
+    assert [s["name"] for s in device.route(both)["selected"]] == ["alpha", "beta"]
+    assert device.config("sure", "0.3")["applies"] == "now"  # alpha's 0.5 is sure enough now
+    assert [s["name"] for s in device.route(both)["selected"]] == ["alpha"]
+    assert device.config("fallback", "gamma")["applies"] == "now"  # the MoE and router are made anew
+    assert [s["name"] for s in device.route("nothing matches this")["selected"]] == ["gamma"]
+    assert device.config("routing", "all")["applies"] == "now" and len(device.route(both)["selected"]) == 5
+    assert device.config("aggregator", "beta")["applies"] == "now" and device.settings()["aggregator"] == "beta"
+
+    (tmp_path / "registry").mkdir()  # pkg reads [registry] url from the file on each call
+    assert device.config("url", str(tmp_path / "registry"))["applies"] == "now"
+    with pytest.raises(HublabError, match="registry.*not a hublab registry"):
+        device.check_package("anything")
+
+
+def test_ai_config_agent_settings_say_restart(device):
+    """The agent takes host, port, token and queue size when it starts: saved, and the answer says so."""
+    for key, value in (("host", "127.0.0.2"), ("port", "8790"), ("token", "t"), ("queue_size", "4")):
+        assert device.config(key, value)["applies"] == "agent restart"
+    saved = load_system(device.rt.system.path)
+    assert (saved.host, saved.port, saved.token, saved.queue_size) == ("127.0.0.2", 8790, "t", 4)
+
+
+def test_ai_config_names_the_keys_system_inference_takes(device):
+    """stop and system_prompt are per model; the message no longer claims system.toml has no [inference]."""
+    with pytest.raises(HublabError) as err:
+        device.config("stop", "x")
+    msg = str(err.value)
+    assert "no [inference]" not in msg and "system.toml's [inference] takes max_tokens, temperature" in msg
+    assert "ai config alpha stop" in msg
