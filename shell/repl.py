@@ -110,12 +110,13 @@ def run_lines(s: Session, lines) -> int:
 def make_completer(s: Session):
     from prompt_toolkit.completion import Completer, Completion
 
+    from hublab.runtime.config import SYSTEM_SCHEMA
+    from hublab.runtime.device import INFERENCE_KEYS, SYSTEM_KEYS
+
     routings = ["topk:1", "topk:2", "topk:3", "threshold:0.3", "single", "all"]
-    syntheses = ["best", "weighted", "voting", "concatenate", "summarize"]
+    syntheses = list(SYSTEM_SCHEMA["moe"]["synthesis"].choices)
     pkg_subs = ["install", "remove", "list", "search", "show", "update", "verify", "build", "publish", "keygen"]
-    config_keys = ["threads", "keep_alive", "max_memory", "profile", "routing", "synthesis", "fallback",
-                   "keyword_weight", "queue_size", "temperature", "max_tokens", "context_size", "top_p", "top_k",
-                   "min_p", "repeat_penalty", "seed", "system_prompt"]
+    config_keys, model_keys = list(SYSTEM_KEYS), list(INFERENCE_KEYS)  # what `ai config [NAME] KEY` takes
 
     class ShellCompleter(Completer):
         def get_completions(self, document, complete_event):
@@ -145,7 +146,7 @@ def make_completer(s: Session):
                 if sub == "config" and n == 2:
                     return s.names() + config_keys
                 if sub == "config" and n == 3 and done[2] in s.names():
-                    return config_keys
+                    return model_keys
             if head == "moe" and n == 1:
                 return ["route", "query"]
             if head == "settings":

@@ -164,6 +164,29 @@ def test_remote_shell_drives_an_agent(env):
     assert code == 1 and "hublab serve" in doc["error"]
 
 
+def test_tab_completion_offers_every_setting_ai_config_takes(env):
+    """The keys come from the settings table: [moe] sure and aggregator too (issue 27), a model's sampler keys
+    after its name."""
+    from prompt_toolkit.document import Document
+
+    from hublab.runtime.device import INFERENCE_KEYS, SYSTEM_KEYS, Device
+    from hublab.shell.commands import Session
+    from hublab.shell.repl import make_completer
+
+    device = Device.open(env["HUBLAB_CONFIG"])
+    try:
+        completer = make_completer(Session(client=device))
+
+        def offered(text: str) -> set[str]:
+            return {c.text for c in completer.get_completions(Document(text), None)}
+
+        assert offered("ai config ") == set(SYSTEM_KEYS) | MODELS and {"sure", "aggregator"} <= offered("ai config ")
+        assert offered("ai config alpha ") == set(INFERENCE_KEYS) and "stop" in offered("ai config alpha ")
+        assert offered("ai config agg") == {"aggregator"}
+    finally:
+        device.close()
+
+
 def test_interactive_session_in_a_terminal(env):
     home = Path(env["HUBLAB_HOME"])
     child = pexpect.spawn(HUBLAB, ["shell"], env=env, encoding="utf-8", timeout=60, dimensions=(50, 200))
