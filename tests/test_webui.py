@@ -1,13 +1,16 @@
 """`hublab webui` over HTTP: safety (loopback, token, CSRF header, size limit, workspace paths), uploads
 checked before writing, the TOML and command it shows, a tiny training watched through SSE, export and
-download, a 2-process torchrun training, chat and the A/B bench through the runtime."""
+download, a 2-process torchrun training, chat and the A/B bench through the runtime, the shell's models on
+a fresh start, and an exported adapter installed as an expert that the shell, Chat and Evaluate then use."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -221,7 +224,9 @@ def test_chat_and_bench_through_the_runtime(tiny_models_dir, tmp_path):
     try:
         c = Client(f"http://127.0.0.1:{server.server_address[1]}")
         status, models = c.call("GET", "/api/models")
-        assert {"name": "alpha", "expert": True, "base": "tiny"} in models
+        alpha = next(m for m in models["models"] if m["name"] == "alpha")
+        assert (alpha["expert"], alpha["base"]) == (True, "tiny") and models["dirs"] == [str(tiny_models_dir)]
+        assert [m["name"] for m in models["models"]][-1] == "tiny"  # experts first, then the base
         status, r = c.call("POST", "/api/chat", {"model": "alpha", "messages": [{"role": "user", "content": "hi"}],
                                                   "max_tokens": 4})
         assert status == 200 and r["tokens"] >= 1 and isinstance(r["text"], str)
@@ -243,3 +248,97 @@ def test_chat_and_bench_through_the_runtime(tiny_models_dir, tmp_path):
 def test_cli_verb_is_in_the_table():
     out = subprocess.run([sys.executable, "-m", "hublab.cli", "webui", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--workspace" in out.stdout and "--token" in out.stdout
+
+
+def test_a_fresh_start_sees_the_shells_models_and_offers_the_embedded_base(webui):  # noqa: F811
+    client, app, _ = webui
+    status, r = client.call("GET", "/api/models")
+    names = [m["name"] for m in r["models"]]
+    assert status == 200 and {"python", "rust", "general", "gemma3-270m"} <= set(names)
+    gemma = next(m for m in r["models"] if m["name"] == "gemma3-270m")
+    assert gemma["type"] == "base" and not gemma["expert"] and gemma["embedded"]
+    assert names.index("python") < names.index("gemma3-270m") and not r["errors"]  # experts first
+    assert r["install_dir"] == os.environ["HUBLAB_HOME"] + "/models"
+    _, info = client.call("GET", "/api/info")
+    assert info["schema"]["train"]["base"]["default"] == "gemma3-270m"
+    assert {"gemma3-270m", "models/tiny"} <= {b["value"] for b in info["bases"]}
+    status, body = client.call("POST", "/api/bench", {"expert": "nope", "questions": "datasets/qa.jsonl"})
+    assert status == 404 and "choose one of" in body["error"] and "python" in body["error"]
+
+
+def test_inspect_renders_with_the_template_the_run_uses(webui):  # noqa: F811
+    client, _, _ = webui
+    status, r = client.call("GET", "/api/inspect?path=datasets/qa.jsonl&base=gemma3-270m&template=auto&rows=1")
+    assert status == 200, r
+    assert r["template"] == "gemma" and r["preview"][0]["rendered"].startswith(
+        "<bos><start_of_turn>user\nTell me fact 0.<end_of_turn>")
+    _, r = client.call("GET", "/api/inspect?path=datasets/qa.jsonl&base=models/tiny&template=auto&rows=1")
+    assert r["template"] == "plain" and r["unit"] == "tokens"
+
+
+def test_install_an_exported_adapter_as_an_expert_then_chat_bench_and_list(webui):  # noqa: F811
+    client, app, ws = webui
+    form = tiny_form("inst", steps=4)
+    form["export"] = {"adapter": "inst.gguf", "outtype": "f16"}
+    status, job = client.call("POST", "/api/train", form)
+    assert status == 201, job
+    status, conv = client.call("POST", "/api/export", {"kind": "gguf", "source": "models/tiny", "out": "tiny.gguf",
+                                                       "outtype": "f32"})
+    assert status == 201, conv
+    assert client.wait(job["id"])["status"] == "done" and client.wait(conv["id"])["status"] == "done"
+    # the exported Modelfile names its base portably, never this machine's path
+    assert (ws / "exports" / "inst.Modelfile").read_text().splitlines()[0] == "FROM ./tiny"
+    _, files = client.call("GET", "/api/files?path=exports")
+    adapters = {f["path"]: f["adapter"] for f in files if f["path"].endswith(".gguf")}
+    assert (adapters["exports/inst.gguf"], adapters["exports/tiny.gguf"]) == (True, False)
+
+    status, d = client.call("GET", "/api/install?adapter=exports/inst.gguf")
+    assert status == 200, d
+    assert (d["name"], d["run"], d["base"], d["chat_format"]) == ("inst", "inst", "exports/tiny.gguf", "plain")
+    assert d["examples"][:2] == ["Tell me fact 0.", "Tell me fact 1."] and "qa.jsonl" in d["description"]
+    form = {k: d[k] for k in ("adapter", "name", "base", "chat_format", "description", "examples", "run")}
+    for bad, field in ((dict(name="moe"), "reserved"), (dict(base=""), "base: choose"),
+                       (dict(adapter="exports/tiny.gguf"), "not a LoRA adapter"), (dict(name="../x"), "name '../x'"),
+                       (dict(chat_format="x"), "chat_format 'x'")):
+        status, body = client.call("POST", "/api/install", {**form, **bad})
+        assert status == 400 and field in body["error"], (bad, body)
+    status, plan = client.call("POST", "/api/install/plan", form)
+    assert status == 200 and 'base = "tiny"' in plan["toml"] and 'chat_format = "plain"' in plan["toml"]
+    home = Path(os.environ["HUBLAB_HOME"])
+    assert not (home / "models").exists()  # planning writes nothing
+    status, r = client.call("POST", "/api/install", form)
+    assert status == 201, r
+    assert r["path"] == str(home / "models" / "experts" / "inst.toml")
+    assert r["base_toml"] == str(home / "models" / "tiny.toml")
+    assert (home / "models" / "experts" / "inst.gguf").read_bytes() == (ws / "exports" / "inst.gguf").read_bytes()
+    status, body = client.call("POST", "/api/install", form)
+    assert status == 409 and "tick replace" in body["error"]
+    assert client.call("POST", "/api/install", {**form, "replace": True})[0] == 201
+
+    _, models = client.call("GET", "/api/models")
+    inst = next(m for m in models["models"] if m["name"] == "inst")
+    assert inst["expert"] and inst["base"] == "tiny" and not models["errors"]
+    question = [{"role": "user", "content": "Tell me fact 1."}]
+    status, r = client.call("POST", "/api/chat", {"model": "inst", "messages": question, "max_tokens": 4})
+    assert status == 200 and r["tokens"] >= 1, r
+    # Evaluate runs on it with a dataset file as its questions
+    (ws / "datasets" / "few.json").write_text(json.dumps([{"instruction": "Tell me fact 2.", "output": "x"}]))
+    status, b = client.call("POST", "/api/bench", {"expert": "inst", "questions": "datasets/few.json", "max_tokens": 4})
+    assert status == 201, b
+    assert client.wait(b["id"], 120)["status"] == "done"
+    assert client.call("GET", f"/api/jobs/{b['id']}/bench")[1]["rows"][0]["question"] == "Tell me fact 2."
+    # and the shell lists it: one model set
+    out = subprocess.run([sys.executable, "-m", "hublab.cli", "list", "--json"], capture_output=True, text=True,
+                         env={**os.environ})
+    assert out.returncode == 0, out.stderr
+    assert {"inst", "tiny", "python"} <= {m["name"] for m in json.loads(out.stdout)["models"]}
+
+
+def test_modelfile_from_is_portable():
+    from hublab.trainer.export import _portable_base
+    from hublab.trainer.lora import CACHE_DIR
+
+    cached = CACHE_DIR / "hf" / "gemma-3-270m-it-Q4_K_M-0123456789ab"  # lora.dequantized_dir's copy
+    assert _portable_base(str(cached)) == "./gemma-3-270m-it-Q4_K_M.gguf"
+    assert _portable_base("/home/me/models/tiny") == "./tiny" and _portable_base("gemma3-270m") == "gemma3-270m"
+    assert _portable_base("") == "<base model GGUF>"

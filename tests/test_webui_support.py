@@ -47,15 +47,21 @@ def tiny_form(name: str, steps: int = 6, nproc: int = 1) -> dict:
 
 @pytest.fixture(scope="module")
 def webui(tiny_hf, tmp_path_factory):  # noqa: F811
-    """(Client, App, workspace) of a WebUI serving a workspace with models/tiny and datasets/qa.jsonl."""
+    """(Client, App, workspace) of a WebUI started as a new user starts it (no flags; a fresh $HUBLAB_HOME,
+    so the user's models dir is empty and the embedded set is what Chat sees) serving a workspace with
+    models/tiny and datasets/qa.jsonl."""
     from hublab.trainer.webui import make_server
 
-    ws = tmp_path_factory.mktemp("webui") / "ws"
-    server, app = make_server(ws, port=0)
-    shutil.copytree(tiny_hf, ws / "models" / "tiny")
-    (ws / "datasets" / "qa.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QA))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield Client(f"http://127.0.0.1:{server.server_address[1]}"), app, ws
-    server.shutdown()
-    server.server_close()
+    root = tmp_path_factory.mktemp("webui")
+    ws = root / "ws"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("HUBLAB_HOME", str(root / "home"))  # jobs the WebUI starts inherit it
+        env.delenv("HUBLAB_CONFIG", raising=False)
+        server, app = make_server(ws, port=0)
+        shutil.copytree(tiny_hf, ws / "models" / "tiny")
+        (ws / "datasets" / "qa.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QA))
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        yield Client(f"http://127.0.0.1:{server.server_address[1]}"), app, ws
+        server.shutdown()
+        server.server_close()

@@ -3,6 +3,9 @@ and packages, evaluation and chat.
 
     hublab webui [--host 127.0.0.1] [--port 7860] [--workspace DIR] [--token T] [--models-dir DIR]
 
+Chat and Evaluate see the shell's models (system.toml: the user's models dir over the embedded set, or
+only --models-dir); an exported adapter becomes an expert there with "Install as expert" (webui_models).
+
 Standard library only (http.server, Server-Sent Events, plain JS and CSS shipped as package data in
 trainer/webui/): nothing is fetched at run time and nothing new is installed. Every action the page
 takes is a `hublab ...` command line, shown before it runs and run as a detached job (webui_jobs), so
@@ -34,6 +37,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 from hublab.runtime.errors import HublabError
 
 from . import webui_jobs as J
+from . import webui_models as M
 from .webui_data import WebError, check_name, inside
 
 MAX_JSON = 1 << 20
@@ -49,7 +53,7 @@ def _exe(name: str) -> list[str]:
 
 
 class App:
-    """The WebUI's state: its workspace, models dir, token and limits. Route handlers read it."""
+    """The WebUI's state: its workspace, the system config (models), token and limits. Route handlers read it."""
 
     def __init__(self, workspace: Path, token: str = "", models_dir: Path | None = None,
                  max_upload: int = 64 << 20, loopback: bool = True):
@@ -57,7 +61,8 @@ class App:
         for sub in ("datasets", "runs", "exports", "bench", "jobs", "models"):
             (self.ws / sub).mkdir(parents=True, exist_ok=True)
         self.token = token
-        self.models_dir = Path(models_dir).resolve() if models_dir else None
+        self.models_dir = Path(models_dir).resolve() if models_dir else None  # explicit: the whole model set
+        self.system, self.system_error = M.system_config(self.models_dir)
         self.max_upload = max_upload
         self.loopback = loopback
         self._runtime = None
@@ -234,41 +239,55 @@ class App:
 
     # -- evaluation and chat --------------------------------------------------------------------------
 
-    def models(self) -> list[dict]:
-        if self.models_dir is None:
-            return []
+    def catalog(self):
+        """The models the shell sees: the loaded runtime's catalog, else a fresh scan."""
         from hublab.runtime.config import scan_models
 
-        try:
-            catalog = scan_models(self.models_dir)
-        except (HublabError, OSError):
-            return []
-        return [{"name": n, "expert": n in catalog.experts, "base": m.base or ""}
-                for n, m in sorted(catalog.models.items())]
+        if self._runtime is not None:
+            return self._runtime.catalog
+        return scan_models(self.system.model_dirs)
+
+    def models(self) -> dict:
+        catalog = self.catalog()
+        errors = [e for e in catalog.errors if "models directory not found" not in e or self.models_dir]
+        if self.system_error:
+            errors.insert(0, self.system_error)
+        return {"models": M.describe(catalog), "errors": errors,
+                "dirs": [str(d) for d in self.system.model_dirs], "install_dir": str(self.system.models_dir)}
 
     def runtime(self):
-        if self.models_dir is None:
-            raise WebError("no models dir; start hublab webui with --models-dir DIR to chat and bench")
         with self._runtime_lock:
             if self._runtime is None:
                 from hublab.runtime.engine import Runtime
 
-                self._runtime = Runtime(models_dir=self.models_dir)
+                self._runtime = Runtime(system=self.system)
             return self._runtime
 
+    def install_plan(self, form: dict) -> dict:
+        return M.install_plan(self.ws, self.catalog(), self.system.models_dir, form)
+
+    def install(self, form: dict) -> dict:
+        """Install an exported adapter as an expert; Chat and Evaluate list it at once."""
+        plan = self.install_plan(form)
+        M.install(plan, self.system, replace=bool(form.get("replace")))
+        with self._runtime_lock:
+            if self._runtime is not None:
+                self._runtime.rescan()
+        return {k: plan[k] for k in ("name", "base", "path", "adapter_path", "base_toml", "shadows", "toml")}
+
     def bench_plan(self, form: dict) -> tuple[list[list[str]], str]:
-        if self.models_dir is None:
-            raise WebError("no models dir; start hublab webui with --models-dir DIR to bench")
         expert = str(form.get("expert") or "")
-        if expert not in {m["name"] for m in self.models()}:
-            raise WebError(f"expert {expert!r}: not in {self.models_dir}", 404)
+        experts = [m["name"] for m in self.models()["models"] if m["expert"]]
+        if expert not in experts:
+            raise WebError(f"expert {expert!r}: not installed; choose one of {', '.join(experts) or '(none)'}, "
+                           "or install a run's adapter with Export's Install as expert", 404)
         questions = inside(self.ws, str(form.get("questions") or ""))
         if not questions.is_file():
             raise WebError(f"{form.get('questions')}: no such question file in the workspace", 404)
         out = f"bench/{check_name(str(form.get('out') or expert + '-ab'), 'output name')}"
         cmd = [*_exe("hublab"), "bench", "ab", "--questions", str(questions), "--expert", expert,
-               "--models-dir", str(self.models_dir), "--out", str(inside(self.ws, out)),
-               "--max-tokens", str(int(form.get("max_tokens") or 64))]
+               *(["--models-dir", str(self.models_dir)] if self.models_dir else []),
+               "--out", str(inside(self.ws, out)), "--max-tokens", str(int(form.get("max_tokens") or 64))]
         if form.get("base"):
             cmd += ["--base", str(form["base"])]
         return [cmd], out
@@ -328,14 +347,18 @@ class App:
             domains = list(DOC_PAIRS)
         except ImportError:
             domains = []
+        bases = M.train_bases(self.ws)
         schema = {sec: {k: {"default": s.default, "help": s.help, "type": s.type.__name__,
                             "choices": list(s.choices) if getattr(s, "choices", None) else None}
                         for k, s in keys.items()} for sec, keys in SCHEMA.items()}
+        if bases and not schema["train"]["base"]["default"]:
+            schema["train"]["base"]["default"] = bases[0]["value"]  # the embedded base: a run that starts as is
         return {"workspace": str(self.ws), "schema": schema, "formats": list(D.FORMATS),
                 "templates": ["auto", *chat.TEMPLATES], "lora_targets": LORA_TARGETS,
                 "quant_types": list(QUANT_TYPES), "needs_imatrix": sorted(NEEDS_IMATRIX),
                 "profiles": sorted(board_profiles()), "registry": registry, "domains": domains,
-                "models_dir": str(self.models_dir or ""), "max_upload": self.max_upload}
+                "bases": bases, "models_dirs": [str(d) for d in self.system.model_dirs],
+                "install_dir": str(self.system.models_dir), "max_upload": self.max_upload}
 
 
 def _toml(value, kind) -> str:
@@ -538,6 +561,18 @@ class Handler(BaseHTTPRequestHandler):
     def api_models(self, parts, query, extra):
         self.send_json(self.app.models())
 
+    def api_install(self, parts, query, extra):
+        app = self.app
+        if self.command == "GET":
+            adapter = query.get("adapter", [""])[0]
+            return self.send_json(M.install_defaults(app.ws, app.catalog(), app.system.models_dir, adapter))
+        b = self.json_body()
+        if len(parts) > 2 and parts[2] == "plan":
+            plan = app.install_plan(b)
+            return self.send_json({k: plan[k] for k in ("name", "base", "path", "toml", "base_toml", "exists",
+                                                        "shadows")})
+        self.send_json(app.install(b), 201)
+
     def api_jobs(self, parts, query, extra):
         kind = query.get("kind", [""])[0]
         out = []
@@ -555,8 +590,10 @@ class Handler(BaseHTTPRequestHandler):
         if not root.is_dir():
             raise WebError(f"{rel}: not a folder of the workspace", 404)
         files = [{"path": self.app.rel(p), "size": p.stat().st_size} for p in sorted(root.rglob("*"))
-                 if p.is_file() and not p.name.startswith(".")]
-        self.send_json(files[:2000])
+                 if p.is_file() and not p.name.startswith(".")][:2000]
+        for f in files:  # an adapter GGUF can be installed as an expert
+            f["adapter"] = f["path"].endswith(".gguf") and M.gguf_kind(self.app.ws / f["path"]) == "adapter"
+        self.send_json(files)
 
     def download(self, parts, query, extra):
         rel = "/".join(unquote(p) for p in parts[1:])
@@ -631,6 +668,8 @@ ROUTES = {
     ("POST", "api", "bench"): Handler.api_bench,
     ("POST", "api", "chat"): Handler.api_chat,
     ("GET", "api", "models"): Handler.api_models,
+    ("GET", "api", "install"): Handler.api_install,
+    ("POST", "api", "install"): Handler.api_install,
     ("GET", "api", "jobs"): Handler.api_jobs,
     ("GET", "api", "files"): Handler.api_files,
     ("GET", "files", ""): Handler.download,
@@ -683,8 +722,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workspace", type=Path, default=Path("hublab-workspace"),
                         help="folder holding datasets, runs, exports (default ./hublab-workspace)")
     parser.add_argument("--token", default="", help="access token (required off loopback; made up when not given)")
-    parser.add_argument("--models-dir", type=Path, help="models dir for chat and the A/B bench "
-                                                        "(default: system.toml's)")
+    parser.add_argument("--models-dir", type=Path, help="the only models dir for chat, the A/B bench and "
+                        "Install as expert (default: the shell's: the user's models dir over the embedded set)")
     parser.add_argument("--max-upload-mb", type=float, default=64, help="largest dataset upload (default 64)")
 
 
@@ -692,15 +731,7 @@ def cli(args: argparse.Namespace) -> int:
     token = args.token
     if not is_loopback(args.host) and not token:
         token = secrets.token_urlsafe(18)
-    models_dir = args.models_dir
-    if models_dir is None:
-        try:
-            from hublab.runtime.config import load_system
-
-            models_dir = load_system().models_dir
-        except (HublabError, OSError):
-            models_dir = None
-    server, app = make_server(args.workspace, args.host, args.port, token, models_dir, args.max_upload_mb)
+    server, app = make_server(args.workspace, args.host, args.port, token, args.models_dir, args.max_upload_mb)
     host = f"[{args.host}]" if ":" in args.host else args.host
     url = f"http://{host}:{server.server_address[1]}/" + (f"?token={token}" if token else "")
     print(f"hublab webui: {url}  (workspace {app.ws}; Ctrl-C stops the page, jobs go on)", flush=True)

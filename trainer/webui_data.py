@@ -215,16 +215,28 @@ def inspect(ws: Path, path: str, name: str = "", fmt: str = "auto", base: str = 
             raise WebError(f"{path}: no such dataset in the workspace", 404)
         examples, problems, detected = check_records(spec.path, fmt, path)
     tok = None
+    template = template or "auto"
+    gguf = None
     if base:
-        from .lora import base_tokenizer, resolve_base
+        from .lora import resolve_base
 
-        resolve_base(base)
+        directory, gguf_name = resolve_base(base)
+        gguf = directory / gguf_name if gguf_name else None
+    if gguf is not None:  # the GGUF's header says what training will use; dequantising it is a minute's work
+        tpl, used = gguf_template(gguf, template)
+        unit = "words"
+    elif base:
+        from .lora import base_tokenizer
+
         tok, model_dir = base_tokenizer(base)
         cfg = json.loads((Path(model_dir) / "config.json").read_text())
-        tpl = D.resolve_template(tok, template or "auto", cfg.get("model_type", ""))
+        tpl = D.resolve_template(tok, template, cfg.get("model_type", ""))
+        used = template if template != "auto" else next(
+            (n for n, t in D.TEMPLATES.items() if t == tpl), "the tokenizer's own")
         unit = "tokens"
     else:
-        tpl = D.TEMPLATES.get(template if template in D.TEMPLATES else "chatml")
+        used = template if template in D.TEMPLATES else "chatml"  # no base: auto cannot be told
+        tpl = D.TEMPLATES[used]
         unit = "words"
     lengths, preview = [], []
     for i, ex in enumerate(examples):
@@ -262,7 +274,30 @@ def inspect(ws: Path, path: str, name: str = "", fmt: str = "auto", base: str = 
             "turns": sum(len(ex.messages) for ex in examples), "unit": unit,
             "length": {"min": min(lengths), "max": max(lengths), "mean": round(sum(lengths) / len(lengths), 1)}
             if lengths else None, "histogram": hist, "duplicates": duplicates[:200],
-            "duplicate_count": len(duplicates), "problems": problems[:200], "preview": preview}
+            "duplicate_count": len(duplicates), "problems": problems[:200], "preview": preview, "template": used}
+
+
+def gguf_template(path: Path, template: str) -> tuple[str, str]:
+    """(Jinja template, its name) that training on a GGUF base renders with: a named one, else (auto) the
+    GGUF's own template, else the built-in format for its architecture and special tokens."""
+    from hublab.runtime import chat
+    from hublab.runtime.memory import read_gguf
+
+    if template != "auto":
+        if template not in D.TEMPLATES:
+            raise WebError(f"template {template!r}: use auto or one of {', '.join(D.TEMPLATES)}")
+        return D.TEMPLATES[template], template
+    info = read_gguf(path)
+    if info.chat_template:
+        return info.chat_template, "the GGUF's own"
+    tokens: set[str] = set()
+    if not info.arch.startswith("gemma"):  # the vocabulary decides between llama3, chatml and plain
+        from gguf import GGUFReader
+
+        field = GGUFReader(str(path)).fields.get("tokenizer.ggml.tokens")
+        tokens = {t for t in (field.contents() if field else []) if t.startswith("<|")}
+    name = chat.auto_format(info.arch, tokens.__contains__)
+    return D.TEMPLATES[name], name
 
 
 def mix_datasets(ws: Path, out_name: str, parts: list[dict], total: int = 0, seed: int = 0) -> dict:

@@ -23,15 +23,20 @@ async function api(method, path, body, raw) {
   return data;
 }
 
-function say(id, text, ok) { const m = $(id); m.textContent = text; m.className = "msg " + (ok ? "ok" : "err"); }
+// kind: true (done), "hint", "busy", or anything else: an error
+function say(id, text, kind) {
+  const m = $(id); m.textContent = text;
+  m.className = "msg " + (kind === true ? "ok" : kind === "hint" || kind === "busy" ? kind : "err");
+}
 
 // ---- tabs -----------------------------------------------------------------------------------------
 function show(view) {
   document.querySelectorAll("nav button").forEach((b) => b.classList.toggle("on", b.dataset.view === view));
   document.querySelectorAll(".view").forEach((v) => v.classList.toggle("on", v.id === "view-" + view));
-  if (view === "runs") loadRuns();
+  if (view === "runs") { loadRuns(); redrawPlots(); }
   if (view === "export") loadFiles();
   if (view === "train") planTraining();
+  if (view === "chat" || view === "evaluate") loadModels().catch((e) => say("chat-msg", e.message));
   location.hash = view;
 }
 document.querySelectorAll("nav button").forEach((b) => b.addEventListener("click", () => show(b.dataset.view)));
@@ -46,7 +51,7 @@ async function loadDatasets() {
   box.replaceChildren();
   DATASETS.forEach((d, i) => {
     body.append(el("tr", {}, el("td", {}, el("input", { type: "checkbox", class: "mix-check", value: i })),
-      el("td", { text: d.label + (d.local ? "" : " (hub: not local)") }), el("td", { text: fmtBytes(d.size) }),
+      el("td", { text: d.label + (d.local ? "" : " (hub: not local)") }), el("td", { class: "num", text: fmtBytes(d.size) }),
       el("td", {}, el("input", { type: "number", class: "mix-ratio", value: "1", step: "0.1", min: "0", size: "4" })),
       el("td", {}, el("button", { text: "Inspect", class: "inspect", onclick: () => inspect(d) }))));
     if (!d.local) return;
@@ -97,7 +102,9 @@ async function inspect(d) {
     if (r.problems.length) out.append(el("h3", { text: "problems" }), el("pre", { id: "inspect-problems", text: r.problems.join("\n") }));
     if (r.duplicates.length) out.append(el("h3", { text: "duplicates" }),
       el("div", { class: "hint", text: r.duplicates.slice(0, 30).map((x) => `row ${x.row} = row ${x.same_as}`).join(", ") }));
-    out.append(el("h3", { text: "as the template renders them" }));
+    const base = $("inspect-base").value.trim();
+    out.append(el("h3", { id: "inspect-template-used", text: base ? `as training on ${base} renders them (${r.template} template)`
+      : `as the ${r.template} template renders them (no base given)` }));
     r.preview.forEach((p) => out.append(el("div", { class: "hint", text: p.source }), el("pre", { class: "preview", text: p.rendered })));
   } catch (e) { out.textContent = ""; out.append(el("div", { class: "msg err", text: e.message })); }
 }
@@ -197,13 +204,29 @@ async function loadRuns() {
   for (const j of jobs) {
     const last = j.steps[j.steps.length - 1] || {};
     const ev = j.steps.filter((s) => s.eval_loss !== undefined).pop() || {};
-    body.append(el("tr", {}, el("td", {}, el("input", { type: "checkbox", class: "cmp", value: j.id })),
+    body.append(el("tr", { "data-id": j.id }, el("td", {}, el("input", { type: "checkbox", class: "cmp", value: j.id })),
       el("td", {}, el("a", { href: "#runs", text: `${j.name} (${j.id})`, onclick: (e) => { e.preventDefault(); openRun(j.id); } })),
       el("td", {}, el("span", { class: "badge " + j.status, text: j.status })),
-      el("td", { text: `${last.step || 0}/${j.total || "?"}` }), el("td", { text: last.loss ?? "" }),
-      el("td", { text: ev.eval_loss ?? "" }), el("td", { text: last.tok_s ?? "" })));
+      el("td", { class: "num step", text: `${last.step || 0}/${j.total || "?"}` }), el("td", { class: "num loss", text: last.loss ?? "" }),
+      el("td", { class: "num eval", text: ev.eval_loss ?? "" }), el("td", { class: "num toks", text: last.tok_s ?? "" })));
   }
 }
+// the open run's pushes keep its row in the table current too
+function updateRunRow(p) {
+  const row = $("runs-table").querySelector(`tr[data-id="${p.id}"]`);
+  if (!row) return;
+  const last = p.steps[p.steps.length - 1] || {};
+  const ev = p.steps.filter((s) => s.eval_loss !== undefined).pop() || {};
+  const badge = row.querySelector(".badge"); badge.textContent = p.status; badge.className = "badge " + p.status;
+  row.querySelector(".step").textContent = `${last.step || 0}/${p.total || "?"}`;
+  row.querySelector(".loss").textContent = last.loss ?? "";
+  row.querySelector(".eval").textContent = ev.eval_loss ?? "";
+  row.querySelector(".toks").textContent = last.tok_s ?? "";
+}
+// other running jobs (another tab, a resumed run) are polled while the Runs view shows
+setInterval(() => {
+  if ($("view-runs").classList.contains("on") && $("runs-table").querySelector(".badge.running")) loadRuns();
+}, 3000);
 function openRun(id) {
   $("run-card").hidden = false;
   if (runSource) runSource.close();
@@ -212,6 +235,7 @@ function openRun(id) {
   runSource = new EventSource(`/api/jobs/${id}/events`);
   runSource.onmessage = (m) => renderRun(JSON.parse(m.data));
   runSource.addEventListener("end", () => { runSource.close(); runSource = null; loadRuns(); });
+  loadRuns();
 }
 function fmtS(s) { if (s == null) return "–"; s = Math.round(s); return s >= 3600 ? `${Math.floor(s / 3600)}h${Math.floor(s % 3600 / 60)}m` : s >= 60 ? `${Math.floor(s / 60)}m${s % 60}s` : `${s}s`; }
 function renderRun(p) {
@@ -223,22 +247,28 @@ function renderRun(p) {
   $("run-command").textContent = p.commands.map((c) => c.map(q).join(" ")).join("\n");
   const log = $("run-log"); log.textContent = p.log.join("\n"); log.scrollTop = log.scrollHeight;
   plot($("loss-plot"), [{ name: p.name, steps: p.steps }]);
+  updateRunRow(p);
 }
 function q(a) { return /^[\w@%+=:,./-]+$/.test(a) ? a : "'" + a.replace(/'/g, "'\\''") + "'"; }
 const COLORS = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2"];
 function plot(canvas, runs) {
-  const ctx = canvas.getContext("2d"), W = canvas.width, H = canvas.height, L = 46, B = 24;
+  // drawn at the size it is shown (and the screen's pixel ratio): text stays 12 px on a phone
+  const dpr = window.devicePixelRatio || 1, W = Math.max(240, Math.round(canvas.clientWidth || 640));
+  const H = Math.round(Math.min(260, Math.max(180, W * 0.45))), L = 46, B = 24;
+  canvas.width = W * dpr; canvas.height = H * dpr; canvas.style.height = H + "px";
+  const ctx = canvas.getContext("2d"); ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+  canvas.runs = runs;  // redrawn at the new width when the window changes (a phone turned, a window resized)
   ctx.clearRect(0, 0, W, H);
   const pts = runs.flatMap((r) => r.steps.flatMap((s) => [s.loss, s.eval_loss].filter((v) => v !== undefined && isFinite(v))));
   const maxStep = Math.max(1, ...runs.flatMap((r) => r.steps.map((s) => s.step)));
   canvas.dataset.points = runs.reduce((n, r) => n + r.steps.length, 0);
-  ctx.fillStyle = "#374151"; ctx.font = "11px sans-serif";
+  ctx.fillStyle = "#374151"; ctx.font = "12px sans-serif";
   if (!pts.length) { ctx.fillText("waiting for the first step…", L, H / 2); return; }
   let lo = Math.min(...pts), hi = Math.max(...pts); if (hi - lo < 1e-6) { hi += 0.5; lo -= 0.5; }
   const x = (s) => L + (W - L - 10) * s / maxStep, y = (v) => 8 + (H - B - 8) * (hi - v) / (hi - lo);
   ctx.strokeStyle = "#e5e7eb";
   for (let i = 0; i <= 4; i++) { const v = lo + (hi - lo) * i / 4; ctx.beginPath(); ctx.moveTo(L, y(v)); ctx.lineTo(W, y(v)); ctx.stroke(); ctx.fillText(v.toFixed(2), 2, y(v) + 4); }
-  ctx.fillText("step " + maxStep, W - 60, H - 6); ctx.fillText("0", L, H - 6);
+  ctx.textAlign = "right"; ctx.fillText("step " + maxStep, W - 4, H - 6); ctx.textAlign = "left"; ctx.fillText("0", L, H - 6);
   runs.forEach((r, k) => {
     const c = COLORS[k % COLORS.length];
     const tr = r.steps.filter((s) => isFinite(s.loss)), ev = r.steps.filter((s) => s.eval_loss !== undefined);
@@ -250,6 +280,10 @@ function plot(canvas, runs) {
     ctx.fillText(`${r.name}: train — eval ●`, L + 8, 16 + 13 * k);
   });
 }
+// a plot is redrawn at its new width when the window changes (a phone turned) or its view shows again
+function redrawPlots() { document.querySelectorAll("canvas").forEach((c) => c.runs && c.clientWidth && plot(c, c.runs)); }
+let resizeTimer = null;
+window.addEventListener("resize", () => { clearTimeout(resizeTimer); resizeTimer = setTimeout(redrawPlots, 100); });
 $("run-stop").addEventListener("click", async () => { if (currentRun) { await api("POST", `/api/jobs/${currentRun}/stop`, {}); } });
 $("run-resume").addEventListener("click", async () => {
   if (!currentRun) return;
@@ -288,7 +322,7 @@ function expForm() {
 }
 function expKind() {
   const kind = $("exp-kind").value;
-  document.querySelectorAll("#view-export [class*='k-']").forEach((e) => (e.hidden = !e.classList.contains("k-" + kind)));
+  document.querySelectorAll("#exp-card [class*='k-']").forEach((e) => (e.hidden = !e.classList.contains("k-" + kind)));
   const types = kind === "gguf" ? ["f16", "f32", "bf16", "q8_0"] : ["q8_0", "f16", "f32"];
   $("exp-outtype").replaceChildren(...types.map((t) => el("option", { text: t })));
   planExport();
@@ -297,37 +331,106 @@ let expTimer = null;
 function planExport() {
   clearTimeout(expTimer);
   expTimer = setTimeout(async () => {
+    if (!$("exp-source").value.trim()) {  // nothing typed yet: say what goes there, not an error
+      $("exp-plan").textContent = "";
+      return say("exp-msg", "choose a source: a run's adapter (runs/NAME/out/adapter), an HF model dir or a GGUF under exports/", "hint");
+    }
     try { const p = await api("POST", "/api/export/plan", expForm()); $("exp-plan").textContent = p.commands.join("\n"); say("exp-msg", "", true); }
     catch (e) { $("exp-plan").textContent = ""; say("exp-msg", e.message); }
   }, 150);
 }
 $("exp-kind").addEventListener("change", expKind);
-document.querySelectorAll("#view-export input, #view-export select").forEach((i) => i.addEventListener("change", planExport));
+document.querySelectorAll("#exp-card input, #exp-card select").forEach((i) => i.addEventListener("change", planExport));
 $("exp-start").addEventListener("click", async () => {
   try {
     const job = await api("POST", "/api/export", expForm());
     $("exp-job").hidden = false; $("exp-job-title").textContent = job.id;
     if (expSource) expSource.close();
     expSource = new EventSource(`/api/jobs/${job.id}/events`);
-    expSource.onmessage = (m) => { const p = JSON.parse(m.data); const s = $("exp-status"); s.textContent = p.status; s.className = "badge " + p.status; $("exp-log").textContent = p.log.join("\n"); };
-    expSource.addEventListener("end", () => { expSource.close(); loadFiles(); });
+    let last = job;
+    expSource.onmessage = (m) => { const p = last = JSON.parse(m.data); const s = $("exp-status"); s.textContent = p.status; s.className = "badge " + p.status; $("exp-log").textContent = p.log.join("\n"); };
+    expSource.addEventListener("end", async () => {
+      expSource.close(); await loadFiles();
+      // a finished adapter export offers the next step: make it an expert
+      if (last.status === "done" && last.config.kind === "adapter" && last.outputs.length) openInstall(last.outputs[0]);
+    });
   } catch (e) { say("exp-msg", e.message); }
 });
 async function loadFiles() {
   const files = await api("GET", "/api/files?path=exports");
-  $("exp-files").replaceChildren(...files.map((f) => el("li", {}, el("a", { href: "/files/" + f.path.split("/").map(encodeURIComponent).join("/"), download: "", text: f.path }), ` ${fmtBytes(f.size)}`)));
+  $("exp-files").replaceChildren(...files.map((f) => el("li", {}, el("a", { href: "/files/" + f.path.split("/").map(encodeURIComponent).join("/"), download: "", text: f.path }), ` ${fmtBytes(f.size)} `,
+    ...(f.adapter ? [el("button", { class: "install", text: "Install as expert", onclick: () => openInstall(f.path) })] : []))));
   const runs = await api("GET", "/api/jobs?kind=train");
   const list = $("exp-sources");
   for (const r of runs) list.append(el("option", { value: `runs/${r.name}/out/adapter` }));
   for (const f of files) list.append(el("option", { value: f.path }));
+  const done = runs.filter((r) => r.status === "done");
+  if (!$("exp-source").value.trim() && done.length) { $("exp-source").value = `runs/${done[0].name}/out/adapter`; planExport(); }
 }
 
+// ---- install as expert ----------------------------------------------------------------------------
+function instForm() {
+  return { adapter: $("inst-adapter").value, name: $("inst-name").value.trim(), base: $("inst-base").value,
+    chat_format: $("inst-format").value, description: $("inst-desc").value.trim(), examples: $("inst-examples").value,
+    replace: $("inst-replace").checked, run: $("inst-adapter").dataset.run || "" };
+}
+async function openInstall(adapter) {
+  const card = $("install-card"); card.hidden = false; $("inst-chat").hidden = true;
+  try {
+    const d = await api("GET", "/api/install?" + new URLSearchParams({ adapter }));
+    $("inst-adapter").value = d.adapter; $("inst-adapter").dataset.run = d.run; $("inst-adapter-name").textContent = d.adapter;
+    $("inst-dir").textContent = d.dir; $("inst-name").value = d.name; $("inst-desc").value = d.description;
+    $("inst-examples").value = d.examples.join("\n");
+    $("inst-base").replaceChildren(el("option", { value: "", text: "(choose the base it was trained on)" }),
+      ...d.bases.map((b) => el("option", { value: b.value, text: b.label })));
+    $("inst-base").value = d.base;
+    $("inst-format").replaceChildren(...INFO.templates.map((t) => el("option", { text: t })));
+    $("inst-format").value = d.chat_format;
+    planInstall();
+  } catch (e) { say("inst-msg", e.message); }
+  card.scrollIntoView({ block: "nearest" });
+}
+let instTimer = null;
+function planInstall() {
+  clearTimeout(instTimer);
+  instTimer = setTimeout(async () => {
+    try {
+      const p = await api("POST", "/api/install/plan", instForm());
+      $("inst-toml").textContent = (p.base_toml ? `# also writes ${p.base_toml}: base ${p.base}, the workspace's GGUF\n` : "")
+        + `# ${p.path}\n${p.toml}`;
+      say("inst-msg", p.exists ? `${p.name} is installed already: tick replace to overwrite it` :
+        p.shadows ? `${p.name} takes the place of the model of that name` : "", p.exists || p.shadows ? "hint" : true);
+    } catch (e) { $("inst-toml").textContent = ""; say("inst-msg", e.message); }
+  }, 150);
+}
+document.querySelectorAll("#install-card input, #install-card select, #install-card textarea").forEach((i) => i.addEventListener("change", planInstall));
+$("inst-btn").addEventListener("click", async () => {
+  try {
+    const r = await api("POST", "/api/install", instForm());
+    say("inst-msg", `installed ${r.name} (${r.path}): Chat and Evaluate list it now`, true);
+    await loadModels(r.name);
+    $("inst-chat").hidden = false; $("inst-chat").dataset.model = r.name;
+  } catch (e) { say("inst-msg", e.message); }
+});
+$("inst-chat").addEventListener("click", () => { show("chat"); $("chat-model").value = $("inst-chat").dataset.model; });
+
 // ---- evaluate and chat ----------------------------------------------------------------------------
-async function loadModels() {
-  const models = await api("GET", "/api/models");
-  $("bench-expert").replaceChildren(...models.filter((m) => m.expert).map((m) => el("option", { text: m.name })));
-  $("chat-model").replaceChildren(...models.map((m) => el("option", { text: m.name })));
-  if (!models.length) { say("bench-msg", `no models dir; start hublab webui with --models-dir`); }
+// the shell's models: experts first; a base is labelled as one (untuned, it may wander or loop)
+async function loadModels(select) {
+  const r = await api("GET", "/api/models");
+  const experts = r.models.filter((m) => m.expert), bases = r.models.filter((m) => !m.expert);
+  const label = (m) => m.name + (m.description ? ` — ${m.description}` : "");
+  const keep = $("chat-model").value;
+  $("chat-model").replaceChildren(el("optgroup", { label: "Experts" }, ...experts.map((m) => el("option", { value: m.name, text: label(m) }))),
+    el("optgroup", { label: "Base models (untuned: may ramble or loop)" }, ...bases.map((m) => el("option", { value: m.name, text: `${m.name} (base model)` }))));
+  $("chat-model").value = select || keep || (experts[0] || bases[0] || {}).name || "";
+  const keepB = $("bench-expert").value;
+  $("bench-expert").replaceChildren(...experts.map((m) => el("option", { value: m.name, text: label(m) })));
+  $("bench-expert").value = select || keepB || (experts[0] || {}).name || "";
+  const problems = r.errors.length ? `\n${r.errors.length} model file(s) did not load: ${r.errors.join("; ")}` : "";
+  if (!experts.length) say("bench-msg", "no experts yet: train one, export its adapter and press Install as expert" + problems, "hint");
+  else say("bench-msg", problems.trim(), problems ? "" : "hint");
+  if (problems) say("chat-msg", problems.trim());
 }
 $("bench-start").addEventListener("click", async () => {
   try {
@@ -350,34 +453,55 @@ function renderBench(r) {
     out.append(el("h3", { text: row.question }), el("div", { class: "side bench-row" }, side("base"), side("expert")));
   }
 }
-let chatMessages = [];
-$("chat-send").addEventListener("click", async () => {
-  const text = $("chat-input").value.trim(); if (!text) return;
-  chatMessages.push({ role: "user", content: text }); $("chat-input").value = ""; renderChat();
+let chatMessages = [], chatBusy = false;
+async function sendChat() {
+  const input = $("chat-input"), text = input.value.trim();
+  if (!text || chatBusy) return;
+  const model = $("chat-model").value;
+  if (!model) return say("chat-msg", "model: choose one (no models found; see Evaluate for why)");
+  chatBusy = true; $("chat-send").disabled = true;
+  chatMessages.push({ role: "user", content: text }); input.value = ""; renderChat(true);
+  say("chat-msg", `${model} is answering…`, "busy");
   try {
-    const r = await api("POST", "/api/chat", { model: $("chat-model").value, messages: chatMessages, max_tokens: +$("chat-max").value });
+    const r = await api("POST", "/api/chat", { model, messages: chatMessages, max_tokens: +$("chat-max").value });
     chatMessages.push({ role: "assistant", content: r.text }); renderChat(); say("chat-msg", `${r.tokens} tokens, ${r.tokens_per_s} tok/s`, true);
-  } catch (e) { chatMessages.pop(); say("chat-msg", e.message); renderChat(); }
+  } catch (e) {  // the question goes back into the box, so nothing typed is lost
+    chatMessages.pop(); renderChat(); say("chat-msg", e.message);
+    if (!input.value.trim()) input.value = text;
+  } finally { chatBusy = false; $("chat-send").disabled = false; input.focus(); }
+}
+$("chat-send").addEventListener("click", sendChat);
+$("chat-input").addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); sendChat(); }
 });
 $("chat-clear").addEventListener("click", () => { chatMessages = []; renderChat(); });
-function renderChat() { $("chat-log").replaceChildren(...chatMessages.map((m) => el("div", { class: m.role, text: m.content }))); }
+function renderChat(pending) {
+  $("chat-log").replaceChildren(...chatMessages.map((m) => el("div", { class: m.role, text: m.content })),
+    ...(pending ? [el("div", { class: "assistant pending", text: "answering…" })] : []));
+}
 
 // ---- start ----------------------------------------------------------------------------------------
 (async function init() {
   INFO = await api("GET", "/api/info");
   $("upload-format").replaceChildren(...INFO.formats.map((f) => el("option", { text: f })));
   $("inspect-template").replaceChildren(...INFO.templates.map((f) => el("option", { text: f })));
-  $("inspect-template").value = "chatml";
+
   $("gen-domain").replaceChildren(...INFO.domains.map((f) => el("option", { text: f })));
   $("exp-types").replaceChildren(...INFO.quant_types.map((t) => el("label", {}, el("input", { type: "checkbox", value: t }),
     " " + t + (INFO.needs_imatrix.includes(t) ? " (imatrix)" : ""))));
   $("exp-profiles").replaceChildren(...INFO.profiles.map((t) => el("label", {}, el("input", { type: "checkbox", value: t }), " " + t)));
   $("exp-registry").placeholder = INFO.registry || "configured registry";
   document.querySelectorAll("#exp-types input, #exp-profiles input").forEach((i) => i.addEventListener("change", planExport));
+  $("train-bases").replaceChildren(...INFO.bases.map((b) => el("option", { value: b.value, label: b.label })));
   buildFields();
+  $("f-train-base").setAttribute("list", "train-bases");
+  // Inspect renders with what the run will use: the Train tab's base and template
+  const follow = () => { $("inspect-base").value = $("f-train-base").value.trim(); $("inspect-template").value = $("f-train-template").value; };
+  follow();
+  ["f-train-base", "f-train-template"].forEach((id) => $(id).addEventListener("change", follow));
   await loadDatasets();
   expKind();
-  loadModels();
+  loadModels().catch((e) => { say("chat-msg", e.message); say("bench-msg", e.message); });
   const view = location.hash.slice(1);
   if (view && $("view-" + view)) show(view);
 })();
