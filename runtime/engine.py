@@ -14,16 +14,13 @@ models are evicted least-recently-used when room is needed, and unloaded after `
 """
 from __future__ import annotations
 
-import codecs
 import contextlib
-import ctypes
 import math
 import os
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +32,10 @@ from . import llama_log
 from .errors import HublabError
 from .hostcpu import ENV as REPACK_ENV, WeightBuffers, configure_llama, for_profile, load_llama
 from .inputs import quote
-from .memory import MemoryEstimate, estimate_adapter, estimate_model, read_gguf, release_free_memory
+from .memory import MemoryEstimate, estimate_model, read_gguf, release_free_memory
 from .profiles import Profile, active_profile
+from .scheduler import LoadPlan, expired, victims
+from .session import Decoded, Generation, LoadedBase, TextStream, decode_text, is_special
 from .threads import CpuLoad, ThreadPolicy, usable_cpus
 
 
@@ -78,338 +77,6 @@ class ExpertStats:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "tokens_per_s": round(self.tokens_per_s, 2)}
-
-
-@dataclass
-class LoadedBase:
-    """One llama.cpp model + context and the adapters loaded on it."""
-    name: str
-    config: ModelConfig
-    llama: object
-    n_ctx: int
-    estimate: MemoryEstimate
-    adapters: dict[str, tuple[object, float, int]] = field(default_factory=dict)  # expert -> (ptr, scale, bytes)
-    active: str | None = None            # expert whose adapter is applied; None = the bare base
-    lock: threading.RLock = field(default_factory=threading.RLock)
-    last_used: float = field(default_factory=time.monotonic)
-    busy: int = 0
-    chat_format: str = "plain"
-    jinja: object = None                 # the GGUF's own chat template, when it has one
-    policy: ThreadPolicy = field(default_factory=lambda: ThreadPolicy(1, fixed=True))
-    states: OrderedDict = field(default_factory=OrderedDict)  # key(expert) -> SavedState, least recent first
-    state_cap: int = 64 << 20            # bytes the saved per-expert KV states may take (Runtime sets it)
-    batch: object = None                 # the llama_batch decode() reuses
-    prompt_len: int = 0                  # prompt tokens of the last generation (the KV worth saving)
-    compute_reserved: int = 0            # bytes llama.cpp reserved for its compute buffer (address space, most unused)
-
-    @property
-    def memory(self) -> int:
-        return (self.estimate.total + sum(b for _, _, b in self.adapters.values())
-                + sum(st.size for st in self.states.values()))
-
-    def key(self, expert: str | None) -> tuple:
-        """What KV computed now belongs to: the expert and the very adapter object applied (its pointer)."""
-        ptr = self.adapters[expert][0] if expert in self.adapters else None
-        return (expert, ctypes.cast(ptr, ctypes.c_void_p).value if ptr is not None else None)
-
-    def use(self, expert: str | None) -> None:
-        """Apply `expert`'s adapter (None = bare base). The KV cache was computed with the other weights, so
-        it is saved under the expert it belongs to and cleared; the new expert's own saved KV, if any, comes
-        back (a prompt-prefix cache per expert that never serves one adapter's keys/values to another)."""
-        import llama_cpp
-
-        expert = expert if expert in self.adapters else None
-        if expert == self.active:
-            return
-        ctx = self.llama._ctx.ctx
-        self._save_state()
-        if expert is None:
-            llama_cpp.llama_set_adapters_lora(ctx, None, 0, None)
-        else:
-            ptr, scale, _ = self.adapters[expert]
-            arr = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(ptr)
-            scales = (ctypes.c_float * 1)(scale)
-            llama_cpp.llama_set_adapters_lora(ctx, arr, 1, scales)
-        self.clear_kv()
-        self.active = expert
-        self._restore_state()
-
-    def clear_kv(self) -> None:
-        import llama_cpp
-
-        mem = llama_cpp.llama_get_memory(self.llama._ctx.ctx)
-        if mem is not None:
-            llama_cpp.llama_memory_clear(mem, True)
-        self.llama.reset()
-
-    def _save_state(self) -> None:
-        """Keep the live KV's prompt part under the expert it was computed with (the answer after it is dropped:
-        a next turn re-reads it in its own template anyway, and it would double what the state costs)."""
-        import llama_cpp
-
-        ctx = self.llama._ctx.ctx
-        mem = llama_cpp.llama_get_memory(ctx)
-        n = min(self.llama.n_tokens, self.prompt_len)
-        if n <= 0 or not _rolls_back(mem):  # a state no prefix could be taken from is not worth saving
-            return
-        llama_cpp.llama_memory_seq_rm(mem, 0, n, -1)
-        self.llama.n_tokens = n
-        size = llama_cpp.llama_state_seq_get_size(ctx, 0)
-        if not size or size > self.state_cap:
-            return
-        data = (ctypes.c_uint8 * size)()
-        if llama_cpp.llama_state_seq_get_data(ctx, data, size, 0) != size:
-            return
-        key = self.key(self.active)
-        self.states[key] = SavedState(self.llama.input_ids[:n].copy(), data)
-        self.states.move_to_end(key)
-        while sum(st.size for st in self.states.values()) > self.state_cap:
-            self.states.popitem(last=False)
-
-    def _restore_state(self) -> None:
-        import llama_cpp
-
-        st = self.states.pop(self.key(self.active), None)  # the live KV owns these tokens from now on
-        if st is None:
-            return
-        if llama_cpp.llama_state_seq_set_data(self.llama._ctx.ctx, st.data, st.size, 0) != st.size:
-            self.clear_kv()
-            return
-        self.llama.input_ids[:len(st.tokens)] = st.tokens
-        self.llama.n_tokens = self.prompt_len = len(st.tokens)
-
-    def forget(self, expert: str | None) -> None:
-        """Drop what was saved for `expert` (its adapter is going away)."""
-        for key in [k for k in self.states if k[0] == expert]:
-            del self.states[key]
-
-    def reuse_prefix(self, tokens: list[int]) -> int:
-        """Keep the KV of the longest prefix of `tokens` already evaluated (at least the last token is always
-        evaluated again, for its logits) and drop the rest; returns how many tokens are kept."""
-        import llama_cpp
-
-        llama = self.llama
-        limit = min(llama.n_tokens, len(tokens) - 1)
-        if limit <= 0:
-            self.clear_kv()
-            return 0
-        differ = np.flatnonzero(llama.input_ids[:limit] != np.asarray(tokens[:limit], dtype=llama.input_ids.dtype))
-        keep = int(differ[0]) if differ.size else limit
-        mem = llama_cpp.llama_get_memory(llama._ctx.ctx)
-        if keep == 0 or not _rolls_back(mem):
-            self.clear_kv()
-            return 0
-        llama_cpp.llama_memory_seq_rm(mem, 0, keep, -1)
-        llama.n_tokens = keep
-        return keep
-
-    def free_batch(self) -> None:
-        import llama_cpp
-
-        if self.batch is not None:
-            llama_cpp.llama_batch_free(self.batch)
-            self.batch = None
-
-    def decode(self, tokens: list[int], cancel: threading.Event | None = None) -> bool:
-        """Read `tokens` into the KV cache after what it holds (in batches), logits for the last one only.
-        With `cancel`, a long prompt is read PREFILL_STEP tokens at a time and stops between steps once it is set
-        (a stopped answer does not wait for the whole prompt); False when it stopped."""
-        import llama_cpp
-
-        llama = self.llama
-        if self.batch is None:
-            self.batch = llama_cpp.llama_batch_init(llama.n_batch, 0, 1)
-        batch = self.batch
-        step = llama.n_batch if cancel is None else min(llama.n_batch, PREFILL_STEP)
-        for at in range(0, len(tokens), step):
-            if at and cancel is not None and cancel.is_set():
-                return False
-            chunk = tokens[at:at + step]
-            last = at + len(chunk) == len(tokens)
-            n_past = llama.n_tokens
-            batch.n_tokens = len(chunk)
-            for i, token in enumerate(chunk):
-                batch.token[i], batch.pos[i] = token, n_past + i
-                batch.n_seq_id[i], batch.seq_id[i][0] = 1, 0
-                batch.logits[i] = last and i == len(chunk) - 1
-            if llama_cpp.llama_decode(llama._ctx.ctx, batch) != 0:
-                raise HublabError(f"llama.cpp could not decode at position {n_past} of {self.n_ctx}; "
-                                  "shorten the prompt or lower max_tokens")
-            llama.input_ids[n_past:n_past + len(chunk)] = chunk
-            llama.n_tokens = n_past + len(chunk)
-        return True
-
-    def sample(self, tokens: list[int], opts: Inference, cancel: threading.Event | None = None) -> Iterator[int]:
-        """Read the prompt's `tokens`, then sample and read one token at a time, for as long as asked. The
-        sampler chain is llama-cpp-python's (penalties over the last 64 generated tokens, then greedy, or
-        top-k, typical, top-p, min-p, temperature and a seeded draw) and lives exactly as long as the loop."""
-        import llama_cpp
-
-        ctx = self.llama._ctx.ctx
-        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-        add = lambda s: llama_cpp.llama_sampler_chain_add(chain, s)  # noqa: E731
-        try:
-            add(llama_cpp.llama_sampler_init_penalties(self.llama.n_vocab(), PENALTY_LAST_N, opts.repeat_penalty,
-                                                       0.0, 0.0))
-            if opts.temperature <= 0:
-                add(llama_cpp.llama_sampler_init_greedy())
-            else:
-                add(llama_cpp.llama_sampler_init_top_k(opts.top_k))
-                add(llama_cpp.llama_sampler_init_typical(1.0, 1))
-                add(llama_cpp.llama_sampler_init_top_p(opts.top_p, 1))
-                add(llama_cpp.llama_sampler_init_min_p(opts.min_p, 1))
-                add(llama_cpp.llama_sampler_init_temp(opts.temperature))
-                add(llama_cpp.llama_sampler_init_dist(opts.seed if opts.seed >= 0 else llama_cpp.LLAMA_DEFAULT_SEED))
-            if not self.decode(tokens, cancel):
-                return  # stopped while reading the prompt
-            while True:
-                token = llama_cpp.llama_sampler_sample(chain, ctx, -1)
-                yield token
-                self.decode([token])
-        finally:
-            llama_cpp.llama_sampler_free(chain)
-
-
-def _rolls_back(mem) -> bool:
-    """Whether sequence 0's KV can be cut back to a prefix: not once a sliding-window layer dropped its early
-    positions (llama_memory_seq_pos_min > 0), since the prefix would miss them."""
-    import llama_cpp
-
-    return mem is not None and llama_cpp.llama_memory_seq_pos_min(mem, 0) <= 0
-
-
-@dataclass
-class SavedState:
-    """One expert's KV cache (llama.cpp sequence state) and the tokens it holds."""
-    tokens: np.ndarray
-    data: object  # ctypes byte array
-
-    @property
-    def size(self) -> int:
-        return len(self.data)
-
-
-def _is_special(llama, token: str) -> bool:
-    """Whether the model's vocabulary has `token` as one special token (as <|im_start|> in a ChatML model)."""
-    return len(llama.tokenize(token.encode(), add_bos=False, special=True)) == 1
-
-
-class Generation:
-    """Iterate to receive text pieces as they are generated; `.result` holds the stats afterwards."""
-
-    def __init__(self, pieces: Iterator[str]):
-        self._pieces = pieces
-        self.result: GenerationResult | None = None
-
-    def __iter__(self):
-        return self._pieces
-
-
-def _holdback(text: str, stops: list[str]) -> int:
-    """How many trailing characters could still grow into a stop string (so must not be shown yet)."""
-    keep = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:n]):
-                keep = max(keep, n)
-                break
-    return keep
-
-
-PENALTY_LAST_N = 64  # llama-cpp-python's default last_n_tokens_size
-PREFILL_STEP = 128  # prompt tokens read between checks for a stop (a stopped answer waits at most this)
-
-
-def _sample(probs: np.ndarray, opts: Inference, rng: np.random.Generator) -> int:
-    """Pick a token from a probability vector with the expert's sampler settings (greedy at temperature 0)."""
-    if opts.temperature <= 0:
-        return int(np.argmax(probs))
-    logits = np.log(np.maximum(probs, 1e-30)) / opts.temperature
-    order = np.argsort(-logits)
-    if opts.top_k > 0:
-        order = order[: opts.top_k]
-    p = np.exp(logits[order] - logits[order[0]])
-    p /= p.sum()
-    if opts.top_p < 1.0:
-        keep = int(np.searchsorted(np.cumsum(p), opts.top_p) + 1)
-        order, p = order[:keep], p[:keep] / p[:keep].sum()
-    return int(order[rng.choice(len(order), p=p)])
-
-
-class _TextStream:
-    """Generated bytes -> the text that is safe to show: UTF-8 completed, cut at the first stop string,
-    and held back while its tail could still grow into one."""
-
-    def __init__(self, stops: list[str]):
-        self.stops = stops
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.text = ""
-        self.shown = 0
-        self.stopped = False
-
-    def _emit(self, upto: int) -> str:
-        if upto <= self.shown:
-            return ""
-        piece, self.shown = self.text[self.shown:upto], upto
-        return piece
-
-    def push(self, data: bytes) -> str:
-        self.text += self.decoder.decode(data)
-        hits = [i for i in (self.text.find(s, max(0, self.shown - len(s))) for s in self.stops) if i >= 0]
-        if hits:
-            self.text, self.stopped = self.text[:min(hits)], True
-            return self._emit(len(self.text))
-        return self._emit(len(self.text) - _holdback(self.text, self.stops))
-
-    def flush(self) -> str:
-        """The rest, once generation ended without a stop string (a held-back tail was not one)."""
-        if not self.stopped:
-            self.text += self.decoder.decode(b"", final=True)
-        return self._emit(len(self.text))
-
-
-@dataclass
-class _Decoded:
-    """What the shared decode loop reports once it ends."""
-    n_new: int = 0
-    ttft: float = 0.0
-    finish: str = "length"
-
-
-def _decode_text(tokens: Iterator[int], llama, out: _TextStream, cancel: threading.Event | None, max_new: int,
-                 t0: float, state: _Decoded, on_token=None) -> Iterator[str]:
-    """The loop every decoder shares: take sampled tokens until end-of-generation, a stop string, cancel
-    or max_new; yield the text as it becomes safe to show. `on_token` sees each token before the source
-    is resumed (while its logits are still the context's last row)."""
-    import llama_cpp
-
-    vocab = llama._model.vocab
-    for token in tokens:
-        if state.n_new == 0:
-            state.ttft = time.perf_counter() - t0
-        if llama_cpp.llama_vocab_is_eog(vocab, token):
-            state.finish = "stop"
-            break
-        if on_token is not None:
-            on_token(token)
-        state.n_new += 1
-        piece = out.push(llama.detokenize([token], special=False))
-        if piece:
-            yield piece
-        if out.stopped:
-            state.finish = "stop"
-            break
-        if cancel is not None and cancel.is_set():
-            state.finish = "cancelled"
-            break
-        if state.n_new >= max_new:
-            break
-    else:
-        state.finish = ("cancelled" if cancel is not None and cancel.is_set() else
-                        "length" if state.n_new >= max_new else "stop")
-    piece = out.flush()
-    if piece:
-        yield piece
 
 
 class Runtime:
@@ -493,11 +160,26 @@ class Runtime:
         return min(self.max_memory, self.profile.model_budget) if self.max_memory else self.profile.model_budget
 
     def context_size(self, cfg: ModelConfig) -> int:
+        """The context `cfg` asks for (system.toml's, its own, its base's, the profile's), within what the
+        GGUF was trained for."""
         owner = self._owner(cfg)
+        info = read_gguf(self._gguf_path(owner))
         n_ctx = (self.system.inference.get("context_size") or cfg.inference.context_size
                  or owner.inference.context_size or self.profile.default_context)
-        info = read_gguf(self._gguf_path(owner))
         return min(n_ctx, info.context_length) if info.context_length else n_ctx
+
+    def plan(self, name: str) -> LoadPlan:
+        """What serving `name` takes (runtime/scheduler.py), read off its GGUF headers: the one place that
+        reads them for fitting, loading and the estimates."""
+        cfg = self.config(name)
+        owner = self._owner(cfg)
+        path = self._gguf_path(owner)
+        info = read_gguf(path)
+        n_ctx = self.context_size(owner)  # the base runs at its own context, whichever expert it serves
+        adapter = self._adapter_path(cfg) if cfg.adapter else None
+        return LoadPlan(config=cfg, owner=owner, path=path, info=info, n_ctx=n_ctx,
+                        base=estimate_model(info, n_ctx), adapter=adapter,
+                        adapter_info=read_gguf(adapter) if adapter else None)
 
     def _gguf_path(self, cfg: ModelConfig) -> Path:
         if cfg.path is None or not cfg.path.is_file():
@@ -515,44 +197,36 @@ class Runtime:
 
     def estimate(self, name: str) -> MemoryEstimate:
         """Memory `name` costs on its own: its GGUF with context, plus its adapter if it has one."""
-        cfg = self.config(name)
-        owner = self._owner(cfg)
-        est = estimate_model(read_gguf(self._gguf_path(owner)), self.context_size(owner))
-        if cfg.adapter:
-            a = estimate_adapter(read_gguf(self._adapter_path(cfg)))
-            est = MemoryEstimate(est.weights + a.weights, est.kv_cache, est.compute)
-        return est
+        return self.plan(name).estimate
 
-    def _extra_needed(self, cfg: ModelConfig) -> int:
-        """Memory still to be allocated to serve `cfg`, given what is loaded now."""
-        owner = self._owner(cfg)
-        loaded = self._loaded.get(owner.name)
-        need = 0 if loaded else estimate_model(read_gguf(self._gguf_path(owner)), self.context_size(owner)).total
-        if cfg.adapter and not (loaded and cfg.name in loaded.adapters):
-            need += read_gguf(self._adapter_path(cfg)).tensor_bytes
+    def _extra_needed(self, plan: LoadPlan) -> int:
+        """Memory still to be allocated to serve the plan, given what is loaded now."""
+        loaded = self._loaded.get(plan.owner.name)
+        need = 0 if loaded else plan.base.total
+        if plan.adapter_info and not (loaded and plan.config.name in loaded.adapters):
+            need += plan.adapter_info.tensor_bytes
         return need
 
     def used_memory(self) -> int:
         return sum(b.memory for b in self._loaded.values())
 
-    def _fit(self, cfg: ModelConfig) -> None:
-        """Make room for `cfg` (evicting idle models LRU-first) or refuse before loading anything."""
-        owner = self._owner(cfg)
-        size = self._gguf_path(owner).stat().st_size
+    def _fit(self, plan: LoadPlan) -> None:
+        """Make room for the plan (evicting idle models LRU-first) or refuse before unloading or loading anything."""
+        owner, cfg = plan.owner, plan.config
+        size = plan.path.stat().st_size
         if self.profile.max_model_size and size > self.profile.max_model_size:
             raise FitError(f"{owner.name} is {format_size(size)}, larger than the "
                            f"{format_size(self.profile.max_model_size)} "
                            f"this board ({self.profile.name}) accepts; use a smaller quantization "
                            f"({', '.join(self.profile.preferred_quants[-2:])})")
-        need = self._extra_needed(cfg)
+        need = self._extra_needed(plan)
         budget = self.budget
-        victims = sorted((b for b in self._loaded.values() if b.name != owner.name and not b.busy),
-                         key=lambda b: b.last_used)
-        while self.used_memory() + need > budget and victims:
-            self._unload_base(victims.pop(0).name)
-        if self.used_memory() + need > budget:
+        room = victims(self._loaded.values(), owner.name, need, budget)
+        for name in room or ():
+            self._unload_base(name)
+        if room is None:
             loaded = ", ".join(f"{b.name} ({format_size(b.memory)})" for b in self._loaded.values()) or "nothing"
-            total = self.estimate(cfg.name)
+            total = plan.estimate
             raise FitError(
                 f"{cfg.name} needs {format_size(need)} more (weights {format_size(total.weights)}, "
                 f"KV cache {format_size(total.kv_cache)}, compute {format_size(total.compute)}), board budget "
@@ -585,18 +259,17 @@ class Runtime:
                 base = self._loaded[owner.name]
                 base.last_used = time.monotonic()
                 return base
-            self._fit(cfg)
-            base = self._loaded.get(owner.name) or self._load_base(owner)
-            if cfg.adapter and cfg.name not in base.adapters:
-                self._load_adapter(base, cfg)
+            plan = self.plan(name)
+            self._fit(plan)
+            base = self._loaded.get(owner.name) or self._load_base(self.plan(owner.name))
+            if plan.adapter and cfg.name not in base.adapters:
+                self._load_adapter(base, plan)
             base.last_used = time.monotonic()
             return base
 
-    def _load_base(self, cfg: ModelConfig) -> LoadedBase:
+    def _load_base(self, plan: LoadPlan) -> LoadedBase:
         llama_log.install()  # llama.cpp's lines go to the state dir's llama.log unless --verbose
-        path = self._gguf_path(cfg)
-        info = read_gguf(path)
-        n_ctx = self.context_size(cfg)
+        cfg, path, info, n_ctx = plan.config, plan.path, plan.info, plan.n_ctx
         seed = cfg.inference.seed if cfg.inference.seed >= 0 else 0xFFFFFFFF
         mark = llama_log.compute_buffers()
         try:
@@ -618,25 +291,24 @@ class Runtime:
                 eos_token=vocab.token_get_text(vocab.token_eos()) if vocab.token_eos() >= 0 else "",
                 bos_token=vocab.token_get_text(vocab.token_bos()) if vocab.token_bos() >= 0 else "")
         base = LoadedBase(name=cfg.name, config=cfg, llama=llama, n_ctx=n_ctx,
-                          estimate=estimate_model(info, n_ctx), jinja=jinja,
+                          estimate=plan.base, jinja=jinja,
                           compute_reserved=llama_log.compute_since(mark),
                           policy=ThreadPolicy(self.threads, fixed=self.fixed_threads, load=self.cpu_load),
                           state_cap=min(max(self.budget // 16, 8 << 20), 128 << 20),
                           chat_format=choose_format(cfg.chat_format, info.arch, bool(info.chat_template),
-                                                    lambda token: _is_special(llama, token)))
+                                                    lambda token: is_special(llama, token)))
         self._loaded[cfg.name] = base
         release_free_memory()
         return base
 
-    def _load_adapter(self, base: LoadedBase, cfg: ModelConfig) -> None:
+    def _load_adapter(self, base: LoadedBase, plan: LoadPlan) -> None:
         import llama_cpp
 
-        path = self._adapter_path(cfg)
-        info = read_gguf(path)
+        cfg, path, info = plan.config, plan.adapter, plan.adapter_info
         if info.kind != "adapter":
             raise HublabError(f"{cfg.source}: [expert] adapter: {path} is a full model, not a LoRA adapter GGUF; "
                               "point adapter at an adapter file, or use [model] path for a standalone expert")
-        base_arch = read_gguf(self._gguf_path(base.config)).arch
+        base_arch = plan.info.arch
         if info.arch and info.arch != base_arch:
             raise HublabError(f"{cfg.source}: [expert] adapter: {path} is for {info.arch}, base {base.name} is "
                               f"{base_arch}; point base at the model the adapter was trained on")
@@ -682,14 +354,10 @@ class Runtime:
 
     def expire_idle(self) -> list[str]:
         """Unload models idle longer than keep_alive (negative keep_alive = never)."""
-        if self.keep_alive < 0:
-            return []
-        now = time.monotonic()
         gone = []
         with self._lock:
-            for b in list(self._loaded.values()):
-                if not b.busy and now - b.last_used >= self.keep_alive and self.keep_alive > 0:
-                    gone += self._unload_base(b.name)
+            for name in expired(list(self._loaded.values()), time.monotonic(), self.keep_alive):
+                gone += self._unload_base(name)
         return gone
 
     def close(self) -> None:
@@ -841,7 +509,7 @@ class Runtime:
                 m = float(row.max())
                 logprob_sum += float(row[token]) - m - math.log(float(np.exp(row - m).sum()))
 
-            out, state = _TextStream(stops), _Decoded()
+            out, state = TextStream(stops), Decoded()
             cached = base.reuse_prefix(tokens)
             base.prompt_len = len(tokens)
             threads = []
@@ -852,7 +520,7 @@ class Runtime:
 
             sampled = base.sample(tokens[cached:], opts, cancel)
             try:
-                yield from _decode_text(base.policy.paced(sampled, apply_threads), llama, out, cancel, max_new, t0,
+                yield from decode_text(base.policy.paced(sampled, apply_threads), llama, out, cancel, max_new, t0,
                                         state, add_logprob if logprobs else None)
             finally:
                 sampled.close()  # frees the sampler chain now, while the base is still held
@@ -877,119 +545,12 @@ class Runtime:
 
     # -- decode-time mixture of experts --------------------------------------------------------------
 
-    def mixture_stream(self, weights: dict[str, float], prompt: str | list[dict], *, max_tokens: int | None = None,
-                       temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                       seed: int | None = None, stop: list[str] | None = None,
-                       cancel: threading.Event | None = None) -> Generation:
-        """Decode ONE answer whose next-token distribution at every step is the weighted mixture of the
-        experts' distributions: sum_e w_e * softmax(logits_e). The experts must share one base: each gets
-        its own sequence in a multi-sequence context on the loaded model, and its adapter is applied for
-        the decode of its sequence, so every expert keeps its own KV cache and nothing is reloaded."""
-        names = list(weights)
-        if not names:
-            raise HublabError("mixture needs at least one expert")
-        cfgs = [self.config(n) for n in names]
-        owners = {self._owner(c).name for c in cfgs}
-        if len(owners) != 1:
-            raise HublabError(f"weighted synthesis needs experts on one shared base; {', '.join(names)} run on "
-                              f"{', '.join(sorted(owners))}; use synthesis best or voting for these")
-        total = sum(max(0.0, w) for w in weights.values()) or 1.0
-        norm = [max(0.0, weights[n]) / total for n in names]
-        lead = self.sampler(cfgs[0], dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k,
-                                          top_p=top_p, seed=seed))
-        stops = list(stop if stop is not None else lead.stop)
-        gen = Generation(iter(()))
-        gen._pieces = self._mixture(gen, cfgs, norm, prompt, lead, stops, cancel)
-        return gen
+    def mixture_stream(self, weights: dict[str, float], prompt: str | list[dict], **kwargs) -> Generation:
+        """One answer decoded from the weighted mixture of the experts' next-token distributions
+        (runtime/mixture.py; keywords: max_tokens, temperature, top_k, top_p, seed, stop, cancel)."""
+        from .mixture import mixture_stream
 
-    def _mixture(self, gen: Generation, cfgs: list[ModelConfig], weights: list[float], prompt, opts: Inference,
-                 stops: list[str], cancel: threading.Event | None) -> Iterator[str]:
-        import llama_cpp
-
-        for c in cfgs:
-            self.load(c.name)
-        with self.hold(cfgs[0].name) as base:
-            t0 = time.perf_counter()
-            llama = base.llama
-            prompts = []
-            for c in cfgs:
-                tokens, template_stops = self.prompt_tokens(base, c, prompt, False, c.inference.system_prompt)
-                prompts.append(tokens)
-                stops += [s for s in template_stops if s not in stops]
-            max_new = opts.max_tokens or 256
-            longest = max(len(p) for p in prompts)
-            params = llama_cpp.llama_context_default_params()
-            params.n_ctx = (longest + max_new + 8) * len(cfgs)
-            params.n_batch = params.n_ubatch = max(32, longest)
-            params.n_seq_max = len(cfgs)
-            params.kv_unified = True
-            params.swa_full = False
-            params.n_threads = params.n_threads_batch = base.policy.best()  # the count measured fastest lately
-            ctx = llama_cpp.llama_init_from_model(llama._model.model, params)
-            if not ctx:
-                raise HublabError("llama.cpp could not create the mixture context (out of memory?); "
-                                  "use fewer experts (topk:2) or synthesis best")
-            batch = llama_cpp.llama_batch_init(params.n_batch, 0, 1)
-            n_vocab = llama.n_vocab()
-            rng = np.random.default_rng(None if opts.seed < 0 else opts.seed)
-
-            def set_expert(c: ModelConfig) -> None:
-                if c.adapter:
-                    ptr, scale, _ = base.adapters[c.name]
-                    llama_cpp.llama_set_adapters_lora(ctx, (llama_cpp.llama_adapter_lora_p_ctypes * 1)(ptr), 1,
-                                                      (ctypes.c_float * 1)(scale))
-                else:
-                    llama_cpp.llama_set_adapters_lora(ctx, None, 0, None)
-
-            def decode(tokens: list[int], seq: int, pos0: int, history: list[int]) -> np.ndarray:
-                batch.n_tokens = len(tokens)
-                for i, tok in enumerate(tokens):
-                    batch.token[i], batch.pos[i] = tok, pos0 + i
-                    batch.n_seq_id[i], batch.seq_id[i][0] = 1, seq
-                    batch.logits[i] = i == len(tokens) - 1
-                if llama_cpp.llama_decode(ctx, batch) != 0:
-                    raise HublabError("llama.cpp failed to decode during mixture synthesis; lower max_tokens")
-                row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, len(tokens) - 1), shape=(n_vocab,))
-                row = row.astype(np.float64)
-                if opts.repeat_penalty != 1.0:
-                    # llama.cpp's repetition penalty over the last 64 tokens, per expert sequence
-                    recent = np.unique(np.asarray(history[-PENALTY_LAST_N:], dtype=np.int64))
-                    vals = row[recent]
-                    row[recent] = np.where(vals > 0, vals / opts.repeat_penalty, vals * opts.repeat_penalty)
-                row -= row.max()
-                p = np.exp(row)
-                return p / p.sum()
-
-            try:
-                dists, positions = [], []
-                for i, (c, toks) in enumerate(zip(cfgs, prompts)):
-                    set_expert(c)
-                    dists.append(decode(toks, i, 0, toks))
-                    positions.append(len(toks))
-                histories = [list(t) for t in prompts]
-                def sampled() -> Iterator[int]:
-                    while True:
-                        token = _sample(sum(w * d for w, d in zip(weights, dists)), opts, rng)
-                        yield token
-                        # resumed only when decoding goes on: every expert reads the chosen token
-                        for i, c in enumerate(cfgs):
-                            set_expert(c)
-                            histories[i].append(token)
-                            dists[i] = decode([token], i, positions[i], histories[i])
-                            positions[i] += 1
-
-                out, state = _TextStream(stops), _Decoded()
-                yield from _decode_text(sampled(), llama, out, cancel, max_new, t0, state)
-                text, n_new, ttft, finish = out.text, state.n_new, state.ttft, state.finish
-            finally:
-                llama_cpp.llama_batch_free(batch)
-                llama_cpp.llama_free(ctx)
-            seconds = time.perf_counter() - t0
-            gen.result = GenerationResult(
-                expert="+".join(c.name for c in cfgs), text=text, prompt_tokens=sum(len(p) for p in prompts),
-                tokens=n_new, ttft_s=round(ttft, 4), seconds=round(seconds, 4),
-                tokens_per_s=round((n_new - 1) / max(seconds - ttft, 1e-9), 2) if n_new > 1 else 0.0,
-                finish_reason=finish, rss_bytes=psutil.Process().memory_info().rss)
+        return mixture_stream(self, weights, prompt, **kwargs)
 
     # -- listing ------------------------------------------------------------------------------------
 

@@ -1,0 +1,341 @@
+"""One loaded base model: its llama.cpp context, the adapters on it, the prefix states saved per expert, and the
+decode loop every answer runs (read the prompt, sample, stop at end-of-generation, a stop string or cancel).
+
+The Runtime (runtime/engine.py) decides what is loaded; a LoadedBase runs what it is given.
+"""
+from __future__ import annotations
+
+import codecs
+import ctypes
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .config import Inference, ModelConfig
+from .errors import HublabError
+from .memory import MemoryEstimate
+from .threads import ThreadPolicy
+
+if TYPE_CHECKING:
+    from .engine import GenerationResult
+
+
+@dataclass
+class LoadedBase:
+    """One llama.cpp model + context and the adapters loaded on it."""
+    name: str
+    config: ModelConfig
+    llama: object
+    n_ctx: int
+    estimate: MemoryEstimate
+    adapters: dict[str, tuple[object, float, int]] = field(default_factory=dict)  # expert -> (ptr, scale, bytes)
+    active: str | None = None            # expert whose adapter is applied; None = the bare base
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    last_used: float = field(default_factory=time.monotonic)
+    busy: int = 0
+    chat_format: str = "plain"
+    jinja: object = None                 # the GGUF's own chat template, when it has one
+    policy: ThreadPolicy = field(default_factory=lambda: ThreadPolicy(1, fixed=True))
+    states: OrderedDict = field(default_factory=OrderedDict)  # key(expert) -> SavedState, least recent first
+    state_cap: int = 64 << 20            # bytes the saved per-expert KV states may take (Runtime sets it)
+    batch: object = None                 # the llama_batch decode() reuses
+    prompt_len: int = 0                  # prompt tokens of the last generation (the KV worth saving)
+    compute_reserved: int = 0            # bytes llama.cpp reserved for its compute buffer (address space, most unused)
+
+    @property
+    def memory(self) -> int:
+        return (self.estimate.total + sum(b for _, _, b in self.adapters.values())
+                + sum(st.size for st in self.states.values()))
+
+    def key(self, expert: str | None) -> tuple:
+        """What KV computed now belongs to: the expert and the very adapter object applied (its pointer)."""
+        ptr = self.adapters[expert][0] if expert in self.adapters else None
+        return (expert, ctypes.cast(ptr, ctypes.c_void_p).value if ptr is not None else None)
+
+    def use(self, expert: str | None) -> None:
+        """Apply `expert`'s adapter (None = bare base). The KV cache was computed with the other weights, so
+        it is saved under the expert it belongs to and cleared; the new expert's own saved KV, if any, comes
+        back (a prompt-prefix cache per expert that never serves one adapter's keys/values to another)."""
+        import llama_cpp
+
+        expert = expert if expert in self.adapters else None
+        if expert == self.active:
+            return
+        ctx = self.llama._ctx.ctx
+        self._save_state()
+        if expert is None:
+            llama_cpp.llama_set_adapters_lora(ctx, None, 0, None)
+        else:
+            ptr, scale, _ = self.adapters[expert]
+            arr = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(ptr)
+            scales = (ctypes.c_float * 1)(scale)
+            llama_cpp.llama_set_adapters_lora(ctx, arr, 1, scales)
+        self.clear_kv()
+        self.active = expert
+        self._restore_state()
+
+    def clear_kv(self) -> None:
+        import llama_cpp
+
+        mem = llama_cpp.llama_get_memory(self.llama._ctx.ctx)
+        if mem is not None:
+            llama_cpp.llama_memory_clear(mem, True)
+        self.llama.reset()
+
+    def _save_state(self) -> None:
+        """Keep the live KV's prompt part under the expert it was computed with (the answer after it is dropped:
+        a next turn re-reads it in its own template anyway, and it would double what the state costs)."""
+        import llama_cpp
+
+        ctx = self.llama._ctx.ctx
+        mem = llama_cpp.llama_get_memory(ctx)
+        n = min(self.llama.n_tokens, self.prompt_len)
+        if n <= 0 or not _rolls_back(mem):  # a state no prefix could be taken from is not worth saving
+            return
+        llama_cpp.llama_memory_seq_rm(mem, 0, n, -1)
+        self.llama.n_tokens = n
+        size = llama_cpp.llama_state_seq_get_size(ctx, 0)
+        if not size or size > self.state_cap:
+            return
+        data = (ctypes.c_uint8 * size)()
+        if llama_cpp.llama_state_seq_get_data(ctx, data, size, 0) != size:
+            return
+        key = self.key(self.active)
+        self.states[key] = SavedState(self.llama.input_ids[:n].copy(), data)
+        self.states.move_to_end(key)
+        while sum(st.size for st in self.states.values()) > self.state_cap:
+            self.states.popitem(last=False)
+
+    def _restore_state(self) -> None:
+        import llama_cpp
+
+        st = self.states.pop(self.key(self.active), None)  # the live KV owns these tokens from now on
+        if st is None:
+            return
+        if llama_cpp.llama_state_seq_set_data(self.llama._ctx.ctx, st.data, st.size, 0) != st.size:
+            self.clear_kv()
+            return
+        self.llama.input_ids[:len(st.tokens)] = st.tokens
+        self.llama.n_tokens = self.prompt_len = len(st.tokens)
+
+    def forget(self, expert: str | None) -> None:
+        """Drop what was saved for `expert` (its adapter is going away)."""
+        for key in [k for k in self.states if k[0] == expert]:
+            del self.states[key]
+
+    def reuse_prefix(self, tokens: list[int]) -> int:
+        """Keep the KV of the longest prefix of `tokens` already evaluated (at least the last token is always
+        evaluated again, for its logits) and drop the rest; returns how many tokens are kept."""
+        import llama_cpp
+
+        llama = self.llama
+        limit = min(llama.n_tokens, len(tokens) - 1)
+        if limit <= 0:
+            self.clear_kv()
+            return 0
+        differ = np.flatnonzero(llama.input_ids[:limit] != np.asarray(tokens[:limit], dtype=llama.input_ids.dtype))
+        keep = int(differ[0]) if differ.size else limit
+        mem = llama_cpp.llama_get_memory(llama._ctx.ctx)
+        if keep == 0 or not _rolls_back(mem):
+            self.clear_kv()
+            return 0
+        llama_cpp.llama_memory_seq_rm(mem, 0, keep, -1)
+        llama.n_tokens = keep
+        return keep
+
+    def free_batch(self) -> None:
+        import llama_cpp
+
+        if self.batch is not None:
+            llama_cpp.llama_batch_free(self.batch)
+            self.batch = None
+
+    def decode(self, tokens: list[int], cancel: threading.Event | None = None) -> bool:
+        """Read `tokens` into the KV cache after what it holds (in batches), logits for the last one only.
+        With `cancel`, a long prompt is read PREFILL_STEP tokens at a time and stops between steps once it is set
+        (a stopped answer does not wait for the whole prompt); False when it stopped."""
+        import llama_cpp
+
+        llama = self.llama
+        if self.batch is None:
+            self.batch = llama_cpp.llama_batch_init(llama.n_batch, 0, 1)
+        batch = self.batch
+        step = llama.n_batch if cancel is None else min(llama.n_batch, PREFILL_STEP)
+        for at in range(0, len(tokens), step):
+            if at and cancel is not None and cancel.is_set():
+                return False
+            chunk = tokens[at:at + step]
+            last = at + len(chunk) == len(tokens)
+            n_past = llama.n_tokens
+            batch.n_tokens = len(chunk)
+            for i, token in enumerate(chunk):
+                batch.token[i], batch.pos[i] = token, n_past + i
+                batch.n_seq_id[i], batch.seq_id[i][0] = 1, 0
+                batch.logits[i] = last and i == len(chunk) - 1
+            if llama_cpp.llama_decode(llama._ctx.ctx, batch) != 0:
+                raise HublabError(f"llama.cpp could not decode at position {n_past} of {self.n_ctx}; "
+                                  "shorten the prompt or lower max_tokens")
+            llama.input_ids[n_past:n_past + len(chunk)] = chunk
+            llama.n_tokens = n_past + len(chunk)
+        return True
+
+    def sample(self, tokens: list[int], opts: Inference, cancel: threading.Event | None = None) -> Iterator[int]:
+        """Read the prompt's `tokens`, then sample and read one token at a time, for as long as asked. The
+        sampler chain is llama-cpp-python's (penalties over the last 64 generated tokens, then greedy, or
+        top-k, typical, top-p, min-p, temperature and a seeded draw) and lives exactly as long as the loop."""
+        import llama_cpp
+
+        ctx = self.llama._ctx.ctx
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        add = lambda s: llama_cpp.llama_sampler_chain_add(chain, s)  # noqa: E731
+        try:
+            add(llama_cpp.llama_sampler_init_penalties(self.llama.n_vocab(), PENALTY_LAST_N, opts.repeat_penalty,
+                                                       0.0, 0.0))
+            if opts.temperature <= 0:
+                add(llama_cpp.llama_sampler_init_greedy())
+            else:
+                add(llama_cpp.llama_sampler_init_top_k(opts.top_k))
+                add(llama_cpp.llama_sampler_init_typical(1.0, 1))
+                add(llama_cpp.llama_sampler_init_top_p(opts.top_p, 1))
+                add(llama_cpp.llama_sampler_init_min_p(opts.min_p, 1))
+                add(llama_cpp.llama_sampler_init_temp(opts.temperature))
+                add(llama_cpp.llama_sampler_init_dist(opts.seed if opts.seed >= 0 else llama_cpp.LLAMA_DEFAULT_SEED))
+            if not self.decode(tokens, cancel):
+                return  # stopped while reading the prompt
+            while True:
+                token = llama_cpp.llama_sampler_sample(chain, ctx, -1)
+                yield token
+                self.decode([token])
+        finally:
+            llama_cpp.llama_sampler_free(chain)
+
+
+def _rolls_back(mem) -> bool:
+    """Whether sequence 0's KV can be cut back to a prefix: not once a sliding-window layer dropped its early
+    positions (llama_memory_seq_pos_min > 0), since the prefix would miss them."""
+    import llama_cpp
+
+    return mem is not None and llama_cpp.llama_memory_seq_pos_min(mem, 0) <= 0
+
+
+@dataclass
+class SavedState:
+    """One expert's KV cache (llama.cpp sequence state) and the tokens it holds."""
+    tokens: np.ndarray
+    data: object  # ctypes byte array
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+
+def is_special(llama, token: str) -> bool:
+    """Whether the model's vocabulary has `token` as one special token (as <|im_start|> in a ChatML model)."""
+    return len(llama.tokenize(token.encode(), add_bos=False, special=True)) == 1
+
+
+class Generation:
+    """Iterate to receive text pieces as they are generated; `.result` holds the stats afterwards."""
+
+    def __init__(self, pieces: Iterator[str]):
+        self._pieces = pieces
+        self.result: GenerationResult | None = None
+
+    def __iter__(self):
+        return self._pieces
+
+
+def _holdback(text: str, stops: list[str]) -> int:
+    """How many trailing characters could still grow into a stop string (so must not be shown yet)."""
+    keep = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:n]):
+                keep = max(keep, n)
+                break
+    return keep
+
+
+PENALTY_LAST_N = 64  # llama-cpp-python's default last_n_tokens_size
+PREFILL_STEP = 128  # prompt tokens read between checks for a stop (a stopped answer waits at most this)
+
+
+class TextStream:
+    """Generated bytes -> the text that is safe to show: UTF-8 completed, cut at the first stop string,
+    and held back while its tail could still grow into one."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text = ""
+        self.shown = 0
+        self.stopped = False
+
+    def _emit(self, upto: int) -> str:
+        if upto <= self.shown:
+            return ""
+        piece, self.shown = self.text[self.shown:upto], upto
+        return piece
+
+    def push(self, data: bytes) -> str:
+        self.text += self.decoder.decode(data)
+        hits = [i for i in (self.text.find(s, max(0, self.shown - len(s))) for s in self.stops) if i >= 0]
+        if hits:
+            self.text, self.stopped = self.text[:min(hits)], True
+            return self._emit(len(self.text))
+        return self._emit(len(self.text) - _holdback(self.text, self.stops))
+
+    def flush(self) -> str:
+        """The rest, once generation ended without a stop string (a held-back tail was not one)."""
+        if not self.stopped:
+            self.text += self.decoder.decode(b"", final=True)
+        return self._emit(len(self.text))
+
+
+@dataclass
+class Decoded:
+    """What the shared decode loop reports once it ends."""
+    n_new: int = 0
+    ttft: float = 0.0
+    finish: str = "length"
+
+
+def decode_text(tokens: Iterator[int], llama, out: TextStream, cancel: threading.Event | None, max_new: int,
+                 t0: float, state: Decoded, on_token=None) -> Iterator[str]:
+    """The loop every decoder shares: take sampled tokens until end-of-generation, a stop string, cancel
+    or max_new; yield the text as it becomes safe to show. `on_token` sees each token before the source
+    is resumed (while its logits are still the context's last row)."""
+    import llama_cpp
+
+    vocab = llama._model.vocab
+    for token in tokens:
+        if state.n_new == 0:
+            state.ttft = time.perf_counter() - t0
+        if llama_cpp.llama_vocab_is_eog(vocab, token):
+            state.finish = "stop"
+            break
+        if on_token is not None:
+            on_token(token)
+        state.n_new += 1
+        piece = out.push(llama.detokenize([token], special=False))
+        if piece:
+            yield piece
+        if out.stopped:
+            state.finish = "stop"
+            break
+        if cancel is not None and cancel.is_set():
+            state.finish = "cancelled"
+            break
+        if state.n_new >= max_new:
+            break
+    else:
+        state.finish = ("cancelled" if cancel is not None and cancel.is_set() else
+                        "length" if state.n_new >= max_new else "stop")
+    piece = out.flush()
+    if piece:
+        yield piece
