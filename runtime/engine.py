@@ -415,8 +415,10 @@ class Runtime:
                                         "(build one with `hublab train router`)")
         return self._router
 
-    def with_knowledge(self, cfg: ModelConfig, prompt: str | list[dict]) -> tuple[str | list[dict], int]:
-        """The chat with the expert's closest knowledge-pack pairs put before it, and how many were put."""
+    def with_knowledge(self, cfg: ModelConfig, prompt: str | list[dict],
+                       query_embedding=None) -> tuple[str | list[dict], int]:
+        """The chat with the expert's closest knowledge-pack pairs put before it, and how many were put.
+        `query_embedding`: the last user message's, when the caller has it already (routing made it)."""
         if cfg.knowledge is None or cfg.knowledge_shots <= 0:
             return prompt, 0
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
@@ -429,7 +431,8 @@ class Runtime:
         if self._library is None:
             self._library = Library(router.embed, router.encoder_id)
         pack = self._library.pack(cfg.knowledge)
-        found = pack.nearest(router.embed([users[-1]])[0], cfg.knowledge_shots, cfg.knowledge_min)
+        query = router.embed([users[-1]])[0] if query_embedding is None else query_embedding
+        found = pack.nearest(query, cfg.knowledge_shots, cfg.knowledge_min)
         if not found:
             return prompt, 0
         at = next(i for i, m in enumerate(messages) if m.get("role") != "system")
@@ -463,17 +466,20 @@ class Runtime:
                cancel: threading.Event | None = None, max_tokens: int | None = None,
                temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                min_p: float | None = None, repeat_penalty: float | None = None, seed: int | None = None,
-               stop: list[str] | None = None, system_prompt: str | None = None, special: bool = True) -> Generation:
+               stop: list[str] | None = None, system_prompt: str | None = None, special: bool = True,
+               query_embedding=None) -> Generation:
         """Generate with expert `name`, yielding text as it comes. `prompt` is a user message (or a list of
         chat messages); raw=True completes the text as is (special tokens in it parsed unless special=False).
-        The sampler comes from the expert's [inference] with any keyword here overriding it."""
+        The sampler comes from the expert's [inference] with any keyword here overriding it. `query_embedding`
+        is the router encoder's embedding of the last user message, when routing made one already."""
         cfg = self.config(name)
         opts = self.sampler(cfg, dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                       min_p=min_p, repeat_penalty=repeat_penalty, seed=seed))
         stops = list(stop if stop is not None else opts.stop)
         system = cfg.inference.system_prompt if system_prompt is None else system_prompt
         gen = Generation(iter(()))
-        gen._pieces = self._generate(gen, cfg, prompt, raw, logprobs, cancel, opts, stops, system, special)
+        gen._pieces = self._generate(gen, cfg, prompt, raw, logprobs, cancel, opts, stops, system, special,
+                                     query_embedding)
         return gen
 
     def generate(self, name: str, prompt: str | list[dict], **kwargs) -> GenerationResult:
@@ -485,13 +491,13 @@ class Runtime:
 
     def _generate(self, gen: Generation, cfg: ModelConfig, prompt, raw: bool, logprobs: bool,
                   cancel: threading.Event | None, opts: Inference, stops: list[str], system: str,
-                  special: bool = True) -> Iterator[str]:
+                  special: bool = True, query_embedding=None) -> Iterator[str]:
         import llama_cpp
 
         t0 = time.perf_counter()
         n_shots = 0
         if not raw:
-            prompt, n_shots = self.with_knowledge(cfg, prompt)
+            prompt, n_shots = self.with_knowledge(cfg, prompt, query_embedding)
         with self.hold(cfg.name) as base:
             llama = base.llama
             tokens, template_stops = self.prompt_tokens(base, cfg, prompt, raw, system, special)

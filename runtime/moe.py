@@ -201,7 +201,7 @@ class MoE:
             if opts.get("cancel") is not None and opts["cancel"].is_set():
                 break
             emit("expert_start", {"expert": choice.name, "score": choice.score})
-            gen = self.rt.stream(choice.name, query, logprobs=logprobs, **opts)
+            gen = self.rt.stream(choice.name, query, logprobs=logprobs, query_embedding=selection.embedding, **opts)
             for piece in gen:
                 emit("expert_token", {"expert": choice.name, "text": piece})
             emit("expert_done", {"expert": choice.name, "result": gen.result.to_dict()})

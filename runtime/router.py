@@ -55,11 +55,9 @@ import json
 import math
 import re
 import sys
-import threading
 import time
 import zipfile
-from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -68,7 +66,6 @@ from .errors import HublabError
 from .memory import release_free_memory
 
 ROUTER_TOML = "router.toml"
-RECENT_EMBEDDINGS = 16  # queries whose embedding the router keeps for the knowledge lookup that follows
 TOKENIZER_JSON = "tokenizer.json"
 MODEL_ONNX = "model.onnx"
 EXAMPLES_NPZ = "examples.npz"  # the router's labelled queries: texts, labels, vectors, the encoder's sha256
@@ -154,6 +151,7 @@ class Selection:
     scores: tuple[RouteScore, ...]
     fallback: bool = False
     note: str = ""
+    embedding: Any = field(default=None, compare=False, repr=False)  # the query's, when the encoder made one
 
     @property
     def names(self) -> list[str]:
@@ -421,8 +419,6 @@ class Router:
         self._input_types = {i.name: i.type for i in session.get_inputs()}
         self.has_embedding = any(o.name == "embedding" for o in session.get_outputs())
         self._encoder_id: str | None = None
-        self._recent: OrderedDict[str, Any] = OrderedDict()   # text -> embedding of the last few queries
-        self._recent_lock = threading.Lock()
         self._examples: tuple[Any, Any, list[str], list[bool], Any] | None = None  # see example_index
 
     @property
@@ -551,24 +547,8 @@ class Router:
         if not self.has_embedding:
             raise RouterError(f"{self.directory / MODEL_ONNX}: has no embedding output; rebuild the router "
                               "with `hublab train router`")
-        rows = []
-        for t in texts:
-            row = self._remembered(t)
-            if row is None:
-                row = self.session.run(["embedding"], self._feeds(t))[0][0]
-            rows.append(row)
+        rows = [self.session.run(["embedding"], self._feeds(t))[0][0] for t in texts]
         return np.stack(rows) if rows else np.zeros((0, 0), dtype=np.float32)
-
-    def _remembered(self, text: str, embedding=None):
-        """The embedding of a query routed a moment ago (a `?` embeds its question to route it and again to
-        find knowledge pairs: once is enough); with `embedding`, remember it."""
-        with self._recent_lock:
-            if embedding is not None:
-                self._recent[text] = embedding
-                while len(self._recent) > RECENT_EMBEDDINGS:
-                    self._recent.popitem(last=False)
-                return embedding
-            return self._recent.get(text)
 
     # -- experts --------------------------------------------------------------------------------------
 
@@ -674,13 +654,17 @@ class Router:
             claim[name] = (1 - c) * near[name] + c * float(to_centre[i])
         return near, claim
 
-    def model_parts(self, text: str) -> tuple[dict[str, float], dict[str, tuple[float, float, float | None]]]:
-        """Model score per expert and its parts (head_score, example_score, similarity) for one query."""
+    def model_parts(self, text: str) -> tuple[dict[str, float], dict[str, tuple[float, float, float | None]], Any]:
+        """Model score per expert, its parts (head_score, example_score, similarity) and the query's embedding
+        (None when the encoder gives none) for one query."""
         if not self.has_embedding or (not self.has_examples and not (self.directory / EXAMPLES_NPZ).is_file()):
+            if self.has_embedding:
+                probs, embedding = self.session.run(["probabilities", "embedding"], self._feeds(text))
+                head = self.head_scores(probs[0])
+                return head, {n: (h, 0.0, None) for n, h in head.items()}, embedding[0]
             head = self.head_scores(self.probabilities(text))
-            return head, {n: (h, 0.0, None) for n, h in head.items()}
+            return head, {n: (h, 0.0, None) for n, h in head.items()}, None
         probs, embedding = self.session.run(["probabilities", "embedding"], self._feeds(text))
-        self._remembered(text, embedding[0])
         head = self.head_scores(probs[0])
         sims, claim = self.similarities(embedding[0])
         _, _, names, known_flags, _ = self.example_index()
@@ -709,7 +693,7 @@ class Router:
         left = max(0.0, 1.0 - sum(shares.values()))
         model = {n: shares.get(n, 0.0) + left * blended[n] for n in head}
         return model, {n: (head[n], shares.get(n, knn.get(n, 0.0)), sims.get(n) if n in known else claim.get(n))
-                       for n in head}
+                       for n in head}, embedding[0]
 
     def model_scores(self, text: str) -> dict[str, float]:
         """Every configured expert's model score: examples' shares first, the head's for the rest."""
@@ -717,12 +701,15 @@ class Router:
 
     def score(self, text: str) -> list[RouteScore]:
         """Every configured expert's score for a query, best first."""
-        model, parts = self.model_parts(text)
+        model, parts, _ = self.model_parts(text)
         return blend(text, model, self.keywords, self.keyword_weight, parts)
 
     def route(self, text: str, routing: str = "topk:2", fallback: str | None = None, sure: float = 1.0) -> Selection:
-        """Score a query and apply a strategy with the experts' own thresholds."""
-        return select(self.score(text), routing, fallback or self.fallback, self.thresholds, sure)
+        """Score a query and apply a strategy with the experts' own thresholds; the selection carries the
+        query's embedding down to the knowledge lookup (one encoder run per question)."""
+        model, parts, embedding = self.model_parts(text)
+        scores = blend(text, model, self.keywords, self.keyword_weight, parts)
+        return replace(select(scores, routing, fallback or self.fallback, self.thresholds, sure), embedding=embedding)
 
 
 def default_router_dir(system: Any) -> Path:

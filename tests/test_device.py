@@ -78,16 +78,17 @@ def test_keep_sets_each_base_keep_alive_and_expire_honours_it(device):
 def test_moe_streams_the_leading_expert_as_it_writes(device):
     """One expert selected: its words arrive piece by piece, long before the answer is done, and add up to the
     answer. Two experts under best: the first one's words stream, and the winner follows when it is another."""
-    import time as _time
+    from hublab.runtime.device import MoeStream
 
-    stamps: list[tuple[float, str]] = []
-    t0 = _time.perf_counter()
+    pieces: list[str] = []
     one = device.complete("moe", [{"role": "user", "content": "how do I publish a rust crate with cargo"}],
-                          on_piece=lambda p: stamps.append((_time.perf_counter() - t0, p)), max_tokens=12,
-                          temperature=0)
-    assert len(one.hublab["selected"]) == 1 and len(stamps) > 1
-    assert "".join(p for _, p in stamps) == one.text
-    assert stamps[0][0] < one.seconds * 0.8  # the first piece came while the expert was still writing
+                          on_piece=pieces.append, max_tokens=12, temperature=0)
+    assert len(one.hublab["selected"]) == 1 and len(pieces) > 1 and "".join(pieces) == one.text
+    log: list[str] = []  # the order of events and pieces: the words go out while the expert still writes
+    relay = MoeStream(lambda piece: log.append("piece"), "best")
+    device.ask("how do I publish a rust crate with cargo", max_tokens=12, temperature=0,
+               on_event=lambda kind, data: (log.append(kind), relay(kind, data)))
+    assert "piece" in log and log.index("piece") < log.index("expert_done")
 
     pieces: list[str] = []
     two = device.complete("moe", [{"role": "user", "content": "the python model"}], on_piece=pieces.append,

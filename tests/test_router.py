@@ -605,8 +605,8 @@ def test_a_routed_query_is_not_embedded_again_for_its_knowledge_lookup():
     q = "how do I list the files in a directory with python"
     fresh = r.embed([q])[0]
     r.session = Counting(r.session)
-    r.route(q, "single")
+    selection = r.route(q, "single")
     assert len(runs) == 1                                      # route: probabilities and embedding in one run
-    again = r.embed([q, "something else entirely"])
-    assert len(runs) == 2                                      # only the new text ran
-    assert np.allclose(again[0], fresh, atol=1e-6)
+    assert np.allclose(selection.embedding, fresh, atol=1e-6)  # handed down with the selection, not cached
+    r.embed(["something else entirely"])
+    assert len(runs) == 2
