@@ -98,7 +98,8 @@ def _line_of(text: str, section: str, key: str | None) -> int | None:
     return None
 
 
-def _where(path: Path, text: str, section: str, key: str | None = None) -> str:
+def locate(path: Path, text: str, section: str, key: str | None = None) -> str:
+    """Where an error is, as "FILE:LINE: [section] key" (the line of the key, else of the section, when found)."""
     line = _line_of(text, section, key)
     loc = f"{path}:{line}" if line else str(path)
     def clip(name: str) -> str:  # a 10 MB key is named, not echoed
@@ -124,14 +125,14 @@ def read_toml(path: Path) -> tuple[dict, str]:
 def validate_section(path: Path, text: str, section: str, values: Any, schema: dict[str, Key]) -> dict:
     """Check one table against its schema; return it with defaults filled in."""
     if not isinstance(values, dict):
-        raise ConfigError(f"{_where(path, text, section)}: expected a table, got {type(values).__name__}; "
+        raise ConfigError(f"{locate(path, text, section)}: expected a table, got {type(values).__name__}; "
                           f"write it as a [{section}] section")
     out = {}
     for key, value in values.items():
         if key not in schema:
             close = difflib.get_close_matches(key, list(schema), n=1, cutoff=0.6)
             hint = f"did you mean '{close[0]}'?" if close else f"allowed keys: {', '.join(sorted(schema))}"
-            raise ConfigError(f"{_where(path, text, section, key)}: unknown key; {hint}")
+            raise ConfigError(f"{locate(path, text, section, key)}: unknown key; {hint}")
         spec = schema[key]
         ok_types = spec.type if isinstance(spec.type, tuple) else (spec.type,)
         # TOML integers are fine where a float is asked for; bools are never numbers.
@@ -142,18 +143,18 @@ def validate_section(path: Path, text: str, section: str, values: Any, schema: d
         else:
             ok = isinstance(value, ok_types)
         if not ok:
-            raise ConfigError(f"{_where(path, text, section, key)}: expected {_type_name(spec.type)} "
+            raise ConfigError(f"{locate(path, text, section, key)}: expected {_type_name(spec.type)} "
                               f"({spec.help}), got {quote(value)}; fix the value")
         # TOML reads nan and inf as floats; no setting of ours means either
         if isinstance(value, float) and not finite(value):
-            raise ConfigError(f"{_where(path, text, section, key)}: {value!r} is not a finite number "
+            raise ConfigError(f"{locate(path, text, section, key)}: {value!r} is not a finite number "
                               f"({spec.help}); write a number")
         if spec.choices and value not in spec.choices:
-            raise ConfigError(f"{_where(path, text, section, key)}: expected one of {', '.join(spec.choices)}, "
+            raise ConfigError(f"{locate(path, text, section, key)}: expected one of {', '.join(spec.choices)}, "
                               f"got {quote(value)}; pick one of those")
         problem = spec.problem(value) if spec.range else None
         if problem:
-            raise ConfigError(f"{_where(path, text, section, key)}: {problem}")
+            raise ConfigError(f"{locate(path, text, section, key)}: {problem}")
         out[key] = value
     for key, spec in schema.items():
         out.setdefault(key, spec.default)
@@ -166,7 +167,7 @@ def check_sections(path: Path, text: str, data: dict, allowed: dict[str, dict[st
             close = difflib.get_close_matches(section, list(allowed), n=1, cutoff=0.6)
             names = ", ".join(f"[{s}]" for s in allowed)
             hint = f"did you mean [{close[0]}]?" if close else f"allowed sections: {names}"
-            raise ConfigError(f"{_where(path, text, section)}: unknown section; {hint}")
+            raise ConfigError(f"{locate(path, text, section)}: unknown section; {hint}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -382,15 +383,15 @@ def load_system(path: Path | None = None) -> SystemConfig:
     try:
         max_memory = parse_size(rt["max_memory"]) if rt["max_memory"] not in ("", 0) else 0
     except ValueError as exc:
-        raise ConfigError(f"{_where(path, text, 'runtime', 'max_memory')}: {exc}") from None
+        raise ConfigError(f"{locate(path, text, 'runtime', 'max_memory')}: {exc}") from None
     try:
         keep_alive = parse_duration(rt["keep_alive"])
     except ValueError as exc:
-        raise ConfigError(f"{_where(path, text, 'runtime', 'keep_alive')}: {exc}") from None
+        raise ConfigError(f"{locate(path, text, 'runtime', 'keep_alive')}: {exc}") from None
     try:
         parse_routing(moe["routing"])
     except ValueError as exc:
-        raise ConfigError(f"{_where(path, text, 'moe', 'routing')}: {exc}") from None
+        raise ConfigError(f"{locate(path, text, 'moe', 'routing')}: {exc}") from None
     return SystemConfig(
         path=path, models_dir=models_dir, profile=rt["profile"], threads=rt["threads"],
         max_memory=max_memory, keep_alive=keep_alive, routing=moe["routing"], synthesis=moe["synthesis"],
@@ -562,34 +563,34 @@ def load_model(path: Path) -> ModelConfig:
            for name, schema in MODEL_SCHEMA.items()}
     m, inf, ex = sec["model"], sec["inference"], sec["expert"]
     if not m["name"]:
-        raise ConfigError(f"{_where(path, text, 'model')}: missing key name; add name = \"{path.stem}\"")
+        raise ConfigError(f"{locate(path, text, 'model')}: missing key name; add name = \"{path.stem}\"")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", m["name"]):
-        raise ConfigError(f"{_where(path, text, 'model', 'name')}: {quote(m['name'])} is not a valid name; "
+        raise ConfigError(f"{locate(path, text, 'model', 'name')}: {quote(m['name'])} is not a valid name; "
                           "use up to 128 letters, digits, '.', '_' and '-'")
     is_expert = m["type"] == "expert" or "expert" in data
     if ex["adapter"] and not ex["base"]:
-        raise ConfigError(f"{_where(path, text, 'expert', 'adapter')}: an adapter needs a base; "
+        raise ConfigError(f"{locate(path, text, 'expert', 'adapter')}: an adapter needs a base; "
                           "add base = \"<name of the base model>\"")
     if ex["base"] and m["path"]:
-        raise ConfigError(f"{_where(path, text, 'model', 'path')}: an expert on a base takes no GGUF path of "
+        raise ConfigError(f"{locate(path, text, 'model', 'path')}: an expert on a base takes no GGUF path of "
                           "its own; remove path, or remove [expert] base to make it a standalone GGUF expert")
     if not ex["base"] and not m["path"]:
-        raise ConfigError(f"{_where(path, text, 'model')}: missing key path; add path = \"<file>.gguf\" "
+        raise ConfigError(f"{locate(path, text, 'model')}: missing key path; add path = \"<file>.gguf\" "
                           "(or [expert] base = \"<base>\" for an expert on a shared base)")
     for i, item in enumerate(ex["keywords"]):
         if not isinstance(item, str) or not item.strip():
-            raise ConfigError(f"{_where(path, text, 'expert', 'keywords')}: item {i + 1} must be a non-empty "
+            raise ConfigError(f"{locate(path, text, 'expert', 'keywords')}: item {i + 1} must be a non-empty "
                               "string; write keywords = [\"word\", \"two words\"]")
     examples = read_examples(path, text, ex["examples"], ex["examples_file"])
     for i, item in enumerate(inf["stop"]):
         if not isinstance(item, str) or not item:
-            raise ConfigError(f"{_where(path, text, 'inference', 'stop')}: item {i + 1} must be a non-empty string")
+            raise ConfigError(f"{locate(path, text, 'inference', 'stop')}: item {i + 1} must be a non-empty string")
     gguf = None
     if m["path"]:
         try:
             gguf = resolve_model_path(m["path"], path.parent)
         except FileNotFoundError as exc:
-            raise ConfigError(f"{_where(path, text, 'model', 'path')}: {exc}") from None
+            raise ConfigError(f"{locate(path, text, 'model', 'path')}: {exc}") from None
     adapter = resolve_model_path(ex["adapter"], path.parent) if ex["adapter"] else None
     return ModelConfig(
         name=m["name"], source=path, type="expert" if is_expert else "base", path=gguf,
@@ -610,11 +611,11 @@ def read_examples(path: Path, text: str, inline: list, examples_file: str) -> tu
     items: list[tuple[str, str]] = []  # (where, example)
     for i, item in enumerate(inline):
         if not isinstance(item, str) or not item.strip():
-            raise ConfigError(f"{_where(path, text, 'expert', 'examples')}: item {i + 1} must be a non-empty "
+            raise ConfigError(f"{locate(path, text, 'expert', 'examples')}: item {i + 1} must be a non-empty "
                               "string; write examples = [\"a question this expert answers\", ...]")
-        items.append((f"{_where(path, text, 'expert', 'examples')}: item {i + 1}", item))
+        items.append((f"{locate(path, text, 'expert', 'examples')}: item {i + 1}", item))
     if examples_file:
-        where = _where(path, text, "expert", "examples_file")
+        where = locate(path, text, "expert", "examples_file")
         rel = Path(examples_file)
         if rel.is_absolute() or ".." in rel.parts:
             raise ConfigError(f"{where}: {examples_file!r} leaves the expert's directory; put the file beside the "

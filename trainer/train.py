@@ -39,7 +39,7 @@ import os
 import sys
 from pathlib import Path
 
-from hublab.runtime.config import ConfigError, Key, _where, check_sections, read_toml, validate_section
+from hublab.runtime.config import ConfigError, Key, locate, check_sections, read_toml, validate_section
 
 from . import data as D
 from .lora import LORA_TARGETS, TrainConfig
@@ -98,16 +98,16 @@ def load_config(path: Path) -> tuple[TrainConfig, dict]:
     lo = validate_section(path, text, "lora", raw.get("lora", {}), SCHEMA["lora"])
     ex = validate_section(path, text, "export", raw.get("export", {}), SCHEMA["export"])
     if not t["base"]:
-        raise ConfigError(f"{_where(path, text, 'train')}: missing key base; add base = \"gemma3-270m\" "
+        raise ConfigError(f"{locate(path, text, 'train')}: missing key base; add base = \"gemma3-270m\" "
                           "(a model name, .gguf path or HF directory)")
     if t["template"] != "auto" and t["template"] not in D.TEMPLATES:
-        raise ConfigError(f"{_where(path, text, 'train', 'template')}: unknown chat template {t['template']!r}; "
+        raise ConfigError(f"{locate(path, text, 'train', 'template')}: unknown chat template {t['template']!r}; "
                           f"use auto or one of {', '.join(D.TEMPLATES)}")
     for key in ("max_seq_len", "batch_size", "grad_accum", "max_steps", "eval_every"):
         if t[key] < 1:
-            raise ConfigError(f"{_where(path, text, 'train', key)}: must be at least 1")
+            raise ConfigError(f"{locate(path, text, 'train', key)}: must be at least 1")
     if not 0 <= t["eval_fraction"] < 1:
-        raise ConfigError(f"{_where(path, text, 'train', 'eval_fraction')}: must be in [0, 1)")
+        raise ConfigError(f"{locate(path, text, 'train', 'eval_fraction')}: must be in [0, 1)")
     entries = raw.get("data")
     if not entries:
         raise ConfigError(f"{path}: no [[data]] entries; add [[data]] with path = \"<file>.jsonl\"")
