@@ -19,6 +19,7 @@ import numpy as np
 from .embcache import cached_embeddings
 from .errors import HublabError
 from .manifest import sha256_file
+from .memory import drop_file_cache
 
 
 def read_pack(path: Path) -> list[dict]:
@@ -88,6 +89,7 @@ class Library:
                 vectors = None
         if vectors is None:
             vectors = cached_embeddings("knowledge", [r["question"] for r in records], self.encoder_id, self.embed)
+        drop_file_cache(path, side)  # held in memory now: a small board wants the cached pages back
         return Pack(path, records, vectors)
 
 

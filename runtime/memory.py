@@ -222,6 +222,23 @@ def release_free_memory() -> None:
         pass
 
 
+def drop_file_cache(*paths: Path | str) -> None:
+    """Tell the kernel the page cache of files already read into memory (the router's ONNX graph, knowledge
+    packs) may go: on a 512 MB board their cached pages otherwise sit beside the copy that is used, and count
+    against a memory cgroup. Nothing happens where posix_fadvise is missing or a file is gone."""
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except (OSError, AttributeError):
+            pass
+        finally:
+            os.close(fd)
+
+
 def read_gguf(path: Path | str) -> GGUFInfo:
     """Header facts of a GGUF (model or LoRA adapter); cached by path and mtime."""
     p = Path(path)

@@ -63,7 +63,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from .config import Key, ConfigError, parse_routing, read_toml, validate_section, check_sections
 from .errors import HublabError
-from .memory import release_free_memory
+from .memory import drop_file_cache, release_free_memory
 
 ROUTER_TOML = "router.toml"
 TOKENIZER_JSON = "tokenizer.json"
@@ -468,6 +468,7 @@ class Router:
             raise RouterError(f"{onnx_path}: not a loadable ONNX model ({_first_line(exc)}); "
                               "rebuild it with `hublab train router` or reinstall the router") from None
         release_free_memory()  # the parsed protobuf is scratch once the session holds the weights (~6 MB)
+        drop_file_cache(onnx_path, tok_path)  # read into the session and the tokenizer: the cached pages are spare
         inputs = {i.name for i in session.get_inputs()}
         outputs = {o.name for o in session.get_outputs()}
         if not {"input_ids", "attention_mask"} <= inputs or "probabilities" not in outputs:

@@ -58,3 +58,33 @@ def test_tensor_type_table_matches_the_gguf_package():
 
     assert {k: (name, block, size) for k, (name, block, size) in TENSOR_TYPES.items()} == {
         int(t): (t.name, *GGML_QUANT_SIZES[t]) for t in GGML_QUANT_SIZES}
+
+
+def test_drop_file_cache_gives_the_pages_back(tmp_path):
+    """After a file was read into memory its cached pages go (util-linux's fincore counts them); readers still see
+    the whole file, and a missing file is no error."""
+    import os
+    import shutil
+    import subprocess
+
+    from hublab.runtime.memory import drop_file_cache
+
+    f = tmp_path / "graph.onnx"
+    with f.open("wb") as out:
+        out.write(os.urandom(4 << 20))
+        out.flush()
+        os.fsync(out.fileno())  # dirty pages cannot be dropped
+    data = f.read_bytes()
+
+    def cached_pages() -> int:
+        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "PAGES", str(f)],
+                             capture_output=True, text=True, check=True).stdout
+        return int(out.split()[0])
+
+    has_fincore = shutil.which("fincore") is not None
+    if has_fincore:
+        assert cached_pages() > 0
+    drop_file_cache(f, tmp_path / "gone.npy")
+    if has_fincore:
+        assert cached_pages() == 0
+    assert f.read_bytes() == data
