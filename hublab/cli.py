@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "profile": ("hublab.runtime.profiles", "show the active board profile (or all of them)"),
     "route": ("hublab.runtime.router", "score a query against every expert without generating"),
     "serve": ("hublab.runtime.agent", "run the HTTP device agent (OpenAI-compatible API)"),
-    "pkg": ("hublab.runtime.pkg", "build, publish, install and verify model packages"),
+    "pkg": ("hublab.runtime.pkg.cli", "build, publish, install and verify model packages"),
     "deploy": ("hublab.runtime.deploy", "write an SD-card tree for a board"),
     "train": ("hublab.trainer.train", "train experts, routers and models (host, needs the train extra)"),
     "export": ("hublab.trainer.export", "export adapters/models to GGUF and quantize them"),

@@ -202,7 +202,7 @@ def add_arguments(parser) -> None:
 
 
 def cli(args) -> int:
-    from .pkg import ProgressBar
+    from .pkg.cli import ProgressBar
 
     r = deploy(args.to, args.packages, profile=getattr(args, "profile", None), registry=args.registry,
                allow_unsigned=args.allow_unsigned, image=args.image, progress=None if args.json else ProgressBar())

@@ -39,18 +39,16 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import stat
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, ContextManager, Iterator, Protocol
 from urllib.parse import urljoin, urlsplit
 
 from .errors import HublabError
 from .inputs import quote
-from .manifest import ManifestError, safe_relpath
+from .manifest import ManifestError, safe_relpath, sha256_file
 from .signing import Signature
 
 MEDIA_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -190,7 +188,37 @@ def parse_oci(raw: bytes, source: str) -> tuple[Descriptor, list[Descriptor], di
     return config, [Descriptor.from_json(d, source) for d in layers], ann
 
 
-def resolve(reg: "Registry", name: str, tag: str) -> Resolved:
+class Registry(Protocol):
+    """What install, publish, search and show need of a registry; DirRegistry and OCIRegistry implement it."""
+    location: str   # the directory or URL, as install records and messages name it
+
+    def get_manifest(self, name: str, tag: str) -> bytes:
+        """The OCI manifest of NAME:TAG (NotFound when there is none)."""
+
+    def open_blob(self, name: str, digest: str, offset: int) -> ContextManager[tuple[int, Iterator[bytes]]]:
+        """(the offset the bytes start at, the bytes) of a blob from `offset` on (Interrupted when cut off)."""
+
+    def has_blob(self, name: str, digest: str, size: int) -> bool:
+        """Whether the registry holds the blob already."""
+
+    def names(self) -> list[str]:
+        """The packages it holds."""
+
+    def tags(self, name: str) -> list[str]:
+        """The tags of package `name`."""
+
+    def push_blob(self, name: str, desc: Descriptor, src: Path, progress: Progress | None = None,
+                  label: str = "") -> bool:
+        """Upload file `src` as blob `desc`; False when it was there already."""
+
+    def push_manifest(self, name: str, tags: list[str], raw: bytes) -> str:
+        """Point each of `tags` at manifest `raw`; its digest."""
+
+    def close(self) -> None:
+        """Let go of connections."""
+
+
+def resolve(reg: Registry, name: str, tag: str) -> Resolved:
     """Fetch and check the OCI manifest, package.toml and signature of NAME:TAG (no file blobs)."""
     source = f"{reg.location} {name}:{tag}"
     raw = reg.get_manifest(name, tag)
@@ -217,7 +245,7 @@ def resolve(reg: "Registry", name: str, tag: str) -> Resolved:
                     package_raw=package_raw, signature=sig, layers=by_path)
 
 
-def read_blob(reg: "Registry", name: str, desc: Descriptor) -> bytes:
+def read_blob(reg: Registry, name: str, desc: Descriptor) -> bytes:
     """A small blob, read into memory and checked against its digest (read again if cut off)."""
     for attempt in range(RESUMES + 1):
         buf = bytearray()
@@ -237,16 +265,6 @@ def read_blob(reg: "Registry", name: str, desc: Descriptor) -> bytes:
     return bytes(buf)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Fetching a blob with resume
-
-@dataclass
-class Fetched:
-    path: Path
-    downloaded: int   # bytes that crossed the wire this time
-    reused: int       # bytes already on disk from an interrupted download (or a finished one)
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -255,109 +273,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def fetch_blob(reg: "Registry", name: str, desc: Descriptor, cache: Path, *,
-               label: str = "", progress: Progress | None = None) -> Fetched:
-    """Download one blob into `cache`, resuming a partial file, and check its sha256 before returning it.
-
-    The result is `cache/sha256-<hex>` (fsync'd). A partial download stays as `sha256-<hex>.partial` so
-    the next attempt continues where this one stopped (HTTP Range on an OCI registry).
-    """
-    cache.mkdir(parents=True, exist_ok=True)
-    final = cache / f"sha256-{desc.hex}"
-    partial = cache / f"sha256-{desc.hex}.partial"
-    label = label or desc.digest[:19]
-    for p in (final, partial):
-        _clear_nonfile(p)  # the cache is ours: a link or directory there is never followed or kept
-    if final.is_file() and final.stat().st_size == desc.size:
-        if _hash_file(final) == desc.hex:
-            if progress:
-                progress(label, desc.size, desc.size)
-            return Fetched(final, 0, desc.size)
-        final.unlink()
-    resumes = 0
-    fresh_tries = 0
-    while True:
-        have = partial.stat().st_size if partial.exists() else 0
-        if have > desc.size:
-            partial.unlink()
-            have = 0
-        h = hashlib.sha256()
-        if have:
-            with open(partial, "rb") as f:
-                while block := f.read(CHUNK):
-                    h.update(block)
-        downloaded = 0
-        try:
-            with reg.open_blob(name, desc.digest, have) as (start, chunks):
-                if start != have:  # the server ignored Range: start over
-                    have, h = 0, hashlib.sha256()
-                reused = have
-                with open(partial, "r+b" if have else "wb") as out:
-                    out.seek(have)
-                    out.truncate()
-                    done = have
-                    if progress:
-                        progress(label, done, desc.size)
-                    try:
-                        for chunk in chunks:
-                            if done + len(chunk) > desc.size:
-                                break  # more bytes than the descriptor promises: corrupt, caught below
-                            out.write(chunk)
-                            h.update(chunk)
-                            done += len(chunk)
-                            downloaded += len(chunk)
-                            if progress:
-                                progress(label, done, desc.size)
-                    finally:  # what arrived is kept for the resume, also when the transfer broke off
-                        out.flush()
-                        os.fsync(out.fileno())
-        except Interrupted:
-            # cut off mid-way: resume from what arrived, a few times, while each try gains bytes
-            resumes += 1
-            if downloaded == 0 or resumes > RESUMES:
-                raise
-            continue
-        if done == desc.size and h.hexdigest() == desc.hex:
-            os.replace(partial, final)
-            _fsync_dir(cache)
-            return Fetched(final, downloaded, reused)
-        partial.unlink(missing_ok=True)
-        fresh_tries += 1
-        if not reused or fresh_tries > 1:
-            break
-        # The bytes kept from an earlier attempt were wrong (or the blob changed): one fresh try.
-    what = "does not match its sha256" if done == desc.size else f"has {done} bytes, not {desc.size}"
-    raise RegistryError(f"{reg.location} {name}: {label} ({desc.digest[:19]}…) {what}; the registry content "
-                        "is corrupt or was tampered with; nothing was installed")
-
-
-def _clear_nonfile(path: Path) -> None:
-    """Remove whatever is at `path` unless it is a regular file (a symlink is removed, not followed)."""
-    try:
-        mode = path.lstat().st_mode
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(mode):
-        shutil.rmtree(path)
-    elif not stat.S_ISREG(mode):
-        path.unlink()
-
-
-def _hash_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            h.update(block)
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------------
 # Directory registry (OCI image layout)
 
 class DirRegistry:
     """A registry that is a plain directory: oci-layout, index.json, blobs/sha256/<hex>."""
 
-    kind = "dir"
+    location: str
 
     def __init__(self, root: Path):
         # Absolute, so the install record's registry still works from another working directory.
@@ -407,7 +329,8 @@ class DirRegistry:
                                 "publish again into a new directory") from None
         return [m for m in manifests if isinstance(m, dict)]
 
-    def _blob_path(self, digest: str) -> Path:
+    def blob_path(self, digest: str) -> Path:
+        """Where blob `digest` lives in the layout (checked: a link may not lead out of the registry)."""
         if not _DIGEST_RE.fullmatch(digest):
             raise RegistryError(f"{self.root}: bad digest {digest!r}")
         path = self.root / "blobs" / "sha256" / digest[7:]
@@ -424,7 +347,7 @@ class DirRegistry:
         for m in self._index():
             if (m.get("annotations") or {}).get(ANN_REF) == ref:
                 desc = Descriptor.from_json(m, f"{self.root}/index.json")
-                path = self._blob_path(desc.digest)
+                path = self.blob_path(desc.digest)
                 try:
                     raw = path.read_bytes() if desc.size <= MAX_SMALL else b""
                 except FileNotFoundError:
@@ -437,7 +360,7 @@ class DirRegistry:
 
     @contextlib.contextmanager
     def open_blob(self, name: str, digest: str, offset: int):
-        path = self._blob_path(digest)
+        path = self.blob_path(digest)
         try:
             f = open(path, "rb")
         except FileNotFoundError:
@@ -447,7 +370,7 @@ class DirRegistry:
             yield offset, iter(lambda: f.read(CHUNK), b"")
 
     def has_blob(self, name: str, digest: str, size: int) -> bool:
-        p = self._blob_path(digest)
+        p = self.blob_path(digest)
         return p.is_file() and p.stat().st_size == size
 
     def names(self) -> list[str]:
@@ -463,8 +386,8 @@ class DirRegistry:
                   label: str = "") -> bool:
         """Copy `src` in as blob `desc` (checked while copying); False when it was already there."""
         self.init()
-        dest = self._blob_path(desc.digest)
-        if dest.is_file() and dest.stat().st_size == desc.size and _hash_file(dest) == desc.hex:
+        dest = self.blob_path(desc.digest)
+        if dest.is_file() and dest.stat().st_size == desc.size and sha256_file(dest) == desc.hex:
             return False
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
         h, done = hashlib.sha256(), 0
@@ -492,7 +415,7 @@ class DirRegistry:
     def push_manifest(self, name: str, tags: list[str], raw: bytes) -> str:
         digest = "sha256:" + hashlib.sha256(raw).hexdigest()
         with self._locked():
-            dest = self._blob_path(digest)
+            dest = self.blob_path(digest)
             if not dest.exists():
                 _write_atomic(dest, raw)
             refs = {f"{name}:{t}" for t in tags}
@@ -531,7 +454,7 @@ def _challenge(header: str) -> tuple[str, dict[str, str]]:
 class OCIRegistry:
     """Client for the OCI distribution API: http(s)://host[:port][/namespace]."""
 
-    kind = "oci"
+    location: str
 
     def __init__(self, url: str, *, username: str | None = None, password: str | None = None,
                  token: str | None = None, timeout: float | None = None):
@@ -831,9 +754,6 @@ class OCIRegistry:
         return "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
-Registry = DirRegistry | OCIRegistry
-
-
 def _origin(url: str) -> tuple[str, str, int | None]:
     try:
         parts = urlsplit(url)
@@ -868,26 +788,5 @@ def default_registry_dir() -> Path:
     return base / "hublab" / "registry"
 
 
-def copy_blob_via(src: Registry, dst: Registry, name: str, desc: Descriptor, tmpdir: Path,
-                  progress: Progress | None = None, label: str = "") -> None:
-    """Copy one blob between registries through a verified local file."""
-    if dst.has_blob(name, desc.digest, desc.size):
-        return
-    if isinstance(src, DirRegistry):
-        path = src._blob_path(desc.digest)
-        if _hash_file(path) != desc.hex:
-            raise RegistryError(f"{path}: blob does not match its digest; the source registry is corrupt")
-    else:
-        path = fetch_blob(src, name, desc, tmpdir, label=label, progress=progress).path
-    dst.push_blob(name, desc, path, progress=progress, label=label)
-    if path.parent == tmpdir:
-        path.unlink()
-
-
-def now_iso() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
 __all__ = ["DirRegistry", "OCIRegistry", "Registry", "Descriptor", "Resolved", "RegistryError", "NotFound",
-           "open_registry", "resolve", "fetch_blob", "read_blob", "oci_manifest", "parse_ref",
-           "default_registry_dir", "copy_blob_via"]
+           "open_registry", "resolve", "read_blob", "oci_manifest", "parse_ref", "default_registry_dir"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import io
 import json
 import shlex
 import sys
@@ -73,8 +72,9 @@ class Session:
     def packages(self) -> list[str]:
         if self._packages is None:
             self._packages = []
-            pkg = _pkg_module()
-            if self.local and pkg is not None and hasattr(pkg, "list_packages"):
+            if self.local:
+                from hublab.runtime import pkg
+
                 with contextlib.suppress(HublabError, OSError):
                     self._packages = [p.name for p in pkg.list_packages()]
         return self._packages
@@ -392,18 +392,9 @@ def cmd_settings(s: Session, words: list[str], rest: str) -> Result:
     return Result("settings", d, text)
 
 
-def _pkg_module():
-    try:
-        from hublab.runtime import pkg
-    except ImportError:
-        return None
-    return pkg if hasattr(pkg, "add_arguments") and hasattr(pkg, "cli") else None
-
-
 def cmd_pkg(s: Session, words: list[str], rest: str) -> Result:
-    pkg = _pkg_module()
-    if pkg is None:
-        raise CommandError("pkg: not available in this build (hublab.runtime.pkg is missing)")
+    from hublab.runtime.pkg import cli as pkg_cli
+
     if not s.local:
         raise CommandError("pkg works on the device itself, not over --remote; run `hublab pkg ...` there")
     import argparse
@@ -416,7 +407,7 @@ def cmd_pkg(s: Session, words: list[str], rest: str) -> Result:
             raise _HelpShown(self.format_help() if status == 0 else (message or ""))
 
     parser = Parser(prog="pkg", add_help=True)
-    pkg.add_arguments(parser)
+    pkg_cli.add_arguments(parser)
     if len(words) < 2:
         raise CommandError("usage: pkg install|remove|list|search|show|update|verify|build|publish|keygen ... "
                            "(help pkg)")
@@ -424,25 +415,14 @@ def cmd_pkg(s: Session, words: list[str], rest: str) -> Result:
         args = parser.parse_args(words[1:])
     except _HelpShown as shown:
         return Result("pkg", {"help": str(shown)}, str(shown).rstrip())
-    args.json = s.json
-    if s.json:
-        buf = io.StringIO()
-        with contextlib.redirect_stdout(buf):
-            code = pkg.cli(args)
-        text = buf.getvalue()
-        try:
-            data = json.loads(text) if text.strip() else None
-        except json.JSONDecodeError:
-            data = text
-    else:
-        code = pkg.cli(args)
-        data = None
+    out = pkg_cli.call(args, progress=None if s.json else pkg_cli.ProgressBar())
     if args.pkg_command in ("install", "remove", "update"):
         s.client.rescan()
         s.forget()
-    if code:
-        raise CommandError(f"pkg {args.pkg_command} reported problems (exit status {code})")
-    return Result(f"pkg {args.pkg_command}", data)
+    if not out.ok:
+        s.write(out.text + "\n")  # what went wrong, above the error line
+        raise CommandError(f"pkg {args.pkg_command} reported problems (exit status 1)")
+    return Result(f"pkg {args.pkg_command}", out.data, out.text)
 
 
 class _HelpShown(Exception):

@@ -145,7 +145,7 @@ def test_fit_refusal_happens_before_any_download(ws, built, oci_registry):
     reg = DirRegistry(ws.registry)
     res = resolve(reg, "tiny", "1.0")
     for d in res.layers.values():
-        reg._blob_path(d.digest).unlink(missing_ok=True)
+        reg.blob_path(d.digest).unlink(missing_ok=True)
     tiny_board = dataclasses.replace(active_profile("pi-zero-2w"), name="tiny-board", max_model_size=4096,
                                      model_budget=8192)
     for registry in (str(ws.registry), remote):
@@ -183,9 +183,11 @@ def test_resume_interrupted_download_with_http_range(ws, built, oci_registry):
 def test_progress_reports_size_and_rate(ws, built, capsys):
     import io
 
+    from hublab.runtime.pkg.cli import ProgressBar
+
     pkg.publish(built["base"], str(ws.registry))
     out = io.StringIO()
-    pkg.install("tiny", str(ws.registry), profile="host", progress=pkg.ProgressBar(out))
+    pkg.install("tiny", str(ws.registry), profile="host", progress=ProgressBar(out))
     lines = out.getvalue().splitlines()
     assert len(lines) == 2 and lines[0].startswith("[1/2] q8_0/tiny.gguf")
     assert re.search(r"100\.0%  1\.\d MiB / 1\.\d MiB  [\d.]+ [KMG]iB/s$", lines[0]), lines[0]
@@ -193,7 +195,7 @@ def test_progress_reports_size_and_rate(ws, built, capsys):
 
 def _tamper_blob(registry: Path, name: str, path: str) -> None:
     reg = DirRegistry(registry)
-    blob = reg._blob_path(resolve(reg, name, "latest").layers[path].digest)
+    blob = reg.blob_path(resolve(reg, name, "latest").layers[path].digest)
     data = bytearray(blob.read_bytes())
     data[len(data) // 2] ^= 0xFF
     blob.write_bytes(bytes(data))
@@ -300,7 +302,7 @@ def test_symlinks_escaping_are_rejected(ws, tmp_path):
     pkg.publish(src, str(ws.registry))
     # A registry blob replaced by a symlink to a file outside the registry is not read.
     reg = DirRegistry(ws.registry)
-    blob = reg._blob_path(resolve(reg, "links", "latest").layers["inside.txt"].digest)
+    blob = reg.blob_path(resolve(reg, "links", "latest").layers["inside.txt"].digest)
     blob.unlink()
     blob.symlink_to("/etc/hostname")
     with pytest.raises(HublabError, match="symlink leading out of the registry"):

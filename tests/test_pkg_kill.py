@@ -22,8 +22,9 @@ RUNS = int(os.environ.get("HUBLAB_TEST_KILL_RUNS", "20"))  # raise it locally to
 CHILD = r"""
 import os, sys, time
 from hublab.runtime import pkg
+from hublab.runtime.pkg import store
 if os.environ.get("HUBLAB_TEST_NO_EXCHANGE"):
-    pkg._exchange = lambda a, b: False  # exercise the two-rename commit and its recovery
+    store.exchange = lambda a, b: False  # exercise the two-rename commit and its recovery
 verb, ref, registry, models = sys.argv[1:5]
 print("go", flush=True)
 t = time.monotonic()

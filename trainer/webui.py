@@ -336,9 +336,9 @@ class App:
         from .train import SCHEMA
 
         try:
-            from hublab.runtime.pkg import _context
+            from hublab.runtime.pkg import configured_registry
 
-            registry = _context().registry
+            registry = configured_registry()
         except (HublabError, OSError):
             registry = ""
         try:
