@@ -467,11 +467,12 @@ class Runtime:
                temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                min_p: float | None = None, repeat_penalty: float | None = None, seed: int | None = None,
                stop: list[str] | None = None, system_prompt: str | None = None, special: bool = True,
-               query_embedding=None) -> Generation:
+               query_embedding=None, grammar: str | None = None) -> Generation:
         """Generate with expert `name`, yielding text as it comes. `prompt` is a user message (or a list of
         chat messages); raw=True completes the text as is (special tokens in it parsed unless special=False).
         The sampler comes from the expert's [inference] with any keyword here overriding it. `query_embedding`
-        is the router encoder's embedding of the last user message, when routing made one already."""
+        is the router encoder's embedding of the last user message, when routing made one already. `grammar`
+        (GBNF, root rule `root`; runtime/structured.py makes one from a JSON schema) constrains every token."""
         cfg = self.config(name)
         opts = self.sampler(cfg, dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                       min_p=min_p, repeat_penalty=repeat_penalty, seed=seed))
@@ -479,7 +480,7 @@ class Runtime:
         system = cfg.inference.system_prompt if system_prompt is None else system_prompt
         gen = Generation(iter(()))
         gen._pieces = self._generate(gen, cfg, prompt, raw, logprobs, cancel, opts, stops, system, special,
-                                     query_embedding)
+                                     query_embedding, grammar)
         return gen
 
     def generate(self, name: str, prompt: str | list[dict], **kwargs) -> GenerationResult:
@@ -491,7 +492,7 @@ class Runtime:
 
     def _generate(self, gen: Generation, cfg: ModelConfig, prompt, raw: bool, logprobs: bool,
                   cancel: threading.Event | None, opts: Inference, stops: list[str], system: str,
-                  special: bool = True, query_embedding=None) -> Iterator[str]:
+                  special: bool = True, query_embedding=None, grammar: str | None = None) -> Iterator[str]:
         import llama_cpp
 
         t0 = time.perf_counter()
@@ -524,7 +525,7 @@ class Runtime:
                 threads.append(n)
                 llama_cpp.llama_set_n_threads(llama._ctx.ctx, n, n)
 
-            sampled = base.sample(tokens[cached:], opts, cancel)
+            sampled = base.sample(tokens[cached:], opts, cancel, grammar)
             try:
                 yield from decode_text(base.policy.paced(sampled, apply_threads), llama, out, cancel, max_new, t0,
                                         state, add_logprob if logprobs else None)

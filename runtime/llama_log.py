@@ -6,6 +6,7 @@ llama.cpp's lines are appended to `state_home()/llama.log` for when something go
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import sys
@@ -22,6 +23,7 @@ MAX_BYTES = 4 << 20  # past this the log starts over, keeping one older file (ll
 
 _lock = threading.Lock()
 _compute: list[float] = []  # MiB of each compute buffer llama.cpp reserved (read off its log), newest last
+_captures: list[list[str]] = []  # lines of llama.cpp's log wanted by a `capture` running now
 _callback = None  # ctypes keeps no reference of its own: without this one the callback is freed under C
 _sink = None
 
@@ -78,6 +80,9 @@ def install() -> None:
                     _compute.append(float(text.rsplit(b"=", 1)[1].split()[0]))
                 except (IndexError, ValueError):
                     pass
+            if _captures and last[0] != GGML_LOG_LEVEL_DEBUG:
+                for lines in _captures:
+                    lines.append(text.decode("utf-8", errors="replace"))
             # debug lines (one per tensor and graph input, ~200 KB per model load) only with --verbose:
             # a Pi's SD card should not take them on every start
             if _sink is None or (last[0] == GGML_LOG_LEVEL_DEBUG and not loud):
@@ -89,3 +94,18 @@ def install() -> None:
 
         _callback = callback
         llama_cpp.llama_log_set(_callback, ctypes.c_void_p(0))
+
+
+@contextlib.contextmanager
+def capture():
+    """The lines llama.cpp logs meanwhile (not debug ones), for an error message that says what it said, e.g.
+    why it refused a grammar. Lines other threads cause may be among them."""
+    install()
+    lines: list[str] = []
+    with _lock:
+        _captures.append(lines)
+    try:
+        yield lines
+    finally:
+        with _lock:
+            _captures.remove(lines)

@@ -184,18 +184,24 @@ class LoadedBase:
             llama.n_tokens = n_past + len(chunk)
         return True
 
-    def sample(self, tokens: list[int], opts: Inference, cancel: threading.Event | None = None) -> Iterator[int]:
+    def sample(self, tokens: list[int], opts: Inference, cancel: threading.Event | None = None,
+               grammar: str | None = None) -> Iterator[int]:
         """Read the prompt's `tokens`, then sample and read one token at a time, for as long as asked. The
         sampler chain is llama-cpp-python's (penalties over the last 64 generated tokens, then greedy, or
-        top-k, typical, top-p, min-p, temperature and a seeded draw) and lives exactly as long as the loop."""
+        top-k, typical, top-p, min-p, temperature and a seeded draw) and lives exactly as long as the loop.
+        `grammar` (GBNF, root rule `root`) constrains every token to it (llama.cpp's grammar sampler): see
+        `Constrained`."""
         import llama_cpp
 
         ctx = self.llama._ctx.ctx
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = lambda s: llama_cpp.llama_sampler_chain_add(chain, s)  # noqa: E731
+        penalties = llama_cpp.llama_sampler_init_penalties(self.llama.n_vocab(), PENALTY_LAST_N,
+                                                           opts.repeat_penalty, 0.0, 0.0)
+        constrained = None
         try:
-            add(llama_cpp.llama_sampler_init_penalties(self.llama.n_vocab(), PENALTY_LAST_N, opts.repeat_penalty,
-                                                       0.0, 0.0))
+            if grammar is None:
+                add(penalties)  # the chain owns it from here
             if opts.temperature <= 0:
                 add(llama_cpp.llama_sampler_init_greedy())
             else:
@@ -205,14 +211,134 @@ class LoadedBase:
                 add(llama_cpp.llama_sampler_init_min_p(opts.min_p, 1))
                 add(llama_cpp.llama_sampler_init_temp(opts.temperature))
                 add(llama_cpp.llama_sampler_init_dist(opts.seed if opts.seed >= 0 else llama_cpp.LLAMA_DEFAULT_SEED))
+            if grammar is not None:
+                constrained = Constrained(self.llama, grammar, penalties, chain,
+                                          need=1 if opts.temperature <= 0 else opts.top_k or None)
+                penalties = None
             if not self.decode(tokens, cancel):
                 return  # stopped while reading the prompt
             while True:
-                token = llama_cpp.llama_sampler_sample(chain, ctx, -1)
+                if constrained is None:
+                    token = llama_cpp.llama_sampler_sample(chain, ctx, -1)
+                else:
+                    token = constrained.sample()
                 yield token
                 self.decode([token])
         finally:
+            if constrained is not None:
+                constrained.free()
+            if penalties is not None and grammar is not None:
+                llama_cpp.llama_sampler_free(penalties)
             llama_cpp.llama_sampler_free(chain)
+
+
+class GrammarError(HublabError):
+    """llama.cpp refused a grammar, or a grammar allows no token where generation has to go on."""
+
+
+class Constrained:
+    """Grammar-constrained sampling at nearly the unconstrained speed (llama.cpp's common sampler does the same).
+
+    Checking a grammar over the whole vocabulary costs about as much as a decode step with gemma's 262k tokens,
+    so the token is drawn from the unconstrained chain first and only that one token is checked against the
+    grammar (a one-element candidate array through llama_sampler_apply). Only when it is rejected is the draw
+    redone with the grammar applied: to the PREFILTER most likely candidates when at least `need` of them pass
+    (top-k of the allowed tokens is then the same set as over the whole vocabulary: every allowed token outside
+    them is less likely than each of those), else to the whole vocabulary. The token chosen is accepted into the
+    penalties, the chain and the grammar alike."""
+
+    PREFILTER = 512
+
+    def __init__(self, llama, grammar: str, penalties, chain, need: int | None):
+        import llama_cpp
+
+        from . import llama_log
+
+        self.llama, self.penalties, self.chain, self.need = llama, penalties, chain, need
+        with llama_log.capture() as lines:
+            self.grammar = llama_cpp.llama_sampler_init_grammar(llama._model.vocab, grammar.encode(), b"root")
+        if not self.grammar:
+            why = "; ".join(line.strip() for line in lines if line.strip()) or "llama.cpp could not parse it"
+            raise GrammarError(f"grammar: {why[:300]}")
+        n = llama.n_vocab()
+        self.n_vocab = n
+        self.buf = np.zeros(n, dtype=TOKEN_DATA)
+        self.ids = np.arange(n, dtype=np.int32)
+        self.cur = llama_cpp.llama_token_data_array(
+            self.buf.ctypes.data_as(llama_cpp.llama_token_data_p), n, -1, False)
+        self.one = np.zeros(1, dtype=TOKEN_DATA)
+        self.cur_one = llama_cpp.llama_token_data_array(
+            self.one.ctypes.data_as(llama_cpp.llama_token_data_p), 1, -1, False)
+        self.prefilter = llama_cpp.llama_sampler_init_top_k(max(self.PREFILTER, need or 0))
+        self.rejected = 0  # draws the grammar turned down (each one redone with the grammar applied)
+
+    def _fill(self) -> None:
+        import llama_cpp
+
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llama._ctx.ctx, -1), shape=(self.n_vocab,))
+        self.buf["id"] = self.ids
+        self.buf["logit"] = logits
+        self.buf["p"] = 0.0
+        self.cur.size, self.cur.selected, self.cur.sorted = self.n_vocab, -1, False
+
+    def _apply(self, sampler) -> None:
+        import llama_cpp
+
+        llama_cpp.llama_sampler_apply(sampler, ctypes.byref(self.cur))
+
+    def _allowed(self, token: int) -> bool:
+        import llama_cpp
+
+        self.one[0] = (token, 0.0, 0.0)
+        self.cur_one.size, self.cur_one.selected, self.cur_one.sorted = 1, -1, False
+        llama_cpp.llama_sampler_apply(self.grammar, ctypes.byref(self.cur_one))
+        return bool(np.isfinite(self.one[0]["logit"]))
+
+    def _chosen(self) -> int:
+        return int(self.buf[self.cur.selected]["id"])
+
+    def sample(self) -> int:
+        import llama_cpp
+
+        self._fill()
+        self._apply(self.penalties)
+        self._apply(self.chain)
+        token = self._chosen()
+        if not self._allowed(token):
+            self.rejected += 1
+            token = self._resample()
+        for sampler in (self.penalties, self.chain, self.grammar):
+            llama_cpp.llama_sampler_accept(sampler, token)
+        return token
+
+    def _resample(self) -> int:
+        self._fill()
+        self._apply(self.penalties)
+        if self.need is not None:
+            self._apply(self.prefilter)  # sorted, the most likely first
+            self._apply(self.grammar)
+            if int(np.isfinite(self.buf["logit"][:self.cur.size]).sum()) >= self.need:
+                self._apply(self.chain)
+                return self._chosen()
+            self._fill()
+            self._apply(self.penalties)
+        self._apply(self.grammar)
+        if not np.isfinite(self.buf["logit"]).any():
+            raise GrammarError("grammar: no token can continue the answer here (an empty character class, or "
+                               "text no token spells?); loosen the grammar")
+        self._apply(self.chain)
+        return self._chosen()
+
+    def free(self) -> None:
+        import llama_cpp
+
+        for sampler in (self.grammar, self.penalties, self.prefilter):
+            if sampler:
+                llama_cpp.llama_sampler_free(sampler)
+        self.grammar = self.penalties = self.prefilter = None
+
+
+TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # llama_token_data
 
 
 def _rolls_back(mem) -> bool:
