@@ -153,7 +153,10 @@ class MoeStream:
 
 
 class Device:
-    """What a device offers, in-process: the shell uses it directly, the agent serves it over HTTP."""
+    """What a device offers, in-process: the shell uses it directly (as its `Client`, shell/client.py), the
+    agent serves it over HTTP."""
+
+    local = True  # the shell's pkg runs here, on the device itself
 
     def __init__(self, runtime, moe=None):
         self.rt = runtime

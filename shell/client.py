@@ -1,21 +1,75 @@
 """What the shell's commands talk to: the device in this process, or an agent over HTTP.
 
-Both offer the same methods (those of `hublab.runtime.device.Device`): list, names, load, unload, info,
-config, stats, benchmark, route, ask, settings, rescan, version, health, close. The commands are
-written once against them; `connect()` picks the implementation.
+`Client` is that API. `hublab.runtime.device.Device` implements it in process and `RemoteClient` over
+the agent's /hublab endpoints (tests/test_client.py checks both have every method, with compatible
+arguments). The commands are written once against it; `connect()` picks the implementation.
 """
 from __future__ import annotations
 
 import json
 import os
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from hublab.runtime.errors import HublabError
 
 
+class Client(Protocol):
+    """The device API the shell's commands call. Every method returns plain data (dicts of JSON values)
+    and raises HublabError with a one-line message."""
+    local: bool  # the device is this process (pkg works only there)
+
+    def list(self) -> dict:
+        """Models and experts on disk: each one's type, base, quant, size, memory estimate, loaded or not."""
+
+    def names(self) -> list[str]:
+        """Model and expert names."""
+
+    def load(self, name: str) -> dict:
+        """Load a model or expert, fit-checked against the board's memory budget."""
+
+    def unload(self, name: str) -> dict:
+        """Unload a model (a base takes its adapter experts with it)."""
+
+    def rescan(self) -> dict:
+        """Re-read the models dir (after a package install)."""
+
+    def info(self, name: str | None = None) -> dict:
+        """The runtime (no name), or one model: parameters, quantization, context, memory, last tokens/s."""
+
+    def stats(self) -> dict:
+        """Per-expert calls, tokens and tokens/s, and memory."""
+
+    def config(self, key: str, value: Any, name: str | None = None) -> dict:
+        """Set and save a system.toml setting, or (with `name`) a model's sampler setting."""
+
+    def settings(self, routing: str | None = None, synthesis: str | None = None) -> dict:
+        """Show routing and synthesis; with values, set and save them."""
+
+    def route(self, query: str, routing: str | None = None) -> dict:
+        """Every expert's score for `query` and the ones the routing selects (nothing generated)."""
+
+    def benchmark(self, name: str | None = None, max_tokens: int = 64,
+                  cancel: threading.Event | None = None) -> dict:
+        """Prompt and generation tokens/s of one model on a fixed prompt."""
+
+    def ask(self, query: str, routing: str | None = None, synthesis: str | None = None,
+            on_event: Callable[[str, dict], None] | None = None, cancel: threading.Event | None = None,
+            max_tokens: int | None = None) -> dict:
+        """Route `query`, run the experts and synthesise one answer; `on_event(kind, data)` follows the steps."""
+
+    def version(self) -> dict:
+        """hublab's version, the board profile, and where the device is."""
+
+    def health(self) -> dict:
+        """Whether the device answers, its version, profile and loaded models."""
+
+    def close(self) -> None:
+        """Let go of the runtime or the connection."""
+
+
 def connect(remote: str | None = None, *, token: str | None = None, config: str | None = None,
-            profile: str | None = None):
+            profile: str | None = None) -> Client:
     """A Device over the local runtime, or a RemoteClient for an agent at `remote`."""
     if remote:
         return RemoteClient(remote, token=token if token is not None else os.environ.get("HUBLAB_TOKEN", ""))
@@ -25,7 +79,7 @@ def connect(remote: str | None = None, *, token: str | None = None, config: str 
 
 
 class RemoteClient:
-    """The Device methods, answered by a `hublab serve` agent (its /hublab endpoints and /health)."""
+    """The Client methods, answered by a `hublab serve` agent (its /hublab endpoints and /health)."""
 
     local = False
 
@@ -72,7 +126,7 @@ class RemoteClient:
     def _post(self, path: str, body: dict) -> Any:
         return self._call("POST", path, json=body)
 
-    # -- the Device methods ----------------------------------------------------------------------------
+    # -- the Client methods ----------------------------------------------------------------------------
 
     def list(self) -> dict:
         data = self._get("/hublab/experts")

@@ -18,6 +18,8 @@ from hublab.runtime.config import format_size
 from hublab.runtime.errors import HublabError
 from hublab.runtime.inputs import clip_message, has_surrogates, quote
 
+from .client import Client
+
 
 class CommandError(HublabError):
     """A command was typed wrong; the message says how to type it."""
@@ -33,7 +35,7 @@ class Result:
 @dataclass
 class Session:
     """One shell: the client, how to print, the Ctrl-C event of the running command, the history file."""
-    client: Any
+    client: Client
     json: bool = False
     out: Any = None
     history_path: Path | None = None
@@ -58,7 +60,7 @@ class Session:
 
     @property
     def local(self) -> bool:
-        return getattr(self.client, "local", True)
+        return self.client.local
 
     def names(self) -> list[str]:
         """Model and expert names, for completion (cached; refreshed after load/unload/pkg)."""
