@@ -12,9 +12,15 @@ same byte for byte in all three. A GGUF that ships its own template is served wi
   alpaca - ### Instruction / ### Response, for base models without chat tokens
   plain  - "role: content" lines, for tiny test models with no special tokens
 Message contents are trimmed in every format, the way the chat templates models ship with do.
+
+Tool calls are written the same way everywhere too (`with_tools`, runtime/structured.py's `render_call`): the tool
+descriptions go into the system turn as JSON, an assistant turn that calls a tool is the JSON object
+{"name", "arguments"}, and a tool's result is a turn of role `tool` (rendered as the user's in templates without
+that role) - the shape LlamaFactory's tool-call data (glaive) has, so an expert trained on it calls tools as served.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -80,6 +86,21 @@ def choose_format(requested: str, arch: str, has_template: bool, vocab_has=lambd
     if has_template:
         return "template"
     return auto_format(arch, vocab_has)
+
+
+TOOLS_NOTE = "You can call these tools (answer with a JSON function call):\n"
+
+
+def with_tools(messages: str | list[dict], tools: list[dict] | str) -> list[dict]:
+    """The conversation with the tool descriptions ({name, description, parameters} each, or their JSON text) in
+    its system turn: the built-in templates have no tools slot, and LlamaFactory puts them in the system prompt
+    too. Training renders tool-call data through this, serving renders requests with tools through it."""
+    msgs = [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)
+    text = tools if isinstance(tools, str) else json.dumps(tools, ensure_ascii=False)
+    note = TOOLS_NOTE + text
+    if msgs and msgs[0]["role"] == "system":
+        return [{**msgs[0], "content": msgs[0]["content"] + "\n\n" + note}, *msgs[1:]]
+    return [{"role": "system", "content": note}, *msgs]
 
 
 @lru_cache(maxsize=None)

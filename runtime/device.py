@@ -109,16 +109,18 @@ class MoeStream:
     """The pieces of a streamed `moe` answer, sent as they are produced. summarize and weighted stream what
     the synthesis writes. best and voting stream the leading expert's words as it writes them (one expert
     selected: that is the answer); when another expert's answer wins once every answer is in, it follows
-    under a line that says so. concatenate streams each expert under its header as it answers."""
+    under a line that says so. concatenate streams each expert under its header as it answers. A constrained
+    answer (a JSON document or a tool call) is sent once it is chosen, whole, never two joined."""
 
-    def __init__(self, on_piece: Callable[[str], None] | None, synthesis: str):
+    def __init__(self, on_piece: Callable[[str], None] | None, synthesis: str, constrained: bool = False):
         self.on_piece = on_piece
         self.synthesis = synthesis
         self.lead: str | None = None     # the expert whose words are streamed (best, voting)
         self.experts = 0                 # experts started (concatenate)
         self.started = False             # a piece of the current expert's answer was sent (leading space dropped)
         self.held = ""                   # trailing whitespace, sent only once more words follow (answers are trimmed)
-        self.live = synthesis in ("best", "voting", "concatenate")
+        # a constrained answer is one JSON document (or call): only the chosen answer is sent, once it is chosen
+        self.live = synthesis in ("best", "voting", "concatenate") and not constrained
 
     def _send(self, text: str) -> None:
         if self.on_piece is not None and text:
@@ -400,11 +402,15 @@ class Device:
 
     def ask(self, query: str, routing: str | None = None, synthesis: str | None = None,
             on_event: Callable[[str, dict], None] | None = None, cancel: threading.Event | None = None,
-            max_tokens: int | None = None, temperature: float | None = None) -> dict:
+            max_tokens: int | None = None, temperature: float | None = None, constraint=None,
+            prompt: str | list[dict] | None = None, **sampler: Any) -> dict:
+        """Route `query`, run the selected experts on `prompt` (default: the query) and synthesise. `constraint`
+        (runtime/structured.py) holds every expert's answer to a format; synthesis picks among valid ones."""
         check_query(query)
         check_moe_args(routing, synthesis)
         return self.moe.ask(query, routing=routing, synthesis=synthesis, on_event=on_event, cancel=cancel,
-                            max_tokens=max_tokens, temperature=temperature).to_dict()
+                            max_tokens=max_tokens, temperature=temperature, constraint=constraint, prompt=prompt,
+                            **sampler).to_dict()
 
     def bases_for(self, model: str, prompt: str | list[dict], routing: str | None = None,
                   synthesis: str | None = None) -> list[str]:
@@ -416,17 +422,24 @@ class Device:
     def complete(self, model: str, prompt: str | list[dict], *, raw: bool = False, system: str | None = None,
                  on_piece: Callable[[str], None] | None = None, cancel: threading.Event | None = None,
                  routing: str | None = None, synthesis: str | None = None, num_ctx: int | None = None,
-                 special: bool = True, **sampler: Any) -> Completion:
+                 special: bool = True, constraint=None, **sampler: Any) -> Completion:
         """An answer from expert `model`, or from the MoE for "moe": `prompt` is a user message or a list of
         chat messages (the MoE routes the last user message), or raw text to continue with raw=True. Pieces
         go to `on_piece` as they come. `sampler` takes Runtime.stream's keywords (max_tokens, temperature,
         top_p, top_k, min_p, repeat_penalty, seed, stop); `num_ctx` caps prompt + answer in tokens; special=False
-        tokenizes special tokens in a raw prompt as plain text."""
+        tokenizes special tokens in a raw prompt as plain text. `constraint` (runtime/structured.py) holds the
+        answer to a JSON schema, a grammar or a tool call; its tools are described to the model in the prompt."""
         t0 = time.perf_counter()
+        if constraint is not None and constraint.tools and not raw:
+            from .chat import with_tools
+
+            prompt = with_tools(prompt, [t.to_dict() for t in constraint.tools])
+        grammar = constraint.grammar if constraint is not None else None
         if model == MOE:
-            relay = MoeStream(on_piece, synthesis or self.moe.synthesis)
+            relay = MoeStream(on_piece, synthesis or self.moe.synthesis, constrained=constraint is not None)
             r = self.ask(moe_query(prompt), routing=routing, synthesis=synthesis, on_event=relay, cancel=cancel,
-                         max_tokens=sampler.get("max_tokens"), temperature=sampler.get("temperature"))
+                         constraint=constraint, prompt=prompt if constraint is not None and constraint.tools else None,
+                         **sampler)
             relay.finish(r)
             stats = [a["stats"] for a in r["answers"] if a.get("stats")]
             return Completion(
@@ -436,7 +449,7 @@ class Device:
                 "length" if any(s["finish_reason"] == "length" for s in stats) else "stop",
                 prompt_s=r["timings"].get("route_s", 0.0), seconds=time.perf_counter() - t0,
                 hublab={"routing": r["routing"], "synthesis": r["synthesis"], "selected": r["selected"],
-                        "chosen": r["chosen"]})
+                        "chosen": r["chosen"], **({"note": r["note"]} if r.get("note") else {})})
         cfg = self.config_of(model)
         with self.rt.hold(model) as base:  # loads it (timed) and keeps it for the answer (llama.cpp re-enters)
             load_s = time.perf_counter() - t0
@@ -452,7 +465,7 @@ class Device:
                                       "raise num_ctx or shorten the prompt")
                 sampler["max_tokens"] = min(sampler.get("max_tokens") or num_ctx, num_ctx - n)
             gen = self.rt.stream(model, prompt, raw=raw, cancel=cancel, system_prompt=system, special=special,
-                                 **sampler)
+                                 grammar=grammar, **sampler)
             for piece in gen:
                 if on_piece is not None:
                     on_piece(piece)

@@ -109,6 +109,41 @@ def sampler_fields(fields: dict, surface: str, prefix: str = "") -> dict[str, An
     return out
 
 
+@dataclass(frozen=True)
+class Field:
+    """One documented field of a request and what hublab does with it: `accepts` None = honoured (its handler
+    reads it); else the values hublab's answer already keeps to (n 1, logprobs false, ...): any other is a 400
+    saying `why`. No field is silently ignored."""
+    accepts: Callable[[Any], bool] | None = None
+    why: str = ""
+
+
+def only(*values: Any) -> Callable[[Any], bool]:
+    """A Field's `accepts`: these exact JSON values (true is not 1)."""
+    return lambda v: any(type(v) is type(x) and v == x for x in values)
+
+
+def nothing(value: Any) -> bool:
+    """A Field's `accepts`: an empty value ({}, [], "", false)."""
+    return value in ({}, [], "") or value is False
+
+
+def check_fields(fields: dict, table: dict[str, Field], where: str = "") -> None:
+    """A 400 for the first field of `fields` that `table` does not list, or whose value hublab does not honour."""
+    if not isinstance(fields, dict):
+        raise ApiError(400, f"{where.rstrip('.') or 'body'} must be an object")
+    for name, value in fields.items():
+        spec = table.get(name)
+        if spec is None:
+            import difflib
+
+            close = difflib.get_close_matches(str(name), list(table), n=1)
+            hint = f"did you mean {close[0]}?" if close else "leave it out"
+            raise ApiError(400, f"{where}{quote(name, 40)[1:-1]}: not a field hublab takes here; {hint}")
+        if spec.accepts is not None and value is not None and not spec.accepts(value):
+            raise ApiError(400, f"{where}{name}: {quote(value, 40)} is not honoured: {spec.why}")
+
+
 def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number; send a finite number")
 

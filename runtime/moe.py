@@ -60,6 +60,7 @@ class MoEResult:
     timings: dict[str, float] = field(default_factory=dict)
     note: str = ""
     finish_reason: str = "stop"
+    constraint: object = None           # the format every answer keeps to (runtime/structured.py), if any
 
     @property
     def selected(self) -> list[dict]:
@@ -93,6 +94,15 @@ def vote(scores: list[float], similarity: np.ndarray) -> list[float]:
         else:
             out.append(float(sum(scores[j] * similarity[i, j] for j in others) / total))
     return out
+
+
+def _valid(answers: list[ExpertAnswer], constraint) -> list[ExpertAnswer]:
+    """The answers a constrained question may take: finished and of the asked format (all when none is)."""
+    if constraint is None:
+        return answers
+    ok = [a for a in answers if a.result is not None and a.result.finish_reason == "stop"
+          and constraint.valid(a.result.text)]
+    return ok or answers
 
 
 def summarize_prompt(query: str, answers: list[ExpertAnswer]) -> str:
@@ -158,24 +168,39 @@ class MoE:
 
     def ask(self, query: str, routing: str | None = None, synthesis: str | None = None,
             on_event: Event | None = None, cancel: threading.Event | None = None,
-            max_tokens: int | None = None, temperature: float | None = None) -> MoEResult:
-        """Route, run the selected experts, synthesise one answer. `on_event(kind, data)` reports progress."""
+            max_tokens: int | None = None, temperature: float | None = None, constraint=None,
+            prompt: str | list[dict] | None = None, **sampler) -> MoEResult:
+        """Route, run the selected experts, synthesise one answer. `on_event(kind, data)` reports progress.
+        `prompt` is what the experts answer (default: the query); `sampler` takes Runtime.stream's other sampler
+        keywords (top_p, top_k, min_p, repeat_penalty, seed, stop). With `constraint` (runtime/structured.py)
+        every expert answers to its grammar and synthesis picks among the valid answers: concatenate and weighted,
+        which would join or blend documents, pick as best does (the note says so)."""
         emit = on_event or (lambda kind, data: None)
         synthesis = synthesis or self.synthesis
         if synthesis not in SYNTHESES:
             raise HublabError(f"synthesis: unknown {quote(synthesis)}; use one of {', '.join(SYNTHESES)}")
+        asked = synthesis
+        if constraint is not None and synthesis in ("concatenate", "weighted"):
+            synthesis = "best"
         t0 = time.perf_counter()
         selection = self.route(query, routing)
         t_route = time.perf_counter() - t0
         emit("route", {"decision": selection.to_dict()})
+        notes = [selection.note, self.router_note]
+        if asked != synthesis:
+            notes.append(f"{asked} would {'join' if asked == 'concatenate' else 'blend'} documents of the asked "
+                         f"format: {synthesis} picked one")
         result = MoEResult(query=query, answer="", routing=selection.routing, synthesis=synthesis,
-                           selection=selection, note="; ".join(n for n in (selection.note, self.router_note) if n))
-        gen_opts = {"max_tokens": max_tokens, "temperature": temperature, "cancel": cancel}
+                           selection=selection, note="; ".join(n for n in notes if n))
+        result.constraint = constraint
+        gen_opts = {"max_tokens": max_tokens, "temperature": temperature, "cancel": cancel, **sampler,
+                    "grammar": constraint.grammar if constraint is not None else None}
         t1 = time.perf_counter()
         if synthesis == "weighted":
             self._weighted(result, emit, gen_opts)
         else:
-            result.answers = self._run_experts(query, selection, emit, logprobs=synthesis == "best", **gen_opts)
+            result.answers = self._run_experts(query if prompt is None else prompt, selection, emit,
+                                               logprobs=synthesis == "best", **gen_opts)
         t2 = time.perf_counter()
         stopped = cancel is not None and cancel.is_set()
         if stopped and synthesis != "weighted":
@@ -195,7 +220,8 @@ class MoE:
 
     # -- experts ----------------------------------------------------------------------------------------
 
-    def _run_experts(self, query: str, selection: Selection, emit: Event, logprobs: bool, **opts) -> list[ExpertAnswer]:
+    def _run_experts(self, query: str | list[dict], selection: Selection, emit: Event, logprobs: bool,
+                     **opts) -> list[ExpertAnswer]:
         answers = []
         for choice in selection.choices:
             if opts.get("cancel") is not None and opts["cancel"].is_set():
@@ -210,6 +236,7 @@ class MoE:
 
     # -- synthesis strategies -----------------------------------------------------------------------------
 
+
     def _finish(self, result: MoEResult, emit: Event, answer: str) -> None:
         result.answer = answer
         emit("answer_token", {"text": answer})
@@ -221,7 +248,8 @@ class MoE:
         if not result.answers:
             return self._finish(result, emit, "")
         # ties: the higher router score, then the expert name, like routing itself
-        win = min(result.answers, key=lambda a: (-round(a.confidence, 12), -a.score, a.expert))
+        win = min(_valid(result.answers, result.constraint),
+                  key=lambda a: (-round(a.confidence, 12), -a.score, a.expert))
         result.chosen = win.expert
         self._finish(result, emit, win.text)
 
@@ -239,7 +267,7 @@ class MoE:
                 a.agreement = agreement
         else:
             answers[0].agreement = 1.0
-        win = min(answers, key=lambda a: (-round(a.agreement, 12), -a.score, a.expert))
+        win = min(_valid(answers, result.constraint), key=lambda a: (-round(a.agreement, 12), -a.score, a.expert))
         result.chosen = win.expert
         self._finish(result, emit, win.text)
 

@@ -564,6 +564,35 @@ def parse_call(text: str, constraint: Constraint) -> dict | None:
     return value
 
 
+class CallStream:
+    """The pieces of a streamed answer to a request with tools: text goes out as it comes, a call (an answer
+    starting with "{") is held until it is whole, since it is sent as a tool call and not as text."""
+
+    def __init__(self, constraint: Constraint, send):
+        self.constraint, self.send = constraint, send
+        self.held = ""
+        self.mode = ""  # "" undecided, "text" or "call"
+
+    def push(self, piece: str) -> None:
+        if self.mode == "text":
+            self.send(piece)
+            return
+        self.held += piece
+        if self.mode == "" and self.held.strip():
+            self.mode = "call" if self.held.lstrip().startswith("{") else "text"
+            if self.mode == "text":
+                self.send(self.held)
+                self.held = ""
+
+    def finish(self, text: str) -> dict | None:
+        """The call the answer is, or None (then anything held, a JSON text answer say, is sent as text)."""
+        call = parse_call(text, self.constraint)
+        if call is None and self.held:
+            self.send(self.held)
+            self.held = ""
+        return call
+
+
 def call_id() -> str:
     return "call_" + uuid.uuid4().hex[:24]
 

@@ -356,14 +356,10 @@ def resolve_template(tokenizer, name: str = "auto", model_type: str = "", where:
 
 def conversation(example: Example) -> list[dict]:
     """The messages a template renders: tool descriptions, when the record has them, join the system turn
-    (the built-in templates have no tools slot; LlamaFactory puts them in the system prompt too)."""
-    msgs = example.messages
+    (runtime/chat.py's with_tools, which serving uses for a request with tools)."""
     if not example.tools:
-        return msgs
-    note = f"You can call these tools (answer with a JSON function call):\n{example.tools}"
-    if msgs and msgs[0]["role"] == "system":
-        return [{**msgs[0], "content": msgs[0]["content"] + "\n\n" + note}, *msgs[1:]]
-    return [{"role": "system", "content": note}, *msgs]
+        return example.messages
+    return chat.with_tools(example.messages, example.tools)
 
 
 def _render(tokenizer, template: str, messages: list[dict], add_generation_prompt: bool) -> str:
