@@ -7,8 +7,10 @@ every listed name, as Ollama's do, and always come from that encoder (/api/show 
     GET    /api/tags                   every model, plus moe (and router when there is one)
     GET    /api/ps                     what is loaded, with memory and expires_at (from keep_alive)
     POST   /api/show                   {"model"} -> details, parameters, modelfile, capabilities
-    POST   /api/chat                   {"model", "messages", "stream" (default true), "options", "keep_alive"}
-    POST   /api/generate               {"model", "prompt", "system", "raw", "stream", "options", "keep_alive"}
+    POST   /api/chat                   {"model", "messages", "stream" (default true), "options", "keep_alive",
+                                        "format", "tools"} -> message (.tool_calls for a call)
+    POST   /api/generate               {"model", "prompt", "system", "raw", "stream", "options", "keep_alive",
+                                        "format"}
     POST   /api/embed                  {"model", "input": text or [texts]} -> {"embeddings"}
     POST   /api/embeddings             {"model", "prompt"} -> {"embedding"} (the older endpoint)
     POST   /api/pull                   {"model": package[:tag]} install from the configured registry; NDJSON progress
@@ -16,8 +18,10 @@ every listed name, as Ollama's do, and always come from that encoder (/api/show 
 
 Streams are NDJSON, one object a line, the last with "done": true and Ollama's counters (durations in
 nanoseconds). Options: the sampler settings of config.SAMPLER under their Ollama names (num_predict -1 = until
-the context is full; num_ctx: prompt + answer must fit, at most the model's context_size); other Ollama
-options are accepted and ignored, as Ollama ignores those a model has no use for. keep_alive: a
+the context is full; num_ctx: prompt + answer must fit, at most the model's context_size); Ollama's other
+documented options are taken where hublab already does what they ask (typical_p 1, mirostat 0, ...) and
+are a 400 naming them otherwise, as is any field hublab does not honour (CHAT_FIELDS, GENERATE_FIELDS,
+OPTIONS). format ("json" or a JSON schema) and tools hold the answer to it (runtime/structured.py). keep_alive: a
 duration ("5m", seconds, 0 = unload right after the answer, negative = keep); without it the model
 stays [runtime] keep_alive. An empty prompt or message list only loads the model (or unloads it with
 keep_alive 0). Errors are `{"error": "..."}` with a 4xx status.
@@ -34,11 +38,54 @@ from hublab import __version__
 from .config import parse_duration, request_fields
 from .device import MOE, ROUTER, Completion, UnknownModel, unknown_model_message
 from .errors import HublabError
-from .http_common import ApiError, Request, Route, iso_time, moe_fields, obj, sampler_fields, text
+from . import structured
+from .http_common import (ApiError, Field, Request, Route, check_fields, iso_time, moe_fields, nothing, obj, only,
+                          sampler_fields, text)
 from .inputs import finite
 
 NEVER = "9999-12-31T23:59:59Z"  # expires_at of a model kept loaded until unloaded (keep_alive < 0)
 UNLIMITED = 1 << 30  # num_predict -1/-2: the context is the limit
+
+_HONOURED = Field()
+_TEXT_ONLY = "hublab's models take text only; leave it out"
+COMMON_FIELDS = {"model": _HONOURED, "name": _HONOURED, "stream": _HONOURED, "options": _HONOURED,
+                 "keep_alive": _HONOURED, "format": _HONOURED, "hublab": _HONOURED,
+                 "think": Field(only(False), "hublab's models do not think apart from the answer; leave it out")}
+CHAT_FIELDS = {**COMMON_FIELDS, "messages": _HONOURED, "tools": _HONOURED}
+GENERATE_FIELDS = {**COMMON_FIELDS, "prompt": _HONOURED, "system": _HONOURED, "raw": _HONOURED,
+                   "images": Field(nothing, _TEXT_ONLY),
+                   "suffix": Field(only(""), "fill-in-the-middle is not supported; send raw: true with the prompt "
+                                   "formatted"),
+                   "template": Field(only(""), "the model's own template is used; send raw: true with the prompt "
+                                     "formatted"),
+                   "context": Field(nothing, "token history is not kept; send the conversation to /api/chat")}
+MESSAGE_FIELDS = {"role": _HONOURED, "content": _HONOURED, "tool_calls": _HONOURED, "tool_name": _HONOURED,
+                  "images": Field(nothing, _TEXT_ONLY),
+                  "thinking": Field(only(""), "hublab's models do not think apart from the answer; leave it out")}
+_PER_BOARD = "set per board by the profile and [runtime] settings (ai config); leave it out"
+_NEVER = lambda value: False  # noqa: E731 - a documented option hublab has no use for: any value is refused
+OPTIONS = {  # Ollama's documented options beyond config.SAMPLER's (request_fields("ollama"))
+    "typical_p": Field(only(1, 1.0), "locally typical sampling runs at 1 (off); leave it out"),
+    "repeat_last_n": Field(only(64), "the repeat penalty looks at the last 64 tokens; leave it out"),
+    "presence_penalty": Field(only(0, 0.0), "use repeat_penalty instead"),
+    "frequency_penalty": Field(only(0, 0.0), "use repeat_penalty instead"),
+    "penalize_newline": Field(only(True), "the repeat penalty counts newlines as any token"),
+    "mirostat": Field(only(0), "mirostat sampling is not run; use temperature, top_k, top_p, min_p"),
+    "mirostat_tau": Field(_NEVER, "mirostat sampling is not run; leave it out"),
+    "mirostat_eta": Field(_NEVER, "mirostat sampling is not run; leave it out"),
+    "tfs_z": Field(only(1, 1.0), "tail-free sampling is not run; leave it out"),
+    "num_keep": Field(_NEVER, "the context is never shifted, so nothing is kept across a shift; leave it out"),
+    "num_batch": Field(_NEVER, _PER_BOARD),
+    "num_thread": Field(_NEVER, "threads are [runtime] threads (ai config threads N); leave it out"),
+    "num_gpu": Field(only(0), "hublab runs on the CPU"),
+    "main_gpu": Field(only(0), "hublab runs on the CPU"),
+    "numa": Field(only(False), _PER_BOARD),
+    "use_mmap": Field(only(True), "models are always memory-mapped"),
+    "use_mlock": Field(only(False), "models are not locked in memory"),
+    "low_vram": Field(only(False), "hublab runs on the CPU"),
+    "vocab_only": Field(only(False), "leave it out"),
+    "f16_kv": Field(only(True), "leave it out"),
+}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -57,6 +104,7 @@ def _options(body: dict) -> dict[str, Any]:
     """Ollama options -> Device.complete keyword arguments (checked: a bad value is a 400). num_predict -1 (or -2)
     is no limit but the context; num_ctx caps this request's prompt + answer, within the model's context_size."""
     options = obj("options", body.get("options"))  # e.g. {"temperature": 0.7, "num_predict": 64}
+    check_fields(options, {**{name: _HONOURED for name in request_fields("ollama")}, **OPTIONS}, "options.")
     predict = options.get("num_predict")
     unlimited = finite(predict) and predict in (-1, -2)
     if finite(predict) and predict == 0:
@@ -80,31 +128,54 @@ def _keep_alive(body: dict) -> float | None:
         raise ApiError(400, f"keep_alive: {exc}") from None
 
 
-def _refuse_unsupported(body: dict) -> None:
-    """Fields hublab cannot honour: saying so beats an answer that silently ignores them."""
-    if body.get("format"):
-        raise ApiError(400, "format (JSON or structured output) is not supported by hublab; leave it out")
-    if body.get("tools"):
-        raise ApiError(400, "tools are not supported by hublab; leave them out")
-    if body.get("images"):
-        raise ApiError(400, "images are not supported by hublab's text models; leave them out")
-    if body.get("think"):
-        raise ApiError(400, "think: hublab's models do not support thinking; leave it out")
+def _constraint(body: dict, chat: bool) -> structured.Constraint | None:
+    """format ("json", or a JSON schema) and tools (chat): what the answer must look like. With tools the model
+    may answer text or call one (Ollama has no tool_choice)."""
+    fmt = body.get("format")
+    out = None
+    if fmt == "json":
+        out = structured.json_object()
+    elif isinstance(fmt, dict):
+        out = structured.json_schema(fmt, "format")
+    elif fmt not in (None, ""):
+        raise ApiError(400, f"format must be \"json\" or a JSON schema object, got {str(fmt)[:40]!r}")
+    tools = body.get("tools") if chat else None
+    if tools:
+        return structured.with_tools(structured.tools_from(tools), "auto", text=out)
+    return out
 
 
 def _messages(body: dict) -> list[dict]:
+    """Ollama messages as the chat template takes them: an assistant's tool_calls are the JSON object the model
+    writes for a call (runtime/chat.py), a tool's result a `tool` turn saying which tool returned it."""
     messages = body.get("messages") or []
     if not isinstance(messages, list) or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
         raise ApiError(400, "messages must be a list of {role, content} objects")
     out = []
-    for m in messages:
-        if m.get("images"):
-            raise ApiError(400, "images are not supported by hublab's text models; leave them out")
+    for i, m in enumerate(messages):
+        check_fields(m, MESSAGE_FIELDS, f"messages[{i}].")
         content = m.get("content")
         if content is not None and not isinstance(content, str):
             raise ApiError(400, "messages[].content must be a string")
-        out.append({"role": m["role"], "content": content or ""})
+        content = content or ""
+        calls = m.get("tool_calls")
+        if calls:
+            if m["role"] != "assistant" or not isinstance(calls, list):
+                raise ApiError(400, f"messages[{i}].tool_calls: a list, on an assistant message only")
+            rendered = []
+            for j, call in enumerate(calls):
+                fn = call.get("function") if isinstance(call, dict) else None
+                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                    raise ApiError(400, f"messages[{i}].tool_calls[{j}] must be {{function: {{name, arguments}}}}")
+                rendered.append(structured.render_call(fn["name"], fn.get("arguments") or {}))
+            content = "\n".join(([content] if content else []) + rendered)
+        name = m.get("tool_name")
+        if name is not None:
+            if m["role"] != "tool" or not isinstance(name, str):
+                raise ApiError(400, f"messages[{i}].tool_name: a string, on a tool message only")
+            content = f"{name} returned: {content}"
+        out.append({"role": m["role"], "content": content})
     return out
 
 
@@ -284,17 +355,13 @@ def _parameters(inference: dict) -> list[str]:
 
 def chat(req: Request) -> None:
     body = req.body()
-    _refuse_unsupported(body)
+    check_fields(body, CHAT_FIELDS)
     _answer(req, body, _messages(body), chat=True)
 
 
 def generate(req: Request) -> None:
     body = req.body()
-    _refuse_unsupported(body)
-    if body.get("context"):
-        raise ApiError(400, "context (token history) is not supported; send the conversation to /api/chat")
-    if body.get("template") or body.get("suffix"):
-        raise ApiError(400, "template and suffix are not supported; send raw: true with the prompt formatted")
+    check_fields(body, GENERATE_FIELDS)
     prompt = body.get("prompt") or ""
     if not isinstance(prompt, str):
         raise ApiError(400, "prompt must be a string")
@@ -310,6 +377,7 @@ def _answer(req: Request, body: dict, prompt: str | list[dict], chat: bool) -> N
     model = _model(body)
     _chat_model(req, model)
     opts = _options(body)
+    shape = _constraint(body, chat)
     keep = _keep_alive(body)
     stream = body.get("stream", True) is not False
     raw = not chat and bool(body.get("raw"))
@@ -320,16 +388,23 @@ def _answer(req: Request, body: dict, prompt: str | list[dict], chat: bool) -> N
         _load_only(req, model, keep, lines)
         return
     extra = obj("hublab", body.get("hublab"))
+    check_fields(extra, {"routing": _HONOURED, "synthesis": _HONOURED}, "hublab.")
     routing, synthesis = moe_fields(extra, "hublab.")
     bases = device.bases_for(model, prompt, routing, synthesis)
+
+    def send(piece: str) -> None:
+        req.ndjson(lines.piece(piece))
+
+    calls = structured.CallStream(shape, send) if shape is not None and shape.kind == "tools" else None
     with req.generation(bases):
         done = device.complete(model, prompt, raw=raw, system=system, cancel=req.cancel, routing=routing,
-                               synthesis=synthesis, on_piece=(lambda p: req.ndjson(lines.piece(p))) if stream else None,
-                               **opts)
+                               synthesis=synthesis, on_piece=(calls.push if calls else send) if stream else None,
+                               constraint=shape, **opts)
         device.keep(bases, keep)
         if req.ended:
             return
-        last = lines.last(done, time.perf_counter() - t0, whole=not stream)
+        call = calls.finish(done.text) if calls else None
+        last = lines.last(done, time.perf_counter() - t0, whole=not stream, call=call)
         if stream:
             req.ndjson(last)
             req.completed = not req.gone
@@ -375,10 +450,14 @@ class _Lines:
     def empty(self, reason: str) -> dict:
         return self._doc("", True) | {"done_reason": reason}
 
-    def last(self, done: Completion, seconds: float, whole: bool) -> dict:
-        """The closing document; `whole`: a non-streamed answer, which carries the text in it."""
+    def last(self, done: Completion, seconds: float, whole: bool, call: dict | None = None) -> dict:
+        """The closing document; `whole`: a non-streamed answer, which carries the text in it; `call`: the
+        answer is this tool call (message.tool_calls, no text)."""
         ns = 1_000_000_000
-        return self._doc(done.text if whole else "", True) | {
+        doc = self._doc(done.text if whole and call is None else "", True)
+        if call is not None:
+            doc["message"]["tool_calls"] = [{"function": {"name": call["name"], "arguments": call["arguments"]}}]
+        return doc | {
             "done_reason": "length" if done.finish_reason == "length" else "stop",
             "total_duration": int(seconds * ns), "load_duration": int(done.load_s * ns),
             "prompt_eval_count": done.prompt_tokens, "prompt_eval_duration": int(done.prompt_s * ns),

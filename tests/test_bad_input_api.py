@@ -102,7 +102,10 @@ OLLAMA_BAD = [
       for h in (5, [1], "x", {"routing": 5}, {"routing": ["topk:2"]}, {"synthesis": 7}, {"routing": BIG})],
     *[('/api/chat', json.dumps({"model": "alpha", "messages": m})) for m in (5, [1], [{"role": "user", "content": 5}])],
     *[('/api/chat', json.dumps({"model": "alpha", "messages": MSG, k: v}))
-      for k, v in (("format", "json"), ("tools", [{"x": 1}]), ("think", True), ("images", ["x"]))],
+      for k, v in (("format", "yaml"), ("format", {"type": "object", "properties": {"a": {"not": {}}}}),
+                   ("format", {"enum": []}), ("format", {"type": "integer", "minimum": 5, "maximum": 1}),
+                   ("tools", [{"x": 1}]), ("tools", [{"type": "function", "function": {"name": "a b"}}]),
+                   ("think", True), ("images", ["x"]), ("nonsense", 1))],
     *[('/api/generate', json.dumps({"model": "alpha", **kv})) for kv in (
         {"prompt": 5}, {"prompt": "x", "system": 5}, {"prompt": "x", "context": [1, 2]}, {"prompt": "x", "suffix": "y"},
         {"prompt": ["x"]})],

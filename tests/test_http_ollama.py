@@ -327,7 +327,7 @@ def test_bad_requests_are_one_line_json_errors(agent):
     assert "known: alpha, beta, gamma, moe, plain" in error_of(r)  # moe is a name a client can use
     r = httpx.post(u + "/chat", json={"model": "alpha", "messages": "hi"})
     assert r.status_code == 400 and "messages" in error_of(r)
-    r = httpx.post(u + "/generate", json={"model": "alpha", "prompt": "x", "format": "json"})
+    r = httpx.post(u + "/generate", json={"model": "alpha", "prompt": "x", "format": "yaml"})
     assert r.status_code == 400 and "format" in error_of(r)
     r = httpx.post(u + "/generate", json={"prompt": "x"})
     assert r.status_code == 400 and "model is required" in error_of(r)
