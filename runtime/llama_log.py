@@ -98,14 +98,25 @@ def install() -> None:
 
 @contextlib.contextmanager
 def capture():
-    """The lines llama.cpp logs meanwhile (not debug ones), for an error message that says what it said, e.g.
-    why it refused a grammar. Lines other threads cause may be among them."""
+    """The lines llama.cpp logs meanwhile (not debug ones), and what it writes straight to stderr (its grammar
+    parser says what is wrong there), for an error message that says what it said. Lines other threads cause
+    may be among them; keep what runs inside short."""
+    import tempfile
+
     install()
     lines: list[str] = []
     with _lock:
         _captures.append(lines)
-    try:
-        yield lines
-    finally:
-        with _lock:
-            _captures.remove(lines)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as err:
+        os.dup2(err.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            with _lock:
+                _captures.remove(lines)
+            err.seek(0)
+            lines[:0] = err.read(8192).decode("utf-8", errors="replace").splitlines()

@@ -20,6 +20,24 @@ def add_run_arguments(parser) -> None:
     parser.add_argument("--synthesis", choices=SYSTEM_SCHEMA["moe"]["synthesis"].choices,
                         help="for moe: best, weighted, voting, concatenate or summarize")
     parser.add_argument("--json", action="store_true", help="print one JSON document with the answer and stats")
+    shape = parser.add_mutually_exclusive_group()
+    shape.add_argument("--json-schema", metavar="FILE", help="answer with JSON valid against this JSON schema")
+    shape.add_argument("--grammar", metavar="FILE", help="answer in this GBNF grammar (llama.cpp's; root rule root)")
+
+
+def constraint_from(json_schema: str | None, grammar: str | None):
+    """--json-schema FILE or --grammar FILE as a Constraint (runtime/structured.py); a bad one is one line."""
+    from .errors import HublabError
+    from . import structured
+
+    path = json_schema or grammar
+    if path is None:
+        return None
+    try:
+        text = open(path, encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise HublabError(f"{path}: cannot read it ({exc.__class__.__name__}: {exc})") from None
+    return structured.json_schema(text, path) if json_schema else structured.gbnf(text, path)
 
 
 def run_cli(args) -> int:
@@ -32,6 +50,8 @@ def run_cli(args) -> int:
     prompt = " ".join(args.prompt)
     check_query(prompt)  # a blank prompt is refused here as `?` refuses it in the shell
     check_moe_args(args.routing, None)
+    shape = constraint_from(args.json_schema, args.grammar)
+    grammar = shape.grammar if shape is not None else None
     rt = Runtime.from_config(profile=args.profile)
     if args.name != "moe" and args.name not in rt.models:  # say why: a broken TOML, a missing models dir
         raise HublabError(unknown_model_message(args.name, list(rt.models), rt.catalog.errors))
@@ -39,13 +59,14 @@ def run_cli(args) -> int:
         if args.name == "moe":
             moe = MoE(rt)
             show = MoeStream(None if args.json else lambda text: print(text, end="", flush=True),
-                             args.synthesis or moe.synthesis)  # the answer's words as they are written
+                             args.synthesis or moe.synthesis, constrained=shape is not None)  # words as written
             result = moe.ask(prompt, routing=args.routing, synthesis=args.synthesis, on_event=show,
-                             max_tokens=args.max_tokens, temperature=args.temperature)
+                             max_tokens=args.max_tokens, temperature=args.temperature, constraint=shape)
             doc = result.to_dict()
             show.finish(doc)
         else:
-            gen = rt.stream(args.name, prompt, raw=args.raw, max_tokens=args.max_tokens, temperature=args.temperature)
+            gen = rt.stream(args.name, prompt, raw=args.raw, max_tokens=args.max_tokens, temperature=args.temperature,
+                            grammar=grammar)
             for piece in gen:
                 if not args.json:
                     print(piece, end="", flush=True)

@@ -258,8 +258,9 @@ class Constrained:
         with llama_log.capture() as lines:
             self.grammar = llama_cpp.llama_sampler_init_grammar(llama._model.vocab, grammar.encode(), b"root")
         if not self.grammar:
-            why = "; ".join(line.strip() for line in lines if line.strip()) or "llama.cpp could not parse it"
-            raise GrammarError(f"grammar: {why[:300]}")
+            said = [line.strip() for line in lines if "error" in line.lower() or "recursion" in line]
+            said = said or [line.strip() for line in lines if line.strip()] or ["llama.cpp could not parse it"]
+            raise GrammarError(f"grammar: {said[0][:300]}")
         n = llama.n_vocab()
         self.n_vocab = n
         self.buf = np.zeros(n, dtype=TOKEN_DATA)

@@ -377,6 +377,10 @@ def check_grammar(text: str, where: str = "grammar") -> None:
         return  # not something this reader follows: llama.cpp's parser names the problem
     if "root" not in rules:
         raise StructureError(f"{where}: no rule named root; the grammar starts at `root ::= ...`")
+    used = {tok for body in rules.values() for tok in body if re.fullmatch(r"[a-zA-Z0-9_-]+", tok)}
+    undefined = sorted(used - set(rules))
+    if undefined:
+        raise StructureError(f"{where}: rule {undefined[0]} is used but not defined; define it or fix the name")
     finite: set[str] = set()
     changed = True
     while changed:
