@@ -403,11 +403,16 @@ class Device:
     def ask(self, query: str, routing: str | None = None, synthesis: str | None = None,
             on_event: Callable[[str, dict], None] | None = None, cancel: threading.Event | None = None,
             max_tokens: int | None = None, temperature: float | None = None, constraint=None,
-            prompt: str | list[dict] | None = None, **sampler: Any) -> dict:
+            prompt: str | list[dict] | None = None, format: Any = None, **sampler: Any) -> dict:
         """Route `query`, run the selected experts on `prompt` (default: the query) and synthesise. `constraint`
-        (runtime/structured.py) holds every expert's answer to a format; synthesis picks among valid ones."""
+        (runtime/structured.py), or `format` ("json" or a JSON schema, as Ollama's), holds every expert's answer
+        to it; synthesis picks among valid ones."""
         check_query(query)
         check_moe_args(routing, synthesis)
+        if constraint is None and format is not None:
+            from .structured import from_format
+
+            constraint = from_format(format)
         return self.moe.ask(query, routing=routing, synthesis=synthesis, on_event=on_event, cancel=cancel,
                             max_tokens=max_tokens, temperature=temperature, constraint=constraint, prompt=prompt,
                             **sampler).to_dict()

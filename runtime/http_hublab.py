@@ -6,13 +6,15 @@ plus /health and /metrics. JSON in and out, errors in OpenAI's shape; /hublab/as
     GET  /hublab/experts            models and experts on disk (size, quant, loaded, memory estimate)
     POST /hublab/load, /unload      {"name": ...}
     POST /hublab/route              {"query": ..., "routing": optional} -> every score and the selection
-    POST /hublab/ask                {"query": ..., "stream": true} -> SSE of the MoE's progress events
+    POST /hublab/ask                {"query": ..., "stream": true, "format": "json" or a schema} -> SSE of the MoE's
+                                    progress events
     GET|POST /hublab/settings       routing and synthesis (POST sets and saves them to system.toml)
     GET  /hublab/info?name=   GET /hublab/stats   POST /hublab/config   POST /hublab/benchmark
 """
 from __future__ import annotations
 
 from .http_common import ApiError, Request, Route, moe_fields, sampler_fields, text
+from .structured import from_format
 
 
 def _name(body: dict) -> str:
@@ -64,8 +66,10 @@ def ask(req: Request) -> None:
     max_tokens = _max_tokens(body)
     device = req.agent.device
     stream = body.get("stream", True)
+    shape = from_format(body.get("format"), "format")  # "json" or a JSON schema, as Ollama's format
     with req.generation(device.ask_bases(query, routing, synthesis)):
         result = device.ask(query, routing=routing, synthesis=synthesis, cancel=req.cancel, max_tokens=max_tokens,
+                            constraint=shape,
                             on_event=(lambda kind, data: req.sse(data, event=kind)) if stream else None)
         if not stream and not req.cancel.is_set():
             req.json(result)

@@ -131,14 +131,7 @@ def _keep_alive(body: dict) -> float | None:
 def _constraint(body: dict, chat: bool) -> structured.Constraint | None:
     """format ("json", or a JSON schema) and tools (chat): what the answer must look like. With tools the model
     may answer text or call one (Ollama has no tool_choice)."""
-    fmt = body.get("format")
-    out = None
-    if fmt == "json":
-        out = structured.json_object()
-    elif isinstance(fmt, dict):
-        out = structured.json_schema(fmt, "format")
-    elif fmt not in (None, ""):
-        raise ApiError(400, f"format must be \"json\" or a JSON schema object, got {str(fmt)[:40]!r}")
+    out = structured.from_format(body.get("format"), "format")
     tools = body.get("tools") if chat else None
     if tools:
         return structured.with_tools(structured.tools_from(tools), "auto", text=out)

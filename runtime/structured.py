@@ -125,6 +125,17 @@ def gbnf(text: Any, where: str = "grammar") -> Constraint:
     return Constraint(text, "grammar")
 
 
+def from_format(value: Any, where: str = "format") -> Constraint | None:
+    """Ollama's format (and the shell's `settings format=`): "json", a JSON schema object, or nothing."""
+    if value == "json":
+        return json_object()
+    if isinstance(value, dict):
+        return json_schema(value, where)
+    if value in (None, ""):
+        return None
+    raise StructureError(f"{where} must be \"json\" or a JSON schema object, got {quote(value, 40)}")
+
+
 def check_schema(schema: dict, where: str = "schema") -> None:
     """Refuse what the conversion cannot keep (see the module doc), naming the keyword and where it is."""
     defs: dict[str, Any] = {}

@@ -55,8 +55,9 @@ class Client(Protocol):
 
     def ask(self, query: str, routing: str | None = None, synthesis: str | None = None,
             on_event: Callable[[str, dict], None] | None = None, cancel: threading.Event | None = None,
-            max_tokens: int | None = None) -> dict:
-        """Route `query`, run the experts and synthesise one answer; `on_event(kind, data)` follows the steps."""
+            max_tokens: int | None = None, format: Any = None) -> dict:
+        """Route `query`, run the experts and synthesise one answer; `on_event(kind, data)` follows the steps.
+        `format`: "json" or a JSON schema every answer keeps to."""
 
     def version(self) -> dict:
         """hublab's version, the board profile, and where the device is."""
@@ -170,11 +171,12 @@ class RemoteClient:
 
     def ask(self, query: str, routing: str | None = None, synthesis: str | None = None,
             on_event: Callable[[str, dict], None] | None = None, cancel: threading.Event | None = None,
-            max_tokens: int | None = None) -> dict:
+            max_tokens: int | None = None, format: Any = None) -> dict:
         """Stream the agent's MoE events; setting `cancel` closes the stream, which stops the agent too."""
         import httpx
 
-        body = {"query": query, "routing": routing, "synthesis": synthesis, "max_tokens": max_tokens, "stream": True}
+        body = {"query": query, "routing": routing, "synthesis": synthesis, "max_tokens": max_tokens, "stream": True,
+                **({"format": format} if format is not None else {})}
         answer: list[str] = []
         result = None
         try:

@@ -44,6 +44,8 @@ class Session:
     line_open: bool = False   # streamed text ended mid-line
     _names: list[str] | None = None
     _packages: list[str] | None = None
+    format: Any = None        # what `?` answers keep to: "json", a JSON schema (settings format=...), or None
+    format_name: str = "text"
 
     def write(self, text: str) -> None:
         """Streamed output: shown as it comes, except in --json mode (one document at the end)."""
@@ -118,7 +120,7 @@ def cmd_ask(s: Session, words: list[str], rest: str) -> Result:
     if not query:
         raise CommandError("empty question; type it right after ?, e.g. ?what is a list comprehension")
     show = Progress(s, verbose=False)
-    data = s.client.ask(query, on_event=show, cancel=s.cancel)
+    data = s.client.ask(query, on_event=show, cancel=s.cancel, format=s.format)
     show.finish(data)
     return Result("?", data)
 
@@ -150,7 +152,7 @@ def cmd_moe(s: Session, words: list[str], rest: str) -> Result:
             text += f"\nnote: {d['note']}"
         return Result("moe route", d, text)
     show = Progress(s, verbose=True)
-    data = s.client.ask(query, on_event=show, cancel=s.cancel)
+    data = s.client.ask(query, on_event=show, cancel=s.cancel, format=s.format)
     show.finish(data)
     return Result("moe query", data)
 
@@ -371,11 +373,38 @@ def _render_info(d: dict) -> str:
 SETTINGS_KEYS = ("routing", "synthesis")
 
 
+def _set_format(s: Session, value: str) -> None:
+    """settings format=json | format=FILE (a JSON schema) | format=text: what `?` answers keep to (this session)."""
+    from hublab.runtime.structured import from_format
+
+    if value == "text":
+        s.format, s.format_name = None, "text"
+        return
+    if value == "json":
+        fmt = "json"
+    else:
+        try:
+            fmt = json.loads(Path(value).expanduser().read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CommandError(f"format={value}: not json, text or a readable JSON schema file "
+                               f"({exc.__class__.__name__})") from None
+        except ValueError as exc:
+            raise CommandError(f"format={value}: the file is not JSON ({exc})") from None
+    try:
+        from_format(fmt, value)
+    except HublabError as exc:
+        raise CommandError(str(exc)) from None
+    s.format, s.format_name = fmt, value
+
+
 def cmd_settings(s: Session, words: list[str], rest: str) -> Result:
     args = words[1:]
+    if args and args[0].startswith("format="):
+        _set_format(s, args[0].partition("=")[2])
+        return Result("settings", {"format": s.format_name}, f"format     {s.format_name} (this session's ? answers)")
     if args and args[0] != "moe":
         raise CommandError(f"unknown settings group {quote(args[0])}; use: settings moe [routing=topk:2] "
-                           "[synthesis=voting]")
+                           "[synthesis=voting], or settings format=json|text|SCHEMA.json")
     values: dict[str, str] = {}
     for a in args[1:]:
         key, eq, value = a.partition("=")
@@ -388,7 +417,7 @@ def cmd_settings(s: Session, words: list[str], rest: str) -> Result:
         values[key] = value
     d = s.client.settings(**values)
     text = (f"routing    {d['routing']}\nsynthesis  {d['synthesis']}\nfallback   {d['fallback']}\n"
-            f"router     {d['router']} (keyword weight {d['keyword_weight']:g})")
+            f"router     {d['router']} (keyword weight {d['keyword_weight']:g})\nformat     {s.format_name}")
     if values:
         text = f"saved to {d.get('config')}\n" + text
     return Result("settings", d, text)
@@ -519,7 +548,8 @@ HELP: dict[str, tuple[str, str, str]] = {
             "[Synthesizer] progress",
             "moe route \"q\"   every expert's score and which ones the strategy selects (nothing generated)\n"
             "moe query \"q\"   route, run the experts, synthesise, printing each step"),
-    "settings": ("settings moe [routing=R] [synthesis=S]", "show or set (and save) the routing strategy and synthesis",
+    "settings": ("settings moe [routing=R] [synthesis=S] | settings format=json|text|SCHEMA.json",
+                 "show or set (and save) the routing strategy and synthesis; the format ? answers keep to",
                  "routing: topk:K, threshold:T, single, all\n"
                  "synthesis: best, weighted, voting, concatenate, summarize"),
     "pkg": ("pkg install|remove|list|search|show|update|verify ...", "model packages (help pkg for details)",

@@ -151,7 +151,7 @@ def make_completer(s: Session):
                 return ["route", "query"]
             if head == "settings":
                 if n == 1:
-                    return ["moe"]
+                    return ["moe", "format=json", "format=text"]
                 return [f"routing={r}" for r in routings] + [f"synthesis={x}" for x in syntheses]
             if head == "pkg":
                 if n == 1:
