@@ -113,9 +113,11 @@ def decide(cpu: CpuInfo, available: tuple[str, ...] | None = None, override: str
         return WeightBuffers(True, f"{where} has Intel AMX but this llama.cpp build has no AMX buffer: "
                                    "repacked weights (CPU_REPACK) are safe", available)
     if cpu.arch in ("aarch64", "armv7l"):
-        kernels = "dotprod" if "asimddp" in cpu.flags else "NEON"
-        return WeightBuffers(True, f"ARM ({kernels}): repacked Q4_0/Q4_K weights are the fast kernels here",
-                             available)
+        if cpu.flags & {"asimddp", "i8mm"}:
+            return WeightBuffers(True, "ARM with dotprod: repacked Q4_0/Q4_K weights are the fast kernels here",
+                                 available)
+        return WeightBuffers(False, "ARM without dotprod (Cortex-A53, A72): llama.cpp has no repacked Q4 kernels "
+                                    "for it, so the weights stay in the model file's pages (one copy)", available)
     return WeightBuffers(True, "repacked weights (CPU_REPACK) for the wide Q4_0/Q4_K kernels", available)
 
 

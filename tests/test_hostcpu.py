@@ -44,15 +44,16 @@ def test_amx_host_keeps_weights_in_plain_buffers():
     assert d.extra and d.in_use() == ["CPU_REPACK", "CPU"]
 
 
-@pytest.mark.parametrize("name, words", [
-    ("x86_64-epyc-avx512.txt", "CPU_REPACK"),
-    ("aarch64-pi5-cortex-a76.txt", "dotprod"),
-    ("aarch64-pi-zero-2w-cortex-a53.txt", "NEON"),
-    ("armv7l-pi4-32bit.txt", "NEON"),
+@pytest.mark.parametrize("name, repack, words", [
+    ("x86_64-epyc-avx512.txt", True, "CPU_REPACK"),
+    ("aarch64-pi5-cortex-a76.txt", True, "with dotprod"),
+    # no repacked Q4 kernels without dotprod: bench/repack.py --arm measured 0.96x under qemu as a Cortex-A53
+    ("aarch64-pi-zero-2w-cortex-a53.txt", False, "without dotprod"),
+    ("armv7l-pi4-32bit.txt", False, "without dotprod"),
 ])
-def test_other_hosts_repack(name, words):
+def test_other_hosts(name, repack, words):
     d = decide(sample(name), ("CPU_REPACK",))
-    assert d.extra and words in d.reason
+    assert d.extra is repack and words in d.reason
 
 
 def test_override():
