@@ -245,7 +245,12 @@ class Constrained:
     redone with the grammar applied: to the PREFILTER most likely candidates when at least `need` of them pass
     (top-k of the allowed tokens is then the same set as over the whole vocabulary: every allowed token outside
     them is less likely than each of those), else to the whole vocabulary. The token chosen is accepted into the
-    penalties, the chain and the grammar alike."""
+    penalties, the chain and the grammar alike.
+
+    llama.cpp's grammar reads tokens as code points without checking that their bytes are valid UTF-8: a lone
+    byte token can start an overlong or surrogate sequence no JSON parser takes. So the text is also kept valid
+    UTF-8 here: a chosen token that would break it is turned down like one the grammar rejects, and the redraw
+    masks the byte tokens (and end-of-generation, mid-character) that would."""
 
     PREFILTER = 512
 
@@ -272,6 +277,10 @@ class Constrained:
             self.one.ctypes.data_as(llama_cpp.llama_token_data_p), 1, -1, False)
         self.prefilter = llama_cpp.llama_sampler_init_top_k(max(self.PREFILTER, need or 0))
         self.rejected = 0  # draws the grammar turned down (each one redone with the grammar applied)
+        self.pending = b""  # the bytes of a character not yet complete at the end of the answer
+        self.banned: set[int] = set()  # tokens found to break UTF-8 in this answer's redraws
+        self.bytes_of = _byte_tokens(llama)  # byte value -> its token id, for the model's byte tokens
+        self.vocab = llama._model.vocab
 
     def _fill(self) -> None:
         import llama_cpp
@@ -298,6 +307,27 @@ class Constrained:
     def _chosen(self) -> int:
         return int(self.buf[self.cur.selected]["id"])
 
+    def _keeps_utf8(self, token: int) -> bool:
+        """Whether the text stays valid UTF-8 (a whole character at the end, for end-of-generation) with `token`."""
+        import llama_cpp
+
+        if llama_cpp.llama_vocab_is_eog(self.vocab, token):
+            return not self.pending
+        return utf8_prefix(self.pending + self.llama.detokenize([token], special=False)) is not None
+
+    def _mask_utf8(self) -> None:
+        """-inf for the candidates whose bytes would break UTF-8: byte tokens that cannot come next, and
+        end-of-generation in the middle of a character."""
+        import llama_cpp
+
+        bad = [token for value, token in self.bytes_of.items() if utf8_prefix(self.pending + bytes([value])) is None]
+        if self.pending:
+            bad += [t for t in (llama_cpp.llama_vocab_eos(self.vocab), llama_cpp.llama_vocab_eot(self.vocab)) if t >= 0]
+        if bad:
+            size = self.cur.size
+            hit = np.isin(self.buf["id"][:size], np.asarray(bad, dtype=np.int32))
+            self.buf["logit"][:size][hit] = -np.inf
+
     def sample(self) -> int:
         import llama_cpp
 
@@ -305,30 +335,52 @@ class Constrained:
         self._apply(self.penalties)
         self._apply(self.chain)
         token = self._chosen()
-        if not self._allowed(token):
+        if not self._allowed(token) or not self._keeps_utf8(token):
             self.rejected += 1
             token = self._resample()
         for sampler in (self.penalties, self.chain, self.grammar):
             llama_cpp.llama_sampler_accept(sampler, token)
+        if not llama_cpp.llama_vocab_is_eog(self.vocab, token):
+            self.pending = utf8_prefix(self.pending + self.llama.detokenize([token], special=False)) or b""
         return token
 
     def _resample(self) -> int:
+        for _ in range(8):  # a token whose own bytes break UTF-8 (a partial BPE piece) is masked and drawn again
+            token = self._redraw()
+            if self._keeps_utf8(token):
+                return token
+            self.banned.add(token)
+        raise GrammarError("grammar: no token keeps the answer valid UTF-8 here; loosen the grammar")
+
+    def _redraw(self) -> int:
         self._fill()
         self._apply(self.penalties)
         if self.need is not None:
             self._apply(self.prefilter)  # sorted, the most likely first
             self._apply(self.grammar)
+            self._mask()
             if int(np.isfinite(self.buf["logit"][:self.cur.size]).sum()) >= self.need:
                 self._apply(self.chain)
                 return self._chosen()
             self._fill()
             self._apply(self.penalties)
         self._apply(self.grammar)
-        if not np.isfinite(self.buf["logit"]).any():
+        self._mask()
+        if not np.isfinite(self.buf["logit"][:self.cur.size]).any():
             raise GrammarError("grammar: no token can continue the answer here (an empty character class, or "
                                "text no token spells?); loosen the grammar")
         self._apply(self.chain)
         return self._chosen()
+
+    def _mask(self) -> None:
+        """After the grammar: mask what breaks UTF-8 or was banned. The -inf logits are set in place, so the array
+        is no longer sorted whatever its flag said (top-k would otherwise keep the first k, rejected ones too)."""
+        self.cur.sorted = False
+        self._mask_utf8()
+        if self.banned:
+            size = self.cur.size
+            hit = np.isin(self.buf["id"][:size], np.fromiter(self.banned, dtype=np.int32))
+            self.buf["logit"][:size][hit] = -np.inf
 
     def free(self) -> None:
         import llama_cpp
@@ -337,6 +389,54 @@ class Constrained:
             if sampler:
                 llama_cpp.llama_sampler_free(sampler)
         self.grammar = self.penalties = self.prefilter = None
+
+
+# UTF-8 (RFC 3629): the bytes that may follow each lead byte; no overlong forms, surrogates or code points past U+10FFFF
+_UTF8 = {**{b: [(0x80, 0xBF)] for b in range(0xC2, 0xE0)}, 0xE0: [(0xA0, 0xBF), (0x80, 0xBF)],
+         **{b: [(0x80, 0xBF)] * 2 for b in (*range(0xE1, 0xED), 0xEE, 0xEF)}, 0xED: [(0x80, 0x9F), (0x80, 0xBF)],
+         0xF0: [(0x90, 0xBF), (0x80, 0xBF), (0x80, 0xBF)], **{b: [(0x80, 0xBF)] * 3 for b in range(0xF1, 0xF4)},
+         0xF4: [(0x80, 0x8F), (0x80, 0xBF), (0x80, 0xBF)]}
+
+
+def utf8_prefix(data: bytes) -> bytes | None:
+    """None when `data` cannot begin valid UTF-8 text; else its incomplete last character (b"" when none)."""
+    i = 0
+    while i < len(data):
+        lead = data[i]
+        if lead < 0x80:
+            i += 1
+            continue
+        follow = _UTF8.get(lead)
+        if follow is None:
+            return None
+        for j, (lo, hi) in enumerate(follow, start=1):
+            if i + j == len(data):
+                return data[i:]
+            if not lo <= data[i + j] <= hi:
+                return None
+        i += len(follow) + 1
+    return b""
+
+
+_BYTE_TOKENS: dict[tuple, dict[int, int]] = {}
+
+
+def _byte_tokens(llama) -> dict[int, int]:
+    """The model's byte tokens (<0x00>..<0xFF> in a SentencePiece vocabulary): byte value -> token id, read once
+    per model."""
+    import llama_cpp
+
+    key = (ctypes.cast(llama._model.model, ctypes.c_void_p).value, llama.model_path)
+    if key not in _BYTE_TOKENS:
+        vocab = llama._model.vocab
+        found = {}
+        for token in range(llama.n_vocab()):
+            if llama_cpp.llama_vocab_get_attr(vocab, token) & llama_cpp.LLAMA_TOKEN_ATTR_BYTE:
+                piece = llama.detokenize([token], special=False)
+                if len(piece) == 1:
+                    found[piece[0]] = token
+        _BYTE_TOKENS[key] = found
+    return _BYTE_TOKENS[key]
 
 
 TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # llama_token_data
