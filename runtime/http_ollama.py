@@ -130,11 +130,14 @@ def _keep_alive(body: dict) -> float | None:
 
 def _constraint(body: dict, chat: bool) -> structured.Constraint | None:
     """format ("json", or a JSON schema) and tools (chat): what the answer must look like. With tools the model
-    may answer text or call one (Ollama has no tool_choice)."""
+    may answer text or call one; Ollama has no tool_choice, hublab.tool_choice is OpenAI's."""
     out = structured.from_format(body.get("format"), "format")
     tools = body.get("tools") if chat else None
+    choice = obj("hublab", body.get("hublab")).get("tool_choice")  # hublab's own: as OpenAI's tool_choice
     if tools:
-        return structured.with_tools(structured.tools_from(tools), "auto", text=out)
+        return structured.with_tools(structured.tools_from(tools), choice or "auto", out, "hublab.tool_choice")
+    if choice is not None:
+        raise ApiError(400, "hublab.tool_choice needs tools: send the tools it may call")
     return out
 
 
@@ -381,7 +384,7 @@ def _answer(req: Request, body: dict, prompt: str | list[dict], chat: bool) -> N
         _load_only(req, model, keep, lines)
         return
     extra = obj("hublab", body.get("hublab"))
-    check_fields(extra, {"routing": _HONOURED, "synthesis": _HONOURED}, "hublab.")
+    check_fields(extra, {"routing": _HONOURED, "synthesis": _HONOURED, "tool_choice": _HONOURED}, "hublab.")
     routing, synthesis = moe_fields(extra, "hublab.")
     bases = device.bases_for(model, prompt, routing, synthesis)
 

@@ -49,7 +49,7 @@ CHAT_FIELDS: dict[str, Field] = {
     "prediction": Field(nothing, "predicted outputs are not used; leave it out"),
     "reasoning_effort": Field(nothing, "hublab's models do not reason apart from the answer; leave it out"),
     "verbosity": Field(nothing, "leave it out; ask for brevity in the prompt"),
-    "web_search_options": Field(nothing, "hublab does not search the web"),
+    "web_search_options": Field(lambda value: False, "hublab does not search the web; leave it out"),
     "functions": Field(nothing, "the deprecated functions field is not taken; send tools"),
     "function_call": Field(nothing, "the deprecated function_call field is not taken; send tool_choice"),
 }

@@ -176,7 +176,7 @@ def check_schema(schema: dict, where: str = "schema") -> None:
             if not isinstance(ref, str) or ref not in defs:
                 raise StructureError(f"{where}: {path}.$ref {quote(ref, 60)} is not one of this schema's $defs "
                                      "(only local references #/$defs/NAME are followed)")
-            if len(node.keys() - ANNOTATIONS) > 1:
+            if len(node.keys() - ANNOTATIONS - {"$defs", "definitions"}) > 1:
                 raise StructureError(f"{where}: {path} has keywords beside $ref, which would be ignored; move them "
                                      "into the referenced schema")
         _check_lengths(node, path, where)
@@ -359,8 +359,11 @@ def _convert(schema: dict, where: str) -> str:
             return super().visit(node, name)
 
     converter = Converter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+    schema = json.loads(json.dumps(schema))
+    if "$ref" in schema:  # the converter follows no $ref inside $defs when the root is a $ref itself
+        schema = {**{k: v for k, v in schema.items() if k != "$ref"}, "anyOf": [{"$ref": schema["$ref"]}]}
     try:
-        resolved = converter.resolve_refs(json.loads(json.dumps(schema)), "input")
+        resolved = converter.resolve_refs(schema, "input")
         converter.visit(resolved, "")
         grammar = converter.format_grammar()
     except (AssertionError, ValueError, KeyError, TypeError, IndexError, RecursionError) as exc:
