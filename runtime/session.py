@@ -242,9 +242,10 @@ class Constrained:
     Checking a grammar over the whole vocabulary costs about as much as a decode step with gemma's 262k tokens,
     so the token is drawn from the unconstrained chain first and only that one token is checked against the
     grammar (a one-element candidate array through llama_sampler_apply). Only when it is rejected is the draw
-    redone with the grammar applied: to the PREFILTER most likely candidates when at least `need` of them pass
+    redone with the grammar applied: to the TIERS[0] most likely candidates when at least `need` of them pass
     (top-k of the allowed tokens is then the same set as over the whole vocabulary: every allowed token outside
-    them is less likely than each of those), else to the whole vocabulary. The token chosen is accepted into the
+    them is less likely than each of those), else to the TIERS[1] most likely, else to the whole vocabulary (the
+    grammar costs about 0.3 ms per 512 candidates). The token chosen is accepted into the
     penalties, the chain and the grammar alike.
 
     llama.cpp's grammar reads tokens as code points without checking that their bytes are valid UTF-8: a lone
@@ -252,7 +253,7 @@ class Constrained:
     UTF-8 here: a chosen token that would break it is turned down like one the grammar rejects, and the redraw
     masks the byte tokens (and end-of-generation, mid-character) that would."""
 
-    PREFILTER = 512
+    TIERS = (512, 16384)
 
     def __init__(self, llama, grammar: str, penalties, chain, need: int | None):
         import llama_cpp
@@ -275,7 +276,9 @@ class Constrained:
         self.one = np.zeros(1, dtype=TOKEN_DATA)
         self.cur_one = llama_cpp.llama_token_data_array(
             self.one.ctypes.data_as(llama_cpp.llama_token_data_p), 1, -1, False)
-        self.prefilter = llama_cpp.llama_sampler_init_top_k(max(self.PREFILTER, need or 0))
+        self.tiers = [(t, llama_cpp.llama_sampler_init_top_k(t)) for t in self.TIERS
+                      if need is not None and need <= t < n]
+        self.penalized = None  # this step's logits after the penalties, kept for a redraw
         self.rejected = 0  # draws the grammar turned down (each one redone with the grammar applied)
         self.pending = b""  # the bytes of a character not yet complete at the end of the answer
         self.banned: set[int] = set()  # tokens found to break UTF-8 in this answer's redraws
@@ -288,6 +291,13 @@ class Constrained:
         logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llama._ctx.ctx, -1), shape=(self.n_vocab,))
         self.buf["id"] = self.ids
         self.buf["logit"] = logits
+        self.buf["p"] = 0.0
+        self.cur.size, self.cur.selected, self.cur.sorted = self.n_vocab, -1, False
+
+    def _refill(self) -> None:
+        """The candidates again, from this step's penalized logits (the chain sorted and cut the array)."""
+        self.buf["id"] = self.ids
+        self.buf["logit"] = self.penalized
         self.buf["p"] = 0.0
         self.cur.size, self.cur.selected, self.cur.sorted = self.n_vocab, -1, False
 
@@ -333,6 +343,7 @@ class Constrained:
 
         self._fill()
         self._apply(self.penalties)
+        self.penalized = self.buf["logit"].copy()
         self._apply(self.chain)
         token = self._chosen()
         if not self._allowed(token) or not self._keeps_utf8(token):
@@ -353,17 +364,15 @@ class Constrained:
         raise GrammarError("grammar: no token keeps the answer valid UTF-8 here; loosen the grammar")
 
     def _redraw(self) -> int:
-        self._fill()
-        self._apply(self.penalties)
-        if self.need is not None:
-            self._apply(self.prefilter)  # sorted, the most likely first
+        for size, prefilter in self.tiers:
+            self._refill()
+            self._apply(prefilter)  # the `size` most likely candidates
             self._apply(self.grammar)
             self._mask()
-            if int(np.isfinite(self.buf["logit"][:self.cur.size]).sum()) >= self.need:
+            if int(np.isfinite(self.buf["logit"][:size]).sum()) >= self.need:
                 self._apply(self.chain)
                 return self._chosen()
-            self._fill()
-            self._apply(self.penalties)
+        self._refill()
         self._apply(self.grammar)
         self._mask()
         if not np.isfinite(self.buf["logit"][:self.cur.size]).any():
@@ -385,10 +394,11 @@ class Constrained:
     def free(self) -> None:
         import llama_cpp
 
-        for sampler in (self.grammar, self.penalties, self.prefilter):
+        for sampler in (self.grammar, self.penalties, *(t for _, t in self.tiers)):
             if sampler:
                 llama_cpp.llama_sampler_free(sampler)
-        self.grammar = self.penalties = self.prefilter = None
+        self.grammar = self.penalties = None
+        self.tiers = []
 
 
 # UTF-8 (RFC 3629): the bytes that may follow each lead byte; no overlong forms, surrogates or code points past U+10FFFF
