@@ -111,3 +111,39 @@ def test_bad_data_is_one_line_naming_file_and_line(tmp_path, content, fmt, messa
 def test_unknown_template_is_an_error(tok):
     with pytest.raises(D.DataError, match="unknown chat template 'vicuna'"):
         D.resolve_template(tok, "vicuna")
+
+
+def test_tool_call_data_renders_as_serving_renders_a_tool_request(tiny_hf, tmp_path):
+    """A glaive tool-call record (LlamaFactory's shape) trains on exactly the text hublab serve puts before and
+    writes after: the tools in the system turn, the call as the {"name", "arguments"} object the grammar makes,
+    the tool's result as a tool turn. Rendered with the template the runtime uses, through the tiny tokenizer."""
+    from transformers import AutoTokenizer
+
+    from hublab.runtime import chat, http_openai, structured
+
+    tools = [{"name": "set_light", "description": "Turn a light on or off",
+              "parameters": {"type": "object", "properties": {"room": {"type": "string"}, "on": {"type": "boolean"}},
+                             "required": ["room", "on"]}}]
+    call = {"name": "set_light", "arguments": {"room": "kitchen", "on": True}}
+    record = {"conversations": [{"from": "human", "value": "Turn on the kitchen light"},
+                                {"from": "function_call", "value": json.dumps(call)},
+                                {"from": "observation", "value": '{"ok": true}'},
+                                {"from": "gpt", "value": "Done: the kitchen light is on."}],
+              "tools": json.dumps(tools)}
+    ex = D.load_examples(D.DataSpec(write_jsonl(tmp_path / "glaive.jsonl", [record])))[0]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_hf)
+    template = chat.TEMPLATES["gemma"]
+    trained = D._render(tokenizer, template, D.conversation(ex)[:3], add_generation_prompt=False)
+
+    # the same conversation as an OpenAI request with tools, as http_openai and Device.complete render it
+    served = http_openai._messages([
+        {"role": "user", "content": "Turn on the kitchen light"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": "set_light", "arguments": json.dumps(call["arguments"])}}]}])
+    prompt = chat.with_tools(served[:1], [structured.Tool(**t).to_dict() for t in tools])
+    assert chat.render("gemma", prompt).text + structured.render_call("set_light", call["arguments"]) in trained
+    assert trained == D._render(tokenizer, template, chat.with_tools(served, json.dumps(tools)),
+                                add_generation_prompt=False)
+    ids, labels = D.encode(ex, tokenizer, template, 512)
+    learned = tokenizer.decode([i for i, lab in zip(ids, labels) if lab != D.IGNORE])
+    assert '"name": "set_light"' in learned and "Done" in learned  # the call is a response the expert learns
