@@ -46,7 +46,11 @@ def train_domain(domain: str, data_dir: Path, runs_dir: Path, minutes: float, th
            "best_eval_loss": result.best_eval_loss, "train_s": round(result.seconds, 1),
            "s_per_step": round(result.seconds / max(1, result.steps), 2),
            "tokens_per_s": round(result.tokens_per_s, 1), "n_dev": len(dev),
-           "wall_s": round(time.time() - t0, 1), "dev_file": str(data_dir / f"{domain}_dev.jsonl")}
+           "wall_s": round(time.time() - t0, 1), "dev_file": str(data_dir / f"{domain}_dev.jsonl"),
+           "planned_steps": result.planned_steps,
+           "settings": {"lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lr": cfg.lr, "batch_size": cfg.batch_size,
+                        "max_seq_len": cfg.max_seq_len, "epochs": epochs, "minutes": minutes,
+                        "threads": threads, "eval_fraction": cfg.eval_fraction}}
     (runs_dir / domain / "ppl.json").write_text(json.dumps(row, indent=1))
     print(json.dumps(row), flush=True)
     return row
@@ -168,6 +172,24 @@ def gguf_perplexity(base_gguf: Path, adapter_gguf: Path | None, tok, template: s
         llm.close()
 
 
+def _training(rows: list[dict]) -> tuple[str, str]:
+    """The adapter's shape and how training ran, from what each run recorded (ppl.json), never typed here."""
+    settings = rows[0].get("settings") if rows else None
+    if not settings:
+        return "", ("The runs behind these adapters did not record their settings; rebuild them (see "
+                                "below) to have them stated here.")
+    s = settings
+    shape = f"r={s['lora_r']}, alpha={s['lora_alpha']}, "
+    stopped = [f"{r['domain']} stopped at {r['steps']} of {r['planned_steps']}" for r in rows
+               if r.get("planned_steps") and r["steps"] < r["planned_steps"]]
+    how = (f"Training ran on {s['threads'] or 'all'} threads, {s['batch_size']} examples x up to {s['max_seq_len']} "
+           f"tokens per step, lr {s['lr']:g} with warm-up and cosine decay, {s['epochs']:g} epoch or "
+           f"{s['minutes']:g} minutes per expert, whichever came first ("
+           + ("; ".join(stopped) if stopped else "every expert ran all its steps")
+           + f"), the adapter with the lowest loss on a {100 * s['eval_fraction']:g}% eval split kept.")
+    return shape, how
+
+
 def readme(rows: list[dict], quality: str) -> str:
     table = ["| expert | dev ppl base | dev ppl expert | lower by | steps | s/step | train tokens/s | adapter | pack |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -183,10 +205,11 @@ def readme(rows: list[dict], quality: str) -> str:
                   f"{100 * (1 - r['gguf_expert_ppl'] / r['gguf_base_ppl']):.0f}% | {r['gguf_n']} |" for r in rows]
         gguf = ("\nThe same check in llama.cpp itself (Q4_K_M base GGUF + the q8_0 adapter GGUF, as the runtime "
                 "loads them):\n\n" + "\n".join(lines) + "\n")
+    shape, how = _training(rows)
     return f"""# Demo experts
 
-Five experts on the `gemma3-270m` base (python, rust, system, ai, general). Each is a LoRA adapter (r=8,
-alpha=16, all seven attention/MLP projections, q8_0 GGUF) plus a knowledge pack: its question/answer pairs
+Five experts on the `gemma3-270m` base (python, rust, system, ai, general). Each is a LoRA adapter
+({shape}all seven attention/MLP projections, q8_0 GGUF) plus a knowledge pack: its question/answer pairs
 (`<domain>-knowledge.jsonl`) and their embeddings with the router's encoder (`<domain>-knowledge.<key>.npy`),
 from which the two closest pairs are put before each question on the device. Total {total / 1e6:.1f} MB. The
 expert TOMLs in `../experts/` point at them.
@@ -212,9 +235,7 @@ Dev-set perplexity (answer tokens; base vs base+adapter, HF model on the same de
 
 {chr(10).join(table)}
 {gguf}
-Training ran on a 2-core CPU shared with other jobs, two threads, 8 examples x up to 256 tokens per step,
-lr 5e-4 with warm-up and cosine decay, one epoch or the `--minutes` cap per expert, whichever came first
-(the steps column; rust stopped at 110 of 157), the adapter with the lowest loss on a 3% eval split kept.
+{how}
 
 ## Rebuild
 

@@ -93,6 +93,7 @@ class TrainResult:
     seconds: float
     stopped_early: bool
     history: list[dict]
+    planned_steps: int = 0   # the steps the epochs (or max_steps) asked for; fewer ran when a limit stopped it
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -545,7 +546,7 @@ def train_lora(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult
         plot_losses(state["history"], out / "loss.png", title=f"LoRA r={cfg.lora_r} on {Path(cfg.base).name}")
     seconds = state["seconds"]
     return TrainResult(out, adapter_dir, state["step"], state["best"], last_loss,
-                       state["tokens"] / max(seconds, 1e-9), seconds, stopped_early, state["history"])
+                       state["tokens"] / max(seconds, 1e-9), seconds, stopped_early, state["history"], total_steps)
 
 
 # ---------------------------------------------------------------------------------------------------
