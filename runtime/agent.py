@@ -17,7 +17,6 @@ every request must send `Authorization: Bearer <token>`.
 """
 from __future__ import annotations
 
-import ipaddress
 import os
 import signal
 import socket
@@ -32,24 +31,10 @@ from . import http_hublab, http_ollama, http_openai
 from .device import Device
 from .errors import HublabError
 from .gate import Gate
-from .http_common import Deadlines, Request, Routes
+from .http_common import Deadlines, Request, Routes, is_loopback
 from .inputs import arg_int, quote
 
 ROUTES: Routes = {**http_hublab.ROUTES, **http_openai.ROUTES, **http_ollama.ROUTES}
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(host, None)
-    except (OSError, ValueError, UnicodeError):
-        return False
-    return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
 
 
 class _Server(ThreadingHTTPServer):

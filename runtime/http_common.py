@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import ipaddress
 import json
 import socket
 import sys
@@ -34,6 +35,18 @@ if TYPE_CHECKING:
     from .agent import Agent
 
 MAX_BODY = 1 << 20
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` keeps a server on this machine: "localhost" or a loopback address. Any other name
+    counts as reachable from outside (it may resolve elsewhere by the time the socket binds), so it needs a token.
+    The agent and the WebUI both ask this."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class ApiError(Exception):

@@ -472,3 +472,14 @@ def test_load_bench_reports_served_rejected_and_rss(device_config):
     assert doc["rejected_503"] == doc["agent_rejected_total"]
     assert doc["completion_tokens"] == 8 * doc["served"]
     assert doc["rss_after_first_answer"] > doc["rss_before"] > 0 and doc["rss_after"] > 0  # the model loaded
+
+
+def test_one_loopback_rule_for_the_agent_and_the_webui():
+    """"localhost" and loopback addresses only: a name that resolves to loopback today still needs a token."""
+    from hublab.runtime import agent as agent_module
+    from hublab.runtime.http_common import is_loopback
+    from hublab.trainer import webui
+
+    assert agent_module.is_loopback is is_loopback and webui.is_loopback is is_loopback
+    assert all(is_loopback(h) for h in ("localhost", "127.0.0.1", "127.8.9.1", "::1", "[::1]"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.20", "ip6-localhost", "pi.local", ""))

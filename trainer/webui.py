@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import hmac
-import ipaddress
 import json
 import mimetypes
 import secrets
@@ -35,6 +34,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from hublab.runtime.errors import HublabError
+from hublab.runtime.http_common import is_loopback
 
 from . import webui_jobs as J
 from . import webui_models as M
@@ -689,15 +689,6 @@ class _Routes(dict):
 
 
 ROUTES = _Routes(ROUTES)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def make_server(workspace: Path, host: str = "127.0.0.1", port: int = 7860, token: str = "",
