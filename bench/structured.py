@@ -171,7 +171,7 @@ def _llama_server(rt, qs: list[str], tokens: int) -> dict:
                             stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        ls.wait_ready(url, proc)
+        ls.wait_ready(url + "/health", proc)
         rates, free = [], []
         for q in qs:
             for schema in (SCHEMAS["answer"], None):
