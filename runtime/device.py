@@ -402,8 +402,8 @@ class Device:
 
     def ask(self, query: str, routing: str | None = None, synthesis: str | None = None,
             on_event: Callable[[str, dict], None] | None = None, cancel: threading.Event | None = None,
-            max_tokens: int | None = None, temperature: float | None = None, constraint=None,
-            prompt: str | list[dict] | None = None, format: Any = None, **sampler: Any) -> dict:
+            max_tokens: int | None = None, format: Any = None, temperature: float | None = None, constraint=None,
+            prompt: str | list[dict] | None = None, **sampler: Any) -> dict:
         """Route `query`, run the selected experts on `prompt` (default: the query) and synthesise. `constraint`
         (runtime/structured.py), or `format` ("json" or a JSON schema, as Ollama's), holds every expert's answer
         to it; synthesis picks among valid ones."""
