@@ -97,7 +97,6 @@ def host_cpu(path: Path = Path("/proc/cpuinfo")) -> CpuInfo:
 
 def decide(cpu: CpuInfo, available: tuple[str, ...] | None = None, override: str | None = None) -> WeightBuffers:
     """Repack unless the AMX buffer could be used (an AMX CPU and a build that offers it, or one we cannot ask)."""
-    where = "this CPU"
     if override is not None:
         want = override.strip().lower()
         if want in ("on", "1", "true", "yes"):
@@ -107,10 +106,10 @@ def decide(cpu: CpuInfo, available: tuple[str, ...] | None = None, override: str
         if want not in ("", "auto"):
             raise HublabError(f"{ENV}={override!r} is not a setting; use on, off or auto (the default)")
     if cpu.has_amx and (available is None or any("AMX" in name.upper() for name in available)):
-        return WeightBuffers(False, f"{where} has Intel AMX and llama.cpp's AMX buffer crashes on Q4_K weights "
+        return WeightBuffers(False, "this CPU has Intel AMX and llama.cpp's AMX buffer crashes on Q4_K weights "
                                     f"({ISSUE}): weights stay in plain CPU buffers", available)
     if cpu.has_amx:
-        return WeightBuffers(True, f"{where} has Intel AMX but this llama.cpp build has no AMX buffer: "
+        return WeightBuffers(True, "this CPU has Intel AMX but this llama.cpp build has no AMX buffer: "
                                    "repacked weights (CPU_REPACK) are safe", available)
     if cpu.arch in ("aarch64", "armv7l"):
         if cpu.flags & {"asimddp", "i8mm"}:
@@ -201,7 +200,7 @@ def load_llama(path, extra: bool | None = None, **kwargs):
     host = configure_llama()
     from llama_cpp import Llama
 
-    token = _this_load.set(host.extra and extra if extra is not None else None)  # never on where the host says off
+    token = _this_load.set(None if extra is None else host.extra and extra)  # never on where the host says off
     try:
         return Llama(model_path=str(path), **kwargs)
     finally:
