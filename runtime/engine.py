@@ -525,7 +525,7 @@ class Runtime:
                 threads.append(n)
                 llama_cpp.llama_set_n_threads(llama._ctx.ctx, n, n)
 
-            sampled = base.sample(tokens[cached:], opts, cancel, grammar)
+            sampled = base.sample(tokens[cached:], opts, cancel, grammar, budget=max_new)
             try:
                 yield from decode_text(base.policy.paced(sampled, apply_threads), llama, out, cancel, max_new, t0,
                                         state, add_logprob if logprobs else None)

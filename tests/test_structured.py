@@ -379,3 +379,24 @@ def test_every_documented_ollama_field_is_honoured_or_named(agent):
 
 def test_structure_errors_are_hublab_errors():
     assert issubclass(st.StructureError, HublabError)
+
+
+def test_json_closing_reads_what_is_open():
+    from hublab.runtime.session import json_closing
+
+    assert json_closing('{"items": [{"item": "9V", "coun') == '"}]}'
+    assert json_closing('{"a": "x\\"]", "b": [1, 2') == "]}"   # brackets inside strings and escapes do not count
+    assert json_closing('{"a": 1}') == "" and json_closing("plain text") == ""
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
+def test_a_document_longer_than_max_tokens_is_closed_in_time(agent, seed):
+    """An array with no maxItems under a small max_tokens: the last tokens close the document instead of the limit
+    cutting it, so it still parses and validates (the tiny model, sampled, would go on for ever)."""
+    schema = {"type": "object", "properties": {"items": {"type": "array", "items": {"type": "string"}}},
+              "required": ["items"]}
+    c = st.json_schema(schema)
+    r = agent.device.rt.generate("alpha", "list things", max_tokens=40, temperature=1.0, seed=seed,
+                                 grammar=c.grammar)
+    assert r.tokens <= 40
+    jsonschema.validate(json.loads(r.text), schema)
