@@ -35,32 +35,12 @@ from .inputs import quote
 from .memory import MemoryEstimate, estimate_model, read_gguf, release_free_memory
 from .profiles import Profile, active_profile
 from .scheduler import LoadPlan, expired, victims
-from .session import Decoded, Generation, LoadedBase, TextStream, decode_text, is_special
+from .session import Decoded, Generation, GenerationResult, LoadedBase, TextStream, decode_text, is_special
 from .threads import CpuLoad, ThreadPolicy, usable_cpus
 
 
 class FitError(HublabError):
     """A model does not fit the board's memory budget."""
-
-
-@dataclass
-class GenerationResult:
-    expert: str
-    text: str
-    prompt_tokens: int = 0
-    tokens: int = 0
-    ttft_s: float = 0.0
-    seconds: float = 0.0
-    tokens_per_s: float = 0.0
-    finish_reason: str = "stop"          # stop | length | cancelled
-    rss_bytes: int = 0
-    mean_token_prob: float | None = None  # mean probability of the sampled tokens (when asked for)
-    knowledge: int = 0                    # knowledge-pack pairs put before the question
-    cached_tokens: int = 0                # prompt tokens whose KV was reused (this expert's prefix cache)
-    threads: int = 0                      # llama.cpp threads at the end of the generation
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

@@ -20,7 +20,7 @@ import traceback
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 from urllib.parse import parse_qs, urlparse
 
 from hublab import __version__
@@ -32,7 +32,26 @@ from .gate import Cancelled, QueueFull, watch_disconnect
 from .inputs import number_problem, quote
 
 if TYPE_CHECKING:
-    from .agent import Agent
+    from .device import Device
+    from .gate import Gate
+
+
+
+class Server(Protocol):
+    """What a request needs of the server that runs it (the agent is one): its device, admission gate, counters,
+    read deadlines and token, and a place to report how long an answer took."""
+    device: Device
+    gate: Gate
+    metrics: Any
+    deadlines: Deadlines
+    token: str
+    quiet: bool
+    request_timeout: float
+
+    def observe(self, seconds: float) -> None: ...
+
+    def retry_after(self) -> int: ...
+
 
 MAX_BODY = 1 << 20
 
@@ -180,7 +199,7 @@ class Request(BaseHTTPRequestHandler):
     a stream of frames (`sse`, `ndjson`) or `send`."""
     protocol_version = "HTTP/1.1"
     server_version = f"hublab/{__version__}"
-    agent: "Agent"    # set on the subclass the Agent makes
+    agent: Server     # set on the subclass the Agent makes
     routes: Routes    # likewise
     timeout = 30      # seconds any one socket read or write may stall (the subclass sets the agent's value)
     timed_out = False  # the request did not arrive in time (Deadlines shut its reading side)

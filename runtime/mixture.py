@@ -13,9 +13,8 @@ import psutil
 
 from .config import Inference, ModelConfig
 from .errors import HublabError
-from .session import PENALTY_LAST_N, Decoded, Generation, TextStream, decode_text
+from .session import PENALTY_LAST_N, Decoded, Generation, GenerationResult, TextStream, decode_text
 
-from .engine import GenerationResult
 
 if TYPE_CHECKING:
     from .engine import Runtime

@@ -11,8 +11,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -21,8 +20,26 @@ from .errors import HublabError
 from .memory import MemoryEstimate
 from .threads import ThreadPolicy
 
-if TYPE_CHECKING:
-    from .engine import GenerationResult
+
+@dataclass
+class GenerationResult:
+    """What one answer came to: its text and how it went (what the API and the shell report)."""
+    expert: str
+    text: str
+    prompt_tokens: int = 0
+    tokens: int = 0
+    ttft_s: float = 0.0
+    seconds: float = 0.0
+    tokens_per_s: float = 0.0
+    finish_reason: str = "stop"          # stop | length | cancelled
+    rss_bytes: int = 0
+    mean_token_prob: float | None = None  # mean probability of the sampled tokens (when asked for)
+    knowledge: int = 0                    # knowledge-pack pairs put before the question
+    cached_tokens: int = 0                # prompt tokens whose KV was reused (this expert's prefix cache)
+    threads: int = 0                      # llama.cpp threads at the end of the generation
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass

@@ -483,3 +483,17 @@ def test_one_loopback_rule_for_the_agent_and_the_webui():
     assert agent_module.is_loopback is is_loopback and webui.is_loopback is is_loopback
     assert all(is_loopback(h) for h in ("localhost", "127.0.0.1", "127.8.9.1", "::1", "[::1]"))
     assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.20", "ip6-localhost", "pi.local", ""))
+
+
+def test_the_agent_is_the_server_requests_see(agent):
+    """http_common's request code knows the agent only as its Server protocol (no import of the agent back)."""
+    from protocols import protocol_members, signature_problems
+
+    from hublab.runtime import http_common
+    from hublab.runtime.agent import Agent
+
+    methods, attrs = protocol_members(http_common.Server)
+    assert {"observe", "retry_after"} <= set(methods) and all(hasattr(agent, a) for a in attrs)
+    set_in_init = {f"Agent has no {a}" for a in attrs}  # instance attributes: checked on the instance above
+    assert [p for p in signature_problems(http_common.Server, Agent) if p not in set_in_init] == []
+    assert "agent" not in http_common.__dict__ and "Agent" not in http_common.__dict__
