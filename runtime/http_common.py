@@ -84,7 +84,7 @@ class Route:
 Routes = dict[str, Route]
 
 
-def number(key: str, value: Any, kind: type, lo: float | None = None, hi: float | None = None) -> int | float:
+def number_field(key: str, value: Any, kind: type, lo: float | None = None, hi: float | None = None) -> int | float:
     """A finite JSON number of `kind` (int or float) within [lo, hi], else a 400 naming the field."""
     problem = number_problem(value, kind is int, lo, hi)
     if problem:
@@ -92,7 +92,7 @@ def number(key: str, value: Any, kind: type, lo: float | None = None, hi: float 
     return kind(value)
 
 
-def text(key: str, value: Any, limit: int = 256) -> str | None:
+def text_field(key: str, value: Any, limit: int = 256) -> str | None:
     """An optional string field (null or absent is None); another type or an overlong one is a 400."""
     if value is None:
         return None
@@ -103,7 +103,7 @@ def text(key: str, value: Any, limit: int = 256) -> str | None:
     return value
 
 
-def obj(key: str, value: Any) -> dict:
+def object_field(key: str, value: Any) -> dict:
     """An optional JSON object field (null or absent is {}); anything else is a 400."""
     if value is None:
         return {}
@@ -117,8 +117,8 @@ def moe_fields(extra: dict, prefix: str = "") -> tuple[str | None, str | None]:
     strategy and a synthesis, checked whatever the model, so a wrong one is a 400 and not silently unused."""
     from .device import check_moe_args
 
-    routing = text(f"{prefix}routing", extra.get("routing"), 64)
-    synthesis = text(f"{prefix}synthesis", extra.get("synthesis"), 64)
+    routing = text_field(f"{prefix}routing", extra.get("routing"), 64)
+    synthesis = text_field(f"{prefix}synthesis", extra.get("synthesis"), 64)
     check_moe_args(routing, synthesis)
     return routing, synthesis
 

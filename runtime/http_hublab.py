@@ -13,7 +13,7 @@ plus /health and /metrics. JSON in and out, errors in OpenAI's shape; /hublab/as
 """
 from __future__ import annotations
 
-from .http_common import ApiError, Request, Route, moe_fields, sampler_fields, text
+from .http_common import ApiError, Request, Route, moe_fields, sampler_fields, text_field
 from .structured import from_format
 
 
@@ -21,7 +21,7 @@ def _name(body: dict) -> str:
     name = body.get("name")
     if not isinstance(name, str) or not name:
         raise ApiError(400, "name is required: a model or expert name from /hublab/experts")
-    return text("name", name)
+    return text_field("name", name)
 
 
 def _query(body: dict, what: str) -> str:
@@ -100,14 +100,14 @@ def config(req: Request) -> None:
     key = body.get("key")
     if not isinstance(key, str) or not key or "value" not in body:
         raise ApiError(400, "key and value are required, e.g. {\"key\": \"keep_alive\", \"value\": \"10m\"}")
-    text("key", key, 64)
-    req.json(req.agent.device.config(key, body["value"], text("name", body.get("name"))))
+    text_field("key", key, 64)
+    req.json(req.agent.device.config(key, body["value"], text_field("name", body.get("name"))))
 
 
 def benchmark(req: Request) -> None:
     body = req.body()
     device = req.agent.device
-    name = device.benchmark_target(text("name", body.get("name")))
+    name = device.benchmark_target(text_field("name", body.get("name")))
     with req.generation([device.base_of(name)]):
         req.json(device.benchmark(name, max_tokens=_max_tokens(body, 64), cancel=req.cancel))
 

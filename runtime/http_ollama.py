@@ -39,8 +39,8 @@ from .config import parse_duration, request_fields
 from .device import MOE, ROUTER, Completion, UnknownModel, unknown_model_message
 from .errors import HublabError
 from . import structured
-from .http_common import (ApiError, Field, Request, Route, check_fields, iso_time, moe_fields, nothing, obj, only,
-                          sampler_fields, text)
+from .http_common import (ApiError, Field, Request, Route, check_fields, iso_time, moe_fields, nothing, object_field,
+                          only, sampler_fields, text_field)
 from .inputs import finite
 
 NEVER = "9999-12-31T23:59:59Z"  # expires_at of a model kept loaded until unloaded (keep_alive < 0)
@@ -95,7 +95,7 @@ def _model(body: dict) -> str:
     model = body.get("model") or body.get("name")  # older clients send "name"
     if not isinstance(model, str) or not model.strip():
         raise ApiError(400, "model is required: a name from /api/tags (an expert, moe or router)")
-    text("model", model, 256)
+    text_field("model", model, 256)
     model = model.strip()
     return model[: -len(":latest")] if model.endswith(":latest") else model
 
@@ -103,7 +103,7 @@ def _model(body: dict) -> str:
 def _options(body: dict) -> dict[str, Any]:
     """Ollama options -> Device.complete keyword arguments (checked: a bad value is a 400). num_predict -1 (or -2)
     is no limit but the context; num_ctx caps this request's prompt + answer, within the model's context_size."""
-    options = obj("options", body.get("options"))  # e.g. {"temperature": 0.7, "num_predict": 64}
+    options = object_field("options", body.get("options"))  # e.g. {"temperature": 0.7, "num_predict": 64}
     check_fields(options, {**{name: _HONOURED for name in request_fields("ollama")}, **OPTIONS}, "options.")
     predict = options.get("num_predict")
     unlimited = finite(predict) and predict in (-1, -2)
@@ -133,7 +133,7 @@ def _constraint(body: dict, chat: bool) -> structured.Constraint | None:
     may answer text or call one; Ollama has no tool_choice, hublab.tool_choice is OpenAI's."""
     out = structured.from_format(body.get("format"), "format")
     tools = body.get("tools") if chat else None
-    choice = obj("hublab", body.get("hublab")).get("tool_choice")  # hublab's own: as OpenAI's tool_choice
+    choice = object_field("hublab", body.get("hublab")).get("tool_choice")  # hublab's own: as OpenAI's tool_choice
     if tools:
         return structured.with_tools(structured.tools_from(tools), choice or "auto", out, "hublab.tool_choice")
     if choice is not None:
@@ -383,7 +383,7 @@ def _answer(req: Request, body: dict, prompt: str | list[dict], chat: bool) -> N
     if not prompt:
         _load_only(req, model, keep, lines)
         return
-    extra = obj("hublab", body.get("hublab"))
+    extra = object_field("hublab", body.get("hublab"))
     check_fields(extra, {"routing": _HONOURED, "synthesis": _HONOURED, "tool_choice": _HONOURED}, "hublab.")
     routing, synthesis = moe_fields(extra, "hublab.")
     bases = device.bases_for(model, prompt, routing, synthesis)

@@ -20,7 +20,8 @@ from typing import Any
 from . import structured
 from .config import request_fields
 from .device import MOE, Completion
-from .http_common import ApiError, Field, Request, Route, check_fields, moe_fields, nothing, obj, only, sampler_fields
+from .http_common import (ApiError, Field, Request, Route, check_fields, moe_fields, nothing, object_field, only,
+                          sampler_fields)
 
 _HONOURED = Field()
 _ZERO = only(0, 0.0)
@@ -219,7 +220,7 @@ def _answer(req: Request, body: dict, prompt: str | list[dict], chat: bool) -> N
     extra = extra or {}
     check_fields(extra, {"routing": Field(), "synthesis": Field(), "parse_special": Field()}, "hublab.")
     routing, synthesis = moe_fields(extra, "hublab.")
-    stream_options = obj("stream_options", body.get("stream_options"))
+    stream_options = object_field("stream_options", body.get("stream_options"))
     check_fields(stream_options, {"include_usage": Field(), "include_obfuscation": Field(
         only(False), "streamed chunks carry no obfuscation padding")}, "stream_options.")
     special = extra.get("parse_special", True)
