@@ -36,8 +36,8 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 from hublab.runtime.errors import HublabError
 from hublab.runtime.http_common import is_loopback
 
-from . import webui_jobs as J
-from . import webui_models as M
+from . import webui_jobs
+from . import webui_models
 from .webui_data import WebError, check_name, inside
 
 MAX_JSON = 1 << 20
@@ -62,7 +62,7 @@ class App:
             (self.ws / sub).mkdir(parents=True, exist_ok=True)
         self.token = token
         self.models_dir = Path(models_dir).resolve() if models_dir else None  # explicit: the whole model set
-        self.system, self.system_error = M.system_config(self.models_dir)
+        self.system, self.system_error = webui_models.system_config(self.models_dir)
         self.max_upload = max_upload
         self.loopback = loopback
         self._runtime = None
@@ -148,20 +148,20 @@ class App:
             raise WebError(str(exc).replace(str(tmp), "expert.toml"), 422) from None
         finally:
             tmp.unlink(missing_ok=True)
-        running = [j for j in J.all_jobs(self.ws) if j.kind == "train" and j.name == plan["name"]
-                   and J.status(j) == "running"]
+        running = [j for j in webui_jobs.all_jobs(self.ws) if j.kind == "train" and j.name == plan["name"]
+                   and webui_jobs.status(j) == "running"]
         if running:
             raise WebError(f"run {plan['name']!r} is training (job {running[0].id}); stop it first", 409)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "expert.toml").write_text(plan["toml"])
         outputs = [f"runs/{plan['name']}/out"]
-        job = J.start(self.ws, "train", plan["name"], [plan["argv"]], config=form, outputs=outputs)
-        return J.progress(job)
+        job = webui_jobs.start(self.ws, "train", plan["name"], [plan["argv"]], config=form, outputs=outputs)
+        return webui_jobs.progress(job)
 
-    def resume(self, job: J.Job, max_steps: int = 0) -> dict:
+    def resume(self, job: webui_jobs.Job, max_steps: int = 0) -> dict:
         if job.kind != "train":
             raise WebError(f"job {job.id} is a {job.kind} job; only trainings resume")
-        if J.status(job) == "running":
+        if webui_jobs.status(job) == "running":
             raise WebError(f"job {job.id} is still running", 409)
         argv = [a for a in job.commands[-1]]
         if "--max-steps" in argv:
@@ -169,9 +169,9 @@ class App:
             del argv[i:i + 2]
         if max_steps:
             argv += ["--max-steps", str(int(max_steps))]
-        new = J.start(self.ws, "train", job.name, [argv], config={**job.config, "resumed_from": job.id},
+        new = webui_jobs.start(self.ws, "train", job.name, [argv], config={**job.config, "resumed_from": job.id},
                       outputs=job.outputs)
-        return J.progress(new)
+        return webui_jobs.progress(new)
 
     # -- export ---------------------------------------------------------------------------------------
 
@@ -252,7 +252,7 @@ class App:
         errors = [e for e in catalog.errors if "models directory not found" not in e or self.models_dir]
         if self.system_error:
             errors.insert(0, self.system_error)
-        return {"models": M.describe(catalog), "errors": errors,
+        return {"models": webui_models.describe(catalog), "errors": errors,
                 "dirs": [str(d) for d in self.system.model_dirs], "install_dir": str(self.system.models_dir)}
 
     def runtime(self):
@@ -264,12 +264,12 @@ class App:
             return self._runtime
 
     def install_plan(self, form: dict) -> dict:
-        return M.install_plan(self.ws, self.catalog(), self.system.models_dir, form)
+        return webui_models.install_plan(self.ws, self.catalog(), self.system.models_dir, form)
 
     def install(self, form: dict) -> dict:
         """Install an exported adapter as an expert; Chat and Evaluate list it at once."""
         plan = self.install_plan(form)
-        M.install(plan, self.system, replace=bool(form.get("replace")))
+        webui_models.install(plan, self.system, replace=bool(form.get("replace")))
         with self._runtime_lock:
             if self._runtime is not None:
                 self._runtime.rescan()
@@ -292,7 +292,7 @@ class App:
             cmd += ["--base", str(form["base"])]
         return [cmd], out
 
-    def bench_result(self, job: J.Job) -> dict:
+    def bench_result(self, job: webui_jobs.Job) -> dict:
         """A/B answers side by side, each with runtime.quality's key-term hit and degenerate check."""
         from hublab.runtime import quality
 
@@ -330,7 +330,7 @@ class App:
         from hublab.runtime import chat
         from hublab.runtime.profiles import board_profiles
 
-        from . import data as D
+        from . import data
         from .export import NEEDS_IMATRIX, QUANT_TYPES
         from .lora import LORA_TARGETS
         from .train import SCHEMA
@@ -347,13 +347,13 @@ class App:
             domains = list(DOC_PAIRS)
         except ImportError:
             domains = []
-        bases = M.train_bases(self.ws)
+        bases = webui_models.train_bases(self.ws)
         schema = {sec: {k: {"default": s.default, "help": s.help, "type": s.type.__name__,
                             "choices": list(s.choices) if getattr(s, "choices", None) else None}
                         for k, s in keys.items()} for sec, keys in SCHEMA.items()}
         if bases and not schema["train"]["base"]["default"]:
             schema["train"]["base"]["default"] = bases[0]["value"]  # the embedded base: a run that starts as is
-        return {"workspace": str(self.ws), "schema": schema, "formats": list(D.FORMATS),
+        return {"workspace": str(self.ws), "schema": schema, "formats": list(data.FORMATS),
                 "templates": ["auto", *chat.TEMPLATES], "lora_targets": LORA_TARGETS,
                 "quant_types": list(QUANT_TYPES), "needs_imatrix": sorted(NEEDS_IMATRIX),
                 "profiles": sorted(board_profiles()), "registry": registry, "domains": domains,
@@ -500,39 +500,39 @@ class Handler(BaseHTTPRequestHandler):
         self.send_json(self.app.info())
 
     def api_datasets(self, parts, query, extra):
-        from . import webui_data as W
+        from . import webui_data
 
-        self.send_json(W.list_datasets(self.app.ws))
+        self.send_json(webui_data.list_datasets(self.app.ws))
 
     def api_upload(self, parts, query, extra):
-        from . import webui_data as W
+        from . import webui_data
 
         body = self.read_body(self.app.max_upload)
         q = {k: v[0] for k, v in query.items()}
-        self.send_json(W.save_upload(self.app.ws, q.get("file", ""), body, q.get("folder", ""),
+        self.send_json(webui_data.save_upload(self.app.ws, q.get("file", ""), body, q.get("folder", ""),
                                      q.get("format", "auto")), 201)
 
     def api_inspect(self, parts, query, extra):
-        from . import webui_data as W
+        from . import webui_data
 
         q = {k: v[0] for k, v in query.items()}
         base = q.get("base", "")
-        self.send_json(W.inspect(self.app.ws, q.get("path", ""), q.get("name", ""), q.get("format", "auto"),
+        self.send_json(webui_data.inspect(self.app.ws, q.get("path", ""), q.get("name", ""), q.get("format", "auto"),
                                  self.app.base_value(base) if base else "", q.get("template", "chatml"),
                                  int(q.get("rows", 5))))
 
     def api_mix(self, parts, query, extra):
-        from . import webui_data as W
+        from . import webui_data
 
         b = self.json_body()
-        self.send_json(W.mix_datasets(self.app.ws, str(b.get("name", "")), b.get("parts") or [],
+        self.send_json(webui_data.mix_datasets(self.app.ws, str(b.get("name", "")), b.get("parts") or [],
                                       int(b.get("total") or 0), int(b.get("seed") or 0)), 201)
 
     def api_generate(self, parts, query, extra):
-        from . import webui_data as W
+        from . import webui_data
 
         b = self.json_body()
-        self.send_json(W.generate(self.app.ws, str(b.get("domain", "")), str(b.get("name", "")),
+        self.send_json(webui_data.generate(self.app.ws, str(b.get("domain", "")), str(b.get("name", "")),
                                   int(b.get("limit") or 0)), 201)
 
     def api_train(self, parts, query, extra):
@@ -546,14 +546,14 @@ class Handler(BaseHTTPRequestHandler):
         name, cmds, outputs = self.app.export_plan(b)
         if len(parts) > 2 and parts[2] == "plan":
             return self.send_json({"commands": [shlex.join(c) for c in cmds], "outputs": outputs})
-        job = J.start(self.app.ws, "export", name, cmds, config=b, outputs=outputs)
-        self.send_json(J.progress(job), 201)
+        job = webui_jobs.start(self.app.ws, "export", name, cmds, config=b, outputs=outputs)
+        self.send_json(webui_jobs.progress(job), 201)
 
     def api_bench(self, parts, query, extra):
         b = self.json_body()
         cmds, out = self.app.bench_plan(b)
-        job = J.start(self.app.ws, "bench", b.get("expert", "bench"), cmds, config=b, outputs=[out])
-        self.send_json(J.progress(job), 201)
+        job = webui_jobs.start(self.app.ws, "bench", b.get("expert", "bench"), cmds, config=b, outputs=[out])
+        self.send_json(webui_jobs.progress(job), 201)
 
     def api_chat(self, parts, query, extra):
         self.send_json(self.app.chat(self.json_body()))
@@ -565,7 +565,7 @@ class Handler(BaseHTTPRequestHandler):
         app = self.app
         if self.command == "GET":
             adapter = query.get("adapter", [""])[0]
-            return self.send_json(M.install_defaults(app.ws, app.catalog(), app.system.models_dir, adapter))
+            return self.send_json(webui_models.install_defaults(app.ws, app.catalog(), app.system.models_dir, adapter))
         b = self.json_body()
         if len(parts) > 2 and parts[2] == "plan":
             plan = app.install_plan(b)
@@ -576,10 +576,10 @@ class Handler(BaseHTTPRequestHandler):
     def api_jobs(self, parts, query, extra):
         kind = query.get("kind", [""])[0]
         out = []
-        for job in J.all_jobs(self.app.ws):
+        for job in webui_jobs.all_jobs(self.app.ws):
             if kind and job.kind != kind:
                 continue
-            p = J.progress(job, log_lines=0)
+            p = webui_jobs.progress(job, log_lines=0)
             p.pop("log")
             out.append(p)
         self.send_json(out)
@@ -592,7 +592,7 @@ class Handler(BaseHTTPRequestHandler):
         files = [{"path": self.app.rel(p), "size": p.stat().st_size} for p in sorted(root.rglob("*"))
                  if p.is_file() and not p.name.startswith(".")][:2000]
         for f in files:  # an adapter GGUF can be installed as an expert
-            f["adapter"] = f["path"].endswith(".gguf") and M.gguf_kind(self.app.ws / f["path"]) == "adapter"
+            f["adapter"] = f["path"].endswith(".gguf") and webui_models.gguf_kind(self.app.ws / f["path"]) == "adapter"
         self.send_json(files)
 
     def download(self, parts, query, extra):
@@ -610,12 +610,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def job_route(self, method, rest, query):
         try:
-            job = J.load(self.app.ws, rest[0])
+            job = webui_jobs.load(self.app.ws, rest[0])
         except KeyError:
             raise WebError(f"job {rest[0]!r}: no such job", 404) from None
         action = rest[1] if len(rest) > 1 else ""
         if method == "GET" and action == "":
-            return self.send_json(J.progress(job, int(query.get("lines", ["40"])[0])))
+            return self.send_json(webui_jobs.progress(job, int(query.get("lines", ["40"])[0])))
         if method == "GET" and action == "events":
             return self.events(job)
         if method == "GET" and action == "bench":
@@ -623,13 +623,13 @@ class Handler(BaseHTTPRequestHandler):
         if method == "GET" and action == "toml" and job.kind == "train":
             return self.send_json({"toml": inside(self.app.ws, f"runs/{job.name}/expert.toml").read_text()})
         if method == "POST" and action == "stop":
-            return self.send_json({"stopped": J.stop(job), **J.progress(job)})
+            return self.send_json({"stopped": webui_jobs.stop(job), **webui_jobs.progress(job)})
         if method == "POST" and action == "resume":
             b = self.json_body()
             return self.send_json(self.app.resume(job, int(b.get("max_steps") or 0)), 201)
         raise WebError(f"{action!r}: no such job action", 404)
 
-    def events(self, job: J.Job) -> None:
+    def events(self, job: webui_jobs.Job) -> None:
         """Server-Sent Events: the job's progress whenever it changes, until it ends."""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -637,7 +637,7 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         last, last_sent = "", time.monotonic()
         while True:
-            p = J.progress(job, 60)
+            p = webui_jobs.progress(job, 60)
             text = json.dumps(p)
             if text != last:
                 self.wfile.write(f"data: {text}\n\n".encode())
