@@ -406,12 +406,11 @@ class Constrained:
 
     def _closing(self) -> int | None:
         """Near the end of the budget: the allowed token that closes the most of what is open (None: none does)."""
-
-        if self.closers is None:
-            self.closers = closer_tokens(self.llama)
         needed = json_closing(self.text.decode("utf-8", errors="replace"))
         if not needed:
             return None  # nothing open (a finished document, or text): the grammar and the model say what follows
+        if self.closers is None:
+            self.closers = closer_tokens(self.llama)
         fitting = [(len(text), token) for token, text in self.closers.items() if needed.startswith(text)]
         for _, token in sorted(fitting, reverse=True):
             if self._allowed(token) and self._keeps_utf8(token):
