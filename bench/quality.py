@@ -281,19 +281,11 @@ def block(report: dict, tab: str) -> str:
     return "\n\n".join(lines) + f"\n\n{tab}"
 
 
-def fill(path: Path, name: str, body: str) -> bool:
-    """Put `body` between <!-- NAME --> and <!-- /NAME --> in the file; False when it has no such pair."""
-    begin, end = f"<!-- {name} -->", f"<!-- /{name} -->"
-    text = path.read_text()
-    if begin not in text or end not in text:
-        return False
-    path.write_text(text[: text.index(begin) + len(begin)] + f"\n{body}\n" + text[text.index(end):])
-    return True
-
-
 def write_readme(path: Path, report: dict, tab: str) -> None:
+    from hublab.runtime.config import fill_file
+
     name = f"quality:{report['name']}"
-    filled = [fill(path, name, block(report, tab)), fill(path, f"{name}:summary", summary_line(report))]
+    filled = [fill_file(path, name, block(report, tab)), fill_file(path, f"{name}:summary", summary_line(report))]
     if not any(filled):
         raise SystemExit(f"{path}: no <!-- {name} --> or <!-- {name}:summary --> section to fill; add the pair of "
                          f"markers where the table or the summary line belongs")

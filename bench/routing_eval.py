@@ -203,16 +203,6 @@ def summary_line(result: dict) -> str:
             f"{result['set']}`, {result['source']}, {result['date']}): {five['accuracy']:.3f} top-1; {extras}.")
 
 
-def fill(path: Path, name: str, body: str) -> bool:
-    """Put `body` between <!-- NAME --> and <!-- /NAME --> in the file; False when it has no such pair."""
-    begin, end = f"<!-- {name} -->", f"<!-- /{name} -->"
-    text = path.read_text()
-    if begin not in text or end not in text:
-        return False
-    path.write_text(text[: text.index(begin) + len(begin)] + f"\n{body}\n" + text[text.index(end):])
-    return True
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--router", type=Path, default=REPO / "models" / "router", help="router directory")
@@ -225,9 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     result = evaluate(args.router, args.set)
     result.update(source=src, date=date)
     print(json.dumps(result, indent=2))
+    from hublab.runtime.config import fill_file
+
     for readme in args.readme:
         name = f"routing:{args.set}"
-        if not any([fill(readme, name, block(result)), fill(readme, f"{name}:summary", summary_line(result))]):
+        if not any([fill_file(readme, name, block(result)), fill_file(readme, f"{name}:summary",
+                                                                          summary_line(result))]):
             raise SystemExit(f"{readme}: no <!-- {name} --> or <!-- {name}:summary --> section to fill; add the pair "
                              "of markers where the table or the summary line belongs")
     return 0

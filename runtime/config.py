@@ -756,6 +756,15 @@ def fill_markers(text: str, sections: dict[str, str]) -> str:
     return text
 
 
+def fill_file(path: Path, name: str, body: str) -> bool:
+    """Put `body` in the file's <!-- NAME --> ... <!-- /NAME --> pair; False (the file untouched) when it has none."""
+    try:
+        path.write_text(fill_markers(path.read_text(), {name: body}))
+    except ValueError:
+        return False
+    return True
+
+
 if __name__ == "__main__":
     for readme in map(Path, sys.argv[1:]):
         readme.write_text(fill_markers(readme.read_text(encoding="utf-8"), settings_markdown()), encoding="utf-8")
