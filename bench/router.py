@@ -62,7 +62,7 @@ def time_calls(fn, runs: int, warmup: int) -> list[float]:
 
 def synthetic_experts(n_experts: int = 20, n_examples: int = 50) -> list:
     """n_experts experts of n_examples distinct example queries each, none of them a router output."""
-    from hublab.runtime.router import ExpertRoute
+    from hublab.runtime.routing.router import ExpertRoute
 
     topics = ["sourdough", "gardening", "chess", "guitar", "cycling", "knitting", "astronomy", "birds", "tax", "wine",
               "sailing", "pottery", "fishing", "camping", "coffee", "painting", "poetry", "running", "baking", "dogs"]
@@ -77,7 +77,7 @@ def bench_router(router_dir: Path, runs: int, warmup: int, threads: int, tokens:
     import tempfile
 
     from hublab.runtime.config import EMBEDDED_MODELS_DIR, load_system, scan_models
-    from hublab.runtime.router import Router
+    from hublab.runtime.routing.router import Router
 
     # A path that does not exist means all defaults; the embedded experts alone, whatever the user's
     # ~/.config says or installed, so runs on different machines measure the same thing.
@@ -135,8 +135,8 @@ def bench_synthesis(args: argparse.Namespace) -> dict | None:
     of one expert answering alone. Costs are dominated by how many answers each strategy decodes."""
     if args.synthesis_tokens <= 0:
         return None
-    from hublab.runtime.engine import Runtime
-    from hublab.runtime.moe import MoE, SYNTHESES
+    from hublab.runtime.engine.runtime import Runtime
+    from hublab.runtime.routing.moe import MoE, SYNTHESES
 
     rt = Runtime(profile="host", threads=args.llm_threads, keep_alive=-1)
     moe = MoE(rt)

@@ -86,7 +86,7 @@ def metrics(pairs: list[tuple[str, str]], labels: list[str]) -> dict:
 
 
 def evaluate(router_dir: Path, name: str = "heldout") -> dict:
-    from hublab.runtime.router import ExpertRoute, Router
+    from hublab.runtime.routing.router import ExpertRoute, Router
 
     queries, extras = SETS[name]
     rows = read_heldout(queries)

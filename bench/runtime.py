@@ -59,8 +59,8 @@ def models_dir(base: Path, adapters: list[Path], out: Path, n_ctx: int) -> Path:
 
 
 def throughput(base: Path, threads: int, tokens: int, rounds: int, out: Path) -> dict:
-    from hublab.runtime.engine import Runtime
-    from hublab.runtime.hostcpu import load_llama
+    from hublab.runtime.engine.runtime import Runtime
+    from hublab.runtime.engine.hostcpu import load_llama
 
     rt = Runtime(models_dir=models_dir(base, [], out / "tp", 1024), profile="host", threads=threads, keep_alive=-1)
     bare = load_llama(base, n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False, swa_full=False)
@@ -93,7 +93,7 @@ CHILD = r"""
 import json, sys, time, psutil
 sys.path.insert(0, {tests!r})
 import llama_cpp  # the library itself is runtime overhead, not the model's: load it before measuring
-from hublab.runtime.engine import Runtime
+from hublab.runtime.engine.runtime import Runtime
 rt = Runtime(models_dir={models!r}, profile="host", threads={threads}, keep_alive=-1)
 proc = psutil.Process()
 before = proc.memory_info().rss
@@ -122,7 +122,7 @@ def memory(base: Path, adapters: list[Path], threads: int, out: Path) -> dict:
 
 
 def switch(base: Path, adapters: list[Path], threads: int, rounds: int, out: Path) -> dict:
-    from hublab.runtime.engine import Runtime
+    from hublab.runtime.engine.runtime import Runtime
 
     rt = Runtime(models_dir=models_dir(base, adapters[:2], out / "sw", 1024), profile="host", threads=threads,
                  keep_alive=-1)
@@ -146,7 +146,7 @@ def switch(base: Path, adapters: list[Path], threads: int, rounds: int, out: Pat
 
 
 def fit(base: Path, threads: int, out: Path) -> dict:
-    from hublab.runtime.profiles import board_profiles
+    from hublab.runtime.engine.profiles import board_profiles
 
     by_ctx = {}
     for p in board_profiles().values():
@@ -167,7 +167,7 @@ BURN = "while True:\n    pass\n"  # one core kept busy by another process
 def busy(base: Path, tokens: int, rounds: int, out: Path) -> dict:
     import os
 
-    from hublab.runtime.engine import Runtime
+    from hublab.runtime.engine.runtime import Runtime
 
     cores = os.cpu_count() or 1
     d = models_dir(base, [], out / "busy", 1024)
@@ -242,7 +242,7 @@ def oneshot(rounds: int, out: Path) -> dict:
 
 SESSION = r"""
 import json, sys, time
-from hublab.runtime.engine import Runtime
+from hublab.runtime.engine.runtime import Runtime
 rt = Runtime(profile="host", threads={threads}, keep_alive=-1)
 out = []
 for q in {questions!r}:

@@ -134,7 +134,7 @@ def validity(agent_url: str, n: int, tokens: int) -> dict:
 def speed(rt, n: int, tokens: int, llama_server: bool) -> dict:
     """Decode tokens/s on the general expert, greedy, 1 thread: unconstrained, constrained (the `answer` schema,
     free text inside JSON), and llama-server with json_schema on the same prompts."""
-    from hublab.runtime import structured as st
+    from hublab.runtime.engine import structured as st
 
     qs = prompts("answer", n)
     grammar = st.json_schema(SCHEMAS["answer"]).grammar
@@ -160,7 +160,7 @@ def speed(rt, n: int, tokens: int, llama_server: bool) -> dict:
 def _llama_server(rt, qs: list[str], tokens: int) -> dict:
     import vs_llama_server as ls
 
-    from hublab.runtime.hostcpu import llama_server_flags
+    from hublab.runtime.engine.hostcpu import llama_server_flags
 
     binary = ls.build_llama_server()
     base = rt.config("gemma3-270m").path
@@ -196,9 +196,9 @@ def main() -> None:
     ap.add_argument("--no-llama-server", action="store_true")
     ap.add_argument("--no-validity", action="store_true")
     args = ap.parse_args()
-    from hublab.runtime.agent import Agent
-    from hublab.runtime.device import Device
-    from hublab.runtime.engine import Runtime
+    from hublab.runtime.serve.agent import Agent
+    from hublab.runtime.serve.device import Device
+    from hublab.runtime.engine.runtime import Runtime
 
     t0 = time.perf_counter()
     rt = Runtime(threads=1)

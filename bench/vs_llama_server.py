@@ -35,7 +35,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from hublab.runtime.hostcpu import llama_server_flags
+from hublab.runtime.engine.hostcpu import llama_server_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hublab" / "llama-server"

@@ -17,11 +17,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "shell": ("hublab.shell.repl", "open the hublab> shell (default when no verb is given)"),
     "run": ("hublab.runtime.run", "answer one prompt with an expert, or 'moe' for a routed answer"),
     "list": ("hublab.runtime.run", "list models and experts on disk"),
-    "profile": ("hublab.runtime.profiles", "show the active board profile (or all of them)"),
-    "route": ("hublab.runtime.router", "score a query against every expert without generating"),
-    "serve": ("hublab.runtime.agent", "run the HTTP device agent (OpenAI-compatible API)"),
+    "profile": ("hublab.runtime.engine.profiles", "show the active board profile (or all of them)"),
+    "route": ("hublab.runtime.routing.router", "score a query against every expert without generating"),
+    "serve": ("hublab.runtime.serve.agent", "run the HTTP device agent (OpenAI-compatible API)"),
     "pkg": ("hublab.runtime.pkg.cli", "build, publish, install and verify model packages"),
-    "deploy": ("hublab.runtime.deploy", "write an SD-card tree for a board"),
+    "deploy": ("hublab.runtime.pkg.deploy", "write an SD-card tree for a board"),
     "train": ("hublab.trainer.train", "train experts, routers and models (host, needs the train extra)"),
     "export": ("hublab.trainer.export", "export adapters/models to GGUF and quantize them"),
     "infer": ("hublab.trainer.train", "generate with trained multi-token heads (host, needs the train extra)"),
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.config:
             os.environ["HUBLAB_CONFIG"] = args.config
         if args.verbose:
-            os.environ["HUBLAB_VERBOSE"] = "1"  # read where llama.cpp is loaded (runtime/llama_log.py)
+            os.environ["HUBLAB_VERBOSE"] = "1"  # read where llama.cpp is loaded (runtime/engine/llama_log.py)
         module = importlib.import_module(COMMANDS[args.verb][0])
         handler = getattr(module, f"{args.verb}_cli", None) or module.cli
         return int(handler(args) or 0)

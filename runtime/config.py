@@ -17,7 +17,7 @@ from typing import Any
 
 import tomlkit
 
-from .chat import FORMATS as CHAT_FORMATS
+from .engine.chat import FORMATS as CHAT_FORMATS
 from .errors import HublabError
 from .inputs import finite, number_problem, quote
 from .paths import EMBEDDED_MODELS_DIR, config_home, user_models_dir

@@ -1,6 +1,6 @@
 """What every input layer shares: finite numbers in range, and what a message may quote of a value.
 
-Config keys (runtime/config.py), API fields (runtime/http_common.py) and command-line arguments
+Config keys (runtime/config.py), API fields (runtime/serve/http_common.py) and command-line arguments
 (hublab/cli.py and the verbs' argparse types below) each check their own input, but with these rules,
 so nan, inf or a 10 MB value is refused the same way everywhere and no error quotes more than
 QUOTE_MAX characters of what it was given.

@@ -26,9 +26,9 @@ def add_run_arguments(parser) -> None:
 
 
 def constraint_from(json_schema: str | None, grammar: str | None):
-    """--json-schema FILE or --grammar FILE as a Constraint (runtime/structured.py); a bad one is one line."""
+    """--json-schema FILE or --grammar FILE as a Constraint (runtime/engine/structured.py); a bad one is one line."""
     from .errors import HublabError
-    from . import structured
+    from .engine import structured
 
     path = json_schema or grammar
     if path is None:
@@ -41,11 +41,11 @@ def constraint_from(json_schema: str | None, grammar: str | None):
 
 
 def run_cli(args) -> int:
-    from .engine import Runtime
+    from .engine.runtime import Runtime
     from .errors import HublabError
-    from .moe import MoE
+    from .routing.moe import MoE
 
-    from .device import MoeStream, check_moe_args, check_query, unknown_model_message
+    from .serve.device import MoeStream, check_moe_args, check_query, unknown_model_message
 
     prompt = " ".join(args.prompt)
     check_query(prompt)  # a blank prompt is refused here as `?` refuses it in the shell
@@ -88,7 +88,7 @@ def add_list_arguments(parser) -> None:
 
 def list_cli(args) -> int:
     from .config import format_size
-    from .engine import Runtime
+    from .engine.runtime import Runtime
 
     rt = Runtime.from_config(profile=args.profile)
     rows = rt.status()

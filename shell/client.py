@@ -1,6 +1,6 @@
 """What the shell's commands talk to: the device in this process, or an agent over HTTP.
 
-`Client` is that API. `hublab.runtime.device.Device` implements it in process and `RemoteClient` over
+`Client` is that API. `hublab.runtime.serve.device.Device` implements it in process and `RemoteClient` over
 the agent's /hublab endpoints (tests/test_client.py checks both have every method, with compatible
 arguments). The commands are written once against it; `connect()` picks the implementation.
 """
@@ -74,7 +74,7 @@ def connect(remote: str | None = None, *, token: str | None = None, config: str 
     """A Device over the local runtime, or a RemoteClient for an agent at `remote`."""
     if remote:
         return RemoteClient(remote, token=token if token is not None else os.environ.get("HUBLAB_TOKEN", ""))
-    from hublab.runtime.device import Device
+    from hublab.runtime.serve.device import Device
 
     return Device.open(config, profile=profile)
 

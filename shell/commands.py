@@ -375,7 +375,7 @@ SETTINGS_KEYS = ("routing", "synthesis")
 
 def _set_format(s: Session, value: str) -> None:
     """settings format=json | format=FILE (a JSON schema) | format=text: what `?` answers keep to (this session)."""
-    from hublab.runtime.structured import from_format
+    from hublab.runtime.engine.structured import from_format
 
     if value == "text":
         s.format, s.format_name = None, "text"

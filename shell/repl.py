@@ -111,7 +111,7 @@ def make_completer(s: Session):
     from prompt_toolkit.completion import Completer, Completion
 
     from hublab.runtime.config import SYSTEM_SCHEMA
-    from hublab.runtime.device import INFERENCE_KEYS, SYSTEM_KEYS
+    from hublab.runtime.serve.device import INFERENCE_KEYS, SYSTEM_KEYS
 
     routings = ["topk:1", "topk:2", "topk:3", "threshold:0.3", "single", "all"]
     syntheses = list(SYSTEM_SCHEMA["moe"]["synthesis"].choices)

@@ -17,10 +17,10 @@ import httpx
 import pytest
 
 from ggufs import write_model_toml, write_tiny_llama
-from hublab.runtime.agent import Agent
-from hublab.runtime.device import Device
+from hublab.runtime.serve.agent import Agent
+from hublab.runtime.serve.device import Device
 from hublab.runtime.config import SEED_MAX, load_system
-from hublab.runtime.engine import Runtime
+from hublab.runtime.engine.runtime import Runtime
 from hublab.runtime.errors import HublabError
 
 KEYWORDS = {"alpha": ["python", "pip"], "beta": ["rust", "cargo"], "gamma": ["linux", "kernel"]}
@@ -476,8 +476,8 @@ def test_load_bench_reports_served_rejected_and_rss(device_config):
 
 def test_one_loopback_rule_for_the_agent_and_the_webui():
     """"localhost" and loopback addresses only: a name that resolves to loopback today still needs a token."""
-    from hublab.runtime import agent as agent_module
-    from hublab.runtime.http_common import is_loopback
+    from hublab.runtime.serve import agent as agent_module
+    from hublab.runtime.serve.http_common import is_loopback
     from hublab.trainer import webui
 
     assert agent_module.is_loopback is is_loopback and webui.is_loopback is is_loopback
@@ -489,8 +489,8 @@ def test_the_agent_is_the_server_requests_see(agent):
     """http_common's request code knows the agent only as its Server protocol (no import of the agent back)."""
     from protocols import protocol_members, signature_problems
 
-    from hublab.runtime import http_common
-    from hublab.runtime.agent import Agent
+    from hublab.runtime.serve import http_common
+    from hublab.runtime.serve.agent import Agent
 
     methods, attrs = protocol_members(http_common.Server)
     assert {"observe", "retry_after"} <= set(methods) and all(hasattr(agent, a) for a in attrs)

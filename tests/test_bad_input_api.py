@@ -17,10 +17,10 @@ import httpx
 import psutil
 import pytest
 
-from hublab.runtime.agent import Agent
+from hublab.runtime.serve.agent import Agent
 from hublab.runtime.config import load_system
-from hublab.runtime.device import Device
-from hublab.runtime.engine import Runtime
+from hublab.runtime.serve.device import Device
+from hublab.runtime.engine.runtime import Runtime
 
 from test_agent import long_gguf, write_device  # noqa: F401 - long_gguf is a fixture
 

@@ -11,10 +11,10 @@ import pytest
 
 from ggufs import write_model_toml
 from hublab.runtime.config import ConfigError, load_model, load_system
-from hublab.runtime.device import Device
-from hublab.runtime.engine import Runtime
+from hublab.runtime.serve.device import Device
+from hublab.runtime.engine.runtime import Runtime
 from hublab.runtime.errors import HublabError
-from hublab.runtime.memory import GGUFError, read_gguf
+from hublab.runtime.engine.memory import GGUFError, read_gguf
 
 HUGE = "x" * (10 << 20)  # a 10 MB value
 

@@ -12,12 +12,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hublab.runtime.agent import Agent
+from hublab.runtime.serve.agent import Agent
 from hublab.runtime.config import MODEL_SCHEMA, SYSTEM_SCHEMA, ConfigError, load_model, load_system, toml_value
-from hublab.runtime.device import Device
-from hublab.runtime.engine import Runtime
-from hublab.runtime.manifest import ManifestError, parse_manifest
-from hublab.runtime.registry import RegistryError, parse_oci
+from hublab.runtime.serve.device import Device
+from hublab.runtime.engine.runtime import Runtime
+from hublab.runtime.pkg.manifest import ManifestError, parse_manifest
+from hublab.runtime.pkg.registry import RegistryError, parse_oci
 
 from test_agent import long_gguf, write_device  # noqa: F401 - long_gguf is a fixture
 

@@ -18,7 +18,7 @@ import pytest
 
 from hublab.runtime import pkg
 from hublab.runtime.errors import HublabError
-from hublab.runtime.registry import OCIRegistry
+from hublab.runtime.pkg.registry import OCIRegistry
 
 from test_pkg_support import base_package, snapshot, ws  # noqa: F401 - ws is a fixture
 

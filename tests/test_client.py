@@ -1,5 +1,5 @@
 """shell/client.py: the in-process Device and the HTTP RemoteClient are the same Client to the shell."""
-from hublab.runtime.device import Device
+from hublab.runtime.serve.device import Device
 from hublab.shell.client import Client, RemoteClient
 
 from protocols import protocol_members, signature_problems

@@ -140,7 +140,9 @@ def test_models_dir_defaults_to_the_user_data_dir_over_the_embedded_set(tmp_path
 
 def test_hublab_home_holds_config_and_caches_too(tmp_path, monkeypatch):
     """$HUBLAB_HOME is one root: system.toml (what `settings` writes), the signing key and caches go in it."""
-    from hublab.runtime import config, embcache, paths, signing
+    from hublab.runtime import config, paths
+    from hublab.runtime.routing import embcache
+    from hublab.runtime.pkg import signing
 
     for var in ("HUBLAB_CONFIG", "XDG_CONFIG_HOME", "XDG_CACHE_HOME"):
         monkeypatch.delenv(var, raising=False)

@@ -8,7 +8,8 @@ import subprocess
 import pytest
 
 from hublab.cli import main
-from hublab.runtime import deploy, pkg
+from hublab.runtime import pkg
+from hublab.runtime.pkg import deploy
 from hublab.runtime.config import load_system, scan_models
 from hublab.runtime.errors import HublabError
 
@@ -39,7 +40,7 @@ def test_deploy_writes_a_bootable_verified_tree(ws, published, tmp_path):
     assert system.trusted_keys == [ws.public_key]  # the Pi can verify later updates itself
     assert pkg.verify(models_dir=card / "models").ok
     # The runtime on the card's config runs the expert.
-    from hublab.runtime.engine import Runtime
+    from hublab.runtime.engine.runtime import Runtime
 
     with Runtime(models_dir=system.models_dir, profile="host", threads=1) as rt:
         assert rt.generate("alpha", "the model", raw=True, max_tokens=4).tokens == 4

@@ -7,8 +7,8 @@ import time
 import pytest
 
 from hublab.runtime.config import load_system
-from hublab.runtime.device import Device, UnknownModel
-from hublab.runtime.engine import Runtime
+from hublab.runtime.serve.device import Device, UnknownModel
+from hublab.runtime.engine.runtime import Runtime
 from hublab.runtime.errors import HublabError
 from test_agent import long_gguf, write_device  # noqa: F401 - long_gguf is a fixture
 
@@ -78,7 +78,7 @@ def test_keep_sets_each_base_keep_alive_and_expire_honours_it(device):
 def test_moe_streams_the_leading_expert_as_it_writes(device):
     """One expert selected: its words arrive piece by piece, long before the answer is done, and add up to the
     answer. Two experts under best: the first one's words stream, and the winner follows when it is another."""
-    from hublab.runtime.device import MoeStream
+    from hublab.runtime.serve.device import MoeStream
 
     pieces: list[str] = []
     one = device.complete("moe", [{"role": "user", "content": "how do I publish a rust crate with cargo"}],

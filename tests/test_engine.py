@@ -4,9 +4,9 @@ import threading
 import pytest
 
 from ggufs import write_lora_adapter, write_model_toml, write_tiny_llama
-from hublab.runtime.engine import FitError, Runtime
+from hublab.runtime.engine.runtime import FitError, Runtime
 from hublab.runtime.errors import HublabError
-from hublab.runtime.profiles import active_profile
+from hublab.runtime.engine.profiles import active_profile
 
 PROMPT = "the python model"
 

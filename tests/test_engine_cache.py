@@ -1,8 +1,8 @@
 """The per-expert prompt-prefix cache and the thread policy: real tiny GGUFs and adapters, no timings asserted."""
 import pytest
 
-from hublab.runtime.engine import Runtime
-from hublab.runtime.threads import RETRY_S, WINDOW, ThreadPolicy
+from hublab.runtime.engine.runtime import Runtime
+from hublab.runtime.engine.threads import RETRY_S, WINDOW, ThreadPolicy
 
 # long enough that a reused prefix is most of the prompt
 PREFIX = "the python model " * 3

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from hublab.runtime.errors import HublabError
-from hublab.runtime.hostcpu import (configure_llama, decide, extra_buffer_types, host_cpu, load_llama,
+from hublab.runtime.engine.hostcpu import (configure_llama, decide, extra_buffer_types, host_cpu, load_llama,
                                     parse_cpuinfo)
 
 SAMPLES = Path(__file__).parent / "fixtures" / "cpuinfo"
@@ -92,8 +92,8 @@ def test_ai_info_says_which_buffers(tmp_path):
 
 SMOKE = """
 import json, sys
-from hublab.runtime.engine import Runtime
-from hublab.runtime.hostcpu import configure_llama
+from hublab.runtime.engine.runtime import Runtime
+from hublab.runtime.engine.hostcpu import configure_llama
 rt = Runtime(profile="host", threads=1, keep_alive=-1)
 r = rt.generate("gemma3-270m", "The capital of France is", raw=True, max_tokens=12, temperature=0.0)
 print(json.dumps({"text": r.text, "repack": configure_llama().extra}))
@@ -126,8 +126,8 @@ def test_load_llama_applies_to_trainer_loads(tiny_gguf):
 def test_profiles_without_dotprod_keep_one_copy_of_the_weights():
     """A Zero 2W, Pi 3 or Pi 4 has no repacked Q4 kernels in llama.cpp: a runtime on those profiles keeps the
     weights in the file's pages (what the board does) even on a host that could repack; Pi 5 and the host repack."""
-    from hublab.runtime.hostcpu import for_profile
-    from hublab.runtime.profiles import board_profiles
+    from hublab.runtime.engine.hostcpu import for_profile
+    from hublab.runtime.engine.profiles import board_profiles
 
     host = decide(sample("x86_64-epyc-avx512.txt"), ("CPU_REPACK",))
     profiles = board_profiles()
@@ -141,7 +141,7 @@ def test_profiles_without_dotprod_keep_one_copy_of_the_weights():
 
 
 def test_runtime_on_a_zero_profile_loads_plain(tiny_models_dir):
-    from hublab.runtime.engine import Runtime
+    from hublab.runtime.engine.runtime import Runtime
 
     with Runtime(models_dir=tiny_models_dir, profile="pi-zero-2w", threads=1) as rt:
         assert not rt.weights.extra

@@ -18,11 +18,11 @@ import pytest
 from encoders import write_encoder_router
 from ggufs import WORDS
 from hublab.runtime import pkg
-from hublab.runtime.agent import Agent
+from hublab.runtime.serve.agent import Agent
 from hublab.runtime.config import load_system, set_system_value
-from hublab.runtime.device import Device
-from hublab.runtime.engine import Runtime
-from hublab.runtime.profiles import active_profile
+from hublab.runtime.serve.device import Device
+from hublab.runtime.engine.runtime import Runtime
+from hublab.runtime.engine.profiles import active_profile
 from test_agent import long_gguf, metric, start_agent, wait_for, write_device  # noqa: F401 - long_gguf: fixture
 from test_pkg_support import base_package, expert_package, ws  # noqa: F401 - ws: fixture
 

@@ -8,9 +8,9 @@ import pytest
 from encoders import write_encoder_router
 from ggufs import write_model_toml
 
-from hublab.runtime import knowledge as K
-from hublab.runtime.embcache import cache_root
-from hublab.runtime.engine import Runtime
+from hublab.runtime.routing import knowledge as K
+from hublab.runtime.routing.embcache import cache_root
+from hublab.runtime.engine.runtime import Runtime
 from hublab.runtime.errors import HublabError
 
 PAIRS = [{"question": "python model", "response": "the python answer"},

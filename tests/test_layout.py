@@ -25,7 +25,7 @@ def test_import_names_map_to_repo_folders():
 
 
 def test_runtime_imports_without_torch():
-    code = ("import sys; import hublab.runtime.engine, hublab.runtime.config, hublab.runtime.profiles; "
+    code = ("import sys; import hublab.runtime.engine.runtime, hublab.runtime.config, hublab.runtime.engine.profiles; "
             "assert 'torch' not in sys.modules, 'runtime imported torch'")
     subprocess.run([sys.executable, "-c", code], check=True)
 

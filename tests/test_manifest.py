@@ -1,7 +1,7 @@
 """package.toml's `requires`: PEP 440 specifiers, read as pip reads them for an installed hublab."""
 import pytest
 
-from hublab.runtime.manifest import ManifestError, manifest_from_dict, requirement_met
+from hublab.runtime.pkg.manifest import ManifestError, manifest_from_dict, requirement_met
 
 
 @pytest.mark.parametrize("spec, version, met", [

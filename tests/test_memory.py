@@ -1,6 +1,6 @@
 """Memory estimates from GGUF headers, checked against hand computation and llama.cpp's real use."""
 from ggufs import write_lora_adapter
-from hublab.runtime.memory import estimate_adapter, estimate_model, kv_cache_bytes, read_gguf
+from hublab.runtime.engine.memory import estimate_adapter, estimate_model, kv_cache_bytes, read_gguf
 
 
 def test_header_facts_of_tiny_model(tiny_gguf):
@@ -31,7 +31,7 @@ def test_adapter_estimate_is_its_tensor_bytes(tmp_path, tiny_gguf):
 
 MEASURE = """
 import sys, psutil
-from hublab.runtime.hostcpu import load_llama
+from hublab.runtime.engine.hostcpu import load_llama
 proc = psutil.Process()
 before = proc.memory_info().rss
 llm = load_llama(sys.argv[1], n_ctx=1024, n_threads=1, verbose=False, swa_full=False)
@@ -54,7 +54,7 @@ def test_estimate_covers_what_llama_cpp_really_allocates(gemma_gguf):
 def test_tensor_type_table_matches_the_gguf_package():
     from gguf.constants import GGML_QUANT_SIZES
 
-    from hublab.runtime.memory import TENSOR_TYPES
+    from hublab.runtime.engine.memory import TENSOR_TYPES
 
     assert {k: (name, block, size) for k, (name, block, size) in TENSOR_TYPES.items()} == {
         int(t): (t.name, *GGML_QUANT_SIZES[t]) for t in GGML_QUANT_SIZES}
@@ -67,7 +67,7 @@ def test_drop_file_cache_gives_the_pages_back(tmp_path):
     import shutil
     import subprocess
 
-    from hublab.runtime.memory import drop_file_cache
+    from hublab.runtime.engine.memory import drop_file_cache
 
     f = tmp_path / "graph.onnx"
     with f.open("wb") as out:

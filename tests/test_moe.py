@@ -6,9 +6,9 @@ import pytest
 
 from ggufs import write_model_toml
 from hublab.runtime.config import EMBEDDED_MODELS_DIR, load_system
-from hublab.runtime.engine import Runtime
+from hublab.runtime.engine.runtime import Runtime
 from hublab.runtime.errors import HublabError
-from hublab.runtime.moe import MoE, cosine_matrix, summarize_prompt, vote
+from hublab.runtime.routing.moe import MoE, cosine_matrix, summarize_prompt, vote
 
 ROUTER_DIR = EMBEDDED_MODELS_DIR / "router"
 
@@ -173,8 +173,8 @@ def test_missing_fallback_is_a_clear_error(moe_dir):
 
 def test_best_never_picks_a_degenerate_answer(moe_dir):
     """A loop is the most probable text a small model writes: confidence must not reward it."""
-    from hublab.runtime.engine import GenerationResult
-    from hublab.runtime.moe import ExpertAnswer, MoEResult
+    from hublab.runtime.engine.runtime import GenerationResult
+    from hublab.runtime.routing.moe import ExpertAnswer, MoEResult
 
     rt, moe = make(moe_dir)
     with rt:

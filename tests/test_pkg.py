@@ -16,10 +16,10 @@ from hublab.cli import main
 from hublab.runtime import pkg
 from hublab.runtime.config import scan_models
 from hublab.runtime.errors import HublabError
-from hublab.runtime.manifest import parse_manifest, schema_errors, _schema
-from hublab.runtime.profiles import active_profile
-from hublab.runtime.registry import DirRegistry, open_registry, resolve
-from hublab.runtime.signing import Signature
+from hublab.runtime.pkg.manifest import parse_manifest, schema_errors, _schema
+from hublab.runtime.engine.profiles import active_profile
+from hublab.runtime.pkg.registry import DirRegistry, open_registry, resolve
+from hublab.runtime.pkg.signing import Signature
 
 from test_pkg_support import (REGISTRY_PASSWORD, REGISTRY_USER, auth_registry, base_package,  # noqa: F401
                               expert_package, manifest_text, oci_registry, push_raw, snapshot, ws)
@@ -66,7 +66,7 @@ def test_build_fills_in_files_variants_and_signature(ws, built):
 
 
 def _runtime_text(models_dir: Path, name: str) -> str:
-    from hublab.runtime.engine import Runtime
+    from hublab.runtime.engine.runtime import Runtime
 
     with Runtime(models_dir=models_dir, profile="host", threads=1) as rt:
         assert not rt.catalog.errors, rt.catalog.errors
@@ -239,8 +239,8 @@ def test_signature_cases(ws, built, tmp_path):
     assert pkg.install("stranger", reg, allow_unsigned=True).signed_by == ""
     # A changed manifest under the old signature, and a forged signature, are refused even with
     # --allow-unsigned: that is tampering, not a missing key.
-    from hublab.runtime.manifest import digest_bytes
-    from hublab.runtime.signing import sign_digest
+    from hublab.runtime.pkg.manifest import digest_bytes
+    from hublab.runtime.pkg.signing import sign_digest
 
     original = manifest_text("forged", files)
     sig = sign_digest(ws.key, digest_bytes(original))
@@ -261,7 +261,7 @@ def test_signature_cases(ws, built, tmp_path):
 
 def _set_signature(registry: Path, name: str, sig_json: str) -> None:
     """Rewrite a dir-registry entry's signature annotation (what an attacker with write access can do)."""
-    from hublab.runtime.registry import ANN_SIGNATURE
+    from hublab.runtime.pkg.registry import ANN_SIGNATURE
 
     reg = DirRegistry(registry)
     res = resolve(reg, name, "latest")

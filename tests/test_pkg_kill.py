@@ -127,7 +127,7 @@ def test_kill_9_during_install_leaves_old_or_new(ws, oci_registry):
 
 def _point_latest(registry: str, version: str) -> None:
     """Move big:latest to `version` (what a publisher does when releasing it)."""
-    from hublab.runtime.registry import open_registry, resolve
+    from hublab.runtime.pkg.registry import open_registry, resolve
 
     reg = open_registry(registry)
     try:

@@ -10,7 +10,7 @@ import pytest
 
 from hublab.cli import main
 from hublab.runtime import pkg
-from hublab.runtime.registry import open_registry, resolve
+from hublab.runtime.pkg.registry import open_registry, resolve
 
 from test_pkg_support import base_package, oci_registry, ws  # noqa: F401
 

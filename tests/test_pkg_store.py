@@ -14,10 +14,10 @@ import pytest
 from hublab.cli import main
 from hublab.runtime import pkg
 from hublab.runtime.errors import HublabError
-from hublab.runtime.manifest import PATH_MAX, _schema, safe_relpath
-from hublab.runtime.registry import (ANN_TITLE, MEDIA_FILE, Descriptor, DirRegistry, oci_manifest,
+from hublab.runtime.pkg.manifest import PATH_MAX, _schema, safe_relpath
+from hublab.runtime.pkg.registry import (ANN_TITLE, MEDIA_FILE, Descriptor, DirRegistry, oci_manifest,
                                      open_registry, resolve)
-from hublab.runtime.signing import sign_digest
+from hublab.runtime.pkg.signing import sign_digest
 
 from test_pkg_support import (base_package, expert_package, manifest_text, oci_registry, push_raw,  # noqa: F401
                               snapshot, ws)
@@ -284,7 +284,7 @@ def _push_named(ws, name: str, path: str, title: str | None = None) -> None:
 
 
 def _push_titled(ws, name: str, raw: bytes, data: bytes, title: str) -> None:
-    from hublab.runtime.manifest import digest_bytes
+    from hublab.runtime.pkg.manifest import digest_bytes
 
     reg = DirRegistry(ws.registry)
     reg.init()
@@ -304,7 +304,7 @@ def test_long_unicode_file_name_is_a_one_line_error(ws, capsys):
     assert "longname:latest: layer sha256:" in err and "404 bytes in UTF-8" in err
     assert "255 per name: shorten it" in err
     # package.toml alone says the same about its own field
-    from hublab.runtime.manifest import parse_manifest
+    from hublab.runtime.pkg.manifest import parse_manifest
     with pytest.raises(HublabError, match=r"x: files\[0\].path: name .* is 404 bytes in UTF-8"):
         parse_manifest(manifest_text("longname", {f"docs/{name}.txt": b"payload"}), "x")
     assert len(err) < 400 and snapshot(ws.models) == {} and staging(ws) == []

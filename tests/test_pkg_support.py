@@ -151,10 +151,10 @@ def push_raw(registry: str, name: str, tags: list[str], package_raw: bytes, file
     """Publish arbitrary (possibly malicious) package content the way a hostile publisher could."""
     import tempfile
 
-    from hublab.runtime.manifest import digest_bytes
-    from hublab.runtime.registry import (ANN_SIGNATURE, ANN_TITLE, MEDIA_CONFIG, MEDIA_FILE, Descriptor, DirRegistry,
-                                         oci_manifest, open_registry)
-    from hublab.runtime.signing import sign_digest
+    from hublab.runtime.pkg.manifest import digest_bytes
+    from hublab.runtime.pkg.registry import (ANN_SIGNATURE, ANN_TITLE, MEDIA_CONFIG, MEDIA_FILE, Descriptor,
+                                             DirRegistry, oci_manifest, open_registry)
+    from hublab.runtime.pkg.signing import sign_digest
 
     reg = open_registry(registry)
     if isinstance(reg, DirRegistry):

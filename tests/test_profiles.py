@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from hublab.runtime.config import ConfigError
-from hublab.runtime.profiles import active_profile, board_profiles, detect_board, host_profile, load_profile_file
+from hublab.runtime.engine.profiles import active_profile, board_profiles, detect_board, host_profile, load_profile_file
 
 BOARDS = {"pi-zero-2w", "pi3b", "pi4-1gb", "pi4-2gb", "pi4-4gb", "pi4-8gb", "pi5-2gb", "pi5-4gb", "pi5-8gb",
           "pi5-16gb"}
@@ -76,8 +76,8 @@ def test_profile_command_shows_the_active_one_and_honours_overrides(tmp_path):
 def test_micro_batch_per_board(tmp_path, tiny_models_dir):
     """A 512 MB board reads prompts 64 tokens at a time: llama.cpp's compute buffer (rows of logits over the
     vocabulary) is sized for that; the others 128-256. The runtime loads with it and says what was reserved."""
-    from hublab.runtime.device import Device
-    from hublab.runtime.engine import Runtime
+    from hublab.runtime.serve.device import Device
+    from hublab.runtime.engine.runtime import Runtime
 
     boards = board_profiles()
     assert boards["pi-zero-2w"].ubatch == 64 and boards["pi3b"].ubatch == 128 and boards["pi5-8gb"].ubatch == 256

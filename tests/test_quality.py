@@ -1,4 +1,4 @@
-"""The answer-quality metrics (runtime/quality.py), and what bench/quality.py makes of them on the sets.
+"""The answer-quality metrics (runtime/routing/quality.py), and what bench/quality.py makes of them on the sets.
 
 The sets' separation from every training file is tests/test_heldout.py."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 from heldout import QUALITY_DEV, QUALITY_HELDOUT, REPO, read_jsonl
 
-from hublab.runtime.quality import degenerate, hit, recall, term_found, variants
+from hublab.runtime.routing.quality import degenerate, hit, recall, term_found, variants
 
 SYSTEM = "You are a Python expert. Answer with correct, idiomatic Python and short code examples."
 

@@ -1,5 +1,5 @@
-"""runtime/registry.py: the directory and the OCI registry are both a Registry to pkg."""
-from hublab.runtime.registry import DirRegistry, OCIRegistry, Registry
+"""runtime/pkg/registry.py: the directory and the OCI registry are both a Registry to pkg."""
+from hublab.runtime.pkg.registry import DirRegistry, OCIRegistry, Registry
 
 from protocols import protocol_members, signature_problems
 

@@ -11,8 +11,8 @@ import pytest
 
 from hublab.runtime.config import EMBEDDED_MODELS_DIR, scan_models
 from hublab.runtime.errors import HublabError
-from hublab.runtime.router import (ExpertRoute, RouteScore, Router, RouterError, blend, keyword_hits, keyword_pattern,
-                                   select)
+from hublab.runtime.routing.router import (ExpertRoute, RouteScore, Router, RouterError, blend, keyword_hits,
+                                           keyword_pattern, select)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA = REPO_ROOT / "trainer" / "data"
@@ -297,7 +297,7 @@ def test_output_width_disagreeing_with_router_toml_is_an_error(tmp_path):
     ("example_centroid = \"half\"", r"example_centroid"),
 ])
 def test_bad_example_centroid_is_a_one_line_error(tmp_path, line, message):
-    from hublab.runtime.router import read_router_toml
+    from hublab.runtime.routing.router import read_router_toml
 
     path = tmp_path / "router.toml"
     path.write_text(f'[router]\nexperts = ["a", "general"]\ntemperature = 1.0\n{line}\n')

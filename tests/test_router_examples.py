@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from hublab.runtime.config import EMBEDDED_MODELS_DIR, ConfigError, load_model, scan_models
-from hublab.runtime.router import ExpertRoute, Router
+from hublab.runtime.routing.router import ExpertRoute, Router
 
 from test_pkg_support import base_package, ws  # noqa: F401
 
@@ -186,7 +186,7 @@ def test_examples_are_embedded_lazily_and_cached_by_encoder_and_examples(cache_h
 @needs_default
 def test_install_a_sixth_expert_from_a_signed_package_then_remove_it(ws, tmp_path):  # noqa: F811
     from hublab.runtime import pkg
-    from hublab.runtime.engine import Runtime
+    from hublab.runtime.engine.runtime import Runtime
 
     ws.config.write_text(ws.config.read_text() + f'\n[moe]\nrouter = "{DEFAULT_ROUTER}"\n')
     for name in FIVE:  # the five experts the router was trained for, as adapters-to-be on one base

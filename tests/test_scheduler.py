@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hublab.runtime.scheduler import expired, victims
+from hublab.runtime.engine.scheduler import expired, victims
 
 MB = 1 << 20
 

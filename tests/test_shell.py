@@ -169,7 +169,7 @@ def test_tab_completion_offers_every_setting_ai_config_takes(env):
     after its name."""
     from prompt_toolkit.document import Document
 
-    from hublab.runtime.device import INFERENCE_KEYS, SYSTEM_KEYS, Device
+    from hublab.runtime.serve.device import INFERENCE_KEYS, SYSTEM_KEYS, Device
     from hublab.shell.commands import Session
     from hublab.shell.repl import make_completer
 

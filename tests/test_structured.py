@@ -1,4 +1,4 @@
-"""Structured output: JSON schemas, grammars and tool calls, from runtime/structured.py through the engine's
+"""Structured output: JSON schemas, grammars and tool calls, from runtime/engine/structured.py through the engine's
 constrained sampler to the OpenAI and Ollama APIs, driven with the official clients.
 
 The tiny llama gives its byte tokens no output weight, so under a grammar (which allows only bytes where JSON
@@ -13,11 +13,11 @@ import jsonschema
 import pytest
 
 from ggufs import write_model_toml, write_tiny_llama
-from hublab.runtime import structured as st
-from hublab.runtime.agent import Agent
+from hublab.runtime.engine import structured as st
+from hublab.runtime.serve.agent import Agent
 from hublab.runtime.config import load_system
-from hublab.runtime.device import Device
-from hublab.runtime.engine import Runtime
+from hublab.runtime.serve.device import Device
+from hublab.runtime.engine.runtime import Runtime
 from hublab.runtime.errors import HublabError
 
 openai = pytest.importorskip("openai")
@@ -255,7 +255,7 @@ def test_openai_auto_answers_text_or_a_call_and_takes_tool_messages(oai):
 
 
 def test_a_call_is_rendered_as_tool_call_training_data_has_it(agent):
-    from hublab.runtime.chat import render
+    from hublab.runtime.engine.chat import render
 
     prompt = [{"role": "user", "content": "q"},
               {"role": "assistant", "content": st.render_call("set_light", '{"room": "hall"}')}]
@@ -382,7 +382,7 @@ def test_structure_errors_are_hublab_errors():
 
 
 def test_json_closing_reads_what_is_open():
-    from hublab.runtime.session import json_closing
+    from hublab.runtime.engine.session import json_closing
 
     assert json_closing('{"items": [{"item": "9V", "coun') == '"}]}'
     assert json_closing('{"a": "x\\"]", "b": [1, 2') == "]}"   # brackets inside strings and escapes do not count

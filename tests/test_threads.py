@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from hublab.runtime.threads import ABANDON, RETRY_S, WINDOW, CpuLoad, ThreadPolicy, _busy_ticks
+from hublab.runtime.engine.threads import ABANDON, RETRY_S, WINDOW, CpuLoad, ThreadPolicy, _busy_ticks
 
 # /proc/stat as read off the 2-core build box (first lines): user nice system idle iowait irq softirq steal ...
 STAT = """cpu  126780 53409 18188 20914 427 0 231 149 0 0
@@ -120,7 +120,7 @@ def test_a_count_that_lost_waits_longer_before_its_next_trial():
 
 
 def test_runtime_policies_look_at_the_board(tiny_models_dir):
-    from hublab.runtime.engine import Runtime
+    from hublab.runtime.engine.runtime import Runtime
 
     with Runtime(models_dir=tiny_models_dir, profile="host", threads=0) as rt:
         rt.generate("tiny", "the python model", raw=True, max_tokens=2)

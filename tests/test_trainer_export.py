@@ -10,7 +10,7 @@ import pytest
 from trainer_tiny import LINES, tiny_data, tiny_hf, tiny_trained  # noqa: F401
 
 from hublab.cli import main as hublab_main
-from hublab.runtime.hostcpu import load_llama
+from hublab.runtime.engine.hostcpu import load_llama
 from hublab.trainer import export as E
 
 
@@ -75,10 +75,10 @@ def test_merge_convert_quantize_and_generate(tiny_trained, tiny_hf, tmp_path):  
     merged = E.merge(result.adapter_dir, tmp_path / "merged", dtype="float32")
     assert (merged / "tokenizer.model").exists()
     f16 = E.convert_gguf(merged, tmp_path / "merged-f16.gguf")
-    # the chat template training rendered with is the one the GGUF carries (runtime/chat.py defines it once)
+    # the chat template training rendered with is the one the GGUF carries (runtime/engine/chat.py defines it once)
     from transformers import AutoTokenizer
 
-    from hublab.runtime.memory import read_gguf
+    from hublab.runtime.engine.memory import read_gguf
 
     trained_with = AutoTokenizer.from_pretrained(result.adapter_dir).chat_template
     assert trained_with and read_gguf(f16).chat_template == trained_with
@@ -142,7 +142,7 @@ def test_export_profiles_builds_one_package_each_board_installs_its_variant(tiny
                                                                               monkeypatch):
     from hublab.runtime import pkg
     from hublab.runtime.config import scan_models
-    from hublab.runtime.profiles import board_profiles
+    from hublab.runtime.engine.profiles import board_profiles
 
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))  # no default signing key
     key = tmp_path / "signing.key"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from trainer_tiny import LINES, QA, write_jsonl
 
-from hublab.runtime.hostcpu import load_llama
+from hublab.runtime.engine.hostcpu import load_llama
 from hublab.trainer import moe
 from hublab.trainer.export import ExportError
 from hublab.trainer.lora import TrainError

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from trainer_tiny import LINES, QA, write_jsonl
 
-from hublab.runtime.hostcpu import load_llama
+from hublab.runtime.engine.hostcpu import load_llama
 from hublab.trainer import data as D
 from hublab.trainer.lora import TrainConfig, TrainError, train_lora
 from hublab.trainer.moe_lora import (MoeSettings, RouterTraining, add_arguments, adapt, balance_entropy_loss,
@@ -241,7 +241,7 @@ def test_merge_convert_and_run_as_runtime_expert(moe_models, moe_data, tmp_path)
     import torch
     from safetensors.torch import load_file
 
-    from hublab.runtime.engine import Runtime
+    from hublab.runtime.engine.runtime import Runtime
 
     r = moe_lora(str(moe_models["mixtral"]), tmp_path / "mix", conversation_data=moe_data / "conversation.jsonl",
                  memory_data=moe_data / "memory.jsonl", router_freeze_steps=2, max_steps=4, batch_size=2, grad_accum=1,
@@ -272,7 +272,7 @@ def test_qwen2_moe_with_tied_head_converts_and_runs(moe_models, moe_data, tmp_pa
     """The tiny Qwen2-MoE ties its head and has a sentencepiece tokenizer: export writes the head out
     and takes moe-init's converter route; llama.cpp's qwen2moe loads it (shared expert included)."""
 
-    from hublab.runtime.engine import Runtime
+    from hublab.runtime.engine.runtime import Runtime
 
     r = moe_lora(str(moe_models["qwen2_moe"]), tmp_path / "q", conversation_data=moe_data / "memory.jsonl",
                  max_steps=1, batch_size=2, max_seq_len=32, eval_fraction=0.0, save_every=0, name="qmoe",

@@ -72,7 +72,7 @@ def mentions(text: str, terms: list[str]) -> int:
 def ab(questions: Path, expert: str, base: str | None = None, models_dir: Path | None = None,
        out: Path = Path("results"), max_tokens: int = 128, seed: int = 0, runtime=None) -> dict:
     """Run the A/B benchmark; returns the summary (also written to out/summary.json)."""
-    from hublab.runtime.engine import Runtime
+    from hublab.runtime.engine.runtime import Runtime
 
     rt = runtime or Runtime(models_dir=models_dir)
     cfg = rt.config(expert)

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from hublab.runtime.hostcpu import load_llama
+from hublab.runtime.engine.hostcpu import load_llama
 
 from .demo_data import DOMAINS
 
@@ -119,9 +119,9 @@ def export_demo(runs_dir: Path, out_dir: Path, domains: list[str], check: int = 
 
 
 def embed_pack(pack: Path, router_dir: Path) -> Path:
-    """The pack's embeddings with the router's encoder, shipped beside it (see runtime/knowledge.py)."""
-    from hublab.runtime.knowledge import embed_pack as write
-    from hublab.runtime.router import Router
+    """The pack's embeddings with the router's encoder, shipped beside it (see runtime/routing/knowledge.py)."""
+    from hublab.runtime.routing.knowledge import embed_pack as write
+    from hublab.runtime.routing.router import Router
 
     router = Router.load(router_dir, [], threads=1)
     return write(pack, router.embed, router.encoder_id)

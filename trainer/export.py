@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hublab.runtime.errors import HublabError
-from hublab.runtime.hostcpu import load_llama
+from hublab.runtime.engine.hostcpu import load_llama
 
 
 class ExportError(HublabError, ValueError):
@@ -391,7 +391,7 @@ def export_profiles(src: Path, profiles: list[str], out_dir: Path, imatrix: dict
 
     from hublab.runtime import pkg
     from hublab.runtime.config import toml_value
-    from hublab.runtime.profiles import board_profiles
+    from hublab.runtime.engine.profiles import board_profiles
 
     src, out_dir = Path(src), Path(out_dir)
     boards = board_profiles()
@@ -454,7 +454,7 @@ def export_profiles(src: Path, profiles: list[str], out_dir: Path, imatrix: dict
 
 def _boards_for(size: int) -> list[str]:
     try:
-        from hublab.runtime.profiles import board_profiles
+        from hublab.runtime.engine.profiles import board_profiles
 
         return [p.name for p in board_profiles().values() if not p.max_model_size or size <= p.max_model_size]
     except Exception:  # profiles are advisory here; a card is still useful without them

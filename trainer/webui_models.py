@@ -51,7 +51,7 @@ def describe(catalog: Catalog) -> list[dict]:
 
 def gguf_kind(path: Path) -> str:
     """'model' or 'adapter' from a GGUF's header; '' when it is not a readable GGUF."""
-    from hublab.runtime.memory import read_gguf
+    from hublab.runtime.engine.memory import read_gguf
 
     try:
         return read_gguf(path).kind
@@ -204,7 +204,7 @@ def _adapter(ws: Path, adapter: str) -> Path:
 
 def install_plan(ws: Path, catalog: Catalog, install_dir: Path, form: dict) -> dict:
     """The files "Install as expert" writes (TOML text included); checked, nothing written."""
-    from hublab.runtime.chat import FORMATS
+    from hublab.runtime.engine.chat import FORMATS
 
     adapter = _adapter(ws, str(form.get("adapter") or ""))
     name = check_name(str(form.get("name") or ""), "name")

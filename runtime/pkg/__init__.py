@@ -13,7 +13,7 @@ that returns data and prints nothing; `cli.py` is the thin layer that prints it.
     fs.py       lstat-based path checks, fsync, the atomic swap
     cli.py      the arguments and the text (hublab pkg, and the hublab> shell's pkg)
 
-Registries (a plain directory or any OCI registry) are runtime/registry.py; packages are signed (ed25519),
+Registries (a plain directory or any OCI registry) are runtime/pkg/registry.py; packages are signed (ed25519),
 digest-verified, fit-checked against the board before download, and installed atomically.
 """
 from .author import BuildResult, PublishResult, build, keygen, publish

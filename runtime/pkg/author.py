@@ -9,13 +9,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..config import load_system, set_system_value, tomllib
-from ..manifest import (MANIFEST_NAME, SIGNATURE_NAME, FileEntry, Manifest, ManifestError, describe_models,
+from .manifest import (MANIFEST_NAME, SIGNATURE_NAME, FileEntry, Manifest, ManifestError, describe_models,
                         digest_bytes, dump_manifest, infer_role, manifest_from_dict, parse_manifest, sha256_file,
                         source_files, variant_of)
-from ..registry import (ANN_DESCRIPTION, ANN_SIGNATURE, ANN_TITLE, ANN_VERSION, MEDIA_CONFIG, MEDIA_FILE, Descriptor,
+from .registry import (ANN_DESCRIPTION, ANN_SIGNATURE, ANN_TITLE, ANN_VERSION, MEDIA_CONFIG, MEDIA_FILE, Descriptor,
                         DirRegistry, Progress, Registry, RegistryError, oci_manifest, parse_ref, resolve)
-from ..signing import Signature, default_key_path, generate_key, sign_digest
-from ..signing import verify as verify_signature
+from .signing import Signature, default_key_path, generate_key, sign_digest
+from .signing import verify as verify_signature
 from .cache import BlobCache
 from .context import PackageError, context, one_line_errors, opened
 

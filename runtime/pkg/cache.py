@@ -12,8 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..manifest import sha256_file
-from ..registry import CHUNK, RESUMES, Descriptor, Interrupted, Progress, Registry, RegistryError
+from .manifest import sha256_file
+from .registry import CHUNK, RESUMES, Descriptor, Interrupted, Progress, Registry, RegistryError
 from .fs import fsync_path, path_kind, remove_any
 
 

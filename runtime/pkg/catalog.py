@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import HublabError
-from ..manifest import Manifest, parse_manifest
-from ..profiles import Profile
-from ..registry import RegistryError, parse_ref, resolve
+from .manifest import Manifest, parse_manifest
+from ..engine.profiles import Profile
+from .registry import RegistryError, parse_ref, resolve
 from .context import context, one_line_errors, opened
 from .fit import plan
 from .store import Store

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..config import format_size
-from ..registry import Progress
+from .registry import Progress
 from .author import build, keygen, publish
 from .catalog import search, show
 from .context import PackageError

@@ -12,8 +12,8 @@ from typing import Iterator
 
 from ..config import SystemConfig, load_system
 from ..errors import HublabError
-from ..profiles import Profile, resolve_profile
-from ..registry import Registry, default_registry_dir, open_registry
+from ..engine.profiles import Profile, resolve_profile
+from .registry import Registry, default_registry_dir, open_registry
 
 
 class PackageError(HublabError):

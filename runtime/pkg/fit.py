@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ..config import format_size
-from ..manifest import FileEntry, Manifest
-from ..profiles import Profile
+from .manifest import FileEntry, Manifest
+from ..engine.profiles import Profile
 from .context import PackageError
 
 GGUF_ROLES = ("model", "adapter")

@@ -22,10 +22,10 @@ from hublab import __version__
 
 from ..config import format_size, tomllib
 from ..errors import HublabError
-from ..manifest import MANIFEST_NAME, FileEntry, Manifest, join_inside, parse_manifest, requirement_met
-from ..profiles import Profile
-from ..registry import Progress, Registry, Resolved, parse_ref, resolve
-from ..signing import check_trust
+from .manifest import MANIFEST_NAME, FileEntry, Manifest, join_inside, parse_manifest, requirement_met
+from ..engine.profiles import Profile
+from .registry import Progress, Registry, Resolved, parse_ref, resolve
+from .signing import check_trust
 from .context import PackageError, context, one_line_errors, opened
 from .fit import Choice, select_variant
 from .fs import fsync_path, path_kind

@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..config import toml_value, tomllib
-from ..manifest import CATEGORIES, MANIFEST_NAME, FileEntry, ManifestError, safe_relpath, sha256_file
-from ..registry import valid_name
+from .manifest import CATEGORIES, MANIFEST_NAME, FileEntry, ManifestError, safe_relpath, sha256_file
+from .registry import valid_name
 from .cache import BlobCache
 from .context import PackageError
 from .fs import describe, exchange, fsync_path, path_kind, remove_any, tree_files

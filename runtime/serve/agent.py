@@ -1,13 +1,13 @@
 """`hublab serve`: the device agent, an HTTP server over the same `Device` the shell uses in-process.
 
 It serves three APIs over one runtime, each a module of small route handlers:
-- OpenAI (runtime/http_openai.py): /v1/models, /v1/chat/completions, /v1/completions
-- Ollama (runtime/http_ollama.py): /api/version, tags, ps, show, chat, generate, embed, embeddings, pull,
+- OpenAI (runtime/serve/http_openai.py): /v1/models, /v1/chat/completions, /v1/completions
+- Ollama (runtime/serve/http_ollama.py): /api/version, tags, ps, show, chat, generate, embed, embeddings, pull,
   delete, so tools written for Ollama (the `ollama` client among them) work unchanged
-- hublab (runtime/http_hublab.py): /hublab/* for `hublab shell --remote URL`, and /health, /metrics
+- hublab (runtime/serve/http_hublab.py): /hublab/* for `hublab shell --remote URL`, and /health, /metrics
 
 llama.cpp contexts are not thread-safe, so one generation runs at a time per loaded base: a generation
-waits for its base in a bounded queue (`[agent] queue_size`, runtime/gate.py) and a full queue answers 503
+waits for its base in a bounded queue (`[agent] queue_size`, runtime/serve/gate.py) and a full queue answers 503
 with Retry-After. A client that disconnects cancels its generation, also while it is still queued.
 A request (line, headers, body) must arrive within `request_timeout` seconds and no socket read or write
 may stall longer, so a client dripping its bytes cannot hold a worker; past `max_connections` open
@@ -27,12 +27,14 @@ from http.server import ThreadingHTTPServer
 
 from hublab import __version__
 
-from . import http_hublab, http_ollama, http_openai
+from . import http_hublab
+from . import http_ollama
+from . import http_openai
 from .device import Device
-from .errors import HublabError
+from ..errors import HublabError
 from .gate import Gate
 from .http_common import Deadlines, Request, Routes, is_loopback
-from .inputs import arg_int, quote
+from ..inputs import arg_int, quote
 
 ROUTES: Routes = {**http_hublab.ROUTES, **http_openai.ROUTES, **http_ollama.ROUTES}
 

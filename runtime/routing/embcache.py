@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .paths import cache_home
+from ..paths import cache_home
 
 
 def cache_root() -> Path:

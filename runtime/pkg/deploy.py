@@ -21,10 +21,10 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .config import dump_toml, format_size, load_system, read_toml, scan_models
-from .errors import HublabError
+from ..config import dump_toml, format_size, load_system, read_toml, scan_models
+from ..errors import HublabError
 from .manifest import sha256_file
-from .profiles import Profile, board_profiles, resolve_profile
+from ..engine.profiles import Profile, board_profiles, resolve_profile
 from .registry import Progress
 
 
@@ -76,7 +76,7 @@ def deploy(to: str | Path, packages: list[str], *, profile: Profile | str | None
            registry: str | Path | None = None, allow_unsigned: bool = False, image: str | Path | None = None,
            progress: Progress | None = None, config: str | Path | None = None) -> DeployResult:
     """Install `packages` for one board into DIR/models, write DIR/system.toml, verify; optionally a FAT32 image."""
-    from . import pkg
+    from .. import pkg
 
     if not packages:
         raise DeployError("name at least one package to deploy (e.g. hublab deploy --to /media/sd base-model experts)")
@@ -120,7 +120,7 @@ def deploy(to: str | Path, packages: list[str], *, profile: Profile | str | None
 
 def verify_tree(root: Path, names: list[str]) -> list[str]:
     """Check a deployed tree the way the Pi will read it; DeployError on the first problem."""
-    from . import pkg
+    from .. import pkg
 
     system = load_system(root / "system.toml")
     models = root / "models"
@@ -202,7 +202,7 @@ def add_arguments(parser) -> None:
 
 
 def cli(args) -> int:
-    from .pkg.cli import ProgressBar
+    from .cli import ProgressBar
 
     r = deploy(args.to, args.packages, profile=getattr(args, "profile", None), registry=args.registry,
                allow_unsigned=args.allow_unsigned, image=args.image, progress=None if args.json else ProgressBar())

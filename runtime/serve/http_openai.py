@@ -5,7 +5,7 @@ the request may set moe's routing and synthesis, and parse_special: false to tok
 /v1/completions prompt as plain text (by default they are parsed, as llama-server does). The answer carries
 an "hublab" object with the routing decision (moe) or the speed (an expert).
 
-Structured output (runtime/structured.py): response_format json_object or json_schema, llama-server's grammar
+Structured output (runtime/engine/structured.py): response_format json_object or json_schema, llama-server's grammar
 (GBNF) and json_schema fields, and tools with tool_choice auto, required, none or a named function; a call comes
 back as message.tool_calls (finish_reason tool_calls), and assistant tool_calls and tool messages are taken in
 the conversation. Every documented field is either honoured or a 400 naming it (CHAT_FIELDS, COMPLETION_FIELDS).
@@ -17,8 +17,8 @@ import time
 import uuid
 from typing import Any
 
-from . import structured
-from .config import request_fields
+from ..engine import structured
+from ..config import request_fields
 from .device import MOE, Completion
 from .http_common import (ApiError, Field, Request, Route, check_fields, moe_fields, nothing, object_field, only,
                           sampler_fields)
@@ -115,7 +115,7 @@ def chat(req: Request) -> None:
 
 def _messages(messages: list[dict]) -> list[dict]:
     """OpenAI messages as the chat template takes them: a call an assistant made is the JSON object the model
-    writes for one (runtime/chat.py), a tool's result a `tool` turn saying which tool returned it."""
+    writes for one (runtime/engine/chat.py), a tool's result a `tool` turn saying which tool returned it."""
     out, names = [], {}
     for i, m in enumerate(messages):
         check_fields(m, MESSAGE_FIELDS, f"messages[{i}].")

@@ -14,7 +14,7 @@ plus /health and /metrics. JSON in and out, errors in OpenAI's shape; /hublab/as
 from __future__ import annotations
 
 from .http_common import ApiError, Request, Route, moe_fields, sampler_fields, text_field
-from .structured import from_format
+from ..engine.structured import from_format
 
 
 def _name(body: dict) -> str:

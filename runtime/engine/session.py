@@ -1,7 +1,7 @@
 """One loaded base model: its llama.cpp context, the adapters on it, the prefix states saved per expert, and the
 decode loop every answer runs (read the prompt, sample, stop at end-of-generation, a stop string or cancel).
 
-The Runtime (runtime/engine.py) decides what is loaded; a LoadedBase runs what it is given.
+The Runtime (runtime/engine/runtime.py) decides what is loaded; a LoadedBase runs what it is given.
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .config import Inference, ModelConfig
-from .errors import HublabError
+from ..config import Inference, ModelConfig
+from ..errors import HublabError
 from .memory import MemoryEstimate
 from .threads import ThreadPolicy
 

@@ -21,9 +21,9 @@ from typing import Any
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from .config import toml_value, tomllib
-from .errors import HublabError
-from .paths import SCHEMA_PATH
+from ..config import toml_value, tomllib
+from ..errors import HublabError
+from ..paths import SCHEMA_PATH
 
 MANIFEST_NAME = "package.toml"
 SIGNATURE_NAME = "package.sig"
@@ -338,7 +338,7 @@ def infer_role(path: Path) -> str:
     name = path.name.lower()
     if name.endswith(".gguf"):
         try:
-            from .memory import read_gguf
+            from ..engine.memory import read_gguf
 
             return "adapter" if read_gguf(path).kind == "adapter" else "model"
         except (ValueError, OSError):

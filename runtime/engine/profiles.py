@@ -11,8 +11,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .config import ConfigError, Key, check_sections, parse_size, read_toml, validate_section
-from .paths import PROFILES_DIR
+from ..config import ConfigError, Key, check_sections, parse_size, read_toml, validate_section
+from ..paths import PROFILES_DIR
 
 PROFILE_SCHEMA = {
     "profile": {
@@ -175,7 +175,7 @@ def resolve_profile(args_profile: str | None, system_profile: str = "auto") -> P
 
 
 def describe(p: Profile) -> str:
-    from .config import format_size
+    from ..config import format_size
 
     lines = [f"profile      {p.name}  ({p.description})",
              f"ram          {format_size(p.ram)}",
@@ -198,7 +198,7 @@ def add_arguments(parser) -> None:
 def cli(args) -> int:
     import json
 
-    from .config import load_system
+    from ..config import load_system
 
     if args.all:
         profiles = list(board_profiles().values()) + [host_profile()]

@@ -61,9 +61,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from .config import Key, ConfigError, parse_routing, read_toml, validate_section, check_sections
-from .errors import HublabError
-from .memory import drop_file_cache, release_free_memory
+from ..config import Key, ConfigError, parse_routing, read_toml, validate_section, check_sections
+from ..errors import HublabError
+from ..engine.memory import drop_file_cache, release_free_memory
 
 ROUTER_TOML = "router.toml"
 TOKENIZER_JSON = "tokenizer.json"
@@ -533,7 +533,7 @@ class Router:
     def encoder_id(self) -> str:
         """sha256 of model.onnx: what embeddings cached elsewhere (knowledge packs) are keyed by."""
         if self._encoder_id is None:
-            from .manifest import sha256_file
+            from ..pkg.manifest import sha256_file
 
             self._encoder_id = sha256_file(self.directory / MODEL_ONNX)
         return self._encoder_id
@@ -735,7 +735,7 @@ def add_arguments(parser) -> None:
 
 
 def cli(args) -> int:
-    from .config import load_system, scan_models
+    from ..config import load_system, scan_models
 
     system = load_system()
     catalog = scan_models(system.models_dir)

@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import psutil
 
-from .config import Inference, ModelConfig
-from .errors import HublabError
+from ..config import Inference, ModelConfig
+from ..errors import HublabError
 from .session import PENALTY_LAST_N, Decoded, Generation, GenerationResult, TextStream, decode_text
 
 
 if TYPE_CHECKING:
-    from .engine import Runtime
+    from .runtime import Runtime
 
 
 def sample(probs: np.ndarray, opts: Inference, rng: np.random.Generator) -> int:

@@ -13,7 +13,7 @@ import sys
 import threading
 from pathlib import Path
 
-from .paths import state_home
+from ..paths import state_home
 
 LOG_NAME = "llama.log"
 # enum ggml_log_level in the pinned llama.cpp: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (llama-cpp-python's

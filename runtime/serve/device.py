@@ -1,6 +1,6 @@
 """The device API in-process: what a hublab device offers, over one `Runtime` and its `MoE`.
 
-The `hublab>` shell calls a `Device` directly; the agent (runtime/agent.py) serves the same methods over
+The `hublab>` shell calls a `Device` directly; the agent (runtime/serve/agent.py) serves the same methods over
 HTTP, and `hublab shell --remote URL` talks to that agent through `shell/client.py`, so the commands
 are written once. Everything here returns plain data (dicts and dataclasses) and raises `HublabError`s
 whose message is one line; `UnknownModel` is the one the HTTP layer answers with 404.
@@ -22,10 +22,10 @@ from typing import Any, Callable
 
 from hublab import __version__
 
-from .config import (EMBEDDED_MODELS_DIR, MODEL_SCHEMA, SYSTEM_SCHEMA, Key, load_model, load_system, set_system_value,
+from ..config import (EMBEDDED_MODELS_DIR, MODEL_SCHEMA, SYSTEM_SCHEMA, Key, load_model, load_system, set_system_value,
                      set_toml_key)
-from .errors import HublabError
-from .inputs import has_surrogates, quote
+from ..errors import HublabError
+from ..inputs import has_surrogates, quote
 
 MOE = "moe"        # the model name that routes a query to the experts and synthesises their answers
 ROUTER = "router"  # the model name of the router's sentence encoder (embeddings only)
@@ -169,7 +169,7 @@ class Device:
 
     @classmethod
     def open(cls, config: str | Path | None = None, profile: str | None = None) -> "Device":
-        from .engine import Runtime
+        from ..engine.runtime import Runtime
 
         return cls(Runtime.from_config(Path(config) if config else None, profile=profile))
 
@@ -178,7 +178,7 @@ class Device:
         """The MoE, made on first use, so a broken [moe] setting does not stop `ai list`."""
         with self._moe_lock:
             if self._moe is None:
-                from .moe import MoE
+                from ..routing.moe import MoE
 
                 self._moe = MoE(self.rt)
             return self._moe
@@ -227,7 +227,7 @@ class Device:
         with self._moe_lock:
             if self._moe is not None:
                 routing, synthesis = self._moe.routing, self._moe.synthesis
-                from .moe import MoE
+                from ..routing.moe import MoE
 
                 self._moe = MoE(self.rt)
                 self._moe.set(routing=routing, synthesis=synthesis)
@@ -249,7 +249,7 @@ class Device:
                     "config": str(rt.system.path) if rt.system.path else None, "loaded": rt.loaded(),
                     "models": len(rt.models), "experts": len(rt.experts), "memory": mem,
                     "weights": rt.weights.to_dict()}
-        from .memory import read_gguf
+        from ..engine.memory import read_gguf
 
         cfg = self.config_of(name)
         owner = rt.models[cfg.base] if cfg.base else cfg
@@ -333,7 +333,7 @@ class Device:
         elif key == "keep_alive":
             rt.keep_alive = system.keep_alive
         elif key == "profile":  # the budget now, contexts and buffers as each base loads
-            from .profiles import active_profile
+            from ..engine.profiles import active_profile
 
             rt.profile = active_profile(system.profile)
             rt.set_threads(rt.threads if rt.fixed_threads else 0)  # 0: the new profile's count
@@ -405,12 +405,12 @@ class Device:
             max_tokens: int | None = None, format: Any = None, temperature: float | None = None, constraint=None,
             prompt: str | list[dict] | None = None, **sampler: Any) -> dict:
         """Route `query`, run the selected experts on `prompt` (default: the query) and synthesise. `constraint`
-        (runtime/structured.py), or `format` ("json" or a JSON schema, as Ollama's), holds every expert's answer
+        (runtime/engine/structured.py), or `format` ("json" or a JSON schema, as Ollama's), holds every expert's answer
         to it; synthesis picks among valid ones."""
         check_query(query)
         check_moe_args(routing, synthesis)
         if constraint is None and format is not None:
-            from .structured import from_format
+            from ..engine.structured import from_format
 
             constraint = from_format(format)
         return self.moe.ask(query, routing=routing, synthesis=synthesis, on_event=on_event, cancel=cancel,
@@ -432,11 +432,11 @@ class Device:
         chat messages (the MoE routes the last user message), or raw text to continue with raw=True. Pieces
         go to `on_piece` as they come. `sampler` takes Runtime.stream's keywords (max_tokens, temperature,
         top_p, top_k, min_p, repeat_penalty, seed, stop); `num_ctx` caps prompt + answer in tokens; special=False
-        tokenizes special tokens in a raw prompt as plain text. `constraint` (runtime/structured.py) holds the
+        tokenizes special tokens in a raw prompt as plain text. `constraint` (runtime/engine/structured.py) holds the
         answer to a JSON schema, a grammar or a tool call; its tools are described to the model in the prompt."""
         t0 = time.perf_counter()
         if constraint is not None and constraint.tools and not raw:
-            from .chat import with_tools
+            from ..engine.chat import with_tools
 
             prompt = with_tools(prompt, [t.to_dict() for t in constraint.tools])
         grammar = constraint.grammar if constraint is not None else None
@@ -540,7 +540,7 @@ class Device:
 
     def router_dir(self) -> Path:
         """Where the router is read from: [moe] router, else <models_dir>/router."""
-        from .router import default_router_dir
+        from ..routing.router import default_router_dir
 
         return default_router_dir(self.rt.system)
 
@@ -549,14 +549,14 @@ class Device:
     def check_package(self, ref: str) -> dict:
         """Every check `pull` makes before downloading (signature, schema, hublab version, board fit):
         the variant it would install, or the first failure as a HublabError. Nothing is written."""
-        from . import pkg
+        from .. import pkg
 
         return pkg.check(ref, config=self.rt.system.path, profile=self.rt.profile).to_dict()
 
     def pull(self, ref: str, progress: Callable[[str, int, int], None] | None = None) -> dict:
         """Install package NAME[:TAG] from the configured registry (signature, schema and board-fit checks
         as `hublab pkg install`), then rescan; `progress(label, done, total)` follows the downloads."""
-        from . import pkg
+        from .. import pkg
 
         system = self.rt.system
         result = pkg.install(ref, config=system.path, models_dir=system.models_dir, profile=self.rt.profile,
@@ -566,7 +566,7 @@ class Device:
 
     def _package(self, name: str):
         """The installed package `name`, or the one that provides model `name`; None when neither."""
-        from . import pkg
+        from .. import pkg
 
         system = self.rt.system
         packages = pkg.list_packages(config=system.path, models_dir=system.models_dir)
@@ -580,7 +580,7 @@ class Device:
 
     def delete(self, name: str) -> dict:
         """Remove the installed package `name`, or the package that provides model `name`."""
-        from . import pkg
+        from .. import pkg
 
         system = self.rt.system
         rec = self._package(name)
@@ -680,7 +680,7 @@ def check_query(query: Any) -> None:
 def check_moe_args(routing: Any, synthesis: Any) -> None:
     """routing and synthesis for one question (None = the configured one), checked before the MoE sees
     them, so a list, a number or a 10 MB string is a one-line error that quotes a few characters."""
-    from .config import parse_routing
+    from ..config import parse_routing
 
     if routing not in (None, ""):  # empty: the configured one, as the MoE reads it
         try:

@@ -24,7 +24,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import HublabError
+from ..errors import HublabError
 
 ENV = "HUBLAB_REPACK"
 AMX_FLAGS = frozenset({"amx_int8", "amx_tile"})

@@ -23,8 +23,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import HublabError
-from .inputs import quote
+from ..errors import HublabError
+from ..inputs import quote
 
 MAX_DEPTH = 32           # nesting of a schema's objects (past it: refused, before any recursion can overflow)
 MAX_NODES = 2000         # subschemas in one schema

@@ -21,7 +21,7 @@ nanoseconds). Options: the sampler settings of config.SAMPLER under their Ollama
 the context is full; num_ctx: prompt + answer must fit, at most the model's context_size); Ollama's other
 documented options are taken where hublab already does what they ask (typical_p 1, mirostat 0, ...) and
 are a 400 naming them otherwise, as is any field hublab does not honour (CHAT_FIELDS, GENERATE_FIELDS,
-OPTIONS). format ("json" or a JSON schema) and tools hold the answer to it (runtime/structured.py). keep_alive: a
+OPTIONS). format ("json" or a JSON schema) and tools hold the answer to it (runtime/engine/structured.py). keep_alive: a
 duration ("5m", seconds, 0 = unload right after the answer, negative = keep); without it the model
 stays [runtime] keep_alive. An empty prompt or message list only loads the model (or unloads it with
 keep_alive 0). Errors are `{"error": "..."}` with a 4xx status.
@@ -35,13 +35,13 @@ from typing import Any
 
 from hublab import __version__
 
-from .config import parse_duration, request_fields
+from ..config import parse_duration, request_fields
 from .device import MOE, ROUTER, Completion, UnknownModel, unknown_model_message
-from .errors import HublabError
-from . import structured
+from ..errors import HublabError
+from ..engine import structured
 from .http_common import (ApiError, Field, Request, Route, check_fields, iso_time, moe_fields, nothing, object_field,
                           only, sampler_fields, text_field)
-from .inputs import finite
+from ..inputs import finite
 
 NEVER = "9999-12-31T23:59:59Z"  # expires_at of a model kept loaded until unloaded (keep_alive < 0)
 UNLIMITED = 1 << 30  # num_predict -1/-2: the context is the limit
@@ -143,7 +143,7 @@ def _constraint(body: dict, chat: bool) -> structured.Constraint | None:
 
 def _messages(body: dict) -> list[dict]:
     """Ollama messages as the chat template takes them: an assistant's tool_calls are the JSON object the model
-    writes for a call (runtime/chat.py), a tool's result a `tool` turn saying which tool returned it."""
+    writes for a call (runtime/engine/chat.py), a tool's result a `tool` turn saying which tool returned it."""
     messages = body.get("messages") or []
     if not isinstance(messages, list) or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):

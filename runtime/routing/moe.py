@@ -1,7 +1,7 @@
 """Route a question to experts and synthesise their answers into one. Each strategy does what its name says:
 
 - best: every selected expert answers; confidence = router score x the answer's mean token probability
-  (from llama.cpp's logits), and 0 for a degenerate answer (hublab.runtime.quality: a loop is the most
+  (from llama.cpp's logits), and 0 for a degenerate answer (hublab.runtime.routing.quality: a loop is the most
   probable text a small model writes, so probability alone would reward it); the most confident answer wins.
 - weighted (WeightedAverage): ONE answer decoded from the router-weighted mixture of the selected experts'
   next-token distributions at every step (Runtime.mixture_stream; experts on one shared base).
@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .config import SYSTEM_SCHEMA, parse_routing
-from .engine import GenerationResult, Runtime
-from .errors import HublabError
-from .inputs import quote
+from ..config import SYSTEM_SCHEMA, parse_routing
+from ..engine.runtime import GenerationResult, Runtime
+from ..errors import HublabError
+from ..inputs import quote
 from .quality import degenerate
 from .router import Router, RouterError, Selection, blend, select
 
@@ -60,7 +60,7 @@ class MoEResult:
     timings: dict[str, float] = field(default_factory=dict)
     note: str = ""
     finish_reason: str = "stop"
-    constraint: object = None           # the format every answer keeps to (runtime/structured.py), if any
+    constraint: object = None           # the format every answer keeps to (runtime/engine/structured.py), if any
 
     @property
     def selected(self) -> list[dict]:
@@ -172,7 +172,7 @@ class MoE:
             prompt: str | list[dict] | None = None, **sampler) -> MoEResult:
         """Route, run the selected experts, synthesise one answer. `on_event(kind, data)` reports progress.
         `prompt` is what the experts answer (default: the query); `sampler` takes Runtime.stream's other sampler
-        keywords (top_p, top_k, min_p, repeat_penalty, seed, stop). With `constraint` (runtime/structured.py)
+        keywords (top_p, top_k, min_p, repeat_penalty, seed, stop). With `constraint` (runtime/engine/structured.py)
         every expert answers to its grammar and synthesis picks among the valid answers: concatenate and weighted,
         which would join or blend documents, pick as best does (the note says so)."""
         emit = on_event or (lambda kind, data: None)

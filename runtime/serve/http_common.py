@@ -25,11 +25,11 @@ from urllib.parse import parse_qs, urlparse
 
 from hublab import __version__
 
-from .config import request_fields
+from ..config import request_fields
 from .device import UnknownModel
-from .errors import HublabError
+from ..errors import HublabError
 from .gate import Cancelled, QueueFull, watch_disconnect
-from .inputs import number_problem, quote
+from ..inputs import number_problem, quote
 
 if TYPE_CHECKING:
     from .device import Device

@@ -17,7 +17,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import HublabError
+from ..errors import HublabError
 
 ALGORITHM = "ed25519"
 
@@ -64,7 +64,7 @@ def normalize_key(key: str, source: str = "trusted key") -> str:
 
 
 def default_key_path() -> Path:
-    from .config import default_system_path
+    from ..config import default_system_path
 
     return default_system_path().parent / "signing.key"
 

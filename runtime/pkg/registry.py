@@ -46,8 +46,8 @@ from pathlib import Path
 from typing import Callable, ContextManager, Iterator, Protocol
 from urllib.parse import urljoin, urlsplit
 
-from .errors import HublabError
-from .inputs import quote
+from ..errors import HublabError
+from ..inputs import quote
 from .manifest import ManifestError, safe_relpath, sha256_file
 from .signing import Signature
 

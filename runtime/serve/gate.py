@@ -12,7 +12,7 @@ import select
 import socket
 import threading
 
-from .errors import HublabError
+from ..errors import HublabError
 
 
 class QueueFull(HublabError):

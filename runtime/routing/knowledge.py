@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from .embcache import cached_embeddings
-from .errors import HublabError
-from .manifest import sha256_file
-from .memory import drop_file_cache
+from ..errors import HublabError
+from ..pkg.manifest import sha256_file
+from ..engine.memory import drop_file_cache
 
 
 def read_pack(path: Path) -> list[dict]:

@@ -8,7 +8,7 @@ The `Runtime` is the API the shell and the agent share:
         print(piece, end="")
     gen.result.tokens_per_s
 
-Memory is checked before anything loads (runtime/memory.py estimates from the GGUF header); idle
+Memory is checked before anything loads (runtime/engine/memory.py estimates from the GGUF header); idle
 models are evicted least-recently-used when room is needed, and unloaded after `keep_alive` like Ollama
 (seconds; 0 = right after use, negative = never).
 """
@@ -27,11 +27,11 @@ import numpy as np
 import psutil
 
 from .chat import choose_format, render
-from .config import (Catalog, Inference, ModelConfig, SystemConfig, format_size, load_system, scan_models)
+from ..config import (Catalog, Inference, ModelConfig, SystemConfig, format_size, load_system, scan_models)
 from . import llama_log
-from .errors import HublabError
+from ..errors import HublabError
 from .hostcpu import ENV as REPACK_ENV, WeightBuffers, configure_llama, for_profile, load_llama
-from .inputs import quote
+from ..inputs import quote
 from .memory import MemoryEstimate, estimate_model, read_gguf, release_free_memory
 from .profiles import Profile, active_profile
 from .scheduler import LoadPlan, expired, victims
@@ -88,7 +88,7 @@ class Runtime:
 
     def set_threads(self, threads: int) -> None:
         """A fixed thread count, or 0: up to the profile's count (and the CPUs this process may use), as many as
-        measure fastest (runtime/threads.py)."""
+        measure fastest (runtime/engine/threads.py)."""
         self.threads = threads or max(1, min(self.profile.threads, usable_cpus()))
         self.fixed_threads = bool(threads)
         for base in getattr(self, "_loaded", {}).values():
@@ -96,7 +96,7 @@ class Runtime:
 
     @property
     def weights(self) -> WeightBuffers:
-        """Where llama.cpp keeps the weights (runtime/hostcpu.py): the host's rule, narrowed by the board profile."""
+        """Where llama.cpp keeps the weights (engine/hostcpu.py): the host's rule, narrowed by the board profile."""
         p = self.profile
         return for_profile(configure_llama(), p.cpu, p.dotprod, p.name, os.environ.get(REPACK_ENV))
 
@@ -149,7 +149,7 @@ class Runtime:
         return min(n_ctx, info.context_length) if info.context_length else n_ctx
 
     def plan(self, name: str) -> LoadPlan:
-        """What serving `name` takes (runtime/scheduler.py), read off its GGUF headers: the one place that
+        """What serving `name` takes (runtime/engine/scheduler.py), read off its GGUF headers: the one place that
         reads them for fitting, loading and the estimates."""
         cfg = self.config(name)
         owner = self._owner(cfg)
@@ -376,7 +376,7 @@ class Runtime:
     @property
     def router(self):
         """The ONNX router, opened on first use; None (keywords only) when the models dir has none."""
-        from .router import Router, RouterError, default_router_dir
+        from ..routing.router import Router, RouterError, default_router_dir
 
         with self._router_lock:
             if not self._router_loaded:
@@ -406,7 +406,7 @@ class Runtime:
         router = self.router
         if not users or router is None or not router.has_embedding:
             return prompt, 0
-        from .knowledge import Library, shots
+        from ..routing.knowledge import Library, shots
 
         if self._library is None:
             self._library = Library(router.embed, router.encoder_id)
@@ -452,7 +452,7 @@ class Runtime:
         chat messages); raw=True completes the text as is (special tokens in it parsed unless special=False).
         The sampler comes from the expert's [inference] with any keyword here overriding it. `query_embedding`
         is the router encoder's embedding of the last user message, when routing made one already. `grammar`
-        (GBNF, root rule `root`; runtime/structured.py makes one from a JSON schema) constrains every token."""
+        (GBNF, root rule `root`; runtime/engine/structured.py makes one from a JSON schema) constrains every token."""
         cfg = self.config(name)
         opts = self.sampler(cfg, dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                       min_p=min_p, repeat_penalty=repeat_penalty, seed=seed))
@@ -534,7 +534,7 @@ class Runtime:
 
     def mixture_stream(self, weights: dict[str, float], prompt: str | list[dict], **kwargs) -> Generation:
         """One answer decoded from the weighted mixture of the experts' next-token distributions
-        (runtime/mixture.py; keywords: max_tokens, temperature, top_k, top_p, seed, stop, cancel)."""
+        (runtime/engine/mixture.py; keywords: max_tokens, temperature, top_k, top_p, seed, stop, cancel)."""
         from .mixture import mixture_stream
 
         return mixture_stream(self, weights, prompt, **kwargs)

@@ -13,7 +13,7 @@ same byte for byte in all three. A GGUF that ships its own template is served wi
   plain  - "role: content" lines, for tiny test models with no special tokens
 Message contents are trimmed in every format, the way the chat templates models ship with do.
 
-Tool calls are written the same way everywhere too (`with_tools`, runtime/structured.py's `render_call`): the tool
+Tool calls are written the same way everywhere too (`with_tools`, engine/structured.py's `render_call`): the tool
 descriptions go into the system turn as JSON, an assistant turn that calls a tool is the JSON object
 {"name", "arguments"}, and a tool's result is a turn of role `tool` (rendered as the user's in templates without
 that role) - the shape LlamaFactory's tool-call data (glaive) has, so an expert trained on it calls tools as served.

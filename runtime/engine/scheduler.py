@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from .config import ModelConfig
+from ..config import ModelConfig
 from .memory import GGUFInfo, MemoryEstimate
 
 

@@ -1,0 +1,1 @@
+"""Routing: the router that scores experts, knowledge lookup, and the moe strategies that synthesise answers."""
