@@ -654,8 +654,8 @@ class Catalog:
 
 
 def _is_model_toml(path: Path) -> bool:
-    # package manifests and router configs live beside model TOMLs; they are not models.
-    return path.name not in ("package.toml", "router.toml")
+    # package manifests, router configs and knowledge packages live beside model TOMLs; they are not models.
+    return path.name not in ("package.toml", "router.toml", "knowledge.toml")
 
 
 def scan_models(models_dir: Path | list[Path]) -> Catalog:

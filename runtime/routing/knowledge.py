@@ -5,6 +5,10 @@ facts. The pack is a JSONL of {"question", "response"} records (`[expert] knowle
 the router's encoder (the same MiniLM that routes, so no second model on the device). Embeddings are cached
 under the state dir keyed by the pack's and the encoder's hashes: a changed pack or a new router gives a
 new cache, never a stale one. Retrieval is one matrix-vector product.
+
+A pack may also hold documentation passages, {"passage", "source"} records (`hublab knowledge build`,
+runtime/routing/docs.py writes them into a knowledge package with a `knowledge.toml`): a passage is embedded
+as its source and text, shown before the question as what the source says, and the answer cites the source.
 """
 from __future__ import annotations
 
@@ -39,24 +43,47 @@ def read_pack(path: Path) -> list[dict]:
         except ValueError:
             raise HublabError(f"{path}:{n}: not a JSON object; each line is "
                               '{"question": ..., "response": ...}') from None
+        if is_passage(rec):
+            if not (isinstance(rec["passage"], str) and isinstance(rec.get("source"), str) and rec["passage"].strip()
+                    and rec["source"].strip()):
+                raise HublabError(f"{path}:{n}: a passage needs non-empty string fields passage and source")
+            out.append({"passage": rec["passage"].strip(), "source": rec["source"].strip()})
+            continue
         if not (isinstance(rec, dict) and isinstance(rec.get("question"), str) and isinstance(rec.get("response"), str)
                 and rec["question"].strip() and rec["response"].strip()):
-            raise HublabError(f"{path}:{n}: needs non-empty string fields question and response")
+            raise HublabError(f"{path}:{n}: needs non-empty string fields question and response (or passage and "
+                              "source)")
         out.append({"question": rec["question"].strip(), "response": rec["response"].strip()})
     return out
+
+
+def is_passage(rec: dict) -> bool:
+    """A documentation passage ({"passage", "source"}), not a question/answer pair."""
+    return isinstance(rec, dict) and "passage" in rec
+
+
+def key_text(rec: dict) -> str:
+    """What a record is found by: a pair's question; a passage's source and text (the encoder reads the first
+    128 tokens, so the source's name leads)."""
+    return f"{rec['source']}: {rec['passage']}" if is_passage(rec) else rec["question"]
 
 
 @dataclass
 class Pack:
     path: Path
     records: list[dict]
-    vectors: np.ndarray    # (n, dim) unit rows, float32
+    vectors: np.ndarray    # (n, dim) unit rows, float32; float16 for documentation (half the memory)
 
     def nearest(self, query_vec: np.ndarray, k: int, min_similarity: float) -> list[tuple[float, dict]]:
         """Up to k records most similar to the query, best first, at least `min_similarity`."""
         if k <= 0 or not len(self.records):
             return []
-        sims = self.vectors @ query_vec.astype(np.float32)
+        q = query_vec.astype(np.float32)
+        if self.vectors.dtype == np.float32:
+            sims = self.vectors @ q
+        else:  # float16 rows summed in float32, a block at a time (no float32 copy of the whole index)
+            sims = np.concatenate([self.vectors[i:i + 4096].astype(np.float32) @ q
+                                   for i in range(0, len(self.vectors), 4096)])
         top = np.argsort(-sims)[:k]
         return [(float(sims[i]), self.records[i]) for i in top if sims[i] >= min_similarity]
 
@@ -82,13 +109,15 @@ class Library:
         side = sidecar(path, pack_key(path, self.encoder_id))
         if side.is_file():
             try:
-                vectors = np.load(side, allow_pickle=False).astype(np.float32)
+                vectors = np.load(side, allow_pickle=False)
+                # pairs stay float32 as before; a documentation index (thousands of passages) stays float16
+                vectors = vectors.astype(np.float16 if records and is_passage(records[0]) else np.float32)
             except (OSError, ValueError):
                 vectors = None  # a torn or foreign file: embed instead
             if vectors is not None and vectors.shape[0] != len(records):
                 vectors = None
         if vectors is None:
-            vectors = cached_embeddings("knowledge", [r["question"] for r in records], self.encoder_id, self.embed)
+            vectors = cached_embeddings("knowledge", [key_text(r) for r in records], self.encoder_id, self.embed)
         drop_file_cache(path, side)  # held in memory now: a small board wants the cached pages back
         return Pack(path, records, vectors)
 
@@ -107,7 +136,7 @@ def embed_pack(path: Path, embed, encoder_id: str) -> Path:
     for old in path.parent.glob(f"{path.stem}.*.npy"):
         if old != out:
             old.unlink()
-    vectors = np.asarray(embed([r["question"] for r in read_pack(path)]), dtype=np.float16)
+    vectors = np.asarray(embed([key_text(r) for r in read_pack(path)]), dtype=np.float16)
     with out.open("wb") as f:
         np.save(f, vectors)
     return out
@@ -119,3 +148,77 @@ def shots(found: list[tuple[float, dict]]) -> list[dict]:
     for _, rec in reversed(found):
         out += [{"role": "user", "content": rec["question"]}, {"role": "assistant", "content": rec["response"]}]
     return out
+
+
+def passage_turns(found: list[tuple[float, dict]]) -> list[dict]:
+    """Retrieved passages as earlier chat turns (what the source says), least similar first."""
+    out: list[dict] = []
+    for _, rec in reversed(found):
+        out += [{"role": "user", "content": f"What does {rec['source']} say?"},
+                {"role": "assistant", "content": rec["passage"]}]
+    return out
+
+
+def cite(answer: str, sources: list[str]) -> str:
+    """The answer with the sources of the passages it was given, `[python docs: os.path]`, at its end."""
+    tags = " ".join(f"[{s}]" for s in dict.fromkeys(sources) if f"[{s}]" not in answer)
+    return f"{answer.rstrip()} {tags}" if tags and answer.strip() else answer
+
+
+# ---------------------------------------------------------------------------------------------------
+# Knowledge packages: a `knowledge.toml` beside a pack of passages, found under the models directories
+
+KNOWLEDGE_TOML = "knowledge.toml"
+
+
+@dataclass(frozen=True)
+class DocPack:
+    """A knowledge package's settings: the pack, the experts' domain it serves (* = every expert), how many
+    passages go before a question and the least similarity for one to be shown."""
+    path: Path
+    domain: str
+    passages: int = 1
+    min_similarity: float = 0.5
+
+    def serves(self, domain: str | None) -> bool:
+        return self.domain == "*" or self.domain == domain
+
+
+def load_doc_pack(toml_path: Path) -> DocPack:
+    """One knowledge.toml; a bad one is a one-line error naming the file and the key."""
+    from ..config import tomllib
+
+    try:
+        sec = tomllib.loads(toml_path.read_text(encoding="utf-8")).get("knowledge")
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise HublabError(f"{toml_path}: not valid TOML ({str(exc).splitlines()[0]}); fix it or rebuild it with "
+                          "`hublab knowledge build`") from None
+    if not isinstance(sec, dict) or not isinstance(sec.get("domain"), str) or not isinstance(sec.get("pack"), str):
+        raise HublabError(f"{toml_path}: needs [knowledge] domain and pack; rebuild it with `hublab knowledge build`")
+    pack = (toml_path.parent / sec["pack"]).resolve()
+    if toml_path.parent.resolve() not in pack.parents:
+        raise HublabError(f"{toml_path}: [knowledge] pack {sec['pack']!r} is outside the package; name a file in it")
+    n, lo = sec.get("passages", 1), sec.get("min_similarity", 0.5)
+    if not (isinstance(n, int) and 0 <= n <= 8):
+        raise HublabError(f"{toml_path}: [knowledge] passages: {n!r} is not 0..8; use e.g. 1")
+    if not (isinstance(lo, (int, float)) and -1 <= lo <= 1):
+        raise HublabError(f"{toml_path}: [knowledge] min_similarity: {lo!r} is not -1..1; use e.g. 0.5")
+    return DocPack(pack, sec["domain"], n, float(lo))
+
+
+def find_doc_packs(dirs: list[Path]) -> tuple[list[DocPack], list[str]]:
+    """Every knowledge package under the models directories (dot folders, package staging, skipped), and the
+    one-line errors of the broken ones (the others still load)."""
+    found, errors = [], []
+    for d in dirs:
+        d = Path(d)
+        if not d.is_dir():
+            continue
+        for toml_path in sorted(d.rglob(KNOWLEDGE_TOML)):
+            if any(p.startswith(".") for p in toml_path.relative_to(d).parts[:-1]):
+                continue
+            try:
+                found.append(load_doc_pack(toml_path))
+            except HublabError as exc:
+                errors.append(str(exc))
+    return found, errors
