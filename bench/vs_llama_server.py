@@ -26,16 +26,15 @@ import socket
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
 import httpx
 import psutil
 
 from hublab.runtime.engine.hostcpu import llama_server_flags
+from hublab.runtime.engine.llamacpp import build_tools
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hublab" / "llama-server"
@@ -63,27 +62,8 @@ def turn(question: str, system: str = "") -> str:
 # -- llama-server ------------------------------------------------------------------------------------------
 
 def build_llama_server() -> Path:
-    """llama-server built from the pinned llama-cpp-python's vendored llama.cpp (cached between runs)."""
-    version = metadata.version("llama_cpp_python")
-    src = CACHE / f"llama_cpp_python-{version}"
-    binary = src / "vendor" / "llama.cpp" / "build" / "bin" / "llama-server"
-    if binary.is_file():
-        return binary
-    CACHE.mkdir(parents=True, exist_ok=True)
-    sdist = CACHE / f"llama_cpp_python-{version}.tar.gz"
-    if not sdist.is_file():
-        subprocess.run([sys.executable, "-m", "pip", "download", f"llama-cpp-python=={version}", "--no-deps",
-                        "--no-binary", ":all:", "-d", str(CACHE), "-q"], check=True)
-    if not src.is_dir():
-        with tarfile.open(sdist) as tar:
-            tar.extractall(CACHE, filter="data")
-    tree = src / "vendor" / "llama.cpp"
-    print(f"building llama-server in {tree} (about 10 minutes)", file=sys.stderr)
-    subprocess.run(["cmake", "-B", "build", "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
-                    "-DLLAMA_BUILD_TESTS=OFF"], cwd=tree, check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(["cmake", "--build", "build", f"-j{os.cpu_count() or 2}", "--target", "llama-server"],
-                   cwd=tree, check=True, stdout=subprocess.DEVNULL)
-    return binary
+    """llama-server built from the pinned llama-cpp-python's vendored llama.cpp (runtime/engine/llamacpp.py; cached)."""
+    return build_tools(["llama-server"])["llama-server"]
 
 
 def free_port() -> int:
