@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "profile": ("hublab.runtime.engine.profiles", "show the active board profile (or all of them)"),
     "route": ("hublab.runtime.routing.router", "score a query against every expert without generating"),
     "serve": ("hublab.runtime.serve.agent", "run the HTTP device agent (OpenAI-compatible API)"),
+    "rpc-worker": ("hublab.runtime.serve.rpc_worker", "lend this board to a base split across boards (llama.cpp RPC)"),
     "knowledge": ("hublab.runtime.routing.docs", "build a knowledge package from documentation (HTML, man, Markdown)"),
     "pkg": ("hublab.runtime.pkg.cli", "build, publish, install and verify model packages"),
     "deploy": ("hublab.runtime.pkg.deploy", "write an SD-card tree for a board"),

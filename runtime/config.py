@@ -472,6 +472,10 @@ MODEL_SCHEMA: dict[str, dict[str, Key]] = {
         "description": Key(str, "", "one line shown in listings"),
         "chat_format": Key(str, "auto", "prompt format: auto (the GGUF's template), gemma, chatml, llama3, "
                            "alpaca or plain", CHAT_FORMATS),
+        "rpc": Key(list, [], "RPC workers (host:port, each running `hublab rpc-worker`) that hold this base's "
+                             "layers; empty = this board alone"),
+        "tensor_split": Key(list, [], "share of the layers per rpc worker, in its order, e.g. [2, 1]; "
+                                      "empty = even"),
     },
     "inference": SAMPLER,
     "expert": {
@@ -514,6 +518,8 @@ class ModelConfig:
     knowledge_shots: int = 2
     knowledge_min: float = 0.45
     examples: tuple[str, ...] = ()
+    rpc: tuple[str, ...] = ()             # RPC workers holding this base's layers (host:port)
+    tensor_split: tuple[float, ...] = ()  # their shares, one per worker (empty: even)
 
     @property
     def is_expert(self) -> bool:
@@ -585,6 +591,7 @@ def load_model(path: Path) -> ModelConfig:
     for i, item in enumerate(inf["stop"]):
         if not isinstance(item, str) or not item:
             raise ConfigError(f"{locate(path, text, 'inference', 'stop')}: item {i + 1} must be a non-empty string")
+    rpc, split = check_rpc(path, text, m, ex)
     gguf = None
     if m["path"]:
         try:
@@ -600,7 +607,53 @@ def load_model(path: Path) -> ModelConfig:
         adapter=adapter, scale=ex["scale"],
         knowledge=(path.parent / ex["knowledge"]).resolve() if ex["knowledge"] else None,
         knowledge_shots=ex["knowledge_shots"], knowledge_min=ex["knowledge_min"], examples=examples,
+        rpc=rpc, tensor_split=split,
     )
+
+
+RPC_MAX_WORKERS = 16  # GGML_RPC_MAX_SERVERS
+_ENDPOINT = re.compile(r"(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9]([A-Za-z0-9.-]{0,252})?)):([0-9]{1,5})")
+
+
+def parse_endpoint(text: str) -> tuple[str, int] | None:
+    """host:port (a name, an IPv4 address or [IPv6]) as an RPC worker is named; None when it is not one."""
+    m = _ENDPOINT.fullmatch(text) if isinstance(text, str) else None
+    if not m or not 1 <= int(m.group(4)) <= 65535:
+        return None
+    return (m.group(1) or m.group(2)), int(m.group(4))
+
+
+def check_rpc(path: Path, text: str, m: dict, ex: dict) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """[model] rpc and tensor_split: workers as host:port, at most 16, no repeats; one non-negative share each."""
+    rpc, split = m["rpc"], m["tensor_split"]
+    if rpc and ex["base"]:
+        raise ConfigError(f"{locate(path, text, 'model', 'rpc')}: an expert on a base runs where its base runs; "
+                          f"put rpc in the TOML of base {quote(ex['base'])}")
+    if len(rpc) > RPC_MAX_WORKERS:
+        raise ConfigError(f"{locate(path, text, 'model', 'rpc')}: {len(rpc)} workers, llama.cpp takes at most "
+                          f"{RPC_MAX_WORKERS}; list fewer")
+    for i, item in enumerate(rpc):
+        if parse_endpoint(item) is None:
+            raise ConfigError(f"{locate(path, text, 'model', 'rpc')}: item {i + 1} {quote(item, 60)} is not "
+                              "host:port; write rpc = [\"pi2:50052\", \"192.168.1.12:50052\"]")
+    if len(set(rpc)) != len(rpc):
+        twice = next(r for r in rpc if rpc.count(r) > 1)
+        raise ConfigError(f"{locate(path, text, 'model', 'rpc')}: {quote(twice)} is listed twice; name each worker "
+                          "once (a board with two workers runs them on two ports)")
+    if split and not rpc:
+        raise ConfigError(f"{locate(path, text, 'model', 'tensor_split')}: shares without rpc workers; add "
+                          "rpc = [\"host:port\", ...] or remove tensor_split")
+    if split and len(split) != len(rpc):
+        raise ConfigError(f"{locate(path, text, 'model', 'tensor_split')}: {len(split)} shares for {len(rpc)} "
+                          "rpc workers; give one share per worker, in the same order")
+    for i, share in enumerate(split):
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not finite(share) or share < 0:
+            raise ConfigError(f"{locate(path, text, 'model', 'tensor_split')}: item {i + 1} {quote(share)} is not "
+                              "a share; write non-negative numbers, e.g. tensor_split = [2, 1]")
+    if split and not sum(split) > 0:
+        raise ConfigError(f"{locate(path, text, 'model', 'tensor_split')}: every share is 0; give at least one "
+                          "worker a positive share")
+    return tuple(rpc), tuple(float(x) for x in split)
 
 
 def read_examples(path: Path, text: str, inline: list, examples_file: str) -> tuple[str, ...]:

@@ -337,6 +337,14 @@ def _compute(d: dict) -> list[str]:
     return [f"compute      {each} reserved for {d.get('ubatch')}-token micro-batches (touched as needed)"]
 
 
+def _split(split: dict | None) -> list[str]:
+    """A base split across RPC workers: each worker's share of the layers and memory, and what stays here."""
+    if not split:
+        return []
+    each = ", ".join(f"{w['endpoint']} {w['share']:.0%} ({_size(w['bytes'])})" for w in split["workers"])
+    return [f"split        {each}; here {_size(split['local']['total'])} (embeddings, logits, sampler)"]
+
+
 def _render_info(d: dict) -> str:
     m = d["memory"]
     if "name" not in d:
@@ -365,6 +373,7 @@ def _render_info(d: dict) -> str:
         f"min_p {inf['min_p']:g}, repeat_penalty {inf['repeat_penalty']:g}, max_tokens {inf['max_tokens']}",
         f"memory       needs {_size(est['total'])} (weights {_size(est['weights'])}, KV {_size(est['kv_cache'])}, "
         f"compute {_size(est['compute'])}); loaded {_size(m['used'])} of {_size(m['budget'])} budget",
+        *_split(d.get("split")),
         f"loaded       {'yes' if d['loaded'] else 'no'}",
         "last speed   " + (f"{d['last_tokens_per_s']:.1f} tok/s" if d.get("last_tokens_per_s") else "not run yet")]
     return "\n".join(lines)

@@ -165,6 +165,7 @@ def for_profile(host: WeightBuffers, cpu: str, dotprod: bool, profile: str, over
 _lock = threading.Lock()
 _decision: WeightBuffers | None = None
 _this_load: contextvars.ContextVar[bool | None] = contextvars.ContextVar("hublab_use_extra_bufts", default=None)
+_devices: contextvars.ContextVar[object] = contextvars.ContextVar("hublab_devices", default=None)
 
 
 def configure_llama() -> WeightBuffers:
@@ -186,6 +187,9 @@ def configure_llama() -> WeightBuffers:
                 params = original()
                 wanted = _this_load.get()
                 params.use_extra_bufts = decision.extra if wanted is None else wanted
+                devices = _devices.get()
+                if devices is not None:  # ggml devices for this load alone (RPC workers: engine/rpc.py)
+                    params.devices = ctypes.cast(devices, ctypes.c_void_p)
                 return params
 
             ll.llama_model_default_params = default_params
@@ -194,17 +198,21 @@ def configure_llama() -> WeightBuffers:
         return _decision
 
 
-def load_llama(path, extra: bool | None = None, **kwargs):
+def load_llama(path, extra: bool | None = None, devices: list[int] | None = None, **kwargs):
     """`llama_cpp.Llama(path, **kwargs)` with this host's weight buffers (see the module's docstring), or with
-    extra buffer types on/off for this load alone (`extra`, from `for_profile`)."""
+    extra buffer types on/off for this load alone (`extra`, from `for_profile`). `devices`: the ggml devices the
+    layers go to (llama_model_params.devices; RPC workers, engine/rpc.py), with n_gpu_layers and tensor_split."""
     host = configure_llama()
     from llama_cpp import Llama
 
     token = _this_load.set(None if extra is None else host.extra and extra)  # never on where the host says off
+    array = (ctypes.c_void_p * (len(devices) + 1))(*devices, None) if devices else None  # NULL-terminated
+    dev_token = _devices.set(array)
     try:
         return Llama(model_path=str(path), **kwargs)
     finally:
         _this_load.reset(token)
+        _devices.reset(dev_token)
 
 
 def llama_server_flags() -> list[str]:

@@ -66,6 +66,8 @@ class GGUFInfo:
     sliding_window: int
     chat_template: str
     lora_alpha: float
+    embd_bytes: int = 0       # the token embedding table (token_embd.weight): it stays on the host in a split
+    output_bytes: int = 0     # the output matrix (output.weight); 0 = tied to the embeddings
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -154,13 +156,17 @@ def _read(path: str, mtime: float) -> GGUFInfo:
         return max(v) if isinstance(v, list) and v else v
 
     sizes: dict[str, int] = {}
-    tensor_bytes = n_params = 0
-    for _name, ttype, n in tensors:
+    tensor_bytes = n_params = embd_bytes = output_bytes = 0
+    for name, ttype, n in tensors:
         if ttype not in TENSOR_TYPES:
             raise GGUFError(f"{path}: tensor type {ttype} unknown to this hublab; update hublab")
         type_name, block, type_size = TENSOR_TYPES[ttype]
         nbytes = n // block * type_size
         tensor_bytes += nbytes
+        if name == "token_embd.weight":
+            embd_bytes = nbytes
+        elif name == "output.weight":
+            output_bytes = nbytes
         n_params += n
         sizes[type_name] = sizes.get(type_name, 0) + nbytes
     _check_header(path, meta, arch, tensor_bytes)
@@ -185,7 +191,8 @@ def _read(path: str, mtime: float) -> GGUFInfo:
         context_length=int(arch_field("context_length", 0) or 0),
         sliding_window=int(arch_field("attention.sliding_window", 0) or 0),
         chat_template=str(meta.get("tokenizer.chat_template", "") or ""),
-        lora_alpha=float(meta.get("adapter.lora.alpha", 0.0) or 0.0),
+        lora_alpha=float(meta.get("adapter.lora.alpha", 0.0) or 0.0), embd_bytes=embd_bytes,
+        output_bytes=output_bytes,
     )
 
 

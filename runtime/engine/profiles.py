@@ -211,5 +211,17 @@ def cli(args) -> int:
         return 0
     system = load_system()
     p = resolve_profile(args.profile, system.profile)
-    print(json.dumps(p.to_dict(), indent=2) if args.json else describe(p))
+    from .rpc import split_bases
+
+    splits = split_bases(system, p)  # bases split across RPC workers: what of them this board holds
+    if args.json:
+        print(json.dumps({**p.to_dict(), "split_bases": splits} if splits else p.to_dict(), indent=2))
+        return 0
+    print(describe(p))
+    from ..config import format_size
+
+    for s in splits:
+        workers = ", ".join(f"{w['endpoint']} {format_size(w['bytes'])}" for w in s["workers"])
+        print(f"split base   {s['name']}: {format_size(s['local']['total'])} here of the "
+              f"{format_size(p.model_budget)} budget; workers {workers}")
     return 0

@@ -34,8 +34,10 @@ from .hostcpu import ENV as REPACK_ENV, WeightBuffers, configure_llama, for_prof
 from ..inputs import quote
 from .memory import MemoryEstimate, estimate_model, read_gguf, release_free_memory
 from .profiles import Profile, active_profile
+from .rpc import Split, rpc_devices, split_estimate
 from .scheduler import LoadPlan, expired, victims
 from .session import Decoded, Generation, GenerationResult, LoadedBase, TextStream, decode_text, is_special
+from .split import SplitBase
 from .threads import CpuLoad, ThreadPolicy, usable_cpus
 
 
@@ -82,7 +84,8 @@ class Runtime:
         self._router_loaded = False
         self.router_note = ""
         self._library = None
-        self._loaded: dict[str, LoadedBase] = {}
+        self._loaded: dict[str, LoadedBase | SplitBase] = {}
+        self.rpc_host = False  # True in the process that holds a split base itself (engine/split.py)
         self.stats: dict[str, ExpertStats] = {}
         self.rescan()
 
@@ -158,8 +161,17 @@ class Runtime:
         n_ctx = self.context_size(owner)  # the base runs at its own context, whichever expert it serves
         adapter = self._adapter_path(cfg) if cfg.adapter else None
         return LoadPlan(config=cfg, owner=owner, path=path, info=info, n_ctx=n_ctx,
-                        base=estimate_model(info, n_ctx), adapter=adapter,
+                        base=self.split(owner.name).local if owner.rpc else estimate_model(info, n_ctx),
+                        adapter=adapter,
                         adapter_info=read_gguf(adapter) if adapter else None)
+
+    def split(self, name: str) -> Split:
+        """Where a split base's memory goes: this board's share (what fits the budget here) and each worker's."""
+        owner = self._owner(self.config(name))
+        if not owner.rpc:
+            raise HublabError(f"{owner.name} is not split across RPC workers ({owner.source} has no [model] rpc)")
+        info = read_gguf(self._gguf_path(owner))
+        return split_estimate(info, self.context_size(owner), owner.rpc, owner.tensor_split)
 
     def _gguf_path(self, cfg: ModelConfig) -> Path:
         if cfg.path is None or not cfg.path.is_file():
@@ -193,7 +205,7 @@ class Runtime:
     def _fit(self, plan: LoadPlan) -> None:
         """Make room for the plan (evicting idle models LRU-first) or refuse before unloading or loading anything."""
         owner, cfg = plan.owner, plan.config
-        size = plan.path.stat().st_size
+        size = plan.base.weights if owner.rpc else plan.path.stat().st_size  # a split base: this board's share
         if self.profile.max_model_size and size > self.profile.max_model_size:
             raise FitError(f"{owner.name} is {format_size(size)}, larger than the "
                            f"{format_size(self.profile.max_model_size)} "
@@ -227,7 +239,7 @@ class Runtime:
     def is_loaded(self, name: str) -> bool:
         cfg = self.config(name)
         base = self._loaded.get(self._owner(cfg).name)
-        return bool(base) and (not cfg.adapter or cfg.name in base.adapters)
+        return bool(base) and not getattr(base, "dead", None) and (not cfg.adapter or cfg.name in base.adapters)
 
     def load(self, name: str) -> LoadedBase:
         """Load `name` (its base first for an adapter expert); a no-op when already loaded."""
@@ -235,6 +247,9 @@ class Runtime:
         with self._lock:
             self.expire_idle()
             owner = self._owner(cfg)
+            gone = self._loaded.get(owner.name)
+            if isinstance(gone, SplitBase) and gone.dead:  # a worker went away: check them again, start anew
+                self._unload_base(owner.name)
             if self.is_loaded(name):
                 base = self._loaded[owner.name]
                 base.last_used = time.monotonic()
@@ -247,13 +262,21 @@ class Runtime:
             base.last_used = time.monotonic()
             return base
 
-    def _load_base(self, plan: LoadPlan) -> LoadedBase:
-        llama_log.install()  # llama.cpp's lines go to the state dir's llama.log unless --verbose
+    def _load_base(self, plan: LoadPlan) -> LoadedBase | SplitBase:
         cfg, path, info, n_ctx = plan.config, plan.path, plan.info, plan.n_ctx
+        if cfg.rpc and not self.rpc_host:  # its own process holds it (engine/split.py): a lost worker ends only that
+            base = SplitBase.start(self, plan)
+            self._loaded[cfg.name] = base
+            return base
+        llama_log.install()  # llama.cpp's lines go to the state dir's llama.log unless --verbose
         seed = cfg.inference.seed if cfg.inference.seed >= 0 else 0xFFFFFFFF
         mark = llama_log.compute_buffers()
+        split = {}
+        if cfg.rpc:  # every layer (and its KV) on the workers, in the TOML's order and shares
+            split = dict(devices=rpc_devices(cfg.rpc), n_gpu_layers=-1,
+                         tensor_split=list(cfg.tensor_split) or None)
         try:
-            llama = load_llama(path, extra=self.weights.extra, n_ctx=n_ctx, n_ubatch=self.profile.ubatch,
+            llama = load_llama(path, extra=self.weights.extra, **split, n_ctx=n_ctx, n_ubatch=self.profile.ubatch,
                                n_threads=self.threads,
                                n_threads_batch=self.threads, seed=seed, verbose=llama_log.verbose(),
                                swa_full=False,  # sliding-window layers keep only their window: less KV on a Pi
@@ -281,10 +304,13 @@ class Runtime:
         release_free_memory()
         return base
 
-    def _load_adapter(self, base: LoadedBase, plan: LoadPlan) -> None:
+    def _load_adapter(self, base: LoadedBase | SplitBase, plan: LoadPlan) -> None:
         import llama_cpp
 
         cfg, path, info = plan.config, plan.adapter, plan.adapter_info
+        if isinstance(base, SplitBase):  # the child checks and loads it as below
+            base.load_adapter(cfg.name, cfg.scale, info.tensor_bytes)
+            return
         if info.kind != "adapter":
             raise HublabError(f"{cfg.source}: [expert] adapter: {path} is a full model, not a LoRA adapter GGUF; "
                               "point adapter at an adapter file, or use [model] path for a standalone expert")
@@ -313,6 +339,9 @@ class Runtime:
                 with base.lock:
                     if base.active == cfg.name:
                         base.use(None)
+                    if isinstance(base, SplitBase):
+                        base.unload_adapter(cfg.name)
+                        return [cfg.name]
                     import llama_cpp
 
                     base.forget(cfg.name)
@@ -323,6 +352,10 @@ class Runtime:
 
     def _unload_base(self, name: str) -> list[str]:
         base = self._loaded.pop(name)
+        if isinstance(base, SplitBase):
+            gone = [name, *base.adapters]
+            base.close()
+            return gone
         with base.lock:
             gone = [name, *base.adapters]
             base.adapters.clear()
@@ -432,6 +465,8 @@ class Runtime:
 
         A raw prompt's special tokens (<start_of_turn>, <|im_start|>, ...) are parsed as llama-server does, so a
         prompt formatted by hand means the same on both; special=False tokenizes them as plain text."""
+        if isinstance(base, SplitBase):
+            return base.prompt_tokens(cfg.name, prompt, raw, system_prompt, special)
         llama = base.llama
         if raw:
             text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
@@ -480,6 +515,12 @@ class Runtime:
         if not raw:
             prompt, n_shots = self.with_knowledge(cfg, prompt, query_embedding)
         with self.hold(cfg.name) as base:
+            if isinstance(base, SplitBase):
+                yield from self._generate_split(gen, base, cfg, prompt, n_shots, dict(
+                    raw=raw, logprobs=logprobs, max_tokens=opts.max_tokens, temperature=opts.temperature,
+                    top_p=opts.top_p, top_k=opts.top_k, min_p=opts.min_p, repeat_penalty=opts.repeat_penalty,
+                    seed=opts.seed, stop=stops, system_prompt=system, special=special, grammar=grammar), cancel)
+                return
             llama = base.llama
             tokens, template_stops = self.prompt_tokens(base, cfg, prompt, raw, system, special)
             stops = stops + [s for s in template_stops if s not in stops]
@@ -530,13 +571,40 @@ class Runtime:
             st.last_tokens_per_s = result.tokens_per_s
             gen.result = result
 
-    # -- decode-time mixture of experts --------------------------------------------------------------
+    def _generate_split(self, gen: Generation, base: SplitBase, cfg: ModelConfig, prompt, n_shots: int,
+                        kwargs: dict, cancel: threading.Event | None) -> Iterator[str]:
+        """One answer from a split base's child: the same decode loop there, the same statistics here."""
+        def done(result: GenerationResult) -> None:
+            result.knowledge = n_shots
+            st = self.stats.setdefault(cfg.name, ExpertStats())
+            st.calls += 1
+            st.prompt_tokens += result.prompt_tokens
+            st.tokens += result.tokens
+            st.seconds += result.seconds
+            st.last_tokens_per_s = result.tokens_per_s
+            gen.result = result
+
+        yield from base.stream("stream", cfg.name, prompt, kwargs, cancel, done)
+
 
     def mixture_stream(self, weights: dict[str, float], prompt: str | list[dict], **kwargs) -> Generation:
         """One answer decoded from the weighted mixture of the experts' next-token distributions
         (runtime/engine/mixture.py; keywords: max_tokens, temperature, top_k, top_p, seed, stop, cancel)."""
         from .mixture import mixture_stream
 
+        owners = {self._owner(self.config(n)).name for n in weights}
+        owner = self.models[next(iter(owners))] if len(owners) == 1 else None
+        if owner is not None and owner.rpc and not self.rpc_host:  # decoded where the split base lives
+            cancel = kwargs.pop("cancel", None)
+            gen = Generation(iter(()))
+
+            def run() -> Iterator[str]:
+                with self.hold(next(iter(weights))) as base:
+                    yield from base.stream("mixture", dict(weights), prompt, kwargs, cancel,
+                                           lambda r: setattr(gen, "result", r))
+
+            gen._pieces = run()
+            return gen
         return mixture_stream(self, weights, prompt, **kwargs)
 
     # -- listing ------------------------------------------------------------------------------------

@@ -265,7 +265,8 @@ class Device:
                 "inference": asdict(cfg.inference), "loaded": rt.is_loaded(name),
                 "estimate": {"weights": est.weights, "kv_cache": est.kv_cache, "compute": est.compute,
                              "total": est.total},
-                "memory": mem, "last_tokens_per_s": stats.last_tokens_per_s if stats else None}
+                "memory": mem, "last_tokens_per_s": stats.last_tokens_per_s if stats else None,
+                "split": rt.split(name).to_dict() if owner.rpc else None}
 
     def stats(self) -> dict:
         import psutil
