@@ -34,7 +34,8 @@ class GenerationResult:
     finish_reason: str = "stop"          # stop | length | cancelled
     rss_bytes: int = 0
     mean_token_prob: float | None = None  # mean probability of the sampled tokens (when asked for)
-    knowledge: int = 0                    # knowledge-pack pairs put before the question
+    knowledge: int = 0                    # knowledge-pack pairs and passages put before the question
+    sources: list[str] = field(default_factory=list)  # the passages' sources, cited at the end of the text
     cached_tokens: int = 0                # prompt tokens whose KV was reused (this expert's prefix cache)
     threads: int = 0                      # llama.cpp threads at the end of the generation
 

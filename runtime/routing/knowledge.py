@@ -159,10 +159,11 @@ def passage_turns(found: list[tuple[float, dict]]) -> list[dict]:
     return out
 
 
-def cite(answer: str, sources: list[str]) -> str:
-    """The answer with the sources of the passages it was given, `[python docs: os.path]`, at its end."""
+def citation(answer: str, sources: list[str]) -> str:
+    """What goes after an answer to cite the passages it was given: ` [python docs: os.path]` ("" for an empty
+    answer, or one that cites them already)."""
     tags = " ".join(f"[{s}]" for s in dict.fromkeys(sources) if f"[{s}]" not in answer)
-    return f"{answer.rstrip()} {tags}" if tags and answer.strip() else answer
+    return f" {tags}" if tags and answer.strip() else ""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -195,9 +196,10 @@ def load_doc_pack(toml_path: Path) -> DocPack:
                           "`hublab knowledge build`") from None
     if not isinstance(sec, dict) or not isinstance(sec.get("domain"), str) or not isinstance(sec.get("pack"), str):
         raise HublabError(f"{toml_path}: needs [knowledge] domain and pack; rebuild it with `hublab knowledge build`")
-    pack = (toml_path.parent / sec["pack"]).resolve()
-    if toml_path.parent.resolve() not in pack.parents:
-        raise HublabError(f"{toml_path}: [knowledge] pack {sec['pack']!r} is outside the package; name a file in it")
+    if sec["pack"] in ("", ".", "..") or "/" in sec["pack"] or "\\" in sec["pack"]:
+        raise HublabError(f"{toml_path}: [knowledge] pack {sec['pack']!r} is not a file name; name the pack file "
+                          "beside knowledge.toml")
+    pack = toml_path.parent / sec["pack"]
     n, lo = sec.get("passages", 1), sec.get("min_similarity", 0.5)
     if not (isinstance(n, int) and 0 <= n <= 8):
         raise HublabError(f"{toml_path}: [knowledge] passages: {n!r} is not 0..8; use e.g. 1")
