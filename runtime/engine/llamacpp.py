@@ -167,3 +167,12 @@ def rpc_protocol() -> tuple[int, int, int]:
 
 
 PROTOCOL = (7, 0, 0)  # llama-cpp-python 0.3.36's ggml-rpc.h, for a host without the source tree
+
+
+if __name__ == "__main__":  # scripts/test: python -m hublab.runtime.engine.llamacpp rpc-server rpc-client llama-server
+    try:
+        for tool, where in build_tools(sys.argv[1:] or ["rpc-server", "rpc-client"]).items():
+            print(f"{tool}: {where}")
+    except ToolsError as exc:
+        print(f"hublab: error: {exc}", file=sys.stderr)
+        sys.exit(1)

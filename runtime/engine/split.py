@@ -17,6 +17,7 @@ reply; an answer streams as ("piece", text) ... ("done", result). The child read
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -238,7 +239,8 @@ def _last_words(stderr) -> str:
         lines = stderr.read()[-8192:].decode("utf-8", "replace").splitlines()
     except (OSError, ValueError):
         return ""
-    said = [line.strip() for line in lines if ".cpp:" in line or "error" in line.lower()]
+    said = [re.sub(r"\S*/(\S+\.cpp:\d+)", r"\1", line.strip()) for line in lines
+            if ".cpp:" in line or "error" in line.lower()]
     return said[-1][:200] if said else ""
 
 
