@@ -29,11 +29,15 @@ from ..engine.memory import drop_file_cache
 def read_pack(path: Path) -> list[dict]:
     """The pack's records; a bad line is a one-line error naming the file and line."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        with path.open(encoding="utf-8") as f:  # a line at a time: a documentation pack is megabytes
+            return _read_records(path, f)
     except FileNotFoundError:
         raise HublabError(f"{path}: knowledge pack not found; fix [expert] knowledge or reinstall the expert") from None
     except UnicodeDecodeError:
         raise HublabError(f"{path}: knowledge pack is not UTF-8 text; rewrite it as UTF-8 JSONL") from None
+
+
+def _read_records(path: Path, lines) -> list[dict]:
     out = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -111,7 +115,8 @@ class Library:
             try:
                 vectors = np.load(side, allow_pickle=False)
                 # pairs stay float32 as before; a documentation index (thousands of passages) stays float16
-                vectors = vectors.astype(np.float16 if records and is_passage(records[0]) else np.float32)
+                vectors = vectors.astype(np.float16 if records and is_passage(records[0]) else np.float32,
+                                         copy=False)
             except (OSError, ValueError):
                 vectors = None  # a torn or foreign file: embed instead
             if vectors is not None and vectors.shape[0] != len(records):
