@@ -17,7 +17,7 @@ from typing import Any
 
 import tomlkit
 
-from .engine.chat import FORMATS as CHAT_FORMATS
+from .chat import FORMATS as CHAT_FORMATS
 from .errors import HublabError
 from .inputs import finite, number_problem, quote
 from .paths import EMBEDDED_MODELS_DIR, config_home, user_models_dir
@@ -296,6 +296,98 @@ SYSTEM_SCHEMA: dict[str, dict[str, Key]] = {
     "inference": {key: spec for key, spec in SAMPLER.items() if not spec.model_only},
 }
 
+# [[peer]] tables: other boards or servers whose experts this one routes to (runtime/engine/peers.py). An array of
+# tables, so kept apart from SYSTEM_SCHEMA (whose keys `ai config` sets by bare name).
+PEER_APIS = ("hublab", "openai", "ollama")
+PEER_SCHEMA: dict[str, Key] = {
+    "name": Key(str, "", "the peer's name; a hublab peer's experts show as EXPERT@NAME"),
+    "url": Key(str, "", "http(s)://HOST:PORT of a hublab agent, llama-server, Ollama or another OpenAI-compatible "
+                        "server"),
+    "token_env": Key(str, "", "environment variable holding the bearer token sent to the peer; empty = none"),
+    "api": Key(str, "", "hublab, openai or ollama; empty = found by probing", ("",) + PEER_APIS),
+    "deadline": Key((str, int, float), "2m", "the longest one answer from this peer may take (a duration)"),
+    "probe_timeout": Key((str, int, float), "1s", "how long the liveness probe waits before the peer counts as down"),
+}
+PEER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """One [[peer]] table, validated."""
+    name: str
+    url: str
+    token_env: str = ""
+    api: str = ""               # "" = probe
+    deadline: float = 120.0     # seconds
+    probe_timeout: float = 1.0  # seconds
+
+
+def read_peers(path: Path, text: str, tables: Any) -> tuple[PeerConfig, ...]:
+    """system.toml's [[peer]] tables, each checked: name, http(s) URL, token variable name, api, durations."""
+    from urllib.parse import urlsplit
+
+    if isinstance(tables, dict):
+        raise ConfigError(f"{path}: [peer] is one table; write [[peer]] (two brackets), one per peer")
+    if not isinstance(tables, list):
+        raise ConfigError(f"{path}: peer must be [[peer]] tables, got {quote(tables)}; write [[peer]] with name "
+                          "and url")
+    peers: list[PeerConfig] = []
+    for i, table in enumerate(tables):
+        where = f"{path}:{_peer_line(text, i) or '?'}: [[peer]] #{i + 1}"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: expected a table; write [[peer]] with name and url")
+        for key in table:
+            if key not in PEER_SCHEMA:
+                close = difflib.get_close_matches(key, list(PEER_SCHEMA), n=1, cutoff=0.6)
+                hint = f"did you mean '{close[0]}'?" if close else f"allowed keys: {', '.join(PEER_SCHEMA)}"
+                raise ConfigError(f"{where} {key[:60]}: unknown key; {hint}")
+        try:
+            values = validate_section(path, text, "peer", table, PEER_SCHEMA)
+        except ConfigError as exc:  # validate_section's location is [peer]'s, which a [[peer]] header never is
+            raise ConfigError(str(exc).replace(f"{path}: [peer]", where, 1)) from None
+        name, url, env = values["name"], values["url"].strip(), values["token_env"]
+        if not PEER_NAME.fullmatch(name):
+            raise ConfigError(f"{where} name: {quote(name) if name else 'missing'}; give each peer a name of up to 64 "
+                              "letters, digits, '_' and '-' (its experts show as EXPERT@NAME)")
+        if any(p.name == name for p in peers):
+            raise ConfigError(f"{where} name: {name!r} names two peers; give each its own name")
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.query \
+                or parts.fragment or parts.username or parts.password or any(c.isspace() for c in url):
+            raise ConfigError(f"{where} url: {quote(url, 80) if url else 'missing'} is not an http(s) URL of a "
+                              "server; write url = \"http://192.168.1.20:8780\" (a token goes in token_env, "
+                              "never the URL)")
+        if env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", env):
+            raise ConfigError(f"{where} token_env: {quote(env, 60)} is not an environment variable name; write the "
+                              "variable's name, e.g. token_env = \"HUBLAB_PEER_DEN\" (never the token itself)")
+        durations = {}
+        for key in ("deadline", "probe_timeout"):
+            try:
+                durations[key] = parse_duration(values[key])
+            except ValueError as exc:
+                raise ConfigError(f"{where} {key}: {exc}") from None
+            if not 0 < durations[key] <= 24 * 3600:
+                raise ConfigError(f"{where} {key}: {quote(values[key])} must be more than 0 and at most a day; "
+                                  f"write e.g. {'2m' if key == 'deadline' else '1s'}")
+        peers.append(PeerConfig(name, url.rstrip("/"), env, values["api"], durations["deadline"],
+                                durations["probe_timeout"]))
+    return tuple(peers)
+
+
+def _peer_line(text: str, index: int) -> int | None:
+    """The line of the index-th [[peer]] header."""
+    seen = -1
+    for number, raw in enumerate(text.splitlines(), start=1):
+        if re.match(r"^\s*\[\[\s*peer\s*\]\]", raw):
+            seen += 1
+            if seen == index:
+                return number
+    return None
+
 
 def parse_routing(spec: str) -> tuple[str, float]:
     """'topk:2' -> ('topk', 2); 'threshold:0.3' -> ('threshold', 0.3); 'single' / 'all'."""
@@ -345,6 +437,7 @@ class SystemConfig:
     # The read-only embedded default set, scanned after models_dir (which shadows it by name); None when
     # models_dir was given explicitly, which then is the whole model set (an SD-card tree, a test).
     defaults_dir: Path | None = None
+    peers: tuple[PeerConfig, ...] = ()  # [[peer]] tables: where remote experts run
 
     @property
     def model_dirs(self) -> list[Path]:
@@ -370,10 +463,11 @@ def load_system(path: Path | None = None) -> SystemConfig:
     """Read system.toml; a missing file means all defaults (the user's models over the embedded set)."""
     path = Path(path) if path else default_system_path()
     data, text = ({}, "") if not path.exists() else read_toml(path)
-    check_sections(path, text, data, SYSTEM_SCHEMA)
+    check_sections(path, text, data, {**SYSTEM_SCHEMA, "peer": PEER_SCHEMA})
     sec = {name: validate_section(path, text, name, data.get(name, {}), schema)
            for name, schema in SYSTEM_SCHEMA.items()}
     rt, moe, agent = sec["runtime"], sec["moe"], sec["agent"]
+    peers = read_peers(path, text, data.get("peer", []))
 
     def rel(p: str) -> Path:
         q = Path(os.path.expanduser(p))
@@ -400,7 +494,7 @@ def load_system(path: Path | None = None) -> SystemConfig:
         port=agent["port"], token=agent["token"], queue_size=agent["queue_size"],
         trusted_keys=list(sec["trust"]["keys"]), inference={k: sec["inference"][k] for k in data.get("inference", {})},
         raw=data,
-        defaults_dir=None if rt["models_dir"] else EMBEDDED_MODELS_DIR,
+        defaults_dir=None if rt["models_dir"] else EMBEDDED_MODELS_DIR, peers=peers,
     )
 
 
@@ -494,6 +588,8 @@ MODEL_SCHEMA: dict[str, dict[str, Key]] = {
         "examples": Key(list, [], "example queries this expert answers: routed by similarity, no router retraining"),
         "examples_file": Key(str, "", "more example queries, one per line (UTF-8), relative to this TOML and inside "
                                       "its directory"),
+        "peer": Key(str, "", "name of the system.toml [[peer]] that runs this expert; empty = this board"),
+        "model": Key(str, "", "with peer: the model's name on that server; empty = this expert's name"),
     },
 }
 
@@ -520,6 +616,8 @@ class ModelConfig:
     examples: tuple[str, ...] = ()
     rpc: tuple[str, ...] = ()             # RPC workers holding this base's layers (host:port)
     tensor_split: tuple[float, ...] = ()  # their shares, one per worker (empty: even)
+    peer: str = ""                        # the [[peer]] that runs it (empty: this board)
+    peer_model: str = ""                  # its model name there
 
     @property
     def is_expert(self) -> bool:
@@ -580,7 +678,8 @@ def load_model(path: Path) -> ModelConfig:
     if ex["base"] and m["path"]:
         raise ConfigError(f"{locate(path, text, 'model', 'path')}: an expert on a base takes no GGUF path of "
                           "its own; remove path, or remove [expert] base to make it a standalone GGUF expert")
-    if not ex["base"] and not m["path"]:
+    peer = check_peer(path, text, m, ex)
+    if not ex["base"] and not m["path"] and not peer:
         raise ConfigError(f"{locate(path, text, 'model')}: missing key path; add path = \"<file>.gguf\" "
                           "(or [expert] base = \"<base>\" for an expert on a shared base)")
     for i, item in enumerate(ex["keywords"]):
@@ -607,8 +706,30 @@ def load_model(path: Path) -> ModelConfig:
         adapter=adapter, scale=ex["scale"],
         knowledge=(path.parent / ex["knowledge"]).resolve() if ex["knowledge"] else None,
         knowledge_shots=ex["knowledge_shots"], knowledge_min=ex["knowledge_min"], examples=examples,
-        rpc=rpc, tensor_split=split,
+        rpc=rpc, tensor_split=split, peer=peer, peer_model=(ex["model"] or m["name"]) if peer else "",
     )
+
+
+def check_peer(path: Path, text: str, m: dict, ex: dict) -> str:
+    """[expert] peer and model: a model on another server made an expert here; it takes nothing that runs here."""
+    peer = ex["peer"]
+    if not peer:
+        if ex["model"]:
+            raise ConfigError(f"{locate(path, text, 'expert', 'model')}: model names a model on a peer; add "
+                              "peer = \"<a [[peer]] name>\" or remove model")
+        return ""
+    if not PEER_NAME.fullmatch(peer):
+        raise ConfigError(f"{locate(path, text, 'expert', 'peer')}: {quote(peer, 60)} is not a peer name; write the "
+                          "name of a [[peer]] in system.toml")
+    for section, key in (("model", "path"), ("model", "rpc"), ("expert", "base"), ("expert", "adapter"),
+                         ("expert", "knowledge")):
+        if (m if section == "model" else ex)[key]:
+            raise ConfigError(f"{locate(path, text, section, key)}: an expert on peer {peer!r} runs there; remove "
+                              f"{key} (or remove peer to run it on this board)")
+    if ex["model"] and (len(ex["model"]) > 256 or any(c.isspace() or ord(c) < 32 for c in ex["model"])):
+        raise ConfigError(f"{locate(path, text, 'expert', 'model')}: {quote(ex['model'], 60)} is not a model name; "
+                          "write the name the peer lists it under (/v1/models or /api/tags there)")
+    return peer
 
 
 RPC_MAX_WORKERS = 16  # GGML_RPC_MAX_SERVERS
