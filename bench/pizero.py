@@ -38,7 +38,7 @@ for q in {questions!r}:
     out["answers"].append({{"q": q, "via": r["selected"], "seconds": round(time.perf_counter() - t0, 2),
                            "tok_s": [s["tokens_per_s"] for s in stats], "text": r["answer"][:100]}})
 for e in sorted(rt.experts):
-    g = rt.generate(e, "What is it for?", max_tokens={tokens})
+    g = dev.context.generate(e, "What is it for?", max_tokens={tokens})
     out["answers"].append({{"q": "What is it for?", "via": [e], "seconds": g.seconds, "tok_s": [g.tokens_per_s],
                            "text": g.text[:100]}})
 out["loaded"] = rt.loaded()

@@ -118,11 +118,14 @@ def own_expert(rt, domain: str) -> str:
 
 
 def answer_all(rt, rows: list[dict], system: str, max_tokens: int) -> list[dict]:
+    from hublab.runtime.routing.context import ExpertContext
     from hublab.runtime.routing.knowledge import Library
     from hublab.runtime.routing.moe import MoE
 
-    moe = MoE(rt) if system in ROUTED else None
-    library = Library(rt.router.embed, rt.router.encoder_id) if system == "retrieval" else None
+    context = ExpertContext(rt)
+    moe = MoE(rt, context=context) if system in ROUTED else None
+    router = context.router
+    library = Library(router.embed, router.encoder_id) if system == "retrieval" else None
     shots = {name: cfg.knowledge_shots for name, cfg in rt.experts.items()}
     if system == "no-knowledge":
         for cfg in rt.experts.values():
@@ -138,11 +141,17 @@ def answer_all(rt, rows: list[dict], system: str, max_tokens: int) -> list[dict]
                 text = res.answer
                 chosen = res.chosen or (res.answers[0].expert if res.answers else None)
                 extra = {"experts": [a.expert for a in res.answers], "chosen": chosen, "routed": chosen == own}
+                # a cited documentation source is scored apart: its name must not earn key terms
+                cited = next((a.result.sources for a in res.answers if a.expert == chosen and a.result), [])
+                for source in cited:
+                    text = text.replace(f" [{source}]", "")
+                if cited:
+                    extra["sources"] = cited
             elif system == "expert":
-                text = rt.generate(own, row["question"], max_tokens=max_tokens).text
+                text = context.generate(own, row["question"], max_tokens=max_tokens).text
             elif system == "retrieval":
                 cfg = rt.config(own)
-                found = library.pack(cfg.knowledge).nearest(rt.router.embed([row["question"]])[0], 1, -1.0) \
+                found = library.pack(cfg.knowledge).nearest(router.embed([row["question"]])[0], 1, -1.0) \
                     if cfg.knowledge is not None else []
                 text = found[0][1]["response"] if found else ""
             else:

@@ -143,9 +143,9 @@ def bench_synthesis(args: argparse.Namespace) -> dict | None:
     n = args.synthesis_tokens
     with rt:
         top = moe.route(SYNTH_QUESTION, "single").names[0]
-        rt.generate(top, SYNTH_QUESTION, max_tokens=4, temperature=0.0)  # load and warm
+        moe.context.generate(top, SYNTH_QUESTION, max_tokens=4, temperature=0.0)  # load and warm
         t0 = time.perf_counter()
-        single = rt.generate(top, SYNTH_QUESTION, max_tokens=n, temperature=0.0)
+        single = moe.context.generate(top, SYNTH_QUESTION, max_tokens=n, temperature=0.0)
         t_single = time.perf_counter() - t0
         out = {"question": SYNTH_QUESTION, "routing": "topk:2", "max_tokens": n, "single_expert": top,
                "single_s": round(t_single, 3), "single_tokens": single.tokens, "strategies": {}}

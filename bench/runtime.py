@@ -243,12 +243,14 @@ def oneshot(rounds: int, out: Path) -> dict:
 SESSION = r"""
 import json, sys, time
 from hublab.runtime.engine.runtime import Runtime
+from hublab.runtime.routing.context import ExpertContext
 rt = Runtime(profile="host", threads={threads}, keep_alive=-1)
+ctx = ExpertContext(rt)  # knowledge before the question, as `hublab run` does
 out = []
 for q in {questions!r}:
     time.sleep({pause})
     t0 = time.perf_counter()
-    r = rt.generate("general", q, max_tokens=48, temperature=0.0)
+    r = ctx.generate("general", q, max_tokens=48, temperature=0.0)
     out.append({{"seconds": time.perf_counter() - t0, "threads": r.threads}})
 print(json.dumps(out))
 """

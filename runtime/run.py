@@ -43,6 +43,7 @@ def constraint_from(json_schema: str | None, grammar: str | None):
 def run_cli(args) -> int:
     from .engine.runtime import Runtime
     from .errors import HublabError
+    from .routing.context import ExpertContext
     from .routing.moe import MoE
 
     from .serve.device import MoeStream, check_moe_args, check_query, unknown_model_message
@@ -65,8 +66,8 @@ def run_cli(args) -> int:
             doc = result.to_dict()
             show.finish(doc)
         else:
-            gen = rt.stream(args.name, prompt, raw=args.raw, max_tokens=args.max_tokens, temperature=args.temperature,
-                            grammar=grammar)
+            gen = ExpertContext(rt).stream(args.name, prompt, raw=args.raw, max_tokens=args.max_tokens,
+                                           temperature=args.temperature, grammar=grammar)
             for piece in gen:
                 if not args.json:
                     print(piece, end="", flush=True)

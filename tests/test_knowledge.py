@@ -9,6 +9,7 @@ from encoders import write_encoder_router
 from ggufs import write_model_toml
 
 from hublab.runtime.routing import knowledge as K
+from hublab.runtime.routing.context import ExpertContext
 from hublab.runtime.routing.embcache import cache_root
 from hublab.runtime.engine.runtime import Runtime
 from hublab.runtime.errors import HublabError
@@ -39,25 +40,30 @@ def models(tmp_path, tiny_gguf, tiny_adapters, monkeypatch):
 
 def test_closest_pairs_go_before_the_question_as_earlier_turns(models):
     with Runtime(models_dir=models, profile="host", threads=1, keep_alive=-1) as rt:
-        chat, n = rt.with_knowledge(rt.config("alpha"), "python model")
+        ctx = ExpertContext(rt)
+        chat, n = ctx.with_knowledge(rt.config("alpha"), "python model")
         assert n >= 1 and chat[-1] == {"role": "user", "content": "python model"}
         # the closest pair sits right before the question
         assert chat[-3:-1] == [{"role": "user", "content": "python model"},
                                {"role": "assistant", "content": "the python answer"}]
         # a system message stays first
-        chat, _ = rt.with_knowledge(rt.config("alpha"), [{"role": "system", "content": "S"},
-                                                         {"role": "user", "content": "rust linux"}])
+        chat, _ = ctx.with_knowledge(rt.config("alpha"), [{"role": "system", "content": "S"},
+                                                          {"role": "user", "content": "rust linux"}])
         assert chat[0]["role"] == "system" and chat[-2]["content"] == "the rust answer"
         # an expert without a pack, or shots = 0, is untouched
-        assert rt.with_knowledge(rt.config("general"), "python model") == ("python model", 0)
+        assert ctx.with_knowledge(rt.config("general"), "python model") == ("python model", 0)
         rt.config("alpha").knowledge_shots = 0
-        assert rt.with_knowledge(rt.config("alpha"), "python model") == ("python model", 0)
+        assert ctx.with_knowledge(rt.config("alpha"), "python model") == ("python model", 0)
 
 
 def test_generation_reports_the_pairs_it_used(models):
     with Runtime(models_dir=models, profile="host", threads=1, keep_alive=-1) as rt:
-        r = rt.generate("alpha", "python model", max_tokens=4)
-        assert r.knowledge >= 1 and r.prompt_tokens > rt.generate("general", "python model", max_tokens=4).prompt_tokens
+        ctx = ExpertContext(rt)
+        r = ctx.generate("alpha", "python model", max_tokens=4)
+        assert r.knowledge >= 1 and r.prompt_tokens > ctx.generate("general", "python model", max_tokens=4).prompt_tokens
+        # the engine alone generates from the chat it is given: knowledge is put in above it
+        bare = rt.generate("alpha", "python model", max_tokens=4)
+        assert bare.knowledge == 0 and bare.prompt_tokens < r.prompt_tokens
 
 
 def test_embeddings_are_cached_by_pack_and_encoder_hash(models, tmp_path):

@@ -38,3 +38,41 @@ def test_help_is_fast_and_lists_verbs():
     # lazy imports: no llama.cpp, onnxruntime or torch is imported to print help
     code = "import sys; from hublab import cli; assert not {'llama_cpp','torch','onnxruntime'} & set(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# runtime/'s parts, lowest first: a module may import its own part and the parts below it, never one above.
+# The top-level modules (config, paths, errors, inputs) sit under every part; run.py is a verb over all of them.
+LAYERS = ["", "engine", "pkg", "routing", "serve"]
+VERBS = {"run"}
+
+
+def runtime_imports() -> list[tuple[str, str, str]]:
+    """(file, its part, the part it imports) for every import between runtime modules, read with ast."""
+    import ast
+
+    found = []
+    for path in sorted((ROOT / "runtime").rglob("*.py")):
+        parts = path.relative_to(ROOT / "runtime").with_suffix("").parts
+        package = list(parts[:-1])
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            if node.level:
+                target = package[:len(package) - node.level + 1] + (node.module.split(".") if node.module else [])
+            elif node.module and node.module.startswith("hublab.runtime"):
+                target = node.module.split(".")[2:]
+            else:
+                continue
+            names = [target] if node.module else [target + [a.name] for a in node.names]
+            for name in names:
+                part = name[0] if name and name[0] in LAYERS else ""
+                found.append((str(path.relative_to(ROOT)), parts[0] if len(parts) > 1 else "", part))
+    return found
+
+
+def test_runtime_imports_only_go_down():
+    found = runtime_imports()
+    assert any(part == "engine" for _, own, part in found if own == "serve")  # the reader sees real imports
+    upward = [(f, own, part) for f, own, part in found
+              if Path(f).stem not in VERBS and LAYERS.index(part) > LAYERS.index(own)]
+    assert not upward, f"imports that go up a layer ({' < '.join(LAYERS[1:])}): {upward}"

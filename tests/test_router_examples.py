@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from hublab.runtime.config import EMBEDDED_MODELS_DIR, ConfigError, load_model, scan_models
+from hublab.runtime.routing.context import ExpertContext
 from hublab.runtime.routing.router import ExpertRoute, Router
 
 from test_pkg_support import base_package, ws  # noqa: F401
@@ -207,7 +208,7 @@ def test_install_a_sixth_expert_from_a_signed_package_then_remove_it(ws, tmp_pat
     def routed(queries) -> list[str]:
         with Runtime(profile="host", threads=1) as rt:
             assert not rt.catalog.errors, rt.catalog.errors
-            return [rt.router.route(q, "single").names[0] for q in queries]
+            return [ExpertContext(rt).router.route(q, "single").names[0] for q in queries]
 
     pkg.install("tiny", str(ws.registry), profile="host")
     assert "cooking" not in routed(COOKING_QUERIES)

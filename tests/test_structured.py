@@ -255,7 +255,7 @@ def test_openai_auto_answers_text_or_a_call_and_takes_tool_messages(oai):
 
 
 def test_a_call_is_rendered_as_tool_call_training_data_has_it(agent):
-    from hublab.runtime.engine.chat import render
+    from hublab.runtime.chat import render
 
     prompt = [{"role": "user", "content": "q"},
               {"role": "assistant", "content": st.render_call("set_light", '{"room": "hall"}')}]

@@ -119,7 +119,7 @@ def test_tool_call_data_renders_as_serving_renders_a_tool_request(tiny_hf, tmp_p
     the tool's result as a tool turn. Rendered with the template the runtime uses, through the tiny tokenizer."""
     from transformers import AutoTokenizer
 
-    from hublab.runtime.engine import chat
+    from hublab.runtime import chat
     from hublab.runtime.serve import http_openai
     from hublab.runtime.engine import structured
 

@@ -75,7 +75,7 @@ def test_merge_convert_quantize_and_generate(tiny_trained, tiny_hf, tmp_path):  
     merged = E.merge(result.adapter_dir, tmp_path / "merged", dtype="float32")
     assert (merged / "tokenizer.model").exists()
     f16 = E.convert_gguf(merged, tmp_path / "merged-f16.gguf")
-    # the chat template training rendered with is the one the GGUF carries (runtime/engine/chat.py defines it once)
+    # the chat template training rendered with is the one the GGUF carries (runtime/chat.py defines it once)
     from transformers import AutoTokenizer
 
     from hublab.runtime.engine.memory import read_gguf

@@ -73,8 +73,10 @@ def ab(questions: Path, expert: str, base: str | None = None, models_dir: Path |
        out: Path = Path("results"), max_tokens: int = 128, seed: int = 0, runtime=None) -> dict:
     """Run the A/B benchmark; returns the summary (also written to out/summary.json)."""
     from hublab.runtime.engine.runtime import Runtime
+    from hublab.runtime.routing.context import ExpertContext
 
     rt = runtime or Runtime(models_dir=models_dir)
+    context = ExpertContext(rt)  # the expert answers with its knowledge, as on a device
     cfg = rt.config(expert)
     base = base or cfg.base
     if not base:
@@ -88,7 +90,7 @@ def ab(questions: Path, expert: str, base: str | None = None, models_dir: Path |
         with (out / f"answers_{side}.jsonl").open("w", encoding="utf-8") as log:
             for row in rows:
                 terms = row["terms"] or list(cfg.keywords)
-                res = rt.generate(name, row["question"], max_tokens=max_tokens, temperature=0.0, seed=seed)
+                res = context.generate(name, row["question"], max_tokens=max_tokens, temperature=0.0, seed=seed)
                 m = mentions(res.text, terms)
                 hits += m > 0
                 total_mentions += m

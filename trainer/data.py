@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hublab.runtime.engine import chat
+from hublab.runtime import chat
 from hublab.runtime.errors import HublabError
 
 IGNORE = -100  # label of a token that carries no loss (prompt, padding)
@@ -356,7 +356,7 @@ def resolve_template(tokenizer, name: str = "auto", model_type: str = "", where:
 
 def conversation(example: Example) -> list[dict]:
     """The messages a template renders: tool descriptions, when the record has them, join the system turn
-    (runtime/engine/chat.py's with_tools, which serving uses for a request with tools)."""
+    (runtime/chat.py's with_tools, which serving uses for a request with tools)."""
     if not example.tools:
         return example.messages
     return chat.with_tools(example.messages, example.tools)

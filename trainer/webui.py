@@ -66,6 +66,7 @@ class App:
         self.max_upload = max_upload
         self.loopback = loopback
         self._runtime = None
+        self.context = None  # the router and knowledge packs over _runtime (made with it)
         self._runtime_lock = threading.Lock()
 
     def rel(self, path: Path) -> str:
@@ -259,8 +260,10 @@ class App:
         with self._runtime_lock:
             if self._runtime is None:
                 from hublab.runtime.engine.runtime import Runtime
+                from hublab.runtime.routing.context import ExpertContext
 
                 self._runtime = Runtime(system=self.system)
+                self.context = ExpertContext(self._runtime)  # chat answers get the experts' knowledge, as on a device
             return self._runtime
 
     def install_plan(self, form: dict) -> dict:
@@ -316,18 +319,19 @@ class App:
                 "rows": list(rows.values())}
 
     def chat(self, body: dict) -> dict:
-        rt = self.runtime()
+        self.runtime()  # opened on first use, with the experts' context
         model = str(body.get("model") or "")
         messages = body.get("messages") or []
         if not isinstance(messages, list) or not messages or not all(
                 isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
                 and isinstance(m.get("content"), str) for m in messages):
             raise WebError("messages: give a list of {role: system|user|assistant, content}")
-        res = rt.generate(model, messages, max_tokens=max(1, min(1024, int(body.get("max_tokens") or 128))))
+        res = self.context.generate(model, messages,
+                                    max_tokens=max(1, min(1024, int(body.get("max_tokens") or 128))))
         return {"model": model, "text": res.text, "tokens": res.tokens, "tokens_per_s": round(res.tokens_per_s, 1)}
 
     def info(self) -> dict:
-        from hublab.runtime.engine import chat
+        from hublab.runtime import chat
         from hublab.runtime.engine.profiles import board_profiles
 
         from . import data

@@ -280,7 +280,7 @@ def inspect(ws: Path, path: str, name: str = "", fmt: str = "auto", base: str = 
 def gguf_template(path: Path, template: str) -> tuple[str, str]:
     """(Jinja template, its name) that training on a GGUF base renders with: a named one, else (auto) the
     GGUF's own template, else the built-in format for its architecture and special tokens."""
-    from hublab.runtime.engine import chat
+    from hublab.runtime import chat
     from hublab.runtime.engine.memory import read_gguf
 
     if template != "auto":

@@ -204,7 +204,7 @@ def _adapter(ws: Path, adapter: str) -> Path:
 
 def install_plan(ws: Path, catalog: Catalog, install_dir: Path, form: dict) -> dict:
     """The files "Install as expert" writes (TOML text included); checked, nothing written."""
-    from hublab.runtime.engine.chat import FORMATS
+    from hublab.runtime.chat import FORMATS
 
     adapter = _adapter(ws, str(form.get("adapter") or ""))
     name = check_name(str(form.get("name") or ""), "name")

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from .chat import choose_format, render
+from ..chat import choose_format, render
 from ..config import (Catalog, Inference, ModelConfig, SystemConfig, format_size, load_system, scan_models)
 from . import llama_log
 from ..errors import HublabError
@@ -79,11 +79,6 @@ class Runtime:
         self.max_memory = max_memory if max_memory is not None else self.system.max_memory
         self.keep_alive = keep_alive if keep_alive is not None else self.system.keep_alive
         self._lock = threading.RLock()
-        self._router_lock = threading.Lock()
-        self._router: object = None
-        self._router_loaded = False
-        self.router_note = ""
-        self._library = None
         self._loaded: dict[str, LoadedBase | SplitBase] = {}
         self.rpc_host = False  # True in the process that holds a split base itself (engine/split.py)
         self.stats: dict[str, ExpertStats] = {}
@@ -110,11 +105,9 @@ class Runtime:
     # -- catalog ------------------------------------------------------------------------------------
 
     def rescan(self) -> Catalog:
-        """Re-read the models dir (after an install, say); loaded models stay loaded, the router reopens on
-        next use so that it knows the experts now installed."""
+        """Re-read the models dir (after an install, say); loaded models stay loaded. A new catalog object, so the
+        router above (routing/context.py) reopens on next use and knows the experts now installed."""
         self.catalog = scan_models(self.system.model_dirs)
-        with self._router_lock:
-            self._router, self._router_loaded, self.router_note = None, False, ""
         return self.catalog
 
     @property
@@ -404,53 +397,6 @@ class Runtime:
                 if not base.busy and base.name in self._loaded:
                     self._unload_base(base.name)
 
-    # -- router and knowledge -------------------------------------------------------------------------
-
-    @property
-    def router(self):
-        """The ONNX router, opened on first use; None (keywords only) when the models dir has none."""
-        from ..routing.router import Router, RouterError, default_router_dir
-
-        with self._router_lock:
-            if not self._router_loaded:
-                self._router_loaded = True
-                directory = default_router_dir(self.system)
-                if directory.is_dir():
-                    try:
-                        self._router = Router.load(directory, list(self.experts.values()),
-                                                   keyword_weight=self.system.keyword_weight,
-                                                   fallback=self.system.fallback, threads=1)
-                    except RouterError:
-                        self._router_loaded = False  # say why on every use, until it is fixed
-                        raise
-                else:
-                    self.router_note = (f"no router at {directory}: routing by keywords only "
-                                        "(build one with `hublab train router`)")
-        return self._router
-
-    def with_knowledge(self, cfg: ModelConfig, prompt: str | list[dict],
-                       query_embedding=None) -> tuple[str | list[dict], int]:
-        """The chat with the expert's closest knowledge-pack pairs put before it, and how many were put.
-        `query_embedding`: the last user message's, when the caller has it already (routing made it)."""
-        if cfg.knowledge is None or cfg.knowledge_shots <= 0:
-            return prompt, 0
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        users = [m["content"] for m in messages if m.get("role") == "user" and isinstance(m.get("content"), str)]
-        router = self.router
-        if not users or router is None or not router.has_embedding:
-            return prompt, 0
-        from ..routing.knowledge import Library, shots
-
-        if self._library is None:
-            self._library = Library(router.embed, router.encoder_id)
-        pack = self._library.pack(cfg.knowledge)
-        query = router.embed([users[-1]])[0] if query_embedding is None else query_embedding
-        found = pack.nearest(query, cfg.knowledge_shots, cfg.knowledge_min)
-        if not found:
-            return prompt, 0
-        at = next(i for i, m in enumerate(messages) if m.get("role") != "system")
-        return messages[:at] + shots(found) + messages[at:], len(found)
-
     # -- generation ---------------------------------------------------------------------------------
 
     def sampler(self, cfg: ModelConfig, overrides: dict) -> Inference:
@@ -482,11 +428,11 @@ class Runtime:
                temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                min_p: float | None = None, repeat_penalty: float | None = None, seed: int | None = None,
                stop: list[str] | None = None, system_prompt: str | None = None, special: bool = True,
-               query_embedding=None, grammar: str | None = None) -> Generation:
+               knowledge: int = 0, grammar: str | None = None) -> Generation:
         """Generate with expert `name`, yielding text as it comes. `prompt` is a user message (or a list of
         chat messages); raw=True completes the text as is (special tokens in it parsed unless special=False).
-        The sampler comes from the expert's [inference] with any keyword here overriding it. `query_embedding`
-        is the router encoder's embedding of the last user message, when routing made one already. `grammar`
+        The sampler comes from the expert's [inference] with any keyword here overriding it. `knowledge`: how many
+        knowledge-pack pairs the caller put into the chat (routing/context.py), reported in the result. `grammar`
         (GBNF, root rule `root`; runtime/engine/structured.py makes one from a JSON schema) constrains every token."""
         cfg = self.config(name)
         opts = self.sampler(cfg, dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -495,7 +441,7 @@ class Runtime:
         system = cfg.inference.system_prompt if system_prompt is None else system_prompt
         gen = Generation(iter(()))
         gen._pieces = self._generate(gen, cfg, prompt, raw, logprobs, cancel, opts, stops, system, special,
-                                     query_embedding, grammar)
+                                     knowledge, grammar)
         return gen
 
     def generate(self, name: str, prompt: str | list[dict], **kwargs) -> GenerationResult:
@@ -507,13 +453,10 @@ class Runtime:
 
     def _generate(self, gen: Generation, cfg: ModelConfig, prompt, raw: bool, logprobs: bool,
                   cancel: threading.Event | None, opts: Inference, stops: list[str], system: str,
-                  special: bool = True, query_embedding=None, grammar: str | None = None) -> Iterator[str]:
+                  special: bool = True, n_shots: int = 0, grammar: str | None = None) -> Iterator[str]:
         import llama_cpp
 
         t0 = time.perf_counter()
-        n_shots = 0
-        if not raw:
-            prompt, n_shots = self.with_knowledge(cfg, prompt, query_embedding)
         with self.hold(cfg.name) as base:
             if isinstance(base, SplitBase):
                 yield from self._generate_split(gen, base, cfg, prompt, n_shots, dict(

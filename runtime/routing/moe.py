@@ -27,6 +27,7 @@ from ..config import SYSTEM_SCHEMA, parse_routing
 from ..engine.runtime import GenerationResult, Runtime
 from ..errors import HublabError
 from ..inputs import quote
+from .context import ExpertContext
 from .quality import degenerate
 from .router import Router, RouterError, Selection, blend, select
 
@@ -117,8 +118,9 @@ def summarize_prompt(query: str, answers: list[ExpertAnswer]) -> str:
 class MoE:
     """Routing + experts + synthesis over one Runtime: what `?question`, `moe query` and model=moe run."""
 
-    def __init__(self, runtime: Runtime, router: Router | None = None):
+    def __init__(self, runtime: Runtime, router: Router | None = None, context: ExpertContext | None = None):
         self.rt = runtime
+        self.context = context or ExpertContext(runtime)  # the router and the knowledge packs
         self.routing = runtime.system.routing
         self.synthesis = runtime.system.synthesis
         self.fallback = runtime.system.fallback
@@ -126,12 +128,12 @@ class MoE:
 
     @property
     def router(self) -> Router | None:
-        """The router given, else the runtime's (opened on first use; None = keywords only)."""
-        return self._router if self._router is not None else self.rt.router
+        """The router given, else the context's (opened on first use; None = keywords only)."""
+        return self._router if self._router is not None else self.context.router
 
     @property
     def router_note(self) -> str:
-        return self.rt.router_note
+        return self.context.router_note
 
     def set(self, routing: str | None = None, synthesis: str | None = None) -> None:
         """Change the strategy for this session (validated; the shell persists it to system.toml)."""
@@ -227,7 +229,8 @@ class MoE:
             if opts.get("cancel") is not None and opts["cancel"].is_set():
                 break
             emit("expert_start", {"expert": choice.name, "score": choice.score})
-            gen = self.rt.stream(choice.name, query, logprobs=logprobs, query_embedding=selection.embedding, **opts)
+            gen = self.context.stream(choice.name, query, logprobs=logprobs, query_embedding=selection.embedding,
+                                      **opts)
             for piece in gen:
                 emit("expert_token", {"expert": choice.name, "text": piece})
             emit("expert_done", {"expert": choice.name, "result": gen.result.to_dict()})
@@ -282,7 +285,7 @@ class MoE:
             raise HublabError(f"[moe] aggregator: no model named {aggregator!r}; set it to an expert or leave it "
                               "empty to use the fallback expert")
         emit("expert_start", {"expert": aggregator, "score": 1.0, "role": "aggregator"})
-        gen = self.rt.stream(aggregator, summarize_prompt(result.query, result.answers), **opts)
+        gen = self.context.stream(aggregator, summarize_prompt(result.query, result.answers), **opts)
         for piece in gen:
             emit("answer_token", {"text": piece})
         result.answer = gen.result.text.strip()

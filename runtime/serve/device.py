@@ -26,6 +26,7 @@ from ..config import (EMBEDDED_MODELS_DIR, MODEL_SCHEMA, SYSTEM_SCHEMA, Key, loa
                      set_toml_key)
 from ..errors import HublabError
 from ..inputs import has_surrogates, quote
+from ..routing.context import ExpertContext
 
 MOE = "moe"        # the model name that routes a query to the experts and synthesises their answers
 ROUTER = "router"  # the model name of the router's sentence encoder (embeddings only)
@@ -164,6 +165,8 @@ class Device:
         self.rt = runtime
         self._moe = moe
         self._moe_lock = threading.Lock()
+        # the router and knowledge packs every expert answer goes through, shared with the MoE
+        self.context = moe.context if moe is not None else ExpertContext(runtime)
         self._bench_runs = 0
         self._keep: dict[str, float] = {}  # base -> keep_alive a request asked for (Ollama's keep_alive)
 
@@ -180,7 +183,7 @@ class Device:
             if self._moe is None:
                 from ..routing.moe import MoE
 
-                self._moe = MoE(self.rt)
+                self._moe = MoE(self.rt, context=self.context)
             return self._moe
 
     def close(self) -> None:
@@ -229,7 +232,7 @@ class Device:
                 routing, synthesis = self._moe.routing, self._moe.synthesis
                 from ..routing.moe import MoE
 
-                self._moe = MoE(self.rt)
+                self._moe = MoE(self.rt, context=self.context)
                 self._moe.set(routing=routing, synthesis=synthesis)
         return {"models": sorted(catalog.models), "errors": list(catalog.errors)}
 
@@ -437,7 +440,7 @@ class Device:
         answer to a JSON schema, a grammar or a tool call; its tools are described to the model in the prompt."""
         t0 = time.perf_counter()
         if constraint is not None and constraint.tools and not raw:
-            from ..engine.chat import with_tools
+            from ..chat import with_tools
 
             prompt = with_tools(prompt, [t.to_dict() for t in constraint.tools])
         grammar = constraint.grammar if constraint is not None else None
@@ -470,8 +473,8 @@ class Device:
                     raise HublabError(f"prompt is {n} tokens, num_ctx {num_ctx} leaves no room for an answer; "
                                       "raise num_ctx or shorten the prompt")
                 sampler["max_tokens"] = min(sampler.get("max_tokens") or num_ctx, num_ctx - n)
-            gen = self.rt.stream(model, prompt, raw=raw, cancel=cancel, system_prompt=system, special=special,
-                                 grammar=grammar, **sampler)
+            gen = self.context.stream(model, prompt, raw=raw, cancel=cancel, system_prompt=system, special=special,
+                                      grammar=grammar, **sampler)
             for piece in gen:
                 if on_piece is not None:
                     on_piece(piece)
@@ -625,7 +628,7 @@ class Device:
         # A different first word each run: llama.cpp would otherwise reuse the cached prompt and the
         # prompt speed would measure nothing.
         prompt = f"Run {self._bench_runs}. {BENCH_PROMPT}"
-        r = self.rt.generate(name, prompt, max_tokens=max_tokens, cancel=cancel, temperature=0.0)
+        r = self.context.generate(name, prompt, max_tokens=max_tokens, cancel=cancel, temperature=0.0)
         return {"name": name, "load_s": None if was_loaded else round(load_s, 3), "prompt_tokens": r.prompt_tokens,
                 "prompt_tokens_per_s": round(r.prompt_tokens / r.ttft_s, 1) if r.ttft_s else None,
                 "tokens": r.tokens, "tokens_per_s": r.tokens_per_s, "ttft_s": r.ttft_s, "seconds": r.seconds,

@@ -143,7 +143,7 @@ def _constraint(body: dict, chat: bool) -> structured.Constraint | None:
 
 def _messages(body: dict) -> list[dict]:
     """Ollama messages as the chat template takes them: an assistant's tool_calls are the JSON object the model
-    writes for a call (runtime/engine/chat.py), a tool's result a `tool` turn saying which tool returned it."""
+    writes for a call (runtime/chat.py), a tool's result a `tool` turn saying which tool returned it."""
     messages = body.get("messages") or []
     if not isinstance(messages, list) or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):

@@ -115,7 +115,7 @@ def chat(req: Request) -> None:
 
 def _messages(messages: list[dict]) -> list[dict]:
     """OpenAI messages as the chat template takes them: a call an assistant made is the JSON object the model
-    writes for one (runtime/engine/chat.py), a tool's result a `tool` turn saying which tool returned it."""
+    writes for one (runtime/chat.py), a tool's result a `tool` turn saying which tool returned it."""
     out, names = [], {}
     for i, m in enumerate(messages):
         check_fields(m, MESSAGE_FIELDS, f"messages[{i}].")
