@@ -60,7 +60,8 @@ def test_generation_reports_the_pairs_it_used(models):
     with Runtime(models_dir=models, profile="host", threads=1, keep_alive=-1) as rt:
         ctx = ExpertContext(rt)
         r = ctx.generate("alpha", "python model", max_tokens=4)
-        assert r.knowledge >= 1 and r.prompt_tokens > ctx.generate("general", "python model", max_tokens=4).prompt_tokens
+        other = ctx.generate("general", "python model", max_tokens=4)
+        assert r.knowledge >= 1 and r.prompt_tokens > other.prompt_tokens
         # the engine alone generates from the chat it is given: knowledge is put in above it
         bare = rt.generate("alpha", "python model", max_tokens=4)
         assert bare.knowledge == 0 and bare.prompt_tokens < r.prompt_tokens
