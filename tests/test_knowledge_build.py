@@ -193,3 +193,55 @@ def test_a_torn_build_leaves_nothing(doc_tree, home, tmp_path, monkeypatch):
     with pytest.raises(OSError):
         D.build([doc_tree], "python", tmp_path / "out", router_dir=ROUTER)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+@pytest.fixture
+def runtime(tmp_path, tiny_gguf, doc_tree, monkeypatch):
+    """A tiny real llama base with a python and a general expert, the repo's router, and the doc tree built into
+    a knowledge package for python under the models dir."""
+    from hublab.runtime.engine.runtime import Runtime
+
+    h = tmp_path / "rt-home"
+    models = h / "models"
+    (models / "experts").mkdir(parents=True)
+    write_model_toml(models / "tiny.toml", "tiny", gguf_path=tiny_gguf, context_size=1024)
+    write_model_toml(models / "experts" / "python.toml", "python", base="tiny", max_tokens=6)
+    write_model_toml(models / "experts" / "general.toml", "general", base="tiny", max_tokens=6)
+    (h / "system.toml").write_text(f'[runtime]\nmodels_dir = "{models}"\n[moe]\nrouter = "{ROUTER}"\n'
+                                   'routing = "single"\n')
+    monkeypatch.setenv("HUBLAB_HOME", str(h))
+    D.build([doc_tree / "html", doc_tree / "man"], "python", models / "knowledge" / "python-docs", words=60,
+            router_dir=ROUTER, sign=False)
+    with Runtime(profile="host", threads=1, keep_alive=-1) as rt:
+        yield rt
+
+
+def test_the_closest_passage_is_shown_and_the_answer_cites_it(runtime):
+    from hublab.runtime.routing.context import ExpertContext
+
+    ctx = ExpertContext(runtime)
+    chat, n, sources = ctx.lookup(runtime.config("python"), "How do I join path segments together?")
+    assert n == 1 and sources == ["html: os.path.join"]
+    assert chat[-3:] == [{"role": "user", "content": "What does html: os.path.join say?"},
+                         {"role": "assistant", "content": chat[-2]["content"]},
+                         {"role": "user", "content": "How do I join path segments together?"}]
+    assert "Join one or more path segments" in chat[-2]["content"]
+    assert ctx.lookup(runtime.config("python"), "change the mode bits of a file")[2] == ["man chmod(1): Description"]
+    # a question close to no passage gets none; an expert of another domain is not given python's docs
+    assert ctx.lookup(runtime.config("python"), "a recipe for lemon cake with icing") [1:] == (0, [])
+    assert ctx.lookup(runtime.config("general"), "How do I join path segments together?")[1:] == (0, [])
+
+    pieces = list(gen := ctx.stream("python", "How do I join path segments together?"))
+    assert pieces[-1] == " [html: os.path.join]" and "".join(pieces).strip() == gen.result.text.strip()
+    assert gen.result.text.endswith("[html: os.path.join]") and gen.result.sources == ["html: os.path.join"]
+    assert gen.result.knowledge == 1
+    # a constrained answer (a JSON document) is left whole
+    gen = ctx.stream("python", "How do I join path segments together?", grammar='root ::= "{}"')
+    assert "".join(gen) == "{}" and gen.result.sources == []
+
+
+def test_the_routed_answer_cites_the_passage(runtime):
+    from hublab.runtime.routing.moe import MoE
+
+    res = MoE(runtime).ask("How do I join path segments together in python with os.path?", routing="single")
+    assert res.chosen == "python" and res.answer.endswith("[html: os.path.join]")

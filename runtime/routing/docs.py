@@ -593,6 +593,10 @@ def add_arguments(parser) -> None:
 
 
 def cli(args) -> int:
+    import signal
+
+    # a build that is stopped (kill, systemd) unwinds like an error, so its temporary directory goes too
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         res = build(args.sources, args.domain, args.out, words=args.words, include=args.include, label=args.label,
                     name=args.name, passages=args.passages, min_similarity=args.min_similarity, router_dir=args.router,
