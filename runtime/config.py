@@ -884,7 +884,7 @@ def _scan_dir(models_dir: Path, errors: list[str]) -> dict[str, ModelConfig]:
 # them in between their <!-- settings:NAME --> markers (tests/test_config.py checks they are current).
 
 def _cell(value: Any) -> str:
-    return f"`{toml_value(value)}`" if not isinstance(value, tuple) else ", ".join(f"`{v}`" for v in value)
+    return f"`{toml_value(value)}`" if not isinstance(value, tuple) else ", ".join(f"`{v}`" for v in value if v != "")
 
 
 def _limits(spec: Key) -> str:
@@ -898,8 +898,8 @@ def _limits(spec: Key) -> str:
 
 
 def settings_markdown() -> dict[str, str]:
-    """The README's tables by marker name: the sampler settings with their names on each surface, and every
-    system.toml setting with when `ai config` applies it."""
+    """The README's tables by marker name: the sampler settings with their names on each surface, every
+    system.toml setting with when `ai config` applies it, and the keys of a [[peer]] table."""
     sampler = ["| key | default | range | OpenAI | Ollama | hublab API | `hublab run` | what |", "|---" * 8 + "|"]
     for key, spec in SAMPLER.items():
         names = spec.names(key)
@@ -916,7 +916,11 @@ def settings_markdown() -> dict[str, str]:
             applies = spec.applies if section != "trust" else "not set there (`pkg keygen --trust`)"
             what = spec.help.replace("<", "\\<")  # <models_dir> is text, not an HTML tag
             system.append(f"| `[{section}]` | `{key}` | {_cell(spec.default)} | {_limits(spec)} | {applies} | {what} |")
-    return {"settings:sampler": "\n".join(sampler), "settings:system": "\n".join(system)}
+    peer = ["| key | default | range | what |", "|---" * 4 + "|"]
+    peer += [f"| `{key}` | {_cell(spec.default)} | {_limits(spec)} | {spec.help} |"
+             for key, spec in PEER_SCHEMA.items()]
+    return {"settings:sampler": "\n".join(sampler), "settings:system": "\n".join(system),
+            "settings:peer": "\n".join(peer)}
 
 
 def fill_markers(text: str, sections: dict[str, str]) -> str:

@@ -100,6 +100,14 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _where(row: dict) -> str:
+    """Where an expert runs: here, or its peer and whether that board is up."""
+    where = row.get("where") or "here"
+    if where == "here":
+        return where
+    return f"{where} " + ("up" if row.get("up") else "down" if row.get("up") is False else "?")
+
+
 def _scores(selected: list[dict]) -> str:
     return ", ".join(f"{c['name']} {c['score']:.2f}" for c in selected)
 
@@ -139,12 +147,13 @@ def cmd_moe(s: Session, words: list[str], rest: str) -> Result:
         def sim(sc: dict) -> str:
             return "-" if sc.get("similarity") is None else f"{sc['similarity']:.2f}"
 
+        where = d.get("where") or {}
         rows = [[("* " if sc["expert"] in chosen else "  ") + sc["expert"], f"{sc['score']:.3f}",
                  f"{sc['model_score']:.3f}", f"{sc.get('head_score', sc['model_score']):.3f}",
                  f"{sc.get('example_score', 0.0):.3f}", sim(sc), f"{sc['keyword_score']:.3f}",
-                 ", ".join(sc.get("keywords") or [])]
+                 _where(where.get(sc["expert"], {})), ", ".join(sc.get("keywords") or [])]
                 for sc in d["scores"]]
-        text = _table(rows, ["  EXPERT", "SCORE", "MODEL", "HEAD", "EXAMPLES", "SIM", "KEYWORDS", "MATCHED"])
+        text = _table(rows, ["  EXPERT", "SCORE", "MODEL", "HEAD", "EXAMPLES", "SIM", "KEYWORDS", "WHERE", "MATCHED"])
         text += f"\nrouting {d['routing']}: selected {_scores(d['selected'])}"
         if d.get("fallback"):
             text += " (fallback: nothing passed the strategy)"
@@ -250,10 +259,14 @@ def cmd_ai(s: Session, words: list[str], rest: str) -> Result:
     if sub == "list":
         d = c.list()
         rows = [[r["name"], r["type"], r["base"] or "-", r["quant"] or "-", _size(r["size"] or None),
-                 _size(r["estimate"]), "yes" if r["loaded"] else "no"] if not r.get("error") else
-                [r["name"], r["type"], r["base"] or "-", "error", "", "", r["error"]] for r in d["models"]]
-        text = _table(rows, ["NAME", "TYPE", "BASE", "QUANT", "SIZE", "MEMORY", "LOADED"]) if rows else "no models"
+                 _size(r["estimate"]), "yes" if r["loaded"] else "no", _where(r)] if not r.get("error") else
+                [r["name"], r["type"], r["base"] or "-", "error", "", "", r["error"], _where(r)] for r in d["models"]]
+        text = _table(rows, ["NAME", "TYPE", "BASE", "QUANT", "SIZE", "MEMORY", "LOADED", "WHERE"]) if rows else \
+            "no models"
         text += f"\nboard {d['profile']}: {_size(d['used'])} loaded of {_size(d['budget'])} budget"
+        text += "".join(f"\npeer {p['name']} ({p['url']}, {p['api'] or 'api unknown'}): "
+                        + ("up" if p["up"] else f"down: {p['reason']}" if p["up"] is False else "not asked yet")
+                        for p in d.get("peers", []))
         text += "".join(f"\nwarning: {e}" for e in d.get("errors", []))
         return Result("ai list", d, text)
     if sub in ("load", "unload"):

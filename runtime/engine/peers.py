@@ -51,12 +51,12 @@ _EXPERT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 class PeerError(HublabError):
     """A peer could not be reached, refused, or answered what this board does not take; the message names the peer,
-    what happened and the fix. `reached`: the peer answered (a refused token, a redirect, a body that is not JSON),
-    so it is no use asking it the same another way."""
+    what happened and the fix. `kind`: "unreachable" (no connection, no answer in time), "refused" (the token, a
+    redirect off its host: asking another way is no use) or "answer" (an error status, not JSON, too big)."""
 
-    def __init__(self, message: str, reached: bool = False):
+    def __init__(self, message: str, kind: str = "answer"):
         super().__init__(message)
-        self.reached = reached
+        self.kind = kind
 
 
 @dataclass
@@ -267,14 +267,15 @@ class Peers:
     def _detect(self, peer: _Peer) -> str:
         """Which API the peer speaks: hublab (/health with a profile), ollama (/api/version), openai (/v1/models)."""
         timeout = peer.config.probe_timeout
-        tried = []
+        tried, said = [], []
         for api in ("hublab", "ollama", "openai"):
             try:
                 doc = self._get_json(peer, PROBES[api], timeout)
             except PeerError as exc:
-                if exc.reached:
+                if exc.kind != "answer":  # unreachable, or refusing us: no other path does better
                     raise
                 tried.append(PROBES[api])
+                said.append(str(exc).split(": ", 1)[-1])
                 continue
             if api == "hublab" and isinstance(doc, dict) and {"status", "version", "profile"} <= set(doc):
                 return api
@@ -284,8 +285,8 @@ class Peers:
                 return api
             tried.append(PROBES[api])
         raise PeerError(f"peer {peer.name} at {peer.config.url} answers none of {', '.join(tried)} as hublab, Ollama "
-                        "or an OpenAI-compatible server does; fix url, or set api = \"hublab\", \"openai\" or "
-                        "\"ollama\"")
+                        f"or an OpenAI-compatible server does ({said[0] if said else 'other documents'}); fix url, or "
+                        "set api = \"hublab\", \"openai\" or \"ollama\"")
 
     def _discover(self, peer: _Peer) -> dict[str, ModelConfig]:
         """A hublab peer's own experts (GET /hublab/routing), as EXPERT@PEER configs; bad entries are skipped."""
@@ -355,15 +356,15 @@ class Peers:
                 response = client.send(request, stream=True)
             except httpx.ConnectTimeout:
                 raise PeerError(f"peer {name} at {peer.config.url} did not take a connection within "
-                                f"{timeout.connect:g} s; check it is running and reachable") from None
+                                f"{timeout.connect:g} s; check it is running and reachable", "unreachable") from None
             except httpx.TimeoutException:
                 if watch.cancel is not None and watch.cancel.is_set():
                     raise _Cancelled() from None
                 raise PeerError(f"peer {name} did not answer {path} within {time.monotonic() - watch.start:.0f} s "
-                                "(its deadline); raise deadline in its [[peer]] or check it") from None
+                                "(its deadline); raise deadline in its [[peer]] or check it", "unreachable") from None
             except httpx.TransportError as exc:
                 raise PeerError(f"peer {name} at {peer.config.url} is unreachable ({_transport_reason(exc)}); check "
-                                "it is running and the url in system.toml") from None
+                                "it is running and the url in system.toml", "unreachable") from None
             if response.is_redirect:
                 location = response.headers.get("location", "")
                 response.close()
@@ -375,7 +376,7 @@ class Peers:
                     shown = f"{target.scheme}://{target.host}" if target is not None else quote(location, 60)
                     raise PeerError(f"peer {name} redirected {path} to {shown}, off its host {base.host}; refused "
                                     f"(the token goes to {base.host} only): set url to the server you mean",
-                                    reached=True)
+                                    "refused")
                 if method != "GET" and response.status_code not in (307, 308):
                     raise PeerError(f"peer {name} redirected {method} {path} with {response.status_code}, which "
                                     "drops the request body; set url to where it points")
@@ -387,11 +388,11 @@ class Peers:
                 fix = (f"set ${env} to {name}'s token" if env else
                        f"add token_env = \"HUBLAB_PEER_{name.upper().replace('-', '_')}\" to its [[peer]] and export "
                        "that variable with its token")
-                raise PeerError(f"peer {name} refused the token ({response.status_code}); {fix}", reached=True)
+                raise PeerError(f"peer {name} refused the token ({response.status_code}); {fix}", "refused")
             if response.status_code >= 400:
                 message = self._error_text(peer, response)
                 response.close()
-                raise PeerError(f"peer {name}: {path} answered {response.status_code}: {message}", reached=True)
+                raise PeerError(f"peer {name}: {path} answered {response.status_code}: {message}")
             return response
         raise PeerError(f"peer {name}: more than {MAX_REDIRECTS} redirects for {path}; set url to where it points")
 
@@ -426,11 +427,12 @@ class Peers:
                 data += chunk
                 if len(data) > MAX_JSON:
                     raise PeerError(f"peer {peer.name}: {path} sent more than {MAX_JSON >> 20} MiB; refused (is url "
-                                    "a hublab agent, llama-server or Ollama?)", reached=True)
+                                    "a hublab agent, llama-server or Ollama?)")
         except httpx.TransportError as exc:
             if watch.fired == "deadline":
-                raise PeerError(f"peer {peer.name} did not finish {path} within {seconds:g} s") from None
-            raise PeerError(f"peer {peer.name}: {path}: {_transport_reason(exc)}") from None
+                raise PeerError(f"peer {peer.name} did not finish {path} within {seconds:g} s", "unreachable") \
+                    from None
+            raise PeerError(f"peer {peer.name}: {path}: {_transport_reason(exc)}", "unreachable") from None
         finally:
             watch.stop()
             response.close()
@@ -440,7 +442,7 @@ class Peers:
             kind = response.headers.get("content-type", "no content type").split(";")[0]
             start = _scrub(bytes(data[:40]).decode("utf-8", "replace"), self._token(peer))
             raise PeerError(f"peer {peer.name}: {path} answered {kind}, not JSON ({start!r}...); check url points at a "
-                            "hublab agent, llama-server, Ollama or an OpenAI-compatible server", reached=True) from None
+                            "hublab agent, llama-server, Ollama or an OpenAI-compatible server") from None
 
     # -- answers ------------------------------------------------------------------------------------------
 
@@ -493,7 +495,7 @@ class Peers:
             gen.result = GenerationResult(expert=cfg.name, text="", finish_reason="cancelled")
             return
         except PeerError as exc:
-            if not exc.reached:
+            if exc.kind != "answer":  # an error status for this question says nothing about the board
                 self._heard(peer, False, str(exc))
             raise
         state = _Read(api, logprobs)
@@ -507,26 +509,28 @@ class Peers:
                 if state.done:
                     break
         except httpx.TransportError as exc:
-            if watch.fired == "cancelled":
-                state.finish = "cancelled"
-            elif watch.fired == "deadline":
-                raise PeerError(f"{cfg.name}: peer {peer.name} took longer than its deadline of "
-                                f"{peer.config.deadline:g} s ({len(state.text)} characters in); raise deadline in its "
-                                "[[peer]] or ask for fewer tokens") from None
-            else:
+            if not watch.fired:
                 self._heard(peer, False, f"lost mid-answer ({_transport_reason(exc)})")
                 raise PeerError(f"{cfg.name}: peer {peer.name} went away mid-answer ({_transport_reason(exc)}, "
                                 f"{len(state.text)} characters in)") from None
         finally:
             watch.stop()
             response.close()
+        # the watchdog shut the socket: a read then ends cleanly or with an error, either way it is the watchdog's
+        if watch.fired == "cancelled" and not state.done:
+            state.finish = "cancelled"
+        elif watch.fired == "deadline" and not state.done:
+            raise PeerError(f"{cfg.name}: peer {peer.name} took longer than its deadline of {peer.config.deadline:g} s "
+                            f"({len(state.text)} characters in); raise deadline in its [[peer]] or ask for fewer "
+                            "tokens")
         if not state.done and state.finish != "cancelled":
             if cancel is not None and cancel.is_set():
                 state.finish = "cancelled"
             else:
-                self._heard(peer, False, "closed an answer before its end")
-                raise PeerError(f"{cfg.name}: peer {peer.name} closed the answer before its end "
-                                f"({len(state.text)} characters in)")
+                # a stream without a length ends at the close: a killed peer looks like this
+                self._heard(peer, False, "lost mid-answer (connection closed)")
+                raise PeerError(f"{cfg.name}: peer {peer.name} went away mid-answer (connection closed before the "
+                                f"answer's end, {len(state.text)} characters in)")
         self._heard(peer, True)
         seconds = time.perf_counter() - t0
         tokens = state.tokens or state.pieces  # a server that reports no usage: one piece is about one token

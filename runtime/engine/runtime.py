@@ -33,6 +33,7 @@ from ..errors import HublabError
 from .hostcpu import ENV as REPACK_ENV, WeightBuffers, configure_llama, for_profile, load_llama
 from ..inputs import quote
 from .memory import MemoryEstimate, estimate_model, read_gguf, release_free_memory
+from .peers import Peers
 from .profiles import Profile, active_profile
 from .rpc import Split, rpc_devices, split_estimate
 from .scheduler import LoadPlan, expired, victims
@@ -82,6 +83,7 @@ class Runtime:
         self._loaded: dict[str, LoadedBase | SplitBase] = {}
         self.rpc_host = False  # True in the process that holds a split base itself (engine/split.py)
         self.stats: dict[str, ExpertStats] = {}
+        self.peers = Peers(self.system.peers, self.system.path)  # other boards' experts (engine/peers.py)
         self.rescan()
 
     def set_threads(self, threads: int) -> None:
@@ -107,8 +109,17 @@ class Runtime:
     def rescan(self) -> Catalog:
         """Re-read the models dir (after an install, say); loaded models stay loaded. A new catalog object, so the
         router above (routing/context.py) reopens on next use and knows the experts now installed."""
-        self.catalog = scan_models(self.system.model_dirs)
+        self.catalog = self.peers.attach(scan_models(self.system.model_dirs))
         return self.catalog
+
+    def refresh_peers(self, names: list[str] | None = None) -> dict[str, bool]:
+        """Probe the peers (the named ones) whose last word is stale; when a hublab peer's experts changed (it came
+        back, or installed one), a new catalog holds them (and the router reopens for it). Up or down per peer."""
+        version = self.peers.version
+        up = self.peers.refresh(names)
+        if self.peers.version != version:
+            self.catalog = self.peers.attach(scan_models(self.system.model_dirs), discover=False)
+        return up
 
     @property
     def models(self) -> dict[str, ModelConfig]:
@@ -148,6 +159,9 @@ class Runtime:
         """What serving `name` takes (runtime/engine/scheduler.py), read off its GGUF headers: the one place that
         reads them for fitting, loading and the estimates."""
         cfg = self.config(name)
+        if cfg.peer:
+            raise HublabError(f"{name} runs on peer {cfg.peer} (as {cfg.peer_model!r} there); nothing of it loads "
+                              "on this board")
         owner = self._owner(cfg)
         path = self._gguf_path(owner)
         info = read_gguf(path)
@@ -370,6 +384,7 @@ class Runtime:
         with self._lock:
             for name in list(self._loaded):
                 self._unload_base(name)
+        self.peers.close()
 
     def __enter__(self):
         return self
@@ -435,8 +450,13 @@ class Runtime:
         knowledge-pack pairs the caller put into the chat (routing/context.py), reported in the result. `grammar`
         (GBNF, root rule `root`; runtime/engine/structured.py makes one from a JSON schema) constrains every token."""
         cfg = self.config(name)
-        opts = self.sampler(cfg, dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                      min_p=min_p, repeat_penalty=repeat_penalty, seed=seed))
+        asked = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                     repeat_penalty=repeat_penalty, seed=seed)
+        if cfg.peer:  # another board answers: what was asked here goes along (engine/peers.py)
+            return self.peers.stream(cfg, prompt, raw=raw, logprobs=logprobs, cancel=cancel, grammar=grammar,
+                                     special=special, system_prompt=system_prompt, sampler={**asked, "stop": stop},
+                                     defaults=asdict(self.sampler(cfg, {})))
+        opts = self.sampler(cfg, asked)
         stops = list(stop if stop is not None else opts.stop)
         system = cfg.inference.system_prompt if system_prompt is None else system_prompt
         gen = Generation(iter(()))
@@ -529,6 +549,7 @@ class Runtime:
 
         yield from base.stream("stream", cfg.name, prompt, kwargs, cancel, done)
 
+    # -- decode-time mixture of experts --------------------------------------------------------------
 
     def mixture_stream(self, weights: dict[str, float], prompt: str | list[dict], **kwargs) -> Generation:
         """One answer decoded from the weighted mixture of the experts' next-token distributions
@@ -558,7 +579,11 @@ class Runtime:
         for name, cfg in sorted(self.models.items()):
             row = {"name": name, "type": cfg.type, "base": cfg.base or None,
                    "domain": cfg.domain if cfg.is_expert else None,
-                   "loaded": False, "file": None, "size": None, "quant": None, "estimate": None, "error": None}
+                   "loaded": False, "file": None, "size": None, "quant": None, "estimate": None, "error": None,
+                   **self.peers.where(cfg)}
+            if cfg.peer:  # nothing of it is on this board: where it runs and whether it is up says it all
+                rows.append(row)
+                continue
             try:
                 owner = self._owner(cfg)
                 path = self._adapter_path(cfg) if cfg.adapter else self._gguf_path(owner)

@@ -19,11 +19,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from ..config import SYSTEM_SCHEMA, parse_routing
+from ..engine.peers import PeerError
 from ..engine.runtime import GenerationResult, Runtime
 from ..errors import HublabError
 from ..inputs import quote
@@ -156,17 +157,39 @@ class MoE:
             raise HublabError(f"[moe] fallback: no expert named {self.fallback!r}; set it to one of "
                               f"{', '.join(sorted(experts))}")
         routing = routing or self.routing
+        if self.rt.peers:
+            self.rt.refresh_peers()  # a peer back, or one with new experts, is routed to from this question on
+            experts = self.rt.experts
         try:
             router = self.router
             if router is not None:
-                return router.route(query, routing, self.fallback, self.rt.system.sure)
+                return self._skip_down(router.route(query, routing, self.fallback, self.rt.system.sure))
             model = {name: 1.0 if name == self.fallback else 0.0 for name in experts}
             keywords = {name: cfg.keywords for name, cfg in experts.items()}
             scores = blend(query, model, keywords, 1.0)
-            return select(scores, routing, self.fallback, {n: c.threshold for n, c in experts.items()},
-                          self.rt.system.sure)
+            return self._skip_down(select(scores, routing, self.fallback,
+                                          {n: c.threshold for n, c in experts.items()}, self.rt.system.sure))
         except RouterError as exc:
             raise HublabError(str(exc)) from None
+
+    def _skip_down(self, selection: Selection) -> Selection:
+        """The selection without the remote experts whose peer is down (probed when due): the next-ranked take
+        their place, and the note says which were skipped and why. The fallback is never skipped."""
+        experts = self.rt.experts
+        gone: dict[str, str] = {}
+        for _ in range(len(experts)):
+            down = self.rt.peers.down([experts[n] for n in selection.names if n in experts and n != self.fallback])
+            if not down:
+                break
+            gone.update(down)
+            left = [s for s in selection.scores if s.expert not in gone]
+            again = select(left, selection.routing, self.fallback, {n: c.threshold for n, c in experts.items()},
+                           self.rt.system.sure)
+            selection = replace(again, scores=selection.scores, embedding=selection.embedding)
+        if gone:
+            said = "; ".join(f"skipped {name} ({why})" for name, why in gone.items())
+            selection = replace(selection, note="; ".join(n for n in (said, selection.note) if n))
+        return selection
 
     def ask(self, query: str, routing: str | None = None, synthesis: str | None = None,
             on_event: Event | None = None, cancel: threading.Event | None = None,
@@ -197,12 +220,20 @@ class MoE:
         result.constraint = constraint
         gen_opts = {"max_tokens": max_tokens, "temperature": temperature, "cancel": cancel, **sampler,
                     "grammar": constraint.grammar if constraint is not None else None}
+        remote = [n for n in selection.names if self.rt.experts[n].peer]
+        if synthesis == "weighted" and remote:
+            synthesis = result.synthesis = "best"
+            result.note = "; ".join(n for n in (result.note, f"weighted blends next-token distributions, which "
+                                                f"{', '.join(remote)} on other boards do not send: best picked one")
+                                    if n)
         t1 = time.perf_counter()
         if synthesis == "weighted":
             self._weighted(result, emit, gen_opts)
         else:
+            failed: list[str] = []
             result.answers = self._run_experts(query if prompt is None else prompt, selection, emit,
-                                               logprobs=synthesis == "best", **gen_opts)
+                                               logprobs=synthesis == "best", failed=failed, **gen_opts)
+            result.note = "; ".join(n for n in (result.note, *failed) if n)
         t2 = time.perf_counter()
         stopped = cancel is not None and cancel.is_set()
         if stopped and synthesis != "weighted":
@@ -223,16 +254,34 @@ class MoE:
     # -- experts ----------------------------------------------------------------------------------------
 
     def _run_experts(self, query: str | list[dict], selection: Selection, emit: Event, logprobs: bool,
-                     **opts) -> list[ExpertAnswer]:
-        answers = []
-        for choice in selection.choices:
+                     failed: list[str] | None = None, **opts) -> list[ExpertAnswer]:
+        """Each selected expert's answer, in order. A remote expert whose peer fails (unreachable, gone mid-answer,
+        past its deadline) is left out, with an `expert_error` event and a line in `failed`; when none answered,
+        the fallback expert does, if it was not among them."""
+        answers: list[ExpertAnswer] = []
+        tried: set[str] = set()
+        choices = list(selection.choices)
+        while choices:
+            choice = choices.pop(0)
             if opts.get("cancel") is not None and opts["cancel"].is_set():
                 break
+            tried.add(choice.name)
             emit("expert_start", {"expert": choice.name, "score": choice.score})
-            gen = self.context.stream(choice.name, query, logprobs=logprobs, query_embedding=selection.embedding,
-                                      **opts)
-            for piece in gen:
-                emit("expert_token", {"expert": choice.name, "text": piece})
+            # a remote expert's token probabilities are asked for only where there is an answer to weigh it against
+            asks = logprobs and (len(selection.choices) > 1 or not self.rt.experts[choice.name].peer)
+            try:
+                gen = self.context.stream(choice.name, query, logprobs=asks, query_embedding=selection.embedding,
+                                          **opts)
+                for piece in gen:
+                    emit("expert_token", {"expert": choice.name, "text": piece})
+            except PeerError as exc:
+                emit("expert_error", {"expert": choice.name, "error": str(exc)})
+                if failed is not None:
+                    failed.append(f"{choice.name} failed: {exc}")
+                if not choices and not answers and self.fallback not in tried:
+                    score = selection.score_of(self.fallback)
+                    choices.append(type(choice)(self.fallback, score.score if score else 0.0))
+                continue
             emit("expert_done", {"expert": choice.name, "result": gen.result.to_dict()})
             answers.append(ExpertAnswer(choice.name, choice.score, gen.result.text.strip(), result=gen.result))
         return answers
@@ -245,9 +294,13 @@ class MoE:
         emit("answer_token", {"text": answer})
 
     def _best(self, result: MoEResult, emit: Event, opts: dict) -> None:
+        # a server that sends no token probabilities (Ollama) is taken to be as sure as the others were on average
+        known = [a.result.mean_token_prob for a in result.answers if a.result.mean_token_prob is not None]
+        usual = sum(known) / len(known) if known else 1.0
         for a in result.answers:
             bad = degenerate(a.text, self.rt.config(a.expert).inference.system_prompt)
-            a.confidence = 0.0 if bad else a.score * (a.result.mean_token_prob or 0.0)
+            prob = a.result.mean_token_prob if a.result.mean_token_prob is not None else usual
+            a.confidence = 0.0 if bad else a.score * prob
         if not result.answers:
             return self._finish(result, emit, "")
         # ties: the higher router score, then the expert name, like routing itself

@@ -713,6 +713,22 @@ class Router:
         return replace(select(scores, routing, fallback or self.fallback, self.thresholds, sure), embedding=embedding)
 
 
+def label_texts(directory: Path) -> dict[str, list[str]]:
+    """Router output -> its labelled queries (examples.npz's texts), what another board's router routes this board's
+    experts by; {} when the directory has no readable examples.npz."""
+    import numpy as np
+
+    try:
+        with np.load(Path(directory) / EXAMPLES_NPZ, allow_pickle=False) as data:
+            pairs = zip((str(x) for x in data["labels"]), (str(t) for t in data["texts"]))
+            out: dict[str, list[str]] = {}
+            for label, text in pairs:
+                out.setdefault(label, []).append(text)
+            return out
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return {}
+
+
 def default_router_dir(system: Any) -> Path:
     """[moe] router, else <models_dir>/router, else the embedded default set's router."""
     if system.router_dir:

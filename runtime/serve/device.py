@@ -135,6 +135,14 @@ class MoeStream:
                 self.experts += 1
             elif self.lead is None:
                 self.lead = data["expert"]
+        elif kind == "expert_error" and self.live:
+            # a remote expert failed (its board went away, its deadline passed): say so in one line; the next
+            # expert's words stream from here
+            said = self.started or self.synthesis == "concatenate"
+            if self.synthesis == "concatenate" or data.get("expert") == self.lead:
+                self._send(("\n" if said else "") + f"[{data['expert']} failed: {data.get('error', '')}]\n")
+                if data.get("expert") == self.lead:
+                    self.lead, self.started, self.held = None, False, ""
         elif kind == "expert_token" and self.live:
             if self.synthesis == "concatenate" or data.get("expert") == self.lead:
                 text = data.get("text", "") if self.started else data.get("text", "").lstrip()
@@ -204,8 +212,30 @@ class Device:
         return self.rt.models[name]
 
     def list(self) -> dict:
+        """Every model and expert (where it runs, and whether that board is up), the peers, the budget."""
+        self.rt.refresh_peers()
         return {"models": self.rt.status(), "errors": list(self.rt.catalog.errors),
-                "profile": self.rt.profile.name, "budget": self.rt.budget, "used": self.rt.used_memory()}
+                "profile": self.rt.profile.name, "budget": self.rt.budget, "used": self.rt.used_memory(),
+                "peers": self.rt.peers.status()}
+
+    def routing(self) -> dict:
+        """What a front board routes this board's experts by (GET /hublab/routing): each expert of this board with
+        its description, domain, keywords, threshold and examples: its own `[expert] examples`, else a sample of
+        the router's labelled queries of its domain. Experts of this board's own peers are not passed on."""
+        from ..engine.peers import MAX_EXAMPLES
+        from ..routing.router import label_texts
+
+        labelled = label_texts(self.router_dir())
+        rows = []
+        for name, cfg in sorted(self.rt.experts.items()):
+            if cfg.peer:
+                continue
+            examples = list(cfg.examples) or labelled.get(cfg.domain or name, [])
+            if len(examples) > MAX_EXAMPLES:  # spread over the whole list, not its first lines
+                examples = [examples[i * len(examples) // MAX_EXAMPLES] for i in range(MAX_EXAMPLES)]
+            rows.append({"name": name, "description": cfg.description, "domain": cfg.domain or name,
+                         "keywords": list(cfg.keywords), "threshold": cfg.threshold, "examples": examples})
+        return {"experts": rows, "profile": self.rt.profile.name, "version": __version__}
 
     def base_of(self, name: str) -> str:
         """The base whose llama.cpp context runs `name` (itself for a base or standalone expert)."""
@@ -255,6 +285,11 @@ class Device:
         from ..engine.memory import read_gguf
 
         cfg = self.config_of(name)
+        if cfg.peer:  # nothing of it is here: what routes it, and where it runs
+            return {"name": cfg.name, "type": cfg.type, "description": cfg.description, "base": None,
+                    "domain": cfg.domain, "keywords": cfg.keywords, "threshold": cfg.threshold,
+                    "examples": len(cfg.examples), "source": str(cfg.source), "loaded": False, "memory": mem,
+                    **rt.peers.where(cfg)}
         owner = rt.models[cfg.base] if cfg.base else cfg
         est = rt.estimate(name)  # first: it names a missing GGUF with the fix
         info = read_gguf(owner.path)
@@ -393,7 +428,11 @@ class Device:
     def route(self, query: str, routing: str | None = None) -> dict:
         check_query(query)
         check_moe_args(routing, None)
-        return self.moe.route(query, routing).to_dict()
+        decision = self.moe.route(query, routing).to_dict()
+        experts = self.rt.experts
+        decision["where"] = {s["expert"]: self.rt.peers.where(experts[s["expert"]])
+                             for s in decision["scores"] if s["expert"] in experts}
+        return decision
 
     def ask_bases(self, query: str, routing: str | None = None, synthesis: str | None = None) -> list[str]:
         """Bases an `ask` will generate on: its selected experts', and the aggregator's for summarize."""
@@ -431,13 +470,15 @@ class Device:
     def complete(self, model: str, prompt: str | list[dict], *, raw: bool = False, system: str | None = None,
                  on_piece: Callable[[str], None] | None = None, cancel: threading.Event | None = None,
                  routing: str | None = None, synthesis: str | None = None, num_ctx: int | None = None,
-                 special: bool = True, constraint=None, **sampler: Any) -> Completion:
+                 special: bool = True, constraint=None, token_prob: bool = False, **sampler: Any) -> Completion:
         """An answer from expert `model`, or from the MoE for "moe": `prompt` is a user message or a list of
         chat messages (the MoE routes the last user message), or raw text to continue with raw=True. Pieces
         go to `on_piece` as they come. `sampler` takes Runtime.stream's keywords (max_tokens, temperature,
         top_p, top_k, min_p, repeat_penalty, seed, stop); `num_ctx` caps prompt + answer in tokens; special=False
         tokenizes special tokens in a raw prompt as plain text. `constraint` (runtime/engine/structured.py) holds the
-        answer to a JSON schema, a grammar or a tool call; its tools are described to the model in the prompt."""
+        answer to a JSON schema, a grammar or a tool call; its tools are described to the model in the prompt.
+        `token_prob`: report the sampled tokens' mean probability (hublab["mean_token_prob"]; a front's best
+        synthesis weighs this board's answer by it). An expert on a peer is answered there (engine/peers.py)."""
         t0 = time.perf_counter()
         if constraint is not None and constraint.tools and not raw:
             from ..chat import with_tools
@@ -460,6 +501,20 @@ class Device:
                 hublab={"routing": r["routing"], "synthesis": r["synthesis"], "selected": r["selected"],
                         "chosen": r["chosen"], **({"note": r["note"]} if r.get("note") else {})})
         cfg = self.config_of(model)
+        if cfg.peer:  # another board answers; pieces come as it sends them
+            if num_ctx is not None:
+                raise HublabError(f"num_ctx: {model} runs on peer {cfg.peer}, whose context is set there; leave "
+                                  "num_ctx out")
+            gen = self.context.stream(model, prompt, raw=raw, cancel=cancel, system_prompt=system, special=special,
+                                      grammar=grammar, logprobs=token_prob, **sampler)
+            for piece in gen:
+                if on_piece is not None:
+                    on_piece(piece)
+            r = gen.result
+            return Completion(model=model, text=r.text, prompt_tokens=r.prompt_tokens, tokens=r.tokens,
+                              finish_reason=r.finish_reason, prompt_s=r.ttft_s, seconds=time.perf_counter() - t0,
+                              hublab={"ttft_s": r.ttft_s, "tokens_per_s": r.tokens_per_s, "peer": cfg.peer,
+                                      **({"mean_token_prob": r.mean_token_prob} if token_prob else {})})
         with self.rt.hold(model) as base:  # loads it (timed) and keeps it for the answer (llama.cpp re-enters)
             load_s = time.perf_counter() - t0
             if num_ctx is not None:
@@ -474,7 +529,7 @@ class Device:
                                       "raise num_ctx or shorten the prompt")
                 sampler["max_tokens"] = min(sampler.get("max_tokens") or num_ctx, num_ctx - n)
             gen = self.context.stream(model, prompt, raw=raw, cancel=cancel, system_prompt=system, special=special,
-                                      grammar=grammar, **sampler)
+                                      grammar=grammar, logprobs=token_prob, **sampler)
             for piece in gen:
                 if on_piece is not None:
                     on_piece(piece)
@@ -482,7 +537,8 @@ class Device:
         return Completion(model=model, text=r.text, prompt_tokens=r.prompt_tokens, tokens=r.tokens,
                           finish_reason=r.finish_reason, load_s=load_s, prompt_s=r.ttft_s,
                           seconds=time.perf_counter() - t0, cached_tokens=r.cached_tokens,
-                          hublab={"ttft_s": r.ttft_s, "tokens_per_s": r.tokens_per_s, "threads": r.threads})
+                          hublab={"ttft_s": r.ttft_s, "tokens_per_s": r.tokens_per_s, "threads": r.threads,
+                                  **({"mean_token_prob": r.mean_token_prob} if token_prob else {})})
 
     # -- keep-alive per request (Ollama's keep_alive) -------------------------------------------------------
 

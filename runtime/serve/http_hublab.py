@@ -3,7 +3,9 @@ plus /health and /metrics. JSON in and out, errors in OpenAI's shape; /hublab/as
 
     GET  /health                    status, version, profile, loaded models
     GET  /metrics                   Prometheus text: requests, tokens, tokens/s, queue depth, memory
-    GET  /hublab/experts            models and experts on disk (size, quant, loaded, memory estimate)
+    GET  /hublab/experts            models and experts (size, quant, loaded, memory estimate; where each runs, up)
+    GET  /hublab/routing            this board's experts as a front routes them: description, domain, keywords,
+                                    examples (runtime/engine/peers.py reads it)
     POST /hublab/load, /unload      {"name": ...}
     POST /hublab/route              {"query": ..., "routing": optional} -> every score and the selection
     POST /hublab/ask                {"query": ..., "stream": true, "format": "json" or a schema} -> SSE of the MoE's
@@ -41,6 +43,10 @@ def _max_tokens(body: dict, default: int | None = None) -> int | None:
 
 def experts(req: Request) -> None:
     req.json(req.agent.device.list())
+
+
+def routing(req: Request) -> None:
+    req.json(req.agent.device.routing())
 
 
 def load(req: Request) -> None:
@@ -124,6 +130,7 @@ ROUTES = {
     "/health": Route({"GET": health}),
     "/metrics": Route({"GET": metrics}),
     "/hublab/experts": Route({"GET": experts}),
+    "/hublab/routing": Route({"GET": routing}),
     "/hublab/load": Route({"POST": load}),
     "/hublab/unload": Route({"POST": unload}),
     "/hublab/route": Route({"POST": route}),

@@ -260,8 +260,12 @@ def tags(req: Request) -> None:
     for row in rows:
         source = device.rt.models[row["name"]].source
         modified = source.stat().st_mtime if source.exists() else 0
+        if row["where"] != "here":  # on another board: its API as the format, and where it is, whether it is up
+            models.append(_entry(row["name"], 0, modified, "", _other_details("remote", row.get("api") or "unknown"))
+                          | {"hublab": {k: row.get(k) for k in ("where", "up", "reason", "model") if k in row}})
+            continue
         models.append(_entry(row["name"], row["size"] or 0, modified, _digest(source),
-                             _details(_info(req, row["name"]))))
+                             _details(_info(req, row["name"]))) | {"hublab": {"where": "here", "up": True}})
     moe_details = _other_details("moe", "hublab", sorted(device.rt.experts))
     models.insert(0, _entry(MOE, sum(r["size"] or 0 for r in rows), time.time(), "", moe_details))
     router = _router_file(req)

@@ -90,6 +90,7 @@ def _text_of(content: Any) -> str:
 
 def models(req: Request) -> None:
     rt = req.agent.device.rt
+    rt.refresh_peers()  # whether each board is up, as of now
     data = [{"id": MOE, "object": "model", "created": int(req.agent.metrics.started), "owned_by": "hublab",
              "hublab": {"type": "moe", "experts": sorted(rt.experts)}}]
     for name, cfg in sorted(rt.models.items()):
@@ -97,9 +98,9 @@ def models(req: Request) -> None:
             created = int(cfg.source.stat().st_mtime)
         except OSError:
             created = 0
-        data.append({"id": name, "object": "model", "created": created, "owned_by": "hublab",
+        data.append({"id": name, "object": "model", "created": created, "owned_by": cfg.peer or "hublab",
                      "hublab": {"type": cfg.type, "base": cfg.base or None, "domain": cfg.domain,
-                                "loaded": rt.is_loaded(name)}})
+                                "loaded": rt.is_loaded(name), **rt.peers.where(cfg)}})
     req.json({"object": "list", "data": data})
 
 
@@ -218,7 +219,8 @@ def _answer(req: Request, body: dict, prompt: str | list[dict], chat: bool) -> N
     if extra is not None and not isinstance(extra, dict):
         raise ApiError(400, "hublab must be an object such as {\"routing\": \"topk:2\"}")
     extra = extra or {}
-    check_fields(extra, {"routing": Field(), "synthesis": Field(), "parse_special": Field()}, "hublab.")
+    check_fields(extra, {"routing": Field(), "synthesis": Field(), "parse_special": Field(),
+                         "token_prob": Field(only(True, False), "true or false")}, "hublab.")
     routing, synthesis = moe_fields(extra, "hublab.")
     stream_options = object_field("stream_options", body.get("stream_options"))
     check_fields(stream_options, {"include_usage": Field(), "include_obfuscation": Field(
@@ -240,7 +242,7 @@ def _answer(req: Request, body: dict, prompt: str | list[dict], chat: bool) -> N
     with req.generation(bases):
         done = device.complete(model, prompt, raw=not chat, cancel=req.cancel, routing=routing, synthesis=synthesis,
                                on_piece=(calls.push if calls else send) if stream else None, special=special,
-                               constraint=shape, **opts)
+                               constraint=shape, token_prob=extra.get("token_prob", False) and model != MOE, **opts)
         if req.ended:
             return
         call = calls.finish(done.text) if calls else None
@@ -301,7 +303,7 @@ class _Chunks:
         return {**self.head, "choices": [choice]}
 
     def usage(self, done: Completion) -> dict:
-        return {**self.head, "choices": [], "usage": _usage(done)}
+        return {**self.head, "choices": [], "usage": _usage(done), "hublab": done.hublab}
 
     def whole(self, done: Completion, call: dict | None = None) -> dict:
         if self.chat:
