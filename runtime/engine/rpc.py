@@ -12,6 +12,7 @@ board. The process that holds a split base lives in split.py.
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import socket
 import struct
 from dataclasses import dataclass
@@ -78,6 +79,26 @@ def check_worker(endpoint: str, ours: tuple[int, int, int], timeout: float = 5.0
                                f"llama.cpp speaks {'.'.join(map(str, ours))}; run the same hublab version (the same "
                                "llama-cpp-python) on the worker")
     return theirs
+
+
+# -- binding a worker ----------------------------------------------------------------------------------------
+
+def is_loopback(host: str) -> bool:
+    """A loopback address (127.0.0.0/8, ::1) or localhost; a name that only resolves to one is not trusted."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_host(host: str, allow_remote: bool) -> None:
+    """Refuse an address beyond loopback unless `allow_remote` (ggml-rpc has no authentication)."""
+    if not host or any(c.isspace() for c in host) or len(host) > 253:
+        raise HublabError(f"--host {host[:60]!r} is not an address; give an IP address such as 10.0.0.2")
+    if not is_loopback(host) and not allow_remote:
+        raise HublabError(f"--host {host} is beyond loopback and {UNSAFE}; add --allow-remote to bind it anyway")
 
 
 # -- devices ---------------------------------------------------------------------------------------------------

@@ -118,6 +118,38 @@ def deploy(to: str | Path, packages: list[str], *, profile: Profile | str | None
     return out
 
 
+def deploy_worker(to: str | Path, *, profile: Profile | str | None = None, host: str = "127.0.0.1",
+                  port: int = 50052, allow_remote: bool = False, config: str | Path | None = None) -> DeployResult:
+    """A worker-only card: system.toml for the board and rpc-worker.env for packaging/hublab-rpc-worker.service
+    (`hublab rpc-worker` lends the board's memory to a base split across boards; no models of its own)."""
+    from ..engine.rpc import check_host
+
+    board = _board(profile, Path(config) if config else None)
+    if not 1 <= port <= 65535:
+        raise DeployError(f"--worker-port {port} is not a TCP port; give 1 to 65535")
+    check_host(host, allow_remote)
+    root = Path(to).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    system_path = root / "system.toml"
+    _system_toml(system_path, board.name, [])
+    env = root / "rpc-worker.env"
+    flags = "--allow-remote" if allow_remote else ""
+    env.write_text("# Written by hublab deploy --worker. On the Pi: cp rpc-worker.env /etc/hublab/ and enable\n"
+                   "# /opt/hublab/packaging/hublab-rpc-worker.service. ggml-rpc has no authentication: a private "
+                   "link only.\n"
+                   f"HUBLAB_RPC_HOST={host}\nHUBLAB_RPC_PORT={port}\nHUBLAB_RPC_FLAGS={flags}\n")
+    read = dict(line.split("=", 1) for line in env.read_text().splitlines() if line and not line.startswith("#"))
+    if read.get("HUBLAB_RPC_HOST") != host or read.get("HUBLAB_RPC_PORT") != str(port):
+        raise DeployError(f"{env}: reads back different from what was written; check the disk")
+    system = load_system(system_path)
+    files = [system_path, env]
+    return DeployResult(to=str(root), profile=board.name, system_toml=str(system_path), packages=[], experts=[],
+                        models=[], files=len(files), size=sum(p.stat().st_size for p in files),
+                        checks=[f"system.toml loads (profile {system.profile})",
+                                f"rpc-worker.env: {host}:{port}" + (" (beyond loopback: private link only)"
+                                                                    if flags else " (loopback)")])
+
+
 def verify_tree(root: Path, names: list[str]) -> list[str]:
     """Check a deployed tree the way the Pi will read it; DeployError on the first problem."""
     from .. import pkg
@@ -192,18 +224,40 @@ def write_image(tree: Path, image: Path) -> Path:
 def add_arguments(parser) -> None:
     import argparse
 
-    parser.add_argument("packages", nargs="+", metavar="PACKAGE", help="NAME[:TAG] of packages to put on the card")
+    parser.add_argument("packages", nargs="*", metavar="PACKAGE", help="NAME[:TAG] of packages to put on the card")
     parser.add_argument("--to", required=True, help="directory to write (the mounted card or a staging folder)")
     parser.add_argument("--profile", default=argparse.SUPPRESS, help="board the card is for (e.g. pi4-4gb)")
     parser.add_argument("--registry", help="registry to install from (default: system.toml [registry] url)")
     parser.add_argument("--allow-unsigned", action="store_true", help="accept unsigned or untrusted packages")
     parser.add_argument("--image", help="also write a FAT32 image file of the tree (needs mtools)")
     parser.add_argument("--json", action="store_true", help="print JSON")
+    worker = parser.add_argument_group("worker card (a board that lends its memory to a split base; no packages)")
+    worker.add_argument("--worker", action="store_true", help="write a card for `hublab rpc-worker` only")
+    worker.add_argument("--worker-host", default="127.0.0.1", help="address the worker binds (default 127.0.0.1)")
+    worker.add_argument("--worker-port", type=int, default=50052, help="its port (default 50052)")
+    worker.add_argument("--allow-remote", action="store_true",
+                        help="let it bind beyond loopback (ggml-rpc has no authentication: a private link only)")
 
 
 def cli(args) -> int:
     from .cli import ProgressBar
 
+    if args.worker:
+        if args.packages:
+            raise DeployError("a worker card holds no packages (the main board's base names the worker); "
+                              "leave out the package names or --worker")
+        r = deploy_worker(args.to, profile=getattr(args, "profile", None), host=args.worker_host,
+                          port=args.worker_port, allow_remote=args.allow_remote)
+        if args.json:
+            import json
+
+            print(json.dumps(r.to_dict(), indent=2))
+            return 0
+        print(f"deployed an RPC worker card for {r.profile} to {r.to}")
+        for c in r.checks:
+            print(f"checked: {c}")
+        print("on the Pi: cp rpc-worker.env /etc/hublab/ && systemctl enable --now hublab-rpc-worker")
+        return 0
     r = deploy(args.to, args.packages, profile=getattr(args, "profile", None), registry=args.registry,
                allow_unsigned=args.allow_unsigned, image=args.image, progress=None if args.json else ProgressBar())
     if args.json:

@@ -14,26 +14,15 @@ graphs on it. So the worker binds loopback unless told otherwise, and another ad
 """
 from __future__ import annotations
 
-import ipaddress
 import os
 import socket
 import sys
 
 from ..engine.llamacpp import build_tools, require
-from ..engine.rpc import UNSAFE
+from ..engine.rpc import UNSAFE, check_host, is_loopback
 from ..errors import HublabError
 
 DEFAULT_PORT = 50052
-
-
-def is_loopback(host: str) -> bool:
-    """A loopback address (127.0.0.0/8, ::1) or localhost; a name that only resolves to one is not trusted."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def command(binary, host: str, port: int, threads: int | None, cache: bool) -> list[str]:
@@ -43,13 +32,6 @@ def command(binary, host: str, port: int, threads: int | None, cache: bool) -> l
     if cache:
         cmd.append("-c")  # tensors cached on disk by hash: a restarted main board loads them from here
     return cmd
-
-
-def check_host(host: str, allow_remote: bool) -> None:
-    if not host or any(c.isspace() for c in host) or len(host) > 253:
-        raise HublabError(f"--host {host[:60]!r} is not an address; give an IP address such as 10.0.0.2")
-    if not is_loopback(host) and not allow_remote:
-        raise HublabError(f"--host {host} is beyond loopback and {UNSAFE}; add --allow-remote to bind it anyway")
 
 
 def add_arguments(parser) -> None:
