@@ -8,6 +8,7 @@ QUOTE_MAX characters of what it was given.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import math
 from typing import Any
 
@@ -100,3 +101,15 @@ def arg_int(lo: int | None = None, hi: int | None = None):
 
 def arg_float(lo: float | None = None, hi: float | None = None):
     return _arg_number(float, "a number", lo, hi)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` keeps a server on this machine: "localhost" or a loopback address. Any other name
+    counts as reachable from outside (it may resolve elsewhere by the time the socket binds), so the agent and the
+    WebUI need a token there and an RPC worker an explicit flag."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

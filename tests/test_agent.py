@@ -477,7 +477,7 @@ def test_load_bench_reports_served_rejected_and_rss(device_config):
 def test_one_loopback_rule_for_the_agent_and_the_webui():
     """"localhost" and loopback addresses only: a name that resolves to loopback today still needs a token."""
     from hublab.runtime.serve import agent as agent_module
-    from hublab.runtime.serve.http_common import is_loopback
+    from hublab.runtime.inputs import is_loopback
     from hublab.trainer import webui
 
     assert agent_module.is_loopback is is_loopback and webui.is_loopback is is_loopback

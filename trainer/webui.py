@@ -19,7 +19,6 @@ a request names is resolved inside the workspace.
 from __future__ import annotations
 
 import argparse
-import hmac
 import json
 import mimetypes
 import secrets
@@ -28,13 +27,14 @@ import shutil
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from hublab.runtime.errors import HublabError
-from hublab.runtime.serve.http_common import is_loopback
+from hublab.runtime.inputs import is_loopback
+from hublab.runtime.serve import http_base
 
 from . import webui_jobs
 from . import webui_models
@@ -386,62 +386,35 @@ def _toml(value, kind) -> str:
 # ---------------------------------------------------------------------------------------------------
 # HTTP
 
-class Handler(BaseHTTPRequestHandler):
+class Handler(http_base.Handler):
+    """One WebUI request (runtime/serve/http_base.py reads bodies and sends JSON and streams for it and the agent)."""
     server_version = "hublab-webui"
     app: App  # set on the subclass made by make_server
+    max_body = MAX_JSON
 
     def log_message(self, fmt, *args):  # quiet; jobs have their own logs
         pass
 
     # -- plumbing ---------------------------------------------------------------------------------
 
-    def send_json(self, obj, status: int = 200, headers: dict | None = None) -> None:
-        body = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(body)
+    def json(self, obj, status: int = 200, headers: dict | None = None) -> None:
+        super().json(obj, status, {"Cache-Control": "no-store", **(headers or {})})
 
     def error(self, status: int, message: str) -> None:
-        self.send_json({"error": message}, status)
+        self.json({"error": message}, status)
 
-    def read_body(self, limit: int) -> bytes:
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            raise WebError("Content-Length: not a number") from None
-        if length > limit:
-            self.close_connection = True
-            raise WebError(f"upload of {length} bytes is over the limit of {limit} bytes; "
-                           "split the file or start hublab webui with a larger --max-upload-mb", 413)
-        return self.rfile.read(length) if length else b""
-
-    def json_body(self) -> dict:
-        raw = self.read_body(MAX_JSON)
-        try:
-            body = json.loads(raw or b"{}")
-        except ValueError:
-            raise WebError("body: send a JSON object") from None
-        if not isinstance(body, dict):
-            raise WebError("body: send a JSON object")
-        return body
+    def upload(self) -> bytes:
+        return self.read_body(self.app.max_upload, "upload of {length} bytes is over the limit of {limit} bytes; "
+                                                   "split the file or start hublab webui with a larger --max-upload-mb")
 
     def authorized(self, query: dict) -> tuple[bool, dict]:
         """(allowed, extra headers): loopback Host check, then the token (header, cookie or ?token=)."""
         app = self.app
-        host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
-        if app.loopback and host not in ("127.0.0.1", "localhost", "::1"):
+        if app.loopback and not http_base.names_loopback(self.headers.get("Host") or ""):
             return False, {}  # DNS rebinding: a page on another name must not reach a loopback UI
         if not app.token:
             return True, {}
-        given = ""
-        auth = self.headers.get("Authorization", "")
-        if auth.startswith("Bearer "):
-            given = auth[7:]
+        given = http_base.bearer_token(self.headers)
         for part in (self.headers.get("Cookie") or "").split(";"):
             k, _, v = part.strip().partition("=")
             if k == "hublab_token" and not given:
@@ -450,7 +423,7 @@ class Handler(BaseHTTPRequestHandler):
         if not given and query.get("token"):
             given = query["token"][0]
             extra["Set-Cookie"] = f"hublab_token={given}; HttpOnly; SameSite=Strict; Path=/"
-        return hmac.compare_digest(given.encode(), app.token.encode()), extra
+        return http_base.token_matches(given, app.token), extra
 
     def dispatch(self, method: str) -> None:
         url = urlsplit(self.path)
@@ -470,6 +443,8 @@ class Handler(BaseHTTPRequestHandler):
             return route(self, parts, query, extra)
         except WebError as exc:
             self.error(exc.status, str(exc))
+        except http_base.HttpError as exc:
+            self.error(exc.status, exc.message)
         except HublabError as exc:
             self.error(422, str(exc).replace(str(self.app.ws) + "/", ""))
         except (BrokenPipeError, ConnectionResetError):
@@ -491,29 +466,23 @@ class Handler(BaseHTTPRequestHandler):
         if name not in STATIC:
             return self.error(404, f"{name}: no such file")
         body = resources.files("hublab.trainer").joinpath("webui", name).read_bytes()
-        self.send_response(200)
-        self.send_header("Content-Type", mimetypes.guess_type(name)[0] or "text/plain")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Content-Security-Policy", "default-src 'self'; img-src 'self' data:")
-        for k, v in extra.items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(body)
+        self.send(200, body, mimetypes.guess_type(name)[0] or "text/plain",
+                  {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:", **extra})
 
     def api_info(self, parts, query, extra):
-        self.send_json(self.app.info())
+        self.json(self.app.info())
 
     def api_datasets(self, parts, query, extra):
         from . import webui_data
 
-        self.send_json(webui_data.list_datasets(self.app.ws))
+        self.json(webui_data.list_datasets(self.app.ws))
 
     def api_upload(self, parts, query, extra):
         from . import webui_data
 
-        body = self.read_body(self.app.max_upload)
+        body = self.upload()
         q = {k: v[0] for k, v in query.items()}
-        self.send_json(webui_data.save_upload(self.app.ws, q.get("file", ""), body, q.get("folder", ""),
+        self.json(webui_data.save_upload(self.app.ws, q.get("file", ""), body, q.get("folder", ""),
                                      q.get("format", "auto")), 201)
 
     def api_inspect(self, parts, query, extra):
@@ -521,61 +490,61 @@ class Handler(BaseHTTPRequestHandler):
 
         q = {k: v[0] for k, v in query.items()}
         base = q.get("base", "")
-        self.send_json(webui_data.inspect(self.app.ws, q.get("path", ""), q.get("name", ""), q.get("format", "auto"),
+        self.json(webui_data.inspect(self.app.ws, q.get("path", ""), q.get("name", ""), q.get("format", "auto"),
                                  self.app.base_value(base) if base else "", q.get("template", "chatml"),
                                  int(q.get("rows", 5))))
 
     def api_mix(self, parts, query, extra):
         from . import webui_data
 
-        b = self.json_body()
-        self.send_json(webui_data.mix_datasets(self.app.ws, str(b.get("name", "")), b.get("parts") or [],
+        b = self.body()
+        self.json(webui_data.mix_datasets(self.app.ws, str(b.get("name", "")), b.get("parts") or [],
                                       int(b.get("total") or 0), int(b.get("seed") or 0)), 201)
 
     def api_generate(self, parts, query, extra):
         from . import webui_data
 
-        b = self.json_body()
-        self.send_json(webui_data.generate(self.app.ws, str(b.get("domain", "")), str(b.get("name", "")),
+        b = self.body()
+        self.json(webui_data.generate(self.app.ws, str(b.get("domain", "")), str(b.get("name", "")),
                                   int(b.get("limit") or 0)), 201)
 
     def api_train(self, parts, query, extra):
-        b = self.json_body()
+        b = self.body()
         if len(parts) > 2 and parts[2] == "plan":
-            return self.send_json(self.app.train_plan(b))
-        self.send_json(self.app.start_training(b), 201)
+            return self.json(self.app.train_plan(b))
+        self.json(self.app.start_training(b), 201)
 
     def api_export(self, parts, query, extra):
-        b = self.json_body()
+        b = self.body()
         name, cmds, outputs = self.app.export_plan(b)
         if len(parts) > 2 and parts[2] == "plan":
-            return self.send_json({"commands": [shlex.join(c) for c in cmds], "outputs": outputs})
+            return self.json({"commands": [shlex.join(c) for c in cmds], "outputs": outputs})
         job = webui_jobs.start(self.app.ws, "export", name, cmds, config=b, outputs=outputs)
-        self.send_json(webui_jobs.progress(job), 201)
+        self.json(webui_jobs.progress(job), 201)
 
     def api_bench(self, parts, query, extra):
-        b = self.json_body()
+        b = self.body()
         cmds, out = self.app.bench_plan(b)
         job = webui_jobs.start(self.app.ws, "bench", b.get("expert", "bench"), cmds, config=b, outputs=[out])
-        self.send_json(webui_jobs.progress(job), 201)
+        self.json(webui_jobs.progress(job), 201)
 
     def api_chat(self, parts, query, extra):
-        self.send_json(self.app.chat(self.json_body()))
+        self.json(self.app.chat(self.body()))
 
     def api_models(self, parts, query, extra):
-        self.send_json(self.app.models())
+        self.json(self.app.models())
 
     def api_install(self, parts, query, extra):
         app = self.app
         if self.command == "GET":
             adapter = query.get("adapter", [""])[0]
-            return self.send_json(webui_models.install_defaults(app.ws, app.catalog(), app.system.models_dir, adapter))
-        b = self.json_body()
+            return self.json(webui_models.install_defaults(app.ws, app.catalog(), app.system.models_dir, adapter))
+        b = self.body()
         if len(parts) > 2 and parts[2] == "plan":
             plan = app.install_plan(b)
-            return self.send_json({k: plan[k] for k in ("name", "base", "path", "toml", "base_toml", "exists",
+            return self.json({k: plan[k] for k in ("name", "base", "path", "toml", "base_toml", "exists",
                                                         "shadows")})
-        self.send_json(app.install(b), 201)
+        self.json(app.install(b), 201)
 
     def api_jobs(self, parts, query, extra):
         kind = query.get("kind", [""])[0]
@@ -586,7 +555,7 @@ class Handler(BaseHTTPRequestHandler):
             p = webui_jobs.progress(job, log_lines=0)
             p.pop("log")
             out.append(p)
-        self.send_json(out)
+        self.json(out)
 
     def api_files(self, parts, query, extra):
         rel = query.get("path", ["exports"])[0]
@@ -597,7 +566,7 @@ class Handler(BaseHTTPRequestHandler):
                  if p.is_file() and not p.name.startswith(".")][:2000]
         for f in files:  # an adapter GGUF can be installed as an expert
             f["adapter"] = f["path"].endswith(".gguf") and webui_models.gguf_kind(self.app.ws / f["path"]) == "adapter"
-        self.send_json(files)
+        self.json(files)
 
     def download(self, parts, query, extra):
         rel = "/".join(unquote(p) for p in parts[1:])
@@ -619,41 +588,34 @@ class Handler(BaseHTTPRequestHandler):
             raise WebError(f"job {rest[0]!r}: no such job", 404) from None
         action = rest[1] if len(rest) > 1 else ""
         if method == "GET" and action == "":
-            return self.send_json(webui_jobs.progress(job, int(query.get("lines", ["40"])[0])))
+            return self.json(webui_jobs.progress(job, int(query.get("lines", ["40"])[0])))
         if method == "GET" and action == "events":
             return self.events(job)
         if method == "GET" and action == "bench":
-            return self.send_json(self.app.bench_result(job))
+            return self.json(self.app.bench_result(job))
         if method == "GET" and action == "toml" and job.kind == "train":
-            return self.send_json({"toml": inside(self.app.ws, f"runs/{job.name}/expert.toml").read_text()})
+            return self.json({"toml": inside(self.app.ws, f"runs/{job.name}/expert.toml").read_text()})
         if method == "POST" and action == "stop":
-            return self.send_json({"stopped": webui_jobs.stop(job), **webui_jobs.progress(job)})
+            return self.json({"stopped": webui_jobs.stop(job), **webui_jobs.progress(job)})
         if method == "POST" and action == "resume":
-            b = self.json_body()
-            return self.send_json(self.app.resume(job, int(b.get("max_steps") or 0)), 201)
+            b = self.body()
+            return self.json(self.app.resume(job, int(b.get("max_steps") or 0)), 201)
         raise WebError(f"{action!r}: no such job action", 404)
 
     def events(self, job: webui_jobs.Job) -> None:
-        """Server-Sent Events: the job's progress whenever it changes, until it ends."""
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
+        """Server-Sent Events: the job's progress whenever it changes, until it ends or the page goes away."""
         last, last_sent = "", time.monotonic()
-        while True:
+        while not self.gone:
             p = webui_jobs.progress(job, 60)
             text = json.dumps(p)
             if text != last:
-                self.wfile.write(f"data: {text}\n\n".encode())
-                self.wfile.flush()
+                self.sse(text)
                 last, last_sent = text, time.monotonic()
             elif time.monotonic() - last_sent > 15:
-                self.wfile.write(b": ping\n\n")
-                self.wfile.flush()
+                self.write_frame(b": ping\n\n")
                 last_sent = time.monotonic()
             if p["status"] != "running":
-                self.wfile.write(b"event: end\ndata: {}\n\n")
-                self.wfile.flush()
+                self.sse("{}", event="end")
                 return
             time.sleep(0.5)
 

@@ -33,7 +33,8 @@ from . import http_openai
 from .device import Device
 from ..errors import HublabError
 from .gate import Gate
-from .http_common import Deadlines, Request, Routes, is_loopback
+from ..inputs import is_loopback
+from .http_common import Deadlines, Request, Routes
 from ..inputs import arg_int, quote
 
 ROUTES: Routes = {**http_hublab.ROUTES, **http_openai.ROUTES, **http_ollama.ROUTES}

@@ -9,9 +9,6 @@ route's API (OpenAI's `{"error": {"message", ...}}` or Ollama's `{"error": "..."
 from __future__ import annotations
 
 import contextlib
-import hmac
-import ipaddress
-import json
 import socket
 import sys
 import threading
@@ -19,7 +16,6 @@ import time
 import traceback
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 from urllib.parse import parse_qs, urlparse
 
@@ -29,6 +25,7 @@ from ..config import request_fields
 from .device import UnknownModel
 from ..errors import HublabError
 from .gate import Cancelled, QueueFull, watch_disconnect
+from .http_base import Handler, HttpError, bearer_token, token_matches
 from ..inputs import number_problem, quote
 
 if TYPE_CHECKING:
@@ -53,25 +50,12 @@ class Server(Protocol):
     def retry_after(self) -> int: ...
 
 
-MAX_BODY = 1 << 20
+class ApiError(HttpError):
+    """A request refused, with the error code OpenAI's shape carries (Ollama's shape has the message only)."""
 
-
-def is_loopback(host: str) -> bool:
-    """Whether binding `host` keeps a server on this machine: "localhost" or a loopback address. Any other name
-    counts as reachable from outside (it may resolve elsewhere by the time the socket binds), so it needs a token.
-    The agent and the WebUI both ask this."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-class ApiError(Exception):
     def __init__(self, status: int, message: str, code: str = "invalid_request_error", headers=None):
-        super().__init__(message)
-        self.status, self.message, self.code, self.headers = status, message, code, headers or {}
+        super().__init__(status, message, headers)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -176,10 +160,6 @@ def check_fields(fields: dict, table: dict[str, Field], where: str = "") -> None
             raise ApiError(400, f"{where}{name}: {quote(value, 40)} is not honoured: {spec.why}")
 
 
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number; send a finite number")
-
-
 def stop_list(key: str, stop: Any) -> list[str]:
     if isinstance(stop, str):
         stop = [stop]
@@ -194,9 +174,9 @@ def iso_time(epoch: float | None = None) -> str:
     return when.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-class Request(BaseHTTPRequestHandler):
-    """One HTTP request. Route handlers read `body()`, `query` and `agent.device`, and answer with `json`,
-    a stream of frames (`sse`, `ndjson`) or `send`."""
+class Request(Handler):
+    """One HTTP request to the agent. Route handlers read `body()`, `query` and `agent.device`, and answer with
+    `json`, a stream of frames (`sse`, `ndjson`) or `send` (runtime/serve/http_base.py)."""
     protocol_version = "HTTP/1.1"
     server_version = f"hublab/{__version__}"
     agent: Server     # set on the subclass the Agent makes
@@ -310,8 +290,8 @@ class Request(BaseHTTPRequestHandler):
             self.close_connection = True
             if not self.status:
                 self.error(408, f"the request did not arrive within {self.timeout:g} s", "request_timeout")
-        except ApiError as exc:
-            self.error(exc.status, exc.message, exc.code, exc.headers)
+        except HttpError as exc:
+            self.error(exc.status, exc.message, getattr(exc, "code", "invalid_request_error"), exc.headers)
         except QueueFull as exc:
             self.agent.metrics.bump("rejected")
             self.error(503, str(exc), "queue_full", {"Retry-After": str(self.agent.retry_after())})
@@ -335,71 +315,28 @@ class Request(BaseHTTPRequestHandler):
             self.agent.metrics.count(label, self.status)
 
     def _authorized(self) -> bool:
-        header = self.headers.get("Authorization", "")
-        scheme, _, given = header.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self.agent.token.encode())
+        return token_matches(bearer_token(self.headers), self.agent.token)
 
-    # -- reading ------------------------------------------------------------------------------------------
+    # -- reading and answering (http_base.Handler), with the agent's deadlines ----------------------------
 
-    def body(self) -> dict:
-        """The JSON object sent (empty when nothing was): UTF-8, at most MAX_BODY bytes, finite numbers."""
-        if self.headers.get("Transfer-Encoding"):
-            raise ApiError(411, "chunked request bodies are not supported; send Content-Length")
-        given = (self.headers.get("Content-Length") or "0").strip()
-        if not given.isascii() or not given.isdigit() or len(given) > 12:
-            raise ApiError(400, f"bad Content-Length {quote(given, 24)}; send the body's size in bytes")
-        length = int(given)
-        if length > MAX_BODY:
-            raise ApiError(413, f"request body of {length} bytes is over the {MAX_BODY} allowed")
-        try:
-            raw = self.rfile.read(length) if length else b""
-        except TimeoutError:
-            raise ApiError(408, f"the body did not arrive within {self.timeout:g} s") from None
-        finally:
-            self.agent.deadlines.disarm(self)
-        self.body_read = True
-        if len(raw) < length:
-            self.close_connection = True
-            if self.timed_out:
-                raise ApiError(408, f"the body did not arrive within {self.agent.request_timeout:g} s; "
-                                    "send the whole request at once")
-            raise ApiError(400, f"the body ended after {len(raw)} of its {length} bytes (Content-Length)")
-        if not raw:
-            return {}
-        try:
-            body = json.loads(raw.decode("utf-8"), parse_constant=_no_constants)
-        except UnicodeDecodeError as exc:
-            raise ApiError(400, f"body is not UTF-8 (byte {exc.start}); send JSON as UTF-8") from None
-        except RecursionError:
-            raise ApiError(400, "body is nested too deeply; send a flatter JSON object") from None
-        except ValueError as exc:  # JSONDecodeError, NaN/Infinity, an integer too long to convert
-            raise ApiError(400, f"body is not valid JSON ({quote(str(exc), 120)[1:-1]}); send a JSON object") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "body must be a JSON object")
-        return body
+    def body_arrived(self) -> None:
+        self.agent.deadlines.disarm(self)
 
-    # -- answering ------------------------------------------------------------------------------------------
+    def cut_short(self, got: int, length: int) -> HttpError:
+        if self.timed_out:
+            return HttpError(408, f"the body did not arrive within {self.agent.request_timeout:g} s; "
+                                  "send the whole request at once")
+        return super().cut_short(got, length)
 
-    def send(self, status: int, body: bytes, content_type: str, headers: dict | None = None) -> None:
-        self.status = status
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            for k, v in (headers or {}).items():
-                self.send_header(k, v)
-            if self.close_connection:
-                self.send_header("Connection", "close")
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
-            self.wfile.flush()
-            self.completed = True
-        except OSError:  # the client went away, or stopped reading for `timeout` seconds
-            self.close_connection = True
+    def sent(self) -> None:
+        self.completed = True
 
-    def json(self, obj: Any, status: int = 200, headers: dict | None = None) -> None:
-        self.send(status, json.dumps(obj, default=str).encode(), "application/json", headers)
+    def write_frame(self, frame: bytes) -> bool:
+        """A client that went away cancels the generation."""
+        if super().write_frame(frame):
+            return True
+        self.cancel.set()
+        return False
 
     def error(self, status: int, message: str, code: str, headers: dict | None = None) -> None:
         """One error, in the shape of this route's API; once a stream has started, as its last frame."""
@@ -414,41 +351,6 @@ class Request(BaseHTTPRequestHandler):
             self.ndjson(doc)
         else:
             self.json(doc, status, headers)
-
-    def _start_stream(self, kind: str, content_type: str) -> None:
-        self.status = 200
-        self.stream_kind = kind
-        self.close_connection = True  # the stream ends when the connection closes
-        self.send_response(200)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.end_headers()
-
-    def _write(self, frame: bytes) -> None:
-        """Send one frame; a client that went away cancels the generation instead of raising."""
-        if self.gone:
-            return
-        try:
-            self.wfile.write(frame)
-            self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError, OSError):
-            self.gone = True
-            self.cancel.set()
-
-    # A stream's headers go out with its first frame: whatever fails before it (an unknown model, a
-    # model that does not fit, a prompt too long) still answers with its own status code.
-
-    def sse(self, data: Any, event: str | None = None) -> None:
-        if not self.stream_kind:
-            self._start_stream("sse", "text/event-stream")
-        text = data if isinstance(data, str) else json.dumps(data, default=str)
-        self._write(((f"event: {event}\n" if event else "") + f"data: {text}\n\n").encode())
-
-    def ndjson(self, obj: Any) -> None:
-        if not self.stream_kind:
-            self._start_stream("ndjson", "application/x-ndjson")
-        self._write(json.dumps(obj, default=str).encode() + b"\n")
 
     # -- generating ------------------------------------------------------------------------------------------
 
