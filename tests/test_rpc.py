@@ -103,6 +103,8 @@ def test_split_base_answers_as_the_unsplit_one_with_each_demo_adapter(tmp_path, 
     with Runtime(models_dir=models, profile="pi4-8gb", threads=1, keep_alive=-1) as rt:
         local = {n: rt.generate(n, PROMPTS.get(n, "What is a list comprehension?"), max_tokens=24).text
                  for n in ["gemma", *ADAPTERS]}
+        mix = {"python": 0.5, "rust": 0.5}  # weighted synthesis: one answer from both adapters' distributions
+        local["mixture"] = "".join(rt.mixture_stream(mix, PROMPTS["rust"], max_tokens=12, temperature=0))
         rt.unload("gemma")
         split = {}
         for n in ["gemma", *ADAPTERS]:
@@ -110,6 +112,8 @@ def test_split_base_answers_as_the_unsplit_one_with_each_demo_adapter(tmp_path, 
             r = rt.generate(name, PROMPTS.get(n, "What is a list comprehension?"), max_tokens=24)
             split[n] = r.text
             assert r.tokens > 0 and r.expert == name
+        split["mixture"] = "".join(rt.mixture_stream({f"{n}-split": w for n, w in mix.items()}, PROMPTS["rust"],
+                                                     max_tokens=12, temperature=0))
         child = rt._loaded["split"].proc.pid
         assert all(rt.is_loaded(f"{n}-split") for n in ADAPTERS)  # hot-swapped on one split base, no reload
         assert rt.generate("python-split", PROMPTS["python"], max_tokens=8).tokens > 0
