@@ -112,6 +112,11 @@ def test_readers_keep_text_and_name_the_source(doc_tree):
     assert "GNU version of chmod." in desc and "according to mode, which" in desc and "-R, --recursive" in desc
     assert "\\f" not in desc and "comment" not in desc
 
+    (doc_tree / "man" / "man8").mkdir()
+    (doc_tree / "man" / "man8" / "apt-get.8").write_text('.TH APT\\-GET 8\n.SH NAME\napt-get \\- APT package '
+                                                         'handling utility\n')
+    assert D.read_man(doc_tree / "man" / "man8" / "apt-get.8", "man")[0].source == "man apt-get(8): Name"
+
     md = D.read_markdown(doc_tree / "notes" / "greenhouse.md", "notes")
     by = {s.source: "\n".join(s.paragraphs) for s in md}
     assert "rain water from the `butt`" in by["notes: Greenhouse handbook: Watering tomatoes"]

@@ -246,7 +246,8 @@ def read_man(path: Path, label: str) -> list[Section]:
                 continue
             if macro in ("TH", "Dt"):
                 if args:
-                    page = f"{args[0].lower() if args[0].isupper() else args[0]}({args[1] if len(args) > 1 else sect})"
+                    title = _roff_text(args[0])
+                    page = f"{title.lower() if title.isupper() else title}({args[1] if len(args) > 1 else sect})"
                     current = Section(f"{label} {page}", current.paragraphs)
                 continue
             if macro in ("SH", "SS", "Sh", "Ss"):
