@@ -184,6 +184,10 @@ class SplitBase:
     def rss(self) -> int:
         return self._call("rss")
 
+    def clear_kv(self) -> None:
+        """Drop the live KV cache in the child (the next answer reads its whole prompt), as LoadedBase.clear_kv."""
+        self._call("clear")
+
     def stream(self, op: str, target, prompt, kwargs: dict, cancel: threading.Event | None,
                done) -> Iterator[str]:
         """Run one answer in the child (op "stream" for an expert, "mixture" for weights over experts), yielding
@@ -303,6 +307,11 @@ def child(fd: int) -> int:
                 base = rt.load(cfg.base or cfg.name)
                 with base.lock:
                     conn.send(("ok", rt.prompt_tokens(base, cfg, prompt, raw, system_prompt, special)))
+            elif op == "clear":
+                for base in rt._loaded.values():
+                    with base.lock:
+                        base.clear_kv()
+                conn.send(("ok", None))
             elif op == "rss":
                 import psutil
 
