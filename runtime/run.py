@@ -99,6 +99,10 @@ def list_cli(args) -> int:
         return 0
     print(f"{'NAME':<16} {'TYPE':<7} {'BASE':<14} {'QUANT':<7} {'SIZE':>10} {'NEEDS':>10}")
     for r in rows:
+        if r.get("where", "here") != "here":  # an expert on another board: where, and whether it is up
+            state = "up" if r.get("up") else f"down: {r.get('reason')}" if r.get("up") is False else "not asked yet"
+            print(f"{r['name']:<16} {r['type']:<7} {'-':<14} on peer {r['where']} ({state})")
+            continue
         if r["error"]:
             print(f"{r['name']:<16} {r['type']:<7} {r['base'] or '-':<14} error: {r['error']}")
             continue

@@ -206,6 +206,8 @@ class Progress:
                 self._line(f"[Expert] {data['expert']} ({data['score']:.2f}): ")
             elif not v and not self.single and self.synthesis != "weighted":
                 self._line(f"[asking {data['expert']} ...]\n")
+        elif kind == "expert_error":  # a remote expert's board failed: the next expert answers
+            self._line(f"[{data['expert']} failed: {data.get('error', '')}]\n")
         elif kind == "expert_token" and (v or self.single):
             self.s.write(data.get("text", ""))
         elif kind == "expert_done" and v:

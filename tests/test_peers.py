@@ -555,3 +555,20 @@ def test_llama_server_as_an_openai_kind_peer(tmp_path, tiny_gguf):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_hublab_list_and_run_name_a_remote_expert_and_its_board(tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    expert_toml(models / "far.toml", "far", 'peer = "gone"\nmodel = "llama3.1:8b"\n')
+    config = tmp_path / "system.toml"
+    config.write_text(f'[runtime]\nmodels_dir = "{models}"\nprofile = "host"\n\n[[peer]]\nname = "gone"\n'
+                      f'url = "http://127.0.0.1:{free_port()}"\napi = "ollama"\n')
+    env = {**os.environ, "HUBLAB_CONFIG": str(config)}
+    out = subprocess.run([HUBLAB, "list"], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "far" in out.stdout and "on peer gone (down: peer gone at" in out.stdout
+    out = subprocess.run([HUBLAB, "run", "far", "hello"], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "gone" in out.stderr and "unreachable (connection refused)" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1

@@ -42,7 +42,7 @@ MAX_ANSWER = 8 << 20     # every byte of one streamed answer
 MAX_REDIRECTS = 3        # on the peer's own host; one off it is refused
 RECHECK_S = 5.0          # a peer's last word (probe or answer) is trusted this long
 REDISCOVER_S = 60.0      # a hublab peer's expert list is fetched again after this long
-MAX_EXAMPLES = 64        # examples taken per remote expert (each is embedded once by the router)
+MAX_EXAMPLES = 32        # examples taken per remote expert (each embedded once by the router; 20 route well)
 PROBES = {"hublab": "/health", "ollama": "/api/version", "openai": "/v1/models"}
 _SENT = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed", "stop")
 _OPENAI = ("max_tokens", "temperature", "top_p", "seed", "stop")
@@ -118,6 +118,18 @@ class _Watch:
         self._done.set()
 
 
+def _httpx():
+    """httpx, without its command-line module: httpx imports it when it can, and with it rich, pygments and click
+    (about 10 MB a board never uses); a None entry in sys.modules makes that import fail, which httpx expects."""
+    import sys
+
+    if "httpx" not in sys.modules:
+        sys.modules.setdefault("httpx._main", None)
+    import httpx
+
+    return httpx
+
+
 def _scrub(text: str, secret: str | None) -> str:
     """One line of a peer's text, clipped, with the token (should a peer echo it) replaced."""
     line = " ".join(str(text).split())
@@ -127,7 +139,7 @@ def _scrub(text: str, secret: str | None) -> str:
 
 
 def _transport_reason(exc: Exception) -> str:
-    import httpx
+    httpx = _httpx()
 
     if isinstance(exc, httpx.ConnectError):
         text = str(exc).lower()
@@ -329,21 +341,24 @@ class Peers:
     # -- HTTP -----------------------------------------------------------------------------------------------
 
     def _client(self, peer: _Peer):
-        import httpx
+        httpx = _httpx()
 
         if peer.client is None:
             token = self._token(peer)
             headers = {"Authorization": f"Bearer {token}"} if token else {}
-            # no proxies or .netrc from the environment: a peer is a board on this network, and its token goes to it
+            # no proxies or .netrc from the environment: a peer is a board on this network, and its token goes to it.
+            # Certificates are loaded for an https peer only (7.6 MB of CA store a plain-http front does not need; a
+            # redirect never changes the scheme, see _open).
+            https = peer.config.url.startswith("https:")
             peer.client = httpx.Client(base_url=peer.config.url, headers=headers, follow_redirects=False,
-                                       trust_env=False, limits=httpx.Limits(max_connections=16,
-                                                                            max_keepalive_connections=4))
+                                       trust_env=False, verify=https,
+                                       limits=httpx.Limits(max_connections=16, max_keepalive_connections=4))
         return peer.client
 
     def _open(self, peer: _Peer, method: str, path: str, body: Any, watch: _Watch, connect: float):
         """Send a request and return the open (streaming) response once it is 2xx; redirects are followed on the
         peer's own host only (the token never leaves it); an error status is a PeerError with the peer's message."""
-        import httpx
+        httpx = _httpx()
 
         client = self._client(peer)
         base = httpx.URL(peer.config.url)
@@ -416,7 +431,7 @@ class Peers:
 
     def _get_json(self, peer: _Peer, path: str, seconds: float) -> Any:
         """GET a JSON document, the whole exchange within `seconds`, at most MAX_JSON bytes."""
-        import httpx
+        httpx = _httpx()
 
         watch = _Watch(seconds, None)
         response = self._open(peer, "GET", path, None, watch, seconds)
@@ -471,7 +486,7 @@ class Peers:
     def _answer(self, gen: Generation, cfg: ModelConfig, prompt, raw: bool, logprobs: bool,
                 cancel: threading.Event | None, system_prompt: str | None, grammar: str | None, special: bool,
                 sampler: dict, explicit: set[str]) -> Iterator[str]:
-        import httpx
+        httpx = _httpx()
 
         peer = self._peers.get(cfg.peer)
         if peer is None:
