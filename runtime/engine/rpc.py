@@ -12,13 +12,13 @@ board. The process that holds a split base lives in split.py.
 from __future__ import annotations
 
 import ctypes
-import ipaddress
 import socket
 import struct
 from dataclasses import dataclass
 
 from ..config import parse_endpoint
 from ..errors import HublabError
+from ..inputs import is_loopback
 from .memory import GGUFInfo, MemoryEstimate, compute_bytes, kv_cache_bytes
 
 HELLO = 14           # RPC_CMD_HELLO, fixed across protocol versions
@@ -82,16 +82,6 @@ def check_worker(endpoint: str, ours: tuple[int, int, int], timeout: float = 5.0
 
 
 # -- binding a worker ----------------------------------------------------------------------------------------
-
-def is_loopback(host: str) -> bool:
-    """A loopback address (127.0.0.0/8, ::1) or localhost; a name that only resolves to one is not trusted."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
 
 def check_host(host: str, allow_remote: bool) -> None:
     """Refuse an address beyond loopback unless `allow_remote` (ggml-rpc has no authentication)."""

@@ -19,8 +19,9 @@ import socket
 import sys
 
 from ..engine.llamacpp import build_tools, require
-from ..engine.rpc import UNSAFE, check_host, is_loopback
+from ..engine.rpc import UNSAFE, check_host
 from ..errors import HublabError
+from ..inputs import is_loopback
 
 DEFAULT_PORT = 50052
 
