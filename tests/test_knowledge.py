@@ -56,6 +56,18 @@ def test_closest_pairs_go_before_the_question_as_earlier_turns(models):
         assert ctx.with_knowledge(rt.config("alpha"), "python model") == ("python model", 0)
 
 
+def test_knowledge_takes_at_most_half_the_context(models):
+    # the tiny base runs at 256 tokens: a 2,000-character answer (the closest pair) would leave no room
+    long = {"question": "python model", "response": "a very long python answer " * 80}
+    write_pack(models / "experts" / "alpha-knowledge.jsonl", [long] + PAIRS[1:] + [PAIRS[0]])
+    with Runtime(models_dir=models, profile="host", threads=1, keep_alive=-1) as rt:
+        assert rt.context_size(rt.config("alpha")) == 256
+        chat, n = ExpertContext(rt).with_knowledge(rt.config("alpha"), "python model")
+        shown = "".join(m["content"] for m in chat[:-1])
+        assert n >= 1 and "very long" not in shown and len(shown) <= 256 * 3 // 2
+        assert rt.generate("alpha", chat, max_tokens=4).tokens > 0
+
+
 def test_generation_reports_the_pairs_it_used(models):
     with Runtime(models_dir=models, profile="host", threads=1, keep_alive=-1) as rt:
         ctx = ExpertContext(rt)

@@ -17,6 +17,8 @@ from ..engine.runtime import Generation, GenerationResult, Runtime
 from .knowledge import DocPack, Library, citation, find_doc_packs, passage_turns, shots
 from .router import Router, default_router_dir
 
+CHARS_PER_TOKEN = 3  # for the knowledge budget: gemma's tokenizer gives English prose 3.5-4.5 characters a token
+
 
 class ExpertContext:
     """The router and the knowledge packs of one Runtime's experts."""
@@ -88,11 +90,28 @@ class ExpertContext:
         passages = sorted((hit for d in docs for hit in library.pack(d.path).nearest(query, d.passages,
                                                                                       d.min_similarity)),
                           key=lambda hit: -hit[0])[:max((d.passages for d in docs), default=0)]
+        pairs, passages = self._within(cfg, pairs, passages)
         if not pairs and not passages:
             return prompt, 0, []
         at = next(i for i, m in enumerate(messages) if m.get("role") != "system")
         chat = messages[:at] + shots(pairs) + passage_turns(passages) + messages[at:]
         return chat, len(pairs) + len(passages), [rec["source"] for _, rec in passages]
+
+    def _within(self, cfg: ModelConfig, pairs: list, passages: list) -> tuple[list, list]:
+        """The pairs and passages that fit half the expert's context, the closest kept first: the question and the
+        answer need the rest (a 512-token Zero context and one long man-page passage would leave no room). Text is
+        counted at CHARS_PER_TOKEN, fewer characters than gemma's tokenizer gives English a token, so it errs short."""
+        room = self.rt.context_size(cfg) * CHARS_PER_TOKEN // 2
+        kept: set[int] = set()
+        for score, kind, i, size in sorted([(s, 0, i, len(r["question"]) + len(r["response"]))
+                                            for i, (s, r) in enumerate(pairs)]
+                                           + [(s, 1, i, len(r["source"]) + len(r["passage"]))
+                                              for i, (s, r) in enumerate(passages)], key=lambda x: -x[0]):
+            if size <= room:
+                room -= size
+                kept.add((kind, i))
+        return ([hit for i, hit in enumerate(pairs) if (0, i) in kept],
+                [hit for i, hit in enumerate(passages) if (1, i) in kept])
 
     def stream(self, name: str, prompt: str | list[dict], *, raw: bool = False, query_embedding=None,
                **kwargs) -> Generation:
@@ -111,7 +130,6 @@ class ExpertContext:
         for _ in gen:
             pass
         return gen.result
-
 
 
 def _cited(gen: Generation, sources: list[str]) -> Generation:
