@@ -501,22 +501,13 @@ class Device:
                 hublab={"routing": r["routing"], "synthesis": r["synthesis"], "selected": r["selected"],
                         "chosen": r["chosen"], **({"note": r["note"]} if r.get("note") else {})})
         cfg = self.config_of(model)
-        if cfg.peer:  # another board answers; pieces come as it sends them
-            if num_ctx is not None:
-                raise HublabError(f"num_ctx: {model} runs on peer {cfg.peer}, whose context is set there; leave "
-                                  "num_ctx out")
-            gen = self.context.stream(model, prompt, raw=raw, cancel=cancel, system_prompt=system, special=special,
-                                      grammar=grammar, logprobs=token_prob, **sampler)
-            for piece in gen:
-                if on_piece is not None:
-                    on_piece(piece)
-            r = gen.result
-            return Completion(model=model, text=r.text, prompt_tokens=r.prompt_tokens, tokens=r.tokens,
-                              finish_reason=r.finish_reason, prompt_s=r.ttft_s, seconds=time.perf_counter() - t0,
-                              hublab={"ttft_s": r.ttft_s, "tokens_per_s": r.tokens_per_s, "peer": cfg.peer,
-                                      **({"mean_token_prob": r.mean_token_prob} if token_prob else {})})
-        with self.rt.hold(model) as base:  # loads it (timed) and keeps it for the answer (llama.cpp re-enters)
-            load_s = time.perf_counter() - t0
+        if cfg.peer and num_ctx is not None:
+            raise HublabError(f"num_ctx: {model} runs on peer {cfg.peer}, whose context is set there; leave "
+                              "num_ctx out")
+        # a local expert's base is loaded (timed) and kept for the answer (llama.cpp re-enters); a remote one's board
+        # answers, its pieces coming as it sends them
+        with contextlib.nullcontext() if cfg.peer else self.rt.hold(model) as base:
+            load_s = 0.0 if cfg.peer else time.perf_counter() - t0
             if num_ctx is not None:
                 if num_ctx > base.n_ctx:
                     raise HublabError(f"num_ctx {num_ctx} is over {model}'s context of {base.n_ctx} tokens; lower it "
@@ -534,10 +525,11 @@ class Device:
                 if on_piece is not None:
                     on_piece(piece)
         r = gen.result
+        where = {"peer": cfg.peer} if cfg.peer else {"threads": r.threads}
         return Completion(model=model, text=r.text, prompt_tokens=r.prompt_tokens, tokens=r.tokens,
                           finish_reason=r.finish_reason, load_s=load_s, prompt_s=r.ttft_s,
                           seconds=time.perf_counter() - t0, cached_tokens=r.cached_tokens,
-                          hublab={"ttft_s": r.ttft_s, "tokens_per_s": r.tokens_per_s, "threads": r.threads,
+                          hublab={"ttft_s": r.ttft_s, "tokens_per_s": r.tokens_per_s, **where,
                                   **({"mean_token_prob": r.mean_token_prob} if token_prob else {})})
 
     # -- keep-alive per request (Ollama's keep_alive) -------------------------------------------------------
