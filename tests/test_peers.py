@@ -238,6 +238,7 @@ class Misbehaving(BaseHTTPRequestHandler):
     Authorization headers it is sent."""
     mode = "drip"
     seen_auth: list = []
+    spans: list = []  # slow: (start, end) of each answer, monotonic seconds
 
     def log_message(self, *args) -> None:
         pass
@@ -267,6 +268,20 @@ class Misbehaving(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+        elif mode == "slow" and self.command == "POST":  # a finite answer, one word every 0.25 s
+            start = time.monotonic()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            for n in range(6):
+                chunk = {"choices": [{"index": 0, "delta": {"content": f" w{n}"},
+                                      "finish_reason": "stop" if n == 5 else None}]}
+                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                self.wfile.flush()
+                time.sleep(0.25)
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+            self.spans.append((start, time.monotonic()))
         elif self.command == "GET":  # drip: a well-behaved model list, then a never-ending answer
             body = json.dumps({"object": "list", "data": [{"id": "drip"}]}).encode()
             self.send_response(200)
@@ -295,7 +310,7 @@ def misbehaving():
     servers = []
 
     def start(mode: str) -> str:
-        handler = type(f"Mode_{mode}", (Misbehaving,), {"mode": mode, "seen_auth": []})
+        handler = type(f"Mode_{mode}", (Misbehaving,), {"mode": mode, "seen_auth": [], "spans": []})
         srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         srv.daemon_threads = True
         threading.Thread(target=srv.serve_forever, daemon=True).start()
@@ -444,6 +459,26 @@ def test_broken_peers_are_refused_with_clear_messages_and_skipped(tmp_path, tiny
         for text in said + [front.log]:
             assert WRONG_TOKEN not in text and PEER_TOKEN not in text
         assert httpx.get(front.url + "/health").json()["status"] == "ok"
+    finally:
+        front.stop()
+
+
+def test_remote_experts_on_two_boards_answer_at_once(tmp_path, tiny_gguf, misbehaving):
+    # each board answers in about 1.5 s; asked in turn they would take twice that
+    one, one_handler = misbehaving("slow")
+    two, two_handler = misbehaving("slow")
+    config = front_system(tmp_path, tiny_gguf, [{"name": "one", "url": one}, {"name": "two", "url": two}], experts={
+        "first": f'peer = "one"\nmodel = "slow"\nexamples = {json.dumps(PY_EXAMPLES)}\n',
+        "second": f'peer = "two"\nmodel = "slow"\nexamples = {json.dumps(BAKE_EXAMPLES)}\n'})
+    front = Serve(config)
+    try:
+        _, whole = chat(front.url, "moe", PY_QUESTION, stream=False, max_tokens=4,
+                        hublab={"routing": "all", "synthesis": "concatenate"})
+        text = whole["choices"][0]["message"]["content"]
+        for name in ("first", "second"):
+            assert f"### {name} (score" in text and "w0 w1 w2 w3 w4 w5" in text.split(f"### {name}")[1], text
+        (start1, end1), (start2, end2) = one_handler.spans[0], two_handler.spans[0]
+        assert max(start1, start2) < min(end1, end2), (one_handler.spans, two_handler.spans)  # they overlapped
     finally:
         front.stop()
 

@@ -16,6 +16,7 @@ any expert's keyword is found, else the fallback expert scores 1 (and the result
 """
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ import numpy as np
 
 from ..config import SYSTEM_SCHEMA, parse_routing
 from ..engine.peers import PeerError
-from ..engine.runtime import GenerationResult, Runtime
+from ..engine.runtime import Generation, GenerationResult, Runtime
 from ..errors import HublabError
 from ..inputs import quote
 from .context import ExpertContext
@@ -114,6 +115,38 @@ def summarize_prompt(query: str, answers: list[ExpertAnswer]) -> str:
     lines += ["", "Write one correct, concise answer to the question, combining what the answers get right "
                   "and dropping what they get wrong."]
     return "\n".join(lines)
+
+
+class _Ahead:
+    """A remote expert's answer started before its turn: a thread reads it as its board sends it, and iterating
+    gives the pieces kept so far, then the rest as they come (an error is raised where it is read)."""
+
+    def __init__(self, start: Callable[[], Generation]):
+        self.gen = None
+        self._queue: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, args=(start,), name="hublab-remote-ahead", daemon=True).start()
+
+    def _read(self, start: Callable[[], Generation]) -> None:
+        try:
+            self.gen = start()
+            for piece in self.gen:
+                self._queue.put(("piece", piece))
+            self._queue.put(("end", None))
+        except Exception as exc:  # noqa: BLE001 - a PeerError (or anything else) belongs to whoever reads it
+            self._queue.put(("error", exc))
+
+    def __iter__(self):
+        while True:
+            kind, value = self._queue.get()  # the peer's deadline bounds the wait (engine/peers.py)
+            if kind == "error":
+                raise value
+            if kind == "end":
+                return
+            yield value
+
+    @property
+    def result(self):
+        return self.gen.result
 
 
 class MoE:
@@ -261,17 +294,23 @@ class MoE:
         answers: list[ExpertAnswer] = []
         tried: set[str] = set()
         choices = list(selection.choices)
+
+        def start(name: str):
+            # a remote expert's token probabilities are asked for only where there is an answer to weigh it against
+            asks = logprobs and (len(selection.choices) > 1 or not self.rt.experts[name].peer)
+            return self.context.stream(name, query, logprobs=asks, query_embedding=selection.embedding, **opts)
+
+        # the remote experts after the first start now, on their own boards, while the ones before them answer: a
+        # question to two boards takes the longer answer, not the sum; their words are shown in turn all the same
+        ahead = {c.name: _Ahead(lambda name=c.name: start(name)) for c in choices[1:] if self.rt.experts[c.name].peer}
         while choices:
             choice = choices.pop(0)
             if opts.get("cancel") is not None and opts["cancel"].is_set():
                 break
             tried.add(choice.name)
             emit("expert_start", {"expert": choice.name, "score": choice.score})
-            # a remote expert's token probabilities are asked for only where there is an answer to weigh it against
-            asks = logprobs and (len(selection.choices) > 1 or not self.rt.experts[choice.name].peer)
             try:
-                gen = self.context.stream(choice.name, query, logprobs=asks, query_embedding=selection.embedding,
-                                          **opts)
+                gen = ahead.pop(choice.name, None) or start(choice.name)
                 for piece in gen:
                     emit("expert_token", {"expert": choice.name, "text": piece})
             except PeerError as exc:
@@ -287,7 +326,6 @@ class MoE:
         return answers
 
     # -- synthesis strategies -----------------------------------------------------------------------------
-
 
     def _finish(self, result: MoEResult, emit: Event, answer: str) -> None:
         result.answer = answer
