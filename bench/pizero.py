@@ -1,7 +1,7 @@
 """A Raspberry Pi Zero 2W simulated here: the whole demo set (router, five experts, knowledge packs) answering
 inside a 512 MB memory cgroup on one core, with the pi-zero-2w profile; prints one JSON document.
 
-Every question goes through `?` (the MoE: route, knowledge pairs, expert), one per domain, then each expert
+Every question goes through `?` (the Ensemble: route, knowledge pairs, expert), one per domain, then each expert
 is asked directly. Reported: peak memory of the cgroup (the kernel's high-water mark, page cache of the model
 file included: the caches are dropped first), the process's peak RSS, how often it hit the limit, decode
 tokens/s, whether anything was refused or killed. Needs root and cgroup v1 or v2 (as on this

@@ -21,7 +21,7 @@ Systems, in one run on the same machine and thread count:
   question would begin, as an expert stops at the end of its turn;
 - no-knowledge: the `?` path with every expert's knowledge_shots set to 0;
 - retrieval: no model: the answer of the nearest knowledge-pack pair of the question's own expert, verbatim;
-- default: the `?` path (MoE.ask with the configured routing and synthesis), at most --max-tokens;
+- default: the `?` path (Ensemble.ask with the configured routing and synthesis), at most --max-tokens;
 - expert: the question's own expert alone (general for `other`).
 Prints one JSON document, then the markdown table (stderr); --readme fills `<!-- quality:SET -->` (the table)
 and `<!-- quality:SET:summary -->` (one line) in each file given, with the commit and date.
@@ -120,10 +120,10 @@ def own_expert(rt, domain: str) -> str:
 def answer_all(rt, rows: list[dict], system: str, max_tokens: int) -> list[dict]:
     from hublab.runtime.routing.context import ExpertContext
     from hublab.runtime.routing.knowledge import Library
-    from hublab.runtime.routing.moe import MoE
+    from hublab.runtime.routing.ensemble import Ensemble
 
     context = ExpertContext(rt)
-    moe = MoE(rt, context=context) if system in ROUTED else None
+    ensemble = Ensemble(rt, context=context) if system in ROUTED else None
     router = context.router
     library = Library(router.embed, router.encoder_id) if system == "retrieval" else None
     shots = {name: cfg.knowledge_shots for name, cfg in rt.experts.items()}
@@ -136,8 +136,8 @@ def answer_all(rt, rows: list[dict], system: str, max_tokens: int) -> list[dict]
             own = own_expert(rt, row["domain"])
             t0 = time.perf_counter()
             extra: dict = {}
-            if moe is not None:
-                res = moe.ask(row["question"], max_tokens=max_tokens)
+            if ensemble is not None:
+                res = ensemble.ask(row["question"], max_tokens=max_tokens)
                 text = res.answer
                 chosen = res.chosen or (res.answers[0].expert if res.answers else None)
                 extra = {"experts": [a.expert for a in res.answers], "chosen": chosen, "routed": chosen == own}

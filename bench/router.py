@@ -136,22 +136,22 @@ def bench_synthesis(args: argparse.Namespace) -> dict | None:
     if args.synthesis_tokens <= 0:
         return None
     from hublab.runtime.engine.runtime import Runtime
-    from hublab.runtime.routing.moe import MoE, SYNTHESES
+    from hublab.runtime.routing.ensemble import Ensemble, SYNTHESES
 
     rt = Runtime(profile="host", threads=args.llm_threads, keep_alive=-1)
-    moe = MoE(rt)
+    ensemble = Ensemble(rt)
     n = args.synthesis_tokens
     with rt:
-        top = moe.route(SYNTH_QUESTION, "single").names[0]
-        moe.context.generate(top, SYNTH_QUESTION, max_tokens=4, temperature=0.0)  # load and warm
+        top = ensemble.route(SYNTH_QUESTION, "single").names[0]
+        ensemble.context.generate(top, SYNTH_QUESTION, max_tokens=4, temperature=0.0)  # load and warm
         t0 = time.perf_counter()
-        single = moe.context.generate(top, SYNTH_QUESTION, max_tokens=n, temperature=0.0)
+        single = ensemble.context.generate(top, SYNTH_QUESTION, max_tokens=n, temperature=0.0)
         t_single = time.perf_counter() - t0
         out = {"question": SYNTH_QUESTION, "routing": "topk:2", "max_tokens": n, "single_expert": top,
                "single_s": round(t_single, 3), "single_tokens": single.tokens, "strategies": {}}
         for name in SYNTHESES:
             t0 = time.perf_counter()
-            r = moe.ask(SYNTH_QUESTION, routing="topk:2", synthesis=name, max_tokens=n, temperature=0.0)
+            r = ensemble.ask(SYNTH_QUESTION, routing="topk:2", synthesis=name, max_tokens=n, temperature=0.0)
             elapsed = time.perf_counter() - t0
             tokens = sum(a.result.tokens for a in r.answers if a.result)
             out["strategies"][name] = {"seconds": round(elapsed, 3), "ratio_to_single": round(elapsed / t_single, 2),

@@ -44,7 +44,7 @@ def run_cli(args) -> int:
     from .engine.runtime import Runtime
     from .errors import HublabError
     from .routing.context import ExpertContext
-    from .routing.moe import MoE
+    from .routing.ensemble import Ensemble
 
     from .serve.device import MoeStream, check_moe_args, check_query, unknown_model_message
 
@@ -58,10 +58,10 @@ def run_cli(args) -> int:
         raise HublabError(unknown_model_message(args.name, list(rt.models), rt.catalog.errors))
     with rt:
         if args.name == "moe":
-            moe = MoE(rt)
+            ensemble = Ensemble(rt)
             show = MoeStream(None if args.json else lambda text: print(text, end="", flush=True),
-                             args.synthesis or moe.synthesis, constrained=shape is not None)  # words as written
-            result = moe.ask(prompt, routing=args.routing, synthesis=args.synthesis, on_event=show,
+                             args.synthesis or ensemble.synthesis, constrained=shape is not None)  # words as written
+            result = ensemble.ask(prompt, routing=args.routing, synthesis=args.synthesis, on_event=show,
                              max_tokens=args.max_tokens, temperature=args.temperature, constraint=shape)
             doc = result.to_dict()
             show.finish(doc)

@@ -172,7 +172,7 @@ class RemoteClient:
     def ask(self, query: str, routing: str | None = None, synthesis: str | None = None,
             on_event: Callable[[str, dict], None] | None = None, cancel: threading.Event | None = None,
             max_tokens: int | None = None, format: Any = None) -> dict:
-        """Stream the agent's MoE events; setting `cancel` closes the stream, which stops the agent too."""
+        """Stream the agent's Ensemble events; setting `cancel` closes the stream, which stops the agent too."""
         import httpx
 
         body = {"query": query, "routing": routing, "synthesis": synthesis, "max_tokens": max_tokens, "stream": True,

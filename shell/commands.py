@@ -167,7 +167,7 @@ def cmd_moe(s: Session, words: list[str], rest: str) -> Result:
 
 
 class Progress:
-    """Prints MoE events. `moe query` shows every step; `?` shows the experts and then the answer, streaming
+    """Prints Ensemble events. `moe query` shows every step; `?` shows the experts and then the answer, streaming
     the expert's own words when a single expert answers. An answer that is one of the answers already on
     screen (best, voting, concatenate) is named, not printed twice."""
 

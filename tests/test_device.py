@@ -159,7 +159,7 @@ def test_ai_config_runtime_moe_and_registry_apply_now(device, tmp_path):
     assert [s["name"] for s in device.route(both)["selected"]] == ["alpha", "beta"]
     assert device.config("sure", "0.3")["applies"] == "now"  # alpha's 0.5 is sure enough now
     assert [s["name"] for s in device.route(both)["selected"]] == ["alpha"]
-    assert device.config("fallback", "gamma")["applies"] == "now"  # the MoE and router are made anew
+    assert device.config("fallback", "gamma")["applies"] == "now"  # the Ensemble and router are made anew
     assert [s["name"] for s in device.route("nothing matches this")["selected"]] == ["gamma"]
     assert device.config("routing", "all")["applies"] == "now" and len(device.route(both)["selected"]) == 5
     assert device.config("aggregator", "beta")["applies"] == "now" and device.settings()["aggregator"] == "beta"

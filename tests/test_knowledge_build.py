@@ -246,7 +246,7 @@ def test_the_closest_passage_is_shown_and_the_answer_cites_it(runtime):
 
 
 def test_the_routed_answer_cites_the_passage(runtime):
-    from hublab.runtime.routing.moe import MoE
+    from hublab.runtime.routing.ensemble import Ensemble
 
-    res = MoE(runtime).ask("How do I join path segments together in python with os.path?", routing="single")
+    res = Ensemble(runtime).ask("How do I join path segments together in python with os.path?", routing="single")
     assert res.chosen == "python" and res.answer.endswith("[html: os.path.join]")

@@ -1,4 +1,4 @@
-"""The device API in-process: what a hublab device offers, over one `Runtime` and its `MoE`.
+"""The device API in-process: what a hublab device offers, over one `Runtime` and its `Ensemble`.
 
 The `hublab>` shell calls a `Device` directly; the agent (runtime/serve/agent.py) serves the same methods over
 HTTP, and `hublab shell --remote URL` talks to that agent through `shell/client.py`, so the commands
@@ -43,7 +43,7 @@ class UnknownModel(HublabError):
 
 @dataclass
 class Completion:
-    """One answer of an expert or the MoE, with what the OpenAI and Ollama APIs report about it."""
+    """One answer of an expert or the Ensemble, with what the OpenAI and Ollama APIs report about it."""
     model: str
     text: str = ""
     prompt_tokens: int = 0
@@ -169,12 +169,12 @@ class Device:
 
     local = True  # the shell's pkg runs here, on the device itself
 
-    def __init__(self, runtime, moe=None):
+    def __init__(self, runtime, ensemble=None):
         self.rt = runtime
-        self._moe = moe
-        self._moe_lock = threading.Lock()
-        # the router and knowledge packs every expert answer goes through, shared with the MoE
-        self.context = moe.context if moe is not None else ExpertContext(runtime)
+        self._ensemble = ensemble
+        self._ensemble_lock = threading.Lock()
+        # the router and knowledge packs every expert answer goes through, shared with the Ensemble
+        self.context = ensemble.context if ensemble is not None else ExpertContext(runtime)
         self._bench_runs = 0
         self._keep: dict[str, float] = {}  # base -> keep_alive a request asked for (Ollama's keep_alive)
 
@@ -185,14 +185,15 @@ class Device:
         return cls(Runtime.from_config(Path(config) if config else None, profile=profile))
 
     @property
-    def moe(self):
-        """The MoE, made on first use, so a broken [moe] setting does not stop `ai list`."""
-        with self._moe_lock:
-            if self._moe is None:
-                from ..routing.moe import MoE
+    def ensemble(self):
+        """The Ensemble (what the model `moe` runs), made on first use, so a broken [moe] setting does not stop
+        `ai list`."""
+        with self._ensemble_lock:
+            if self._ensemble is None:
+                from ..routing.ensemble import Ensemble
 
-                self._moe = MoE(self.rt, context=self.context)
-            return self._moe
+                self._ensemble = Ensemble(self.rt, context=self.context)
+            return self._ensemble
 
     def close(self) -> None:
         self.rt.close()
@@ -257,13 +258,13 @@ class Device:
     def rescan(self) -> dict:
         """Re-read the models dir (after a package install) and reopen the router on next use."""
         catalog = self.rt.rescan()
-        with self._moe_lock:
-            if self._moe is not None:
-                routing, synthesis = self._moe.routing, self._moe.synthesis
-                from ..routing.moe import MoE
+        with self._ensemble_lock:
+            if self._ensemble is not None:
+                routing, synthesis = self._ensemble.routing, self._ensemble.synthesis
+                from ..routing.ensemble import Ensemble
 
-                self._moe = MoE(self.rt, context=self.context)
-                self._moe.set(routing=routing, synthesis=synthesis)
+                self._ensemble = Ensemble(self.rt, context=self.context)
+                self._ensemble.set(routing=routing, synthesis=synthesis)
         return {"models": sorted(catalog.models), "errors": list(catalog.errors)}
 
     def info(self, name: str | None = None) -> dict:
@@ -346,7 +347,7 @@ class Device:
                 raise HublabError(f"models_dir: {quote(str(where))} is not a directory; create it first "
                                   "(nothing was saved)")
         if section == "moe" and key in ("routing", "synthesis"):
-            self.moe.set(**{key: value})  # validates before anything is written
+            self.ensemble.set(**{key: value})  # validates before anything is written
         set_system_value(path, section, key, value)
         self._apply_system(section, key, load_system(path))
         return {"key": key, "value": value, "section": section, "saved_to": str(path),
@@ -377,7 +378,7 @@ class Device:
             rt.profile = active_profile(system.profile)
             rt.set_threads(rt.threads if rt.fixed_threads else 0)  # 0: the new profile's count
         elif key in ("fallback", "router", "keyword_weight"):
-            self.rescan()  # the router is opened with these, and the MoE takes its fallback when made
+            self.rescan()  # the router is opened with these, and the Ensemble takes its fallback when made
 
     def _config_model(self, name: str, key: str, value: Any) -> dict:
         cfg = self.config_of(name)
@@ -408,7 +409,7 @@ class Device:
     def settings(self, routing: str | None = None, synthesis: str | None = None, save: bool = True) -> dict:
         """Show routing and synthesis; with values, set them (validated) and save them to system.toml."""
         check_moe_args(routing, synthesis)
-        moe = self.moe
+        moe = self.ensemble
         if routing or synthesis:
             moe.set(routing=routing, synthesis=synthesis)
             path = self.rt.system.path
@@ -428,7 +429,7 @@ class Device:
     def route(self, query: str, routing: str | None = None) -> dict:
         check_query(query)
         check_moe_args(routing, None)
-        decision = self.moe.route(query, routing).to_dict()
+        decision = self.ensemble.route(query, routing).to_dict()
         experts = self.rt.experts
         decision["where"] = {s["expert"]: self.rt.peers.where(experts[s["expert"]])
                              for s in decision["scores"] if s["expert"] in experts}
@@ -438,9 +439,9 @@ class Device:
         """Bases an `ask` will generate on: its selected experts', and the aggregator's for summarize."""
         check_query(query)
         check_moe_args(routing, synthesis)
-        names = list(self.moe.route(query, routing).names)
-        if (synthesis or self.moe.synthesis) == "summarize":
-            names.append(self.rt.system.aggregator or self.moe.fallback)
+        names = list(self.ensemble.route(query, routing).names)
+        if (synthesis or self.ensemble.synthesis) == "summarize":
+            names.append(self.rt.system.aggregator or self.ensemble.fallback)
         return sorted({self.base_of(n) for n in names if n in self.rt.models})
 
     def ask(self, query: str, routing: str | None = None, synthesis: str | None = None,
@@ -456,7 +457,7 @@ class Device:
             from ..engine.structured import from_format
 
             constraint = from_format(format)
-        return self.moe.ask(query, routing=routing, synthesis=synthesis, on_event=on_event, cancel=cancel,
+        return self.ensemble.ask(query, routing=routing, synthesis=synthesis, on_event=on_event, cancel=cancel,
                             max_tokens=max_tokens, temperature=temperature, constraint=constraint, prompt=prompt,
                             **sampler).to_dict()
 
@@ -471,8 +472,8 @@ class Device:
                  on_piece: Callable[[str], None] | None = None, cancel: threading.Event | None = None,
                  routing: str | None = None, synthesis: str | None = None, num_ctx: int | None = None,
                  special: bool = True, constraint=None, token_prob: bool = False, **sampler: Any) -> Completion:
-        """An answer from expert `model`, or from the MoE for "moe": `prompt` is a user message or a list of
-        chat messages (the MoE routes the last user message), or raw text to continue with raw=True. Pieces
+        """An answer from expert `model`, or from the Ensemble for "moe": `prompt` is a user message or a list of
+        chat messages (the Ensemble routes the last user message), or raw text to continue with raw=True. Pieces
         go to `on_piece` as they come. `sampler` takes Runtime.stream's keywords (max_tokens, temperature,
         top_p, top_k, min_p, repeat_penalty, seed, stop); `num_ctx` caps prompt + answer in tokens; special=False
         tokenizes special tokens in a raw prompt as plain text. `constraint` (runtime/engine/structured.py) holds the
@@ -486,7 +487,7 @@ class Device:
             prompt = with_tools(prompt, [t.to_dict() for t in constraint.tools])
         grammar = constraint.grammar if constraint is not None else None
         if model == MOE:
-            relay = MoeStream(on_piece, synthesis or self.moe.synthesis, constrained=constraint is not None)
+            relay = MoeStream(on_piece, synthesis or self.ensemble.synthesis, constrained=constraint is not None)
             r = self.ask(moe_query(prompt), routing=routing, synthesis=synthesis, on_event=relay, cancel=cancel,
                          constraint=constraint, prompt=prompt if constraint is not None and constraint.tools else None,
                          **sampler)
@@ -582,7 +583,7 @@ class Device:
 
     def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         """Sentence embeddings of `texts` from the router's encoder (L2-normalised) and the tokens read."""
-        router = self.moe.router
+        router = self.ensemble.router
         if router is None:
             raise HublabError(f"no router at {self.router_dir()}: embeddings come from the router's encoder; "
                               "install a router package or set [moe] router")
@@ -730,11 +731,11 @@ def check_query(query: Any) -> None:
 
 
 def check_moe_args(routing: Any, synthesis: Any) -> None:
-    """routing and synthesis for one question (None = the configured one), checked before the MoE sees
+    """routing and synthesis for one question (None = the configured one), checked before the Ensemble sees
     them, so a list, a number or a 10 MB string is a one-line error that quotes a few characters."""
     from ..config import parse_routing
 
-    if routing not in (None, ""):  # empty: the configured one, as the MoE reads it
+    if routing not in (None, ""):  # empty: the configured one, as the Ensemble reads it
         try:
             parse_routing(routing)
         except ValueError as exc:
@@ -746,7 +747,7 @@ def check_moe_args(routing: Any, synthesis: Any) -> None:
 
 
 def moe_query(prompt: str | list[dict]) -> str:
-    """The question the MoE routes: the prompt, or the last user message of a chat."""
+    """The question the Ensemble routes: the prompt, or the last user message of a chat."""
     if isinstance(prompt, str):
         return prompt
     users = [m.get("content") or "" for m in prompt if m.get("role") == "user"]

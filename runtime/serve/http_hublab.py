@@ -8,8 +8,8 @@ plus /health and /metrics. JSON in and out, errors in OpenAI's shape; /hublab/as
                                     examples (runtime/engine/peers.py reads it)
     POST /hublab/load, /unload      {"name": ...}
     POST /hublab/route              {"query": ..., "routing": optional} -> every score and the selection
-    POST /hublab/ask                {"query": ..., "stream": true, "format": "json" or a schema} -> SSE of the MoE's
-                                    progress events
+    POST /hublab/ask                {"query": ..., "stream": true, "format": "json" or a schema} -> SSE of the
+                                    ensemble's progress events
     GET|POST /hublab/settings       routing and synthesis (POST sets and saves them to system.toml)
     GET  /hublab/info?name=   GET /hublab/stats   POST /hublab/config   POST /hublab/benchmark
 """

@@ -8,7 +8,7 @@ from ggufs import write_model_toml
 from hublab.runtime.config import EMBEDDED_MODELS_DIR, load_system
 from hublab.runtime.engine.runtime import Runtime
 from hublab.runtime.errors import HublabError
-from hublab.runtime.routing.moe import MoE, cosine_matrix, summarize_prompt, vote
+from hublab.runtime.routing.ensemble import Ensemble, cosine_matrix, summarize_prompt, vote
 
 ROUTER_DIR = EMBEDDED_MODELS_DIR / "router"
 
@@ -35,7 +35,7 @@ def make(models, routing="topk:2", synthesis="best", router=False, **system):
     path = models.parent / "system.toml"
     path.write_text("\n".join(lines) + "\n")
     rt = Runtime(system=load_system(path))
-    return rt, MoE(rt)
+    return rt, Ensemble(rt)
 
 
 def test_keyword_routing_without_router_and_fallback(moe_dir):
@@ -174,7 +174,7 @@ def test_missing_fallback_is_a_clear_error(moe_dir):
 def test_best_never_picks_a_degenerate_answer(moe_dir):
     """A loop is the most probable text a small model writes: confidence must not reward it."""
     from hublab.runtime.engine.runtime import GenerationResult
-    from hublab.runtime.routing.moe import ExpertAnswer, MoEResult
+    from hublab.runtime.routing.ensemble import ExpertAnswer, EnsembleResult
 
     rt, moe = make(moe_dir)
     with rt:
@@ -183,7 +183,7 @@ def test_best_never_picks_a_degenerate_answer(moe_dir):
                             result=GenerationResult("python", "", mean_token_prob=0.99))
         good = ExpertAnswer("rust", 0.4, "Run cargo new to start a project.",
                             result=GenerationResult("rust", "", mean_token_prob=0.3))
-        result = MoEResult("q", "", sel.routing, "best", sel, answers=[loop, good])
+        result = EnsembleResult("q", "", sel.routing, "best", sel, answers=[loop, good])
         moe._best(result, lambda kind, data: None, {})
         assert result.chosen == "rust" and result.answer == good.text
         assert loop.confidence == 0.0 and good.confidence == pytest.approx(0.4 * 0.3)

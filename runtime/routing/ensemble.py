@@ -1,4 +1,6 @@
-"""Route a question to experts and synthesise their answers into one. Each strategy does what its name says:
+"""The ensemble: route a question to experts and synthesise their answers into one; what the model `moe`, `?question`
+and `moe query` run (the trainer's MoE models, experts inside one network, are another thing: trainer/moe.py).
+Each strategy does what its name says:
 
 - best: every selected expert answers; confidence = router score x the answer's mean token probability
   (from llama.cpp's logits), and 0 for a degenerate answer (hublab.runtime.routing.quality: a loop is the most
@@ -52,7 +54,7 @@ class ExpertAnswer:
 
 
 @dataclass
-class MoEResult:
+class EnsembleResult:
     query: str
     answer: str
     routing: str
@@ -149,7 +151,7 @@ class _Ahead:
         return self.gen.result
 
 
-class MoE:
+class Ensemble:
     """Routing + experts + synthesis over one Runtime: what `?question`, `moe query` and model=moe run."""
 
     def __init__(self, runtime: Runtime, router: Router | None = None, context: ExpertContext | None = None):
@@ -227,7 +229,7 @@ class MoE:
     def ask(self, query: str, routing: str | None = None, synthesis: str | None = None,
             on_event: Event | None = None, cancel: threading.Event | None = None,
             max_tokens: int | None = None, temperature: float | None = None, constraint=None,
-            prompt: str | list[dict] | None = None, **sampler) -> MoEResult:
+            prompt: str | list[dict] | None = None, **sampler) -> EnsembleResult:
         """Route, run the selected experts, synthesise one answer. `on_event(kind, data)` reports progress.
         `prompt` is what the experts answer (default: the query); `sampler` takes Runtime.stream's other sampler
         keywords (top_p, top_k, min_p, repeat_penalty, seed, stop). With `constraint` (runtime/engine/structured.py)
@@ -248,7 +250,7 @@ class MoE:
         if asked != synthesis:
             notes.append(f"{asked} would {'join' if asked == 'concatenate' else 'blend'} documents of the asked "
                          f"format: {synthesis} picked one")
-        result = MoEResult(query=query, answer="", routing=selection.routing, synthesis=synthesis,
+        result = EnsembleResult(query=query, answer="", routing=selection.routing, synthesis=synthesis,
                            selection=selection, note="; ".join(n for n in notes if n))
         result.constraint = constraint
         gen_opts = {"max_tokens": max_tokens, "temperature": temperature, "cancel": cancel, **sampler,
@@ -327,11 +329,11 @@ class MoE:
 
     # -- synthesis strategies -----------------------------------------------------------------------------
 
-    def _finish(self, result: MoEResult, emit: Event, answer: str) -> None:
+    def _finish(self, result: EnsembleResult, emit: Event, answer: str) -> None:
         result.answer = answer
         emit("answer_token", {"text": answer})
 
-    def _best(self, result: MoEResult, emit: Event, opts: dict) -> None:
+    def _best(self, result: EnsembleResult, emit: Event, opts: dict) -> None:
         # a server that sends no token probabilities (Ollama) is taken to be as sure as the others were on average
         known = [a.result.mean_token_prob for a in result.answers if a.result.mean_token_prob is not None]
         usual = sum(known) / len(known) if known else 1.0
@@ -347,7 +349,7 @@ class MoE:
         result.chosen = win.expert
         self._finish(result, emit, win.text)
 
-    def _voting(self, result: MoEResult, emit: Event, opts: dict) -> None:
+    def _voting(self, result: EnsembleResult, emit: Event, opts: dict) -> None:
         answers = result.answers
         if not answers:
             return self._finish(result, emit, "")
@@ -365,12 +367,12 @@ class MoE:
         result.chosen = win.expert
         self._finish(result, emit, win.text)
 
-    def _concatenate(self, result: MoEResult, emit: Event, opts: dict) -> None:
+    def _concatenate(self, result: EnsembleResult, emit: Event, opts: dict) -> None:
         ordered = sorted(result.answers, key=lambda a: (-a.score, a.expert))
         text = "\n\n".join(f"### {a.expert} (score {a.score:.2f})\n{a.text}" for a in ordered)
         self._finish(result, emit, text)
 
-    def _summarize(self, result: MoEResult, emit: Event, opts: dict) -> None:
+    def _summarize(self, result: EnsembleResult, emit: Event, opts: dict) -> None:
         aggregator = self.rt.system.aggregator or self.fallback
         if aggregator not in self.rt.models:
             raise HublabError(f"[moe] aggregator: no model named {aggregator!r}; set it to an expert or leave it "
@@ -383,7 +385,7 @@ class MoE:
         result.chosen = aggregator
         result.answers.append(ExpertAnswer(f"{aggregator} (aggregator)", 1.0, result.answer, result=gen.result))
 
-    def _weighted(self, result: MoEResult, emit: Event, opts: dict) -> None:
+    def _weighted(self, result: EnsembleResult, emit: Event, opts: dict) -> None:
         weights = result.selection.weights()
         emit("synth_start", {"synthesis": "weighted", "weights": weights})
         for name, w in weights.items():
