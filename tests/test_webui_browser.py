@@ -40,9 +40,14 @@ def browser(tmp_path_factory):
 
 
 def _wait(what, timeout: float = 120, every: float = 0.3):
+    from selenium.common.exceptions import StaleElementReferenceException
+
     end = time.time() + timeout
     while time.time() < end:
-        value = what()
+        try:
+            value = what()
+        except StaleElementReferenceException:  # the page redrew what was found (a progress event): look again
+            value = None
         if value:
             return value
         time.sleep(every)
