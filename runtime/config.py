@@ -307,7 +307,10 @@ PEER_SCHEMA: dict[str, Key] = {
     "api": Key(str, "", "hublab, openai or ollama; empty = found by probing", ("",) + PEER_APIS),
     "deadline": Key((str, int, float), "2m", "the longest one answer from this peer may take (a duration)"),
     "probe_timeout": Key((str, int, float), "1s", "how long the liveness probe waits before the peer counts as down"),
+    "stall": Key((str, int, float), "30s", "the longest silence once an answer has begun: a link that dropped without "
+                                          "a word ends the answer here, not at the deadline"),
 }
+EXAMPLE_DURATION = {"deadline": "2m", "probe_timeout": "1s", "stall": "30s"}
 PEER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
@@ -320,6 +323,7 @@ class PeerConfig:
     api: str = ""               # "" = probe
     deadline: float = 120.0     # seconds
     probe_timeout: float = 1.0  # seconds
+    stall: float = 30.0         # seconds of silence mid-answer
 
 
 def read_peers(path: Path, text: str, tables: Any) -> tuple[PeerConfig, ...]:
@@ -365,16 +369,16 @@ def read_peers(path: Path, text: str, tables: Any) -> tuple[PeerConfig, ...]:
             raise ConfigError(f"{where} token_env: {quote(env, 60)} is not an environment variable name; write the "
                               "variable's name, e.g. token_env = \"HUBLAB_PEER_DEN\" (never the token itself)")
         durations = {}
-        for key in ("deadline", "probe_timeout"):
+        for key in ("deadline", "probe_timeout", "stall"):
             try:
                 durations[key] = parse_duration(values[key])
             except ValueError as exc:
                 raise ConfigError(f"{where} {key}: {exc}") from None
             if not 0 < durations[key] <= 24 * 3600:
                 raise ConfigError(f"{where} {key}: {quote(values[key])} must be more than 0 and at most a day; "
-                                  f"write e.g. {'2m' if key == 'deadline' else '1s'}")
+                                  f"write e.g. {EXAMPLE_DURATION[key]}")
         peers.append(PeerConfig(name, url.rstrip("/"), env, values["api"], durations["deadline"],
-                                durations["probe_timeout"]))
+                                durations["probe_timeout"], durations["stall"]))
     return tuple(peers)
 
 

@@ -268,6 +268,15 @@ class Misbehaving(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+        elif mode == "stall" and self.command == "POST":  # two words, then silence on an open connection
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            for word in (" one", " two"):
+                chunk = {"choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]}
+                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                self.wfile.flush()
+            time.sleep(20)
         elif mode == "slow" and self.command == "POST":  # a finite answer, one word every 0.25 s
             start = time.monotonic()
             self.send_response(200)
@@ -459,6 +468,24 @@ def test_broken_peers_are_refused_with_clear_messages_and_skipped(tmp_path, tiny
         for text in said + [front.log]:
             assert WRONG_TOKEN not in text and PEER_TOKEN not in text
         assert httpx.get(front.url + "/health").json()["status"] == "ok"
+    finally:
+        front.stop()
+
+
+def test_a_peer_gone_silent_mid_answer_ends_it_at_its_stall_limit(tmp_path, tiny_gguf, misbehaving):
+    # a link that dropped without a reset looks like this: the connection stays open and nothing more comes
+    quiet, _ = misbehaving("stall")
+    config = front_system(tmp_path, tiny_gguf, [{"name": "quiet", "url": quiet, "stall": "1s"}], experts={
+        "hush": 'peer = "quiet"\nmodel = "hush"\n'})
+    front = Serve(config)
+    try:
+        t0 = time.monotonic()
+        pieces, last = chat(front.url, "hush", "hello", timeout=30)
+        assert time.monotonic() - t0 < 8  # not the 2-minute deadline, nor the server's 20 s of silence
+        assert "".join(pieces) == " one two"
+        assert "went silent for 1 s mid-answer (8 characters in)" in last["error"]["message"]
+        peers = {p["name"]: p for p in httpx.get(front.url + "/hublab/experts").json()["peers"]}
+        assert "went silent" in peers["quiet"]["reason"]
     finally:
         front.stop()
 

@@ -78,13 +78,16 @@ class _Peer:
 
 
 class _Watch:
-    """Ends a response when its deadline passes or `cancel` is set, by shutting its socket down (a read blocked on
-    a dripping or silent peer wakes at once); `fired` says which."""
+    """Ends a response when its deadline passes, when it goes silent for `stall` seconds after it has begun (a link
+    that dropped without a reset), or when `cancel` is set, by shutting its socket down (a read blocked on a
+    dripping or silent peer wakes at once); `fired` says which."""
 
-    def __init__(self, seconds: float, cancel: threading.Event | None):
+    def __init__(self, seconds: float, cancel: threading.Event | None, stall: float | None = None):
         self.start = time.monotonic()
         self.end = self.start + seconds
         self.cancel = cancel
+        self.stall = stall
+        self.heard: float | None = None  # when the answer last sent something (None: not begun)
         self.fired = ""
         self._done = threading.Event()
         self._sock: socket.socket | None = None
@@ -99,12 +102,18 @@ class _Watch:
     def left(self) -> float:
         return max(0.05, self.end - time.monotonic())
 
+    def touch(self) -> None:
+        self.heard = time.monotonic()
+
     def _run(self) -> None:
         while not self._done.wait(0.05):
+            now = time.monotonic()
             if self.cancel is not None and self.cancel.is_set():
                 self.fired = "cancelled"
-            elif time.monotonic() >= self.end:
+            elif now >= self.end:
                 self.fired = "deadline"
+            elif self.stall is not None and self.heard is not None and now - self.heard >= self.stall:
+                self.fired = "stalled"
             else:
                 continue
             if self._sock is not None:
@@ -503,7 +512,7 @@ class Peers:
         if api == "openai":  # beyond OpenAI's own fields only what the question asked (llama-server takes them)
             sampler = {k: v for k, v in sampler.items() if k in _OPENAI or k in explicit}
         path, body = self._request(api, cfg, prompt, raw, logprobs, system_prompt, grammar, special, sampler)
-        watch = _Watch(peer.config.deadline, cancel)
+        watch = _Watch(peer.config.deadline, cancel, peer.config.stall)
         try:
             response = self._open(peer, "POST", path, body, watch, peer.config.probe_timeout * 3)
         except _Cancelled:
@@ -518,6 +527,7 @@ class Peers:
             watch.attach(response)
             for doc in _documents(response, api, peer):
                 for piece in state.take(doc, peer):
+                    watch.touch()
                     if state.ttft is None:
                         state.ttft = time.perf_counter() - t0
                     yield piece
@@ -534,6 +544,10 @@ class Peers:
         # the watchdog shut the socket: a read then ends cleanly or with an error, either way it is the watchdog's
         if watch.fired == "cancelled" and not state.done:
             state.finish = "cancelled"
+        elif watch.fired == "stalled" and not state.done:
+            self._heard(peer, False, f"went silent mid-answer for {peer.config.stall:g} s")
+            raise PeerError(f"{cfg.name}: peer {peer.name} went silent for {peer.config.stall:g} s mid-answer "
+                            f"({len(state.text)} characters in); check the link to it, or raise stall in its [[peer]]")
         elif watch.fired == "deadline" and not state.done:
             raise PeerError(f"{cfg.name}: peer {peer.name} took longer than its deadline of {peer.config.deadline:g} s "
                             f"({len(state.text)} characters in); raise deadline in its [[peer]] or ask for fewer "
