@@ -5,6 +5,7 @@ Needs llama.cpp's RPC server and client built (`hublab rpc-worker --build`; scri
 these tests fail rather than pass unseen."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -172,6 +173,34 @@ def test_worker_killed_mid_answer_fails_that_answer_only(tmp_path, gemma_gguf, t
             agent.stop()
             agent.device.close()
     finally:
+        first.kill()
+        second.kill()
+
+
+def test_worker_stalled_mid_answer_ends_it_at_the_stall_limit(tmp_path, gemma_gguf, monkeypatch):
+    # SIGSTOP: the worker's sockets stay open and it says nothing more, as when a link stalls without closing
+    from hublab.runtime.engine import split
+
+    monkeypatch.setattr(split, "STALL_S", 2.0)
+    first, second = Worker(), Worker()
+    try:
+        models = split_models(tmp_path, gemma_gguf, [first.endpoint, second.endpoint])
+        with Runtime(models_dir=models, profile="host", threads=1, keep_alive=-1) as rt:
+            pieces = []
+            t0 = None
+            with pytest.raises(RpcError) as err:
+                for piece in rt.stream("python-split", "Tell me about Python.", max_tokens=400, temperature=0):
+                    pieces.append(piece)
+                    if len(pieces) == 3:
+                        os.kill(first.proc.pid, signal.SIGSTOP)
+                        t0 = time.monotonic()
+            assert t0 is not None and time.monotonic() - t0 < 20
+            message = str(err.value)
+            assert "\n" not in message and "stalled" in message and first.endpoint in message, message
+            assert rt.generate("python", "hi", max_tokens=2).tokens > 0  # the local base is not affected
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(first.proc.pid, signal.SIGCONT)
         first.kill()
         second.kill()
 

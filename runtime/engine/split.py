@@ -35,6 +35,9 @@ from .session import GenerationResult
 from .threads import ThreadPolicy
 
 START_TIMEOUT = 600.0  # seconds a child may take to load a base over the network (an 8B Q4 over gigabit: ~40 s)
+# seconds an answer under way may go without a word from the child: a worker whose link stalls without closing
+# (a cable pulled, a board hung) blocks ggml-rpc's read until TCP gives up, many minutes later
+STALL_S = 60.0
 
 
 class SplitBase:
@@ -195,17 +198,25 @@ class SplitBase:
         with self._io:
             self._send((op, target, prompt, kwargs))
             finished = cancelled = False
+            heard, spoke = time.monotonic(), False
             try:
                 while True:
                     if cancel is not None and cancel.is_set() and not cancelled:
                         self._send(("cancel",))
                         cancelled = True
                     try:
-                        if not self.conn.poll(None if cancel is None or cancelled else 0.05):
-                            continue
+                        ready = self.conn.poll(0.5 if cancel is None or cancelled else 0.05)
                     except (EOFError, OSError):
                         raise self._died() from None
+                    if not ready:
+                        # before the first piece the prompt may be long (read over the network): allow a load's time
+                        if time.monotonic() - heard > (STALL_S if spoke else START_TIMEOUT):
+                            self.proc.kill()
+                            raise self._died(f"no word for {STALL_S if spoke else START_TIMEOUT:g} s mid-answer: "
+                                             "a worker's link stalled")
+                        continue
                     reply = self._recv()
+                    heard, spoke = time.monotonic(), True
                     if reply[0] == "piece":
                         yield reply[1]
                     elif reply[0] == "done":
