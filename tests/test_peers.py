@@ -440,9 +440,9 @@ def test_broken_peers_are_refused_with_clear_messages_and_skipped(tmp_path, tiny
 
         # asked by name: a one-line error naming the peer and what to do
         _, err = chat(front.url, "htmlx", "hello")
-        assert err["status"] == 400 and "not JSON" in err["error"]["message"]
+        assert err["status"] == 502 and "not JSON" in err["error"]["message"]
         _, err = chat(front.url, "wrongx", "hello")
-        assert err["status"] == 400 and "refused the token" in err["error"]["message"]
+        assert err["status"] == 502 and "refused the token" in err["error"]["message"]
 
         # a peer that drips forever is cut at its deadline; what it sent before streamed through
         t0 = time.monotonic()

@@ -23,6 +23,8 @@ from hublab import __version__
 
 from ..config import request_fields
 from .device import UnknownModel
+from ..engine.peers import PeerError
+from ..engine.rpc import RpcError
 from ..errors import HublabError
 from .gate import Cancelled, QueueFull, watch_disconnect
 from .http_base import Handler, HttpError, bearer_token, token_matches
@@ -302,6 +304,10 @@ class Request(Handler):
             self.status = self.status or 499  # nginx's "client closed request", for the request counter
         except UnknownModel as exc:
             self.error(404, str(exc), "model_not_found")
+        except PeerError as exc:  # the board running the expert failed it: a gateway's error, not the asker's
+            self.error(502, str(exc), "bad_gateway")
+        except RpcError as exc:  # a worker of a split base is away: the base loads again once it answers
+            self.error(503, str(exc), "worker_unavailable", {"Retry-After": "10"})
         except HublabError as exc:
             self.error(400, str(exc), "invalid_request_error")
         except Exception as exc:  # noqa: BLE001 - one request must not take the agent down
