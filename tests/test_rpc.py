@@ -119,6 +119,9 @@ def test_split_base_answers_as_the_unsplit_one_with_each_demo_adapter(tmp_path, 
         assert all(rt.is_loaded(f"{n}-split") for n in ADAPTERS)  # hot-swapped on one split base, no reload
         assert rt.generate("python-split", PROMPTS["python"], max_tokens=8).tokens > 0
         assert rt._loaded["split"].proc.pid == child
+        rt.set_threads(2)  # `ai config threads` reaches the process that decodes the split base
+        assert rt.generate("python-split", PROMPTS["python"], max_tokens=4).threads == 2
+        rt.set_threads(1)
 
         # fit-before-load counts this board's share: the embeddings and logits, not the layers the workers hold
         whole, share = rt.plan("gemma").estimate, rt.plan("split").estimate

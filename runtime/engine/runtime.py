@@ -93,6 +93,8 @@ class Runtime:
         self.fixed_threads = bool(threads)
         for base in getattr(self, "_loaded", {}).values():
             base.policy = ThreadPolicy(self.threads, fixed=self.fixed_threads, load=self.cpu_load)
+            if isinstance(base, SplitBase):  # its process decodes: it takes the same setting
+                base.set_threads(threads)
 
     @property
     def weights(self) -> WeightBuffers:

@@ -187,6 +187,10 @@ class SplitBase:
     def rss(self) -> int:
         return self._call("rss")
 
+    def set_threads(self, threads: int) -> None:
+        """`ai config threads` for the process that decodes (0: its own choice, as here)."""
+        self._call("threads", threads)
+
     def clear_kv(self) -> None:
         """Drop the live KV cache in the child (the next answer reads its whole prompt), as LoadedBase.clear_kv."""
         self._call("clear")
@@ -318,6 +322,9 @@ def child(fd: int) -> int:
                 base = rt.load(cfg.base or cfg.name)
                 with base.lock:
                     conn.send(("ok", rt.prompt_tokens(base, cfg, prompt, raw, system_prompt, special)))
+            elif op == "threads":
+                rt.set_threads(args[0])
+                conn.send(("ok", rt.threads))
             elif op == "clear":
                 for base in rt._loaded.values():
                     with base.lock:
