@@ -227,10 +227,10 @@ def test_the_closest_passage_is_shown_and_the_answer_cites_it(runtime):
     ctx = ExpertContext(runtime)
     chat, n, sources = ctx.lookup(runtime.config("python"), "How do I join path segments together?")
     assert n == 1 and sources == ["html: os.path.join"]
-    assert chat[-3:] == [{"role": "user", "content": "What does html: os.path.join say?"},
-                         {"role": "assistant", "content": chat[-2]["content"]},
-                         {"role": "user", "content": "How do I join path segments together?"}]
-    assert "Join one or more path segments" in chat[-2]["content"]
+    asked = chat[-1]["content"]
+    assert chat[-1]["role"] == "user" and asked.startswith("From html: os.path.join:\n")
+    assert asked.endswith("\n\nUsing that, answer: How do I join path segments together?")
+    assert "Join one or more path segments" in asked
     assert ctx.lookup(runtime.config("python"), "change the mode bits of a file")[2] == ["man chmod(1): Description"]
     # a question close to no passage gets none; an expert of another domain is not given python's docs
     assert ctx.lookup(runtime.config("python"), "a recipe for lemon cake with icing") [1:] == (0, [])

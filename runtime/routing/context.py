@@ -14,7 +14,7 @@ import threading
 
 from ..config import ModelConfig
 from ..engine.runtime import Generation, GenerationResult, Runtime
-from .knowledge import DocPack, Library, citation, find_doc_packs, passage_turns, shots
+from .knowledge import DocPack, Library, citation, find_doc_packs, shots, with_passages
 from .router import Router, default_router_dir
 
 CHARS_PER_TOKEN = 3  # for the knowledge budget: gemma's tokenizer gives English prose 3.5-4.5 characters a token
@@ -69,7 +69,7 @@ class ExpertContext:
     def lookup(self, cfg: ModelConfig, prompt: str | list[dict],
                query_embedding=None) -> tuple[str | list[dict], int, list[str]]:
         """with_knowledge, and the sources of the passages shown (what the answer cites). The pack's pairs go
-        first, the passages next to the question, the closest last."""
+        before the question as earlier turns, the passages into the question's own turn, the closest last."""
         if cfg.peer:  # answered on another board, which puts its own knowledge before the question
             return prompt, 0, []
         docs = self.doc_packs(cfg.domain)
@@ -93,8 +93,11 @@ class ExpertContext:
         pairs, passages = self._within(cfg, pairs, passages)
         if not pairs and not passages:
             return prompt, 0, []
+        if passages:  # into the last question's own turn
+            last = max(i for i, m in enumerate(messages) if m.get("role") == "user")
+            messages[last] = {**messages[last], "content": with_passages(messages[last]["content"], passages)}
         at = next(i for i, m in enumerate(messages) if m.get("role") != "system")
-        chat = messages[:at] + shots(pairs) + passage_turns(passages) + messages[at:]
+        chat = messages[:at] + shots(pairs) + messages[at:]
         return chat, len(pairs) + len(passages), [rec["source"] for _, rec in passages]
 
     def _within(self, cfg: ModelConfig, pairs: list, passages: list) -> tuple[list, list]:

@@ -155,13 +155,12 @@ def shots(found: list[tuple[float, dict]]) -> list[dict]:
     return out
 
 
-def passage_turns(found: list[tuple[float, dict]]) -> list[dict]:
-    """Retrieved passages as earlier chat turns (what the source says), least similar first."""
-    out: list[dict] = []
-    for _, rec in reversed(found):
-        out += [{"role": "user", "content": f"What does {rec['source']} say?"},
-                {"role": "assistant", "content": rec["passage"]}]
-    return out
+def with_passages(question: str, found: list[tuple[float, dict]]) -> str:
+    """The question with the retrieved passages before it in its own turn, each under its source, the closest next
+    to the question. A 270M model uses a passage read there better than one shown as an earlier answer (dev, python,
+    rust and system, documentation alone: hit 0.355 -> 0.449, recall 0.129 -> 0.178, similarity the same)."""
+    told = "\n\n".join(f"From {rec['source']}:\n{rec['passage']}" for _, rec in reversed(found))
+    return f"{told}\n\nUsing that, answer: {question}"
 
 
 def citation(answer: str, sources: list[str]) -> str:
