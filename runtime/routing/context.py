@@ -94,7 +94,8 @@ class ExpertContext:
         if not pairs and not passages:
             return prompt, 0, []
         if passages:  # into the last question's own turn
-            last = max(i for i, m in enumerate(messages) if m.get("role") == "user")
+            last = max(i for i, m in enumerate(messages)
+                       if m.get("role") == "user" and isinstance(m.get("content"), str))
             messages[last] = {**messages[last], "content": with_passages(messages[last]["content"], passages)}
         at = next(i for i, m in enumerate(messages) if m.get("role") != "system")
         chat = messages[:at] + shots(pairs) + messages[at:]
@@ -105,7 +106,7 @@ class ExpertContext:
         answer need the rest (a 512-token Zero context and one long man-page passage would leave no room). Text is
         counted at CHARS_PER_TOKEN, fewer characters than gemma's tokenizer gives English a token, so it errs short."""
         room = self.rt.context_size(cfg) * CHARS_PER_TOKEN // 2
-        kept: set[int] = set()
+        kept: set[tuple[int, int]] = set()  # (0 pair | 1 passage, its index)
         for score, kind, i, size in sorted([(s, 0, i, len(r["question"]) + len(r["response"]))
                                             for i, (s, r) in enumerate(pairs)]
                                            + [(s, 1, i, len(r["source"]) + len(r["passage"]))
