@@ -63,7 +63,9 @@ def test_wheel_ships_the_embedded_set_and_declares_its_dependencies(installed):
                  "hublab/data/models/demo/python.gguf", "hublab/data/models/demo/python-knowledge.jsonl",
                  "hublab/data/models/router/model.onnx", "hublab/data/models/router/tokenizer.json",
                  "hublab/data/hardware-profiles/pi4-4gb.toml", "hublab/data/packaging/package.schema.json",
-                 "hublab/data/packaging/hublab-agent.service", "hublab/runtime/pkg/install.py"):
+                 "hublab/data/packaging/hublab-agent.service", "hublab/data/packaging/hublab-rpc-worker.service",
+                 "hublab/runtime/pkg/install.py", "hublab/runtime/engine/split.py", "hublab/runtime/serve/http_base.py",
+                 "hublab/runtime/routing/ensemble.py"):
         assert path in names, path
     assert not [n for n in names if "/.hublab" in n or n.endswith(".png")]
     requires = [line for line in meta.splitlines() if line.startswith("Requires-Dist:")]
