@@ -41,19 +41,19 @@ def models(tmp_path, tiny_gguf, tiny_adapters, monkeypatch):
 def test_closest_pairs_go_before_the_question_as_earlier_turns(models):
     with Runtime(models_dir=models, profile="host", threads=1, keep_alive=-1) as rt:
         ctx = ExpertContext(rt)
-        chat, n = ctx.with_knowledge(rt.config("alpha"), "python model")
+        chat, n, _ = ctx.lookup(rt.config("alpha"), "python model")
         assert n >= 1 and chat[-1] == {"role": "user", "content": "python model"}
         # the closest pair sits right before the question
         assert chat[-3:-1] == [{"role": "user", "content": "python model"},
                                {"role": "assistant", "content": "the python answer"}]
         # a system message stays first
-        chat, _ = ctx.with_knowledge(rt.config("alpha"), [{"role": "system", "content": "S"},
-                                                          {"role": "user", "content": "rust linux"}])
+        chat, _, _ = ctx.lookup(rt.config("alpha"), [{"role": "system", "content": "S"},
+                                                {"role": "user", "content": "rust linux"}])
         assert chat[0]["role"] == "system" and chat[-2]["content"] == "the rust answer"
         # an expert without a pack, or shots = 0, is untouched
-        assert ctx.with_knowledge(rt.config("general"), "python model") == ("python model", 0)
+        assert ctx.lookup(rt.config("general"), "python model")[:2] == ("python model", 0)
         rt.config("alpha").knowledge_shots = 0
-        assert ctx.with_knowledge(rt.config("alpha"), "python model") == ("python model", 0)
+        assert ctx.lookup(rt.config("alpha"), "python model")[:2] == ("python model", 0)
 
 
 def test_knowledge_takes_at_most_half_the_context(models):
@@ -62,7 +62,7 @@ def test_knowledge_takes_at_most_half_the_context(models):
     write_pack(models / "experts" / "alpha-knowledge.jsonl", [long] + PAIRS[1:] + [PAIRS[0]])
     with Runtime(models_dir=models, profile="host", threads=1, keep_alive=-1) as rt:
         assert rt.context_size(rt.config("alpha")) == 256
-        chat, n = ExpertContext(rt).with_knowledge(rt.config("alpha"), "python model")
+        chat, n, _ = ExpertContext(rt).lookup(rt.config("alpha"), "python model")
         shown = "".join(m["content"] for m in chat[:-1])
         assert n >= 1 and "very long" not in shown and len(shown) <= 256 * 3 // 2
         assert rt.generate("alpha", chat, max_tokens=4).tokens > 0

@@ -246,6 +246,14 @@ def drop_file_cache(*paths: Path | str) -> None:
             os.close(fd)
 
 
+def context_for(system_inference: dict, cfg, owner, default_context: int, info: GGUFInfo) -> int:
+    """The context a model runs with: system.toml's [inference] context_size, else the expert's own, else its
+    base's (`owner`), else the board profile's default, within what the GGUF was trained for."""
+    n_ctx = (system_inference.get("context_size") or cfg.inference.context_size or owner.inference.context_size
+             or default_context)
+    return min(n_ctx, info.context_length) if info.context_length else n_ctx
+
+
 def read_gguf(path: Path | str) -> GGUFInfo:
     """Header facts of a GGUF (model or LoRA adapter); cached by path and mtime."""
     p = Path(path)

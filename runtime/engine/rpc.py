@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from ..config import parse_endpoint
 from ..errors import HublabError
 from ..inputs import is_loopback
-from .memory import GGUFInfo, MemoryEstimate, compute_bytes, kv_cache_bytes
+from .memory import GGUFInfo, MemoryEstimate, compute_bytes, context_for, kv_cache_bytes, read_gguf
 
 HELLO = 14           # RPC_CMD_HELLO, fixed across protocol versions
 CONN_CAPS = 24       # RPC_CONN_CAPS_SIZE: the HELLO request's payload, and the tail of its reply
@@ -165,7 +165,6 @@ def split_bases(system, profile) -> list[dict]:
     """Every base in the models dirs that names RPC workers, with its split at the context it would run with
     (what `hublab profile` shows: the local share is what counts against this board's budget)."""
     from ..config import scan_models
-    from .memory import read_gguf
 
     out = []
     for name, cfg in sorted(scan_models(system.model_dirs).models.items()):
@@ -175,8 +174,7 @@ def split_bases(system, profile) -> list[dict]:
             info = read_gguf(cfg.path)
         except HublabError:
             continue
-        n_ctx = system.inference.get("context_size") or cfg.inference.context_size or profile.default_context
-        n_ctx = min(n_ctx, info.context_length) if info.context_length else n_ctx
+        n_ctx = context_for(system.inference, cfg, cfg, profile.default_context, info)
         out.append({"name": name, "context_size": n_ctx, **split_estimate(info, n_ctx, cfg.rpc,
                                                                           cfg.tensor_split).to_dict()})
     return out

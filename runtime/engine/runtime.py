@@ -32,7 +32,7 @@ from . import llama_log
 from ..errors import HublabError
 from .hostcpu import ENV as REPACK_ENV, WeightBuffers, configure_llama, for_profile, load_llama
 from ..inputs import quote
-from .memory import MemoryEstimate, estimate_model, read_gguf, release_free_memory
+from .memory import MemoryEstimate, context_for, estimate_model, read_gguf, release_free_memory
 from .peers import Peers
 from .profiles import Profile, active_profile
 from .rpc import Split, rpc_devices, split_estimate
@@ -152,10 +152,8 @@ class Runtime:
         """The context `cfg` asks for (system.toml's, its own, its base's, the profile's), within what the
         GGUF was trained for."""
         owner = self._owner(cfg)
-        info = read_gguf(self._gguf_path(owner))
-        n_ctx = (self.system.inference.get("context_size") or cfg.inference.context_size
-                 or owner.inference.context_size or self.profile.default_context)
-        return min(n_ctx, info.context_length) if info.context_length else n_ctx
+        return context_for(self.system.inference, cfg, owner, self.profile.default_context,
+                           read_gguf(self._gguf_path(owner)))
 
     def plan(self, name: str) -> LoadPlan:
         """What serving `name` takes (runtime/engine/scheduler.py), read off its GGUF headers: the one place that
@@ -170,7 +168,8 @@ class Runtime:
         n_ctx = self.context_size(owner)  # the base runs at its own context, whichever expert it serves
         adapter = self._adapter_path(cfg) if cfg.adapter else None
         return LoadPlan(config=cfg, owner=owner, path=path, info=info, n_ctx=n_ctx,
-                        base=self.split(owner.name).local if owner.rpc else estimate_model(info, n_ctx),
+                        base=split_estimate(info, n_ctx, owner.rpc, owner.tensor_split).local if owner.rpc
+                        else estimate_model(info, n_ctx),
                         adapter=adapter,
                         adapter_info=read_gguf(adapter) if adapter else None)
 

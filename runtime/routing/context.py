@@ -59,17 +59,12 @@ class ExpertContext:
                     self.router_note = "; ".join(n for n in (self.router_note, *errors) if n)
             return [d for d in self._docs if d.serves(domain)]
 
-    def with_knowledge(self, cfg: ModelConfig, prompt: str | list[dict],
-                       query_embedding=None) -> tuple[str | list[dict], int]:
-        """The chat with the expert's closest knowledge-pack pairs (and documentation passages) put before it,
-        and how many were put. `query_embedding`: the last user message's, when routing made it already."""
-        chat, n, _ = self.lookup(cfg, prompt, query_embedding)
-        return chat, n
-
     def lookup(self, cfg: ModelConfig, prompt: str | list[dict],
                query_embedding=None) -> tuple[str | list[dict], int, list[str]]:
-        """with_knowledge, and the sources of the passages shown (what the answer cites). The pack's pairs go
-        before the question as earlier turns, the passages into the question's own turn, the closest last."""
+        """The chat with the expert's closest knowledge-pack pairs and documentation passages put in, how many were
+        put, and the passages' sources (what the answer cites). The pack's pairs go before the question as earlier
+        turns, the passages into the question's own turn, the closest last. `query_embedding`: the last user
+        message's, when routing made it already."""
         if cfg.peer:  # answered on another board, which puts its own knowledge before the question
             return prompt, 0, []
         docs = self.doc_packs(cfg.domain)
