@@ -586,13 +586,8 @@ class Router:
         path = self.directory / EXAMPLES_NPZ
         if not path.is_file():
             return {}
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                texts, labels = [str(t) for t in data["texts"]], [str(x) for x in data["labels"]]
-                vectors = data["vectors"].astype(np.float32) if str(data["encoder"]) == self.encoder_id else None
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-            raise RouterError(f"{path}: unreadable ({_first_line(exc)}); rebuild the router or delete the file "
-                              "(routing then uses the head alone)") from None
+        texts, labels, vectors = read_examples(path, self.encoder_id)
+        vectors = vectors.astype(np.float32) if vectors is not None else None
         if vectors is None or len(vectors) != len(texts):
             from .embcache import cached_embeddings
 
@@ -713,20 +708,32 @@ class Router:
         return replace(select(scores, routing, fallback or self.fallback, self.thresholds, sure), embedding=embedding)
 
 
-def label_texts(directory: Path) -> dict[str, list[str]]:
-    """Router output -> its labelled queries (examples.npz's texts), what another board's router routes this board's
-    experts by; {} when the directory has no readable examples.npz."""
+def read_examples(path: Path, encoder_id: str | None = None) -> tuple[list[str], list[str], Any]:
+    """examples.npz's texts, their labels and (when `encoder_id` names the encoder that made them) their vectors as
+    stored, else None; RouterError when the file cannot be read."""
     import numpy as np
 
     try:
-        with np.load(Path(directory) / EXAMPLES_NPZ, allow_pickle=False) as data:
-            pairs = zip((str(x) for x in data["labels"]), (str(t) for t in data["texts"]))
-            out: dict[str, list[str]] = {}
-            for label, text in pairs:
-                out.setdefault(label, []).append(text)
-            return out
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        with np.load(path, allow_pickle=False) as data:
+            texts, labels = [str(t) for t in data["texts"]], [str(x) for x in data["labels"]]
+            vectors = data["vectors"] if encoder_id is not None and str(data["encoder"]) == encoder_id else None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise RouterError(f"{path}: unreadable ({_first_line(exc)}); rebuild the router or delete the file "
+                          "(routing then uses the head alone)") from None
+    return texts, labels, vectors
+
+
+def label_texts(directory: Path) -> dict[str, list[str]]:
+    """Router output -> its labelled queries (examples.npz's texts), what another board's router routes this board's
+    experts by; {} when the directory has no readable examples.npz."""
+    try:
+        texts, labels, _ = read_examples(Path(directory) / EXAMPLES_NPZ)
+    except RouterError:
         return {}
+    out: dict[str, list[str]] = {}
+    for label, text in zip(labels, texts):
+        out.setdefault(label, []).append(text)
+    return out
 
 
 def default_router_dir(system: Any) -> Path:
