@@ -250,3 +250,20 @@ def test_the_routed_answer_cites_the_passage(runtime):
 
     res = Ensemble(runtime).ask("How do I join path segments together in python with os.path?", routing="single")
     assert res.chosen == "python" and res.answer.endswith("[html: os.path.join]")
+
+
+@pytest.mark.parametrize("body, says", [
+    ('[knowledge]\ndomain = "python"\npack = "p.jsonl"\npassages = 9\n', "passages"),
+    ('[knowledge]\ndomain = "python"\npack = "../p.jsonl"\n', "is not a file name"),
+    ('[knowledge]\npack = "p.jsonl"\n', "needs [knowledge] domain and pack"),
+    ('[knowledge]\ndomain = "python"\npack = "p.jsonl"\nminimum = 0.5\n', "unknown key"),
+])
+def test_a_broken_knowledge_toml_is_one_line_naming_the_file(tmp_path, body, says):
+    from hublab.runtime.routing.knowledge import find_doc_packs
+
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "knowledge.toml").write_text(body)
+    found, errors = find_doc_packs([tmp_path])
+    assert found == [] and len(errors) == 1 and "\n" not in errors[0]
+    assert str(tmp_path / "pkg" / "knowledge.toml") in errors[0] and says in errors[0], errors
+

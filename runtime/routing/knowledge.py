@@ -8,7 +8,7 @@ new cache, never a stale one. Retrieval is one matrix-vector product.
 
 A pack may also hold documentation passages, {"passage", "source"} records (`hublab knowledge build`,
 runtime/routing/docs.py writes them into a knowledge package with a `knowledge.toml`): a passage is embedded
-as its source and text, shown before the question as what the source says, and the answer cites the source.
+as its source and text, put into the question's own turn under its source, and the answer cites the source.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .embcache import cached_embeddings
+from ..config import Key, check_sections, read_toml, validate_section
 from ..errors import HublabError
 from ..pkg.manifest import sha256_file
 from ..engine.memory import drop_file_cache
@@ -189,27 +190,28 @@ class DocPack:
         return self.domain == "*" or self.domain == domain
 
 
-def load_doc_pack(toml_path: Path) -> DocPack:
-    """One knowledge.toml; a bad one is a one-line error naming the file and the key."""
-    from ..config import tomllib
+KNOWLEDGE_SCHEMA = {"knowledge": {
+    "domain": Key(str, "", "the experts' domain it serves; * = every expert"),
+    "pack": Key(str, "", "the pack file beside knowledge.toml"),
+    "passages": Key(int, 1, "how many passages go before the question", range=(0, 8)),
+    "min_similarity": Key(float, 0.5, "least router-encoder cosine for a passage to be shown", range=(-1.0, 1.0)),
+    "words": Key(int, 120, "the passage size it was built with"),
+    "sources": Key(list, [], "what it was built from"),
+}}
 
-    try:
-        sec = tomllib.loads(toml_path.read_text(encoding="utf-8")).get("knowledge")
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise HublabError(f"{toml_path}: not valid TOML ({str(exc).splitlines()[0]}); fix it or rebuild it with "
-                          "`hublab knowledge build`") from None
-    if not isinstance(sec, dict) or not isinstance(sec.get("domain"), str) or not isinstance(sec.get("pack"), str):
+
+def load_doc_pack(toml_path: Path) -> DocPack:
+    """One knowledge.toml, checked against KNOWLEDGE_SCHEMA; a bad one is a one-line error naming the file, the line
+    and the key."""
+    data, text = read_toml(toml_path)
+    check_sections(toml_path, text, data, KNOWLEDGE_SCHEMA)
+    sec = validate_section(toml_path, text, "knowledge", data.get("knowledge", {}), KNOWLEDGE_SCHEMA["knowledge"])
+    if not sec["domain"] or not sec["pack"]:
         raise HublabError(f"{toml_path}: needs [knowledge] domain and pack; rebuild it with `hublab knowledge build`")
-    if sec["pack"] in ("", ".", "..") or "/" in sec["pack"] or "\\" in sec["pack"]:
+    if sec["pack"] in (".", "..") or "/" in sec["pack"] or "\\" in sec["pack"]:
         raise HublabError(f"{toml_path}: [knowledge] pack {sec['pack']!r} is not a file name; name the pack file "
                           "beside knowledge.toml")
-    pack = toml_path.parent / sec["pack"]
-    n, lo = sec.get("passages", 1), sec.get("min_similarity", 0.5)
-    if not (isinstance(n, int) and 0 <= n <= 8):
-        raise HublabError(f"{toml_path}: [knowledge] passages: {n!r} is not 0..8; use e.g. 1")
-    if not (isinstance(lo, (int, float)) and -1 <= lo <= 1):
-        raise HublabError(f"{toml_path}: [knowledge] min_similarity: {lo!r} is not -1..1; use e.g. 0.5")
-    return DocPack(pack, sec["domain"], n, float(lo))
+    return DocPack(toml_path.parent / sec["pack"], sec["domain"], sec["passages"], sec["min_similarity"])
 
 
 def find_doc_packs(dirs: list[Path]) -> tuple[list[DocPack], list[str]]:
