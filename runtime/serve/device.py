@@ -409,9 +409,9 @@ class Device:
     def settings(self, routing: str | None = None, synthesis: str | None = None, save: bool = True) -> dict:
         """Show routing and synthesis; with values, set them (validated) and save them to system.toml."""
         check_moe_args(routing, synthesis)
-        moe = self.ensemble
+        ensemble = self.ensemble
         if routing or synthesis:
-            moe.set(routing=routing, synthesis=synthesis)
+            ensemble.set(routing=routing, synthesis=synthesis)
             path = self.rt.system.path
             if save and path is not None:
                 for key, value in (("routing", routing), ("synthesis", synthesis)):
@@ -419,9 +419,9 @@ class Device:
                         set_system_value(path, "moe", key, value)
                         setattr(self.rt.system, key, value)
         s = self.rt.system
-        return {"routing": moe.routing, "synthesis": moe.synthesis, "fallback": moe.fallback,
-                "keyword_weight": s.keyword_weight, "aggregator": s.aggregator or moe.fallback,
-                "router": "onnx" if moe.router is not None else "keywords",
+        return {"routing": ensemble.routing, "synthesis": ensemble.synthesis, "fallback": ensemble.fallback,
+                "keyword_weight": s.keyword_weight, "aggregator": s.aggregator or ensemble.fallback,
+                "router": "onnx" if ensemble.router is not None else "keywords",
                 "config": str(s.path) if s.path else None}
 
     # -- answers --------------------------------------------------------------------------------------------
