@@ -2,7 +2,9 @@
 
 Sets (bench/quality/PROVENANCE.md says who wrote each, when and under which rule):
 - `heldout` (bench/quality/heldout.jsonl): written apart from every file of the project; read only to measure;
-- `dev` (bench/quality/dev.jsonl): the first held-out set, written beside the training answers; for tuning.
+- `dev` (bench/quality/dev.jsonl): the first held-out set, written beside the training answers; for tuning;
+- `dev-clean`: the dev items no training or knowledge file comes near by the held-out rules (105 of 180): tuning
+  on the questions the packs do not answer word for word, like the held-out ones.
 Items of domain `other` (cooking, law, music, ...) have no expert: the system should send them to the fallback
 (general); they are scored as their own row.
 
@@ -42,7 +44,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SETS = {"heldout": REPO / "bench" / "quality" / "heldout.jsonl", "dev": REPO / "bench" / "quality" / "dev.jsonl"}
+SETS = {"heldout": REPO / "bench" / "quality" / "heldout.jsonl", "dev": REPO / "bench" / "quality" / "dev.jsonl",
+        "dev-clean": REPO / "bench" / "quality" / "dev.jsonl"}
 BASE = "gemma3-270m"
 FLOOR_PROMPT = (
     "Question: What is Python?\nAnswer: Python is a high-level, general-purpose programming language known for "
@@ -54,6 +57,18 @@ SYSTEMS = ("floor", "no-knowledge", "retrieval", "default", "expert")
 ROUTED = ("no-knowledge", "default")
 # Issue 26's goals, reported beside every run.
 GOAL_HIT, GOAL_SIMILARITY_OVER_FLOOR, GOAL_DEGENERATE, GOAL_TIME_OVER_FLOOR = 0.60, 0.06, 0.02, 1.5
+
+
+def clean(rows: list[dict]) -> list[dict]:
+    """The items the held-out rules (tests/heldout.py) would let in: no question near a training, router or knowledge
+    question, no reference sharing a run of words with a training or knowledge answer. Dev was written beside the
+    packs (18 % of its questions have a twin there); these items ask what no pack pair answers word for word, as the
+    held-out questions do, so a lever that helps here is not helping by finding the question's twin."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from heldout import QuestionIndex, RunIndex, training_answers, training_questions
+
+    questions, answers = QuestionIndex(training_questions()), RunIndex(training_answers())
+    return [r for r in rows if not questions.clashes(r["question"]) and not answers.shared(r["reference"])]
 
 
 def load_set(path: Path, per_domain: int = 0, domains: list[str] | None = None) -> list[dict]:
@@ -70,14 +85,15 @@ def load_set(path: Path, per_domain: int = 0, domains: list[str] | None = None) 
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     if domains:
         rows = [r for r in rows if r["domain"] in domains]
-    if per_domain:
-        kept, seen = [], Counter()
-        for r in rows:
-            seen[r["domain"]] += 1
-            if seen[r["domain"]] <= per_domain:
-                kept.append(r)
-        rows = kept
-    return rows
+    return first(rows, per_domain)
+
+
+def first(rows: list[dict], per_domain: int) -> list[dict]:
+    """The first `per_domain` items of each domain (0 = all)."""
+    if not per_domain:
+        return rows
+    seen = Counter()
+    return [r for r in rows if (seen.update([r["domain"]]) or seen[r["domain"]]) <= per_domain]
 
 
 def scored_terms(row: dict) -> list[str]:
@@ -327,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from hublab.runtime.engine.runtime import Runtime
 
-    rows = load_set(path, args.per_domain, [d for d in args.domains.split(",") if d])
+    domains = [d for d in args.domains.split(",") if d]
+    rows = (first(clean(load_set(path, 0, domains)), args.per_domain) if args.set == "dev-clean"
+            else load_set(path, args.per_domain, domains))
     rt = Runtime(models_dir=args.models_dir, profile="host", threads=args.threads, keep_alive=-1)
     for item in args.set_expert:
         key, _, value = item.partition("=")

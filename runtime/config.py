@@ -589,6 +589,9 @@ MODEL_SCHEMA: dict[str, dict[str, Key]] = {
         "knowledge_shots": Key(int, 2, "how many retrieved pairs go before the question; 0 = none", range=(0, 8)),
         "knowledge_min": Key(float, 0.45, "least similarity (router encoder cosine) for a pair to be shown",
                              range=(-1.0, 1.0)),
+        "knowledge_bias": Key(float, 0.0, "added to the logits of the words (tokens of 3+ characters) of the closest "
+                                          "retrieved answer and of the passages shown, so the answer uses them; "
+                                          "0 = off", range=(0.0, 10.0)),
         "examples": Key(list, [], "example queries this expert answers: routed by similarity, no router retraining"),
         "examples_file": Key(str, "", "more example queries, one per line (UTF-8), relative to this TOML and inside "
                                       "its directory"),
@@ -617,6 +620,7 @@ class ModelConfig:
     knowledge: Path | None = None
     knowledge_shots: int = 2
     knowledge_min: float = 0.45
+    knowledge_bias: float = 0.0
     examples: tuple[str, ...] = ()
     rpc: tuple[str, ...] = ()             # RPC workers holding this base's layers (host:port)
     tensor_split: tuple[float, ...] = ()  # their shares, one per worker (empty: even)
@@ -709,7 +713,8 @@ def load_model(path: Path) -> ModelConfig:
         keywords=[k.strip() for k in ex["keywords"]], threshold=ex["threshold"], base=ex["base"],
         adapter=adapter, scale=ex["scale"],
         knowledge=(path.parent / ex["knowledge"]).resolve() if ex["knowledge"] else None,
-        knowledge_shots=ex["knowledge_shots"], knowledge_min=ex["knowledge_min"], examples=examples,
+        knowledge_shots=ex["knowledge_shots"], knowledge_min=ex["knowledge_min"],
+        knowledge_bias=ex["knowledge_bias"], examples=examples,
         rpc=rpc, tensor_split=split, peer=peer, peer_model=(ex["model"] or m["name"]) if peer else "",
     )
 

@@ -105,6 +105,7 @@ MODEL_BAD = [
     *[("expert", "scale", v) for v in ("nan", "inf", "-inf", "100")],
     *[("expert", "knowledge_min", v) for v in ("nan", "-2", "2", "inf")],
     *[("expert", "knowledge_shots", v) for v in ("-1", "9", "nan")],
+    *[("expert", "knowledge_bias", v) for v in ("nan", "-1", "11", "inf")],
     *[("expert", "keywords", v) for v in ('[""]', "[1]", '"python"', '["  "]')],
     *[("expert", "examples", v) for v in ('[""]', "[3]", '["a", "A"]')],
     ("expert", "examples_file", '"../../etc/passwd"'),

@@ -106,7 +106,7 @@ def test_any_model_toml_loads_or_is_one_config_error(tmp_path, doc):
         return
     inf = cfg.inference
     for value in (inf.temperature, inf.top_p, inf.min_p, inf.repeat_penalty, cfg.threshold, cfg.scale,
-                  cfg.knowledge_min):
+                  cfg.knowledge_min, cfg.knowledge_bias):
         assert math.isfinite(value)
 
 

@@ -41,13 +41,13 @@ def models(tmp_path, tiny_gguf, tiny_adapters, monkeypatch):
 def test_closest_pairs_go_before_the_question_as_earlier_turns(models):
     with Runtime(models_dir=models, profile="host", threads=1, keep_alive=-1) as rt:
         ctx = ExpertContext(rt)
-        chat, n, _ = ctx.lookup(rt.config("alpha"), "python model")
+        chat, n, _, _ = ctx.lookup(rt.config("alpha"), "python model")
         assert n >= 1 and chat[-1] == {"role": "user", "content": "python model"}
         # the closest pair sits right before the question
         assert chat[-3:-1] == [{"role": "user", "content": "python model"},
                                {"role": "assistant", "content": "the python answer"}]
         # a system message stays first
-        chat, _, _ = ctx.lookup(rt.config("alpha"), [{"role": "system", "content": "S"},
+        chat, _, _, _ = ctx.lookup(rt.config("alpha"), [{"role": "system", "content": "S"},
                                                 {"role": "user", "content": "rust linux"}])
         assert chat[0]["role"] == "system" and chat[-2]["content"] == "the rust answer"
         # an expert without a pack, or shots = 0, is untouched
@@ -62,7 +62,7 @@ def test_knowledge_takes_at_most_half_the_context(models):
     write_pack(models / "experts" / "alpha-knowledge.jsonl", [long] + PAIRS[1:] + [PAIRS[0]])
     with Runtime(models_dir=models, profile="host", threads=1, keep_alive=-1) as rt:
         assert rt.context_size(rt.config("alpha")) == 256
-        chat, n, _ = ExpertContext(rt).lookup(rt.config("alpha"), "python model")
+        chat, n, _, _ = ExpertContext(rt).lookup(rt.config("alpha"), "python model")
         shown = "".join(m["content"] for m in chat[:-1])
         assert n >= 1 and "very long" not in shown and len(shown) <= 256 * 3 // 2
         assert rt.generate("alpha", chat, max_tokens=4).tokens > 0
@@ -77,6 +77,63 @@ def test_generation_reports_the_pairs_it_used(models):
         # the engine alone generates from the chat it is given: knowledge is put in above it
         bare = rt.generate("alpha", "python model", max_tokens=4)
         assert bare.knowledge == 0 and bare.prompt_tokens < r.prompt_tokens
+
+
+def test_lookup_names_the_closest_answer_for_the_sampler_to_favour(models):
+    with Runtime(models_dir=models, profile="host", threads=1, keep_alive=-1) as rt:
+        found = ExpertContext(rt).lookup(rt.config("alpha"), "python model")
+        assert found.count >= 1 and found.favour == ["the python answer"]  # the closest pair's answer only
+        assert ExpertContext(rt).lookup(rt.config("general"), "python model").favour == []
+
+
+@pytest.fixture(scope="module")
+def gemma_models(tmp_path_factory, gemma_gguf):
+    models = tmp_path_factory.mktemp("gemma-knowledge")
+    (models / "experts").mkdir()
+    write_model_toml(models / "gemma.toml", "gemma", gguf_path=gemma_gguf, context_size=512)
+    write_pack(models / "experts" / "alpha-knowledge.jsonl",
+               [{"question": "python model", "response": "Zeppelins drift above Reykjavik harbour."}] + PAIRS[1:])
+    write_model_toml(models / "experts" / "alpha.toml", "alpha", base="gemma",
+                     extra='knowledge = "alpha-knowledge.jsonl"\nknowledge_shots = 1\nknowledge_min = 0.3\n')
+    write_model_toml(models / "experts" / "general.toml", "general", base="gemma")
+    write_encoder_router(models / "router", ["alpha", "general"])
+    return models
+
+
+def test_favoured_tokens_are_the_words_not_the_short_ones(gemma_gguf):
+    import llama_cpp
+
+    from hublab.runtime.engine.session import favoured_tokens
+
+    llama = llama_cpp.Llama(str(gemma_gguf), vocab_only=True, verbose=False)
+    got = favoured_tokens(llama, ["the python answer is a rust model", "python!"], 1.5)
+    assert {llama.detokenize([t]).decode().strip() for t in got} == {"the", "python", "answer", "rust", "model"}
+    assert set(got.values()) == {1.5}
+    assert favoured_tokens(llama, ["python"], 0.0) == {} and favoured_tokens(llama, [], 1.5) == {}
+
+
+def test_knowledge_bias_steers_the_answer_to_the_retrieved_words(gemma_models, monkeypatch):
+    monkeypatch.setenv("HUBLAB_HOME", str(gemma_models / "home"))
+    words = {"zeppelins", "drift", "above", "reykjavik", "harbour"}
+
+    def share(text: str) -> float:  # of the answer's words, those the retrieved answer holds
+        said = [w.strip(".,!?*").lower() for w in text.split()]
+        return sum(any(w and w in x for x in words) for w in said) / max(len(said), 1)
+
+    with Runtime(models_dir=gemma_models, profile="host", threads=1, keep_alive=-1) as rt:
+        ctx = ExpertContext(rt)
+        ask = dict(max_tokens=16, temperature=0.0)
+        question = "python model"
+        plain = ctx.generate("alpha", question, **ask).text
+        rt.config("alpha").knowledge_bias = 8.0
+        steered = ctx.generate("alpha", question, **ask).text
+        assert share(steered) > share(plain), (plain, steered)  # the base copies the shown answer in part already
+        # the engine alone is given nothing to favour; given the text, it favours it the same way
+        assert rt.generate("alpha", question, **ask).text != steered
+        told = "Question: Where do airships drift?\nAnswer:"
+        bare = rt.generate("alpha", told, raw=True, **ask).text
+        favoured = rt.generate("alpha", told, raw=True, favour=["Zeppelins drift above Reykjavik harbour."], **ask).text
+        assert share(favoured) > share(bare), (bare, favoured)
 
 
 def test_embeddings_are_cached_by_pack_and_encoder_hash(models, tmp_path):

@@ -225,7 +225,7 @@ def test_the_closest_passage_is_shown_and_the_answer_cites_it(runtime):
     from hublab.runtime.routing.context import ExpertContext
 
     ctx = ExpertContext(runtime)
-    chat, n, sources = ctx.lookup(runtime.config("python"), "How do I join path segments together?")
+    chat, n, sources, _ = ctx.lookup(runtime.config("python"), "How do I join path segments together?")
     assert n == 1 and sources == ["html: os.path.join"]
     asked = chat[-1]["content"]
     assert chat[-1]["role"] == "user" and asked.startswith("From html: os.path.join:\n")
@@ -233,8 +233,8 @@ def test_the_closest_passage_is_shown_and_the_answer_cites_it(runtime):
     assert "Join one or more path segments" in asked
     assert ctx.lookup(runtime.config("python"), "change the mode bits of a file")[2] == ["man chmod(1): Description"]
     # a question close to no passage gets none; an expert of another domain is not given python's docs
-    assert ctx.lookup(runtime.config("python"), "a recipe for lemon cake with icing") [1:] == (0, [])
-    assert ctx.lookup(runtime.config("general"), "How do I join path segments together?")[1:] == (0, [])
+    assert ctx.lookup(runtime.config("python"), "a recipe for lemon cake with icing")[1:3] == (0, [])
+    assert ctx.lookup(runtime.config("general"), "How do I join path segments together?")[1:3] == (0, [])
 
     pieces = list(gen := ctx.stream("python", "How do I join path segments together?"))
     assert pieces[-1] == " [html: os.path.join]" and "".join(pieces).strip() == gen.result.text.strip()

@@ -4,6 +4,7 @@ The sets' separation from every training file is tests/test_heldout.py."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from collections import Counter
 
 import pytest
@@ -119,3 +120,17 @@ def test_heldout_key_terms_follow_the_three_character_rule():
     short = [(r["id"], v) for r in read_jsonl(QUALITY_HELDOUT) for t in r["key_terms"] for v in t.split("|")
              if len(v.strip()) < 3]
     assert not short
+
+
+def test_dev_clean_keeps_the_dev_items_no_training_file_comes_near():
+    """`--set dev-clean`: every domain still there, and an item whose question a knowledge pack holds is left out."""
+    from heldout import QuestionIndex, training_questions
+
+    bench = bench_quality()
+    rows = read_jsonl(QUALITY_DEV)
+    kept = bench.clean(rows)
+    assert 90 <= len(kept) < len(rows) and min(Counter(r["domain"] for r in kept).values()) >= 15
+    index = QuestionIndex(training_questions())
+    assert not any(index.clashes(r["question"]) for r in kept)
+    pack = json.loads((REPO / "models" / "demo" / "python-knowledge.jsonl").read_text().splitlines()[0])
+    assert bench.clean([{"question": pack["question"], "reference": "a new answer", "domain": "python"}]) == []

@@ -37,7 +37,8 @@ from .peers import Peers
 from .profiles import Profile, active_profile
 from .rpc import Split, rpc_devices, split_estimate
 from .scheduler import LoadPlan, expired, victims
-from .session import Decoded, Generation, GenerationResult, LoadedBase, TextStream, decode_text, is_special
+from .session import (Decoded, Generation, GenerationResult, LoadedBase, TextStream, decode_text, favoured_tokens,
+                      is_special)
 from .split import SplitBase
 from .threads import CpuLoad, ThreadPolicy, usable_cpus
 
@@ -444,12 +445,13 @@ class Runtime:
                temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                min_p: float | None = None, repeat_penalty: float | None = None, seed: int | None = None,
                stop: list[str] | None = None, system_prompt: str | None = None, special: bool = True,
-               knowledge: int = 0, grammar: str | None = None) -> Generation:
+               knowledge: int = 0, grammar: str | None = None, favour: list[str] | None = None) -> Generation:
         """Generate with expert `name`, yielding text as it comes. `prompt` is a user message (or a list of
         chat messages); raw=True completes the text as is (special tokens in it parsed unless special=False).
         The sampler comes from the expert's [inference] with any keyword here overriding it. `knowledge`: how many
         knowledge-pack pairs the caller put into the chat (routing/context.py), reported in the result. `grammar`
-        (GBNF, root rule `root`; runtime/engine/structured.py makes one from a JSON schema) constrains every token."""
+        (GBNF, root rule `root`; runtime/engine/structured.py makes one from a JSON schema) constrains every token.
+        `favour`: texts the chat gave the model to read, whose words get the expert's knowledge_bias."""
         cfg = self.config(name)
         asked = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                      repeat_penalty=repeat_penalty, seed=seed)
@@ -462,7 +464,7 @@ class Runtime:
         system = cfg.inference.system_prompt if system_prompt is None else system_prompt
         gen = Generation(iter(()))
         gen._pieces = self._generate(gen, cfg, prompt, raw, logprobs, cancel, opts, stops, system, special,
-                                     knowledge, grammar)
+                                     knowledge, grammar, favour or [])
         return gen
 
     def generate(self, name: str, prompt: str | list[dict], **kwargs) -> GenerationResult:
@@ -474,7 +476,8 @@ class Runtime:
 
     def _generate(self, gen: Generation, cfg: ModelConfig, prompt, raw: bool, logprobs: bool,
                   cancel: threading.Event | None, opts: Inference, stops: list[str], system: str,
-                  special: bool = True, n_shots: int = 0, grammar: str | None = None) -> Iterator[str]:
+                  special: bool = True, n_shots: int = 0, grammar: str | None = None,
+                  favour: list[str] = ()) -> Iterator[str]:
         import llama_cpp
 
         t0 = time.perf_counter()
@@ -483,7 +486,8 @@ class Runtime:
                 yield from self._generate_split(gen, base, cfg, prompt, n_shots, dict(
                     raw=raw, logprobs=logprobs, max_tokens=opts.max_tokens, temperature=opts.temperature,
                     top_p=opts.top_p, top_k=opts.top_k, min_p=opts.min_p, repeat_penalty=opts.repeat_penalty,
-                    seed=opts.seed, stop=stops, system_prompt=system, special=special, grammar=grammar), cancel)
+                    seed=opts.seed, stop=stops, system_prompt=system, special=special, grammar=grammar,
+                    favour=list(favour)), cancel)
                 return
             llama = base.llama
             tokens, template_stops = self.prompt_tokens(base, cfg, prompt, raw, system, special)
@@ -510,7 +514,8 @@ class Runtime:
                 threads.append(n)
                 llama_cpp.llama_set_n_threads(llama._ctx.ctx, n, n)
 
-            sampled = base.sample(tokens[cached:], opts, cancel, grammar, budget=max_new)
+            sampled = base.sample(tokens[cached:], opts, cancel, grammar, budget=max_new,
+                                  bias=favoured_tokens(llama, list(favour), cfg.knowledge_bias))
             try:
                 yield from decode_text(base.policy.paced(sampled, apply_threads), llama, out, cancel, max_new, t0,
                                         state, add_logprob if logprobs else None)

@@ -203,12 +203,14 @@ class LoadedBase:
         return True
 
     def sample(self, tokens: list[int], opts: Inference, cancel: threading.Event | None = None,
-               grammar: str | None = None, budget: int | None = None) -> Iterator[int]:
+               grammar: str | None = None, budget: int | None = None,
+               bias: dict[int, float] | None = None) -> Iterator[int]:
         """Read the prompt's `tokens`, then sample and read one token at a time, for as long as asked. The
-        sampler chain is llama-cpp-python's (penalties over the last 64 generated tokens, then greedy, or
-        top-k, typical, top-p, min-p, temperature and a seeded draw) and lives exactly as long as the loop.
-        `grammar` (GBNF, root rule `root`) constrains every token to it (llama.cpp's grammar sampler): see
-        `Constrained`; `budget`, the most tokens the answer may take, lets it finish the document in time."""
+        sampler chain is llama-cpp-python's (a logit bias, then penalties over the last 64 generated tokens,
+        then greedy, or top-k, typical, top-p, min-p, temperature and a seeded draw) and lives exactly as long
+        as the loop. `grammar` (GBNF, root rule `root`) constrains every token to it (llama.cpp's grammar
+        sampler): see `Constrained`; `budget`, the most tokens the answer may take, lets it finish the document
+        in time; `bias`: token -> what is added to its logit (`favoured_tokens`)."""
         import llama_cpp
 
         ctx = self.llama._ctx.ctx
@@ -218,6 +220,9 @@ class LoadedBase:
                                                            opts.repeat_penalty, 0.0, 0.0)
         constrained = None
         try:
+            if bias:
+                table = (llama_cpp.llama_logit_bias * len(bias))(*bias.items())
+                add(llama_cpp.llama_sampler_init_logit_bias(self.llama.n_vocab(), len(bias), table))
             if grammar is None:
                 add(penalties)  # the chain owns it from here
             if opts.temperature <= 0:
@@ -248,6 +253,23 @@ class LoadedBase:
             if penalties is not None and grammar is not None:
                 llama_cpp.llama_sampler_free(penalties)
             llama_cpp.llama_sampler_free(chain)
+
+
+def favoured_tokens(llama, texts: list[str], bias: float) -> dict[int, float]:
+    """token -> `bias` for every token of `texts` written with 3 or more visible characters: the words of what the
+    answer was given to read (a retrieved answer, a passage), not the punctuation and short words every answer
+    has. On the quality dev questions no pack pair comes near (bench/quality.py --set dev-clean), +1.5 on the
+    closest pair's answer took the `?` answer's hit from 0.524 to 0.638 (similarity 0.607 -> 0.609); +2 gave 0.619,
+    +3 0.571 with 5 % of the answers degenerate; leaving function words (the, and) out gave 0.610."""
+    if not bias or not texts:
+        return {}
+    found: dict[int, float] = {}
+    for text in texts:
+        for token in llama.tokenize(text.encode(), add_bos=False, special=False):
+            if token not in found and len(llama.detokenize([token], special=False).decode("utf-8", "ignore")
+                                          .strip()) >= 3:
+                found[token] = bias
+    return found
 
 
 _CLOSERS: dict[tuple, dict[int, str]] = {}  # (model file, vocabulary size) -> its tokens of closing characters

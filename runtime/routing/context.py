@@ -11,6 +11,7 @@ knows the experts installed now.
 from __future__ import annotations
 
 import threading
+from typing import NamedTuple
 
 from ..config import ModelConfig
 from ..engine.runtime import Generation, GenerationResult, Runtime
@@ -18,6 +19,14 @@ from .knowledge import DocPack, Library, citation, find_doc_packs, shots, with_p
 from .router import Router, default_router_dir
 
 CHARS_PER_TOKEN = 3  # for the knowledge budget: gemma's tokenizer gives English prose 3.5-4.5 characters a token
+
+
+class Found(NamedTuple):
+    """What `ExpertContext.lookup` put into a chat."""
+    chat: str | list[dict]
+    count: int              # pairs and passages put in
+    sources: list[str]      # the passages' sources, which the answer cites
+    favour: list[str]       # what the sampler favours the words of: the closest pair's answer, every passage
 
 
 class ExpertContext:
@@ -59,22 +68,21 @@ class ExpertContext:
                     self.router_note = "; ".join(n for n in (self.router_note, *errors) if n)
             return [d for d in self._docs if d.serves(domain)]
 
-    def lookup(self, cfg: ModelConfig, prompt: str | list[dict],
-               query_embedding=None) -> tuple[str | list[dict], int, list[str]]:
-        """The chat with the expert's closest knowledge-pack pairs and documentation passages put in, how many were
-        put, and the passages' sources (what the answer cites). The pack's pairs go before the question as earlier
-        turns, the passages into the question's own turn, the closest last. `query_embedding`: the last user
-        message's, when routing made it already."""
+    def lookup(self, cfg: ModelConfig, prompt: str | list[dict], query_embedding=None) -> Found:
+        """The chat with the expert's closest knowledge-pack pairs and documentation passages put in (`Found`).
+        The pack's pairs go before the question as earlier turns, the passages into the question's own turn, the
+        closest last. `query_embedding`: the last user message's, when routing made it already."""
+        nothing = Found(prompt, 0, [], [])
         if cfg.peer:  # answered on another board, which puts its own knowledge before the question
-            return prompt, 0, []
+            return nothing
         docs = self.doc_packs(cfg.domain)
         if (cfg.knowledge is None or cfg.knowledge_shots <= 0) and not any(d.passages for d in docs):
-            return prompt, 0, []
+            return nothing
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         users = [m["content"] for m in messages if m.get("role") == "user" and isinstance(m.get("content"), str)]
         router = self.router
         if not users or router is None or not router.has_embedding:
-            return prompt, 0, []
+            return nothing
         with self._lock:
             if self._library is None:
                 self._library = Library(router.embed, router.encoder_id)
@@ -87,14 +95,15 @@ class ExpertContext:
                           key=lambda hit: -hit[0])[:max((d.passages for d in docs), default=0)]
         pairs, passages = self._within(cfg, pairs, passages)
         if not pairs and not passages:
-            return prompt, 0, []
+            return nothing
         if passages:  # into the last question's own turn
             last = max(i for i, m in enumerate(messages)
                        if m.get("role") == "user" and isinstance(m.get("content"), str))
             messages[last] = {**messages[last], "content": with_passages(messages[last]["content"], passages)}
         at = next(i for i, m in enumerate(messages) if m.get("role") != "system")
         chat = messages[:at] + shots(pairs) + messages[at:]
-        return chat, len(pairs) + len(passages), [rec["source"] for _, rec in passages]
+        return Found(chat, len(pairs) + len(passages), [rec["source"] for _, rec in passages],
+                     [rec["response"] for _, rec in pairs[:1]] + [rec["passage"] for _, rec in passages])
 
     def _within(self, cfg: ModelConfig, pairs: list, passages: list) -> tuple[list, list]:
         """The pairs and passages that fit half the expert's context, the closest kept first: the question and the
@@ -117,10 +126,10 @@ class ExpertContext:
         """Runtime.stream with the expert's knowledge put before a chat (a raw completion is sent as it is).
         An answer given documentation passages ends citing their sources, `[python docs: os.path]`: added here
         from the passages shown, not left to the model (a constrained answer, a JSON document, is left whole)."""
-        n, sources = 0, []
+        n, sources, favour = 0, [], []
         if not raw:
-            prompt, n, sources = self.lookup(self.rt.config(name), prompt, query_embedding)
-        gen = self.rt.stream(name, prompt, raw=raw, knowledge=n, **kwargs)
+            prompt, n, sources, favour = self.lookup(self.rt.config(name), prompt, query_embedding)
+        gen = self.rt.stream(name, prompt, raw=raw, knowledge=n, favour=favour, **kwargs)
         return gen if not sources or kwargs.get("grammar") else _cited(gen, sources)
 
     def generate(self, name: str, prompt: str | list[dict], **kwargs) -> GenerationResult:
