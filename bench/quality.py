@@ -4,7 +4,9 @@ Sets (bench/quality/PROVENANCE.md says who wrote each, when and under which rule
 - `heldout` (bench/quality/heldout.jsonl): written apart from every file of the project; read only to measure;
 - `dev` (bench/quality/dev.jsonl): the first held-out set, written beside the training answers; for tuning;
 - `dev-clean`: the dev items no training or knowledge file comes near by the held-out rules (105 of 180): tuning
-  on the questions the packs do not answer word for word, like the held-out ones.
+  on the questions the packs do not answer word for word, like the held-out ones;
+- `dev-other` (bench/quality/dev_other.jsonl): questions of domain `other` (cooking, law, pets, ...), which no
+  expert covers and dev has none of; written blind, for tuning the fallback.
 Items of domain `other` (cooking, law, music, ...) have no expert: the system should send them to the fallback
 (general); they are scored as their own row.
 
@@ -45,7 +47,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SETS = {"heldout": REPO / "bench" / "quality" / "heldout.jsonl", "dev": REPO / "bench" / "quality" / "dev.jsonl",
-        "dev-clean": REPO / "bench" / "quality" / "dev.jsonl"}
+        "dev-clean": REPO / "bench" / "quality" / "dev.jsonl",
+        "dev-other": REPO / "bench" / "quality" / "dev_other.jsonl"}
 BASE = "gemma3-270m"
 FLOOR_PROMPT = (
     "Question: What is Python?\nAnswer: Python is a high-level, general-purpose programming language known for "

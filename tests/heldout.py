@@ -16,10 +16,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 QUALITY_HELDOUT = REPO / "bench" / "quality" / "heldout.jsonl"
 QUALITY_DEV = REPO / "bench" / "quality" / "dev.jsonl"
+QUALITY_DEV_OTHER = REPO / "bench" / "quality" / "dev_other.jsonl"
 ROUTING_HELDOUT = REPO / "bench" / "routing" / "heldout.jsonl"
 ROUTING_DEV = (REPO / "bench" / "routing" / "dev.jsonl", REPO / "bench" / "routing" / "dev2.jsonl")
 HELDOUT_FILES = (QUALITY_HELDOUT, ROUTING_HELDOUT)
-DEV_FILES = (QUALITY_DEV, *ROUTING_DEV)
+DEV_FILES = (QUALITY_DEV, QUALITY_DEV_OTHER, *ROUTING_DEV)
 
 # A one-word substitution in a 4-word question leaves word Jaccard 3/5 = 0.6; in 5 words, 4/6.
 WORD_JACCARD = 0.6
