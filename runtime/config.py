@@ -237,6 +237,8 @@ SAMPLER: dict[str, Key] = {
                  api=("openai", "ollama")),
     "seed": Key(int, -1, "sampler seed; -1 = random", range=(-1, SEED_MAX),
                 why="llama.cpp's sampler seed is a 32-bit unsigned integer", api=("openai", "ollama")),
+    "min_tokens": Key(int, 0, "tokens an answer runs before it may end (a JSON answer ends when its document does)",
+                      range=(0, 1 << 20), model_only=True),
     "stop": Key(list, [], "strings that end generation", api=("openai", "ollama"), model_only=True),
     "system_prompt": Key(str, "", "system message placed before every question", model_only=True),
 }

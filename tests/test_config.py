@@ -229,7 +229,7 @@ def test_seed_tops_out_at_llama_cpps_32_bits_in_both_files(tmp_path):
 def test_the_sampler_table_makes_the_inference_defaults_and_both_inference_sections(tmp_path):
     assert asdict(Inference()) == {key: spec.default for key, spec in SAMPLER.items()}
     assert MODEL_SCHEMA["inference"] is SAMPLER
-    assert set(SYSTEM_SCHEMA["inference"]) == set(SAMPLER) - {"stop", "system_prompt"}
+    assert set(SYSTEM_SCHEMA["inference"]) == set(SAMPLER) - {"stop", "system_prompt", "min_tokens"}
     # system.toml [inference] holds only what was written there, typed as the table says
     assert load_system(write(tmp_path / "system.toml", "[inference]\ntemperature = 1\n")).inference == \
         {"temperature": 1.0}

@@ -237,3 +237,19 @@ def test_raw_prompt_parses_special_tokens_unless_told_not_to(tiny_models_dir):
         plain, _ = rt.prompt_tokens(base, cfg, "<s>hello", True, "", special=False)
         bos = base.llama.token_bos()
         assert parsed[:2] == [bos, bos] and plain[0] == bos and plain[1] != bos
+
+
+def test_min_tokens_holds_the_end_back(tmp_path, monkeypatch):
+    """[inference] min_tokens: the demo general expert answers "What is 2+2?" in two tokens; held to 20, it goes
+    on; under a grammar the document ends where it ends."""
+    from pathlib import Path
+
+    monkeypatch.setenv("HUBLAB_HOME", str(tmp_path / "home"))
+    with runtime(Path(__file__).resolve().parents[1] / "models") as rt:
+        short = rt.generate("general", "What is 2+2?", max_tokens=60)
+        assert short.finish_reason == "stop" and short.tokens < 10
+        rt.config("general").inference.min_tokens = 20
+        held = rt.generate("general", "What is 2+2?", max_tokens=60)
+        assert held.tokens >= 20 and held.text.startswith(short.text.strip().rstrip("."))
+        doc = rt.generate("general", "What is 2+2?", max_tokens=60, grammar='root ::= "{\\"n\\": 4}"')
+        assert doc.text == '{"n": 4}' and doc.tokens < 20

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import itertools
 import threading
 import time
 from collections import OrderedDict
@@ -202,6 +203,13 @@ class LoadedBase:
             llama.n_tokens = n_past + len(chunk)
         return True
 
+    def end_tokens(self) -> list[int]:
+        """The tokens that end an answer: the vocabulary's end of text and end of turn."""
+        import llama_cpp
+
+        vocab = llama_cpp.llama_model_get_vocab(self.llama.model)
+        return sorted({t for t in (llama_cpp.llama_vocab_eos(vocab), llama_cpp.llama_vocab_eot(vocab)) if t >= 0})
+
     def sample(self, tokens: list[int], opts: Inference, cancel: threading.Event | None = None,
                grammar: str | None = None, budget: int | None = None,
                bias: dict[int, float] | None = None) -> Iterator[int]:
@@ -210,7 +218,8 @@ class LoadedBase:
         then greedy, or top-k, typical, top-p, min-p, temperature and a seeded draw) and lives exactly as long
         as the loop. `grammar` (GBNF, root rule `root`) constrains every token to it (llama.cpp's grammar
         sampler): see `Constrained`; `budget`, the most tokens the answer may take, lets it finish the document
-        in time; `bias`: token -> what is added to its logit (`favoured_tokens`)."""
+        in time; `bias`: token -> what is added to its logit (`favoured_tokens`). The end tokens are held back
+        for the first `opts.min_tokens` (not under a grammar: a document ends where it ends)."""
         import llama_cpp
 
         ctx = self.llama._ctx.ctx
@@ -240,7 +249,11 @@ class LoadedBase:
                 penalties = None
             if not self.decode(tokens, cancel):
                 return  # stopped while reading the prompt
-            while True:
+            held = self.end_tokens() if opts.min_tokens and constrained is None else []
+            n_vocab = self.llama.n_vocab()
+            for n in itertools.count():
+                if held and n < opts.min_tokens:  # the answer may not end yet
+                    np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))[held] = -np.inf
                 if constrained is None:
                     token = llama_cpp.llama_sampler_sample(chain, ctx, -1)
                 else:
