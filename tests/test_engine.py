@@ -253,3 +253,14 @@ def test_min_tokens_holds_the_end_back(tmp_path, monkeypatch):
         assert held.tokens >= 20 and held.text.startswith(short.text.strip().rstrip("."))
         doc = rt.generate("general", "What is 2+2?", max_tokens=60, grammar='root ::= "{\\"n\\": 4}"')
         assert doc.text == '{"n": 4}' and doc.tokens < 20
+        # a weighted mixture follows its lead expert's setting
+        def mixed() -> int:
+            gen = rt.mixture_stream({"general": 0.7, "python": 0.3}, "What is 2+2?", max_tokens=60)
+            for _ in gen:
+                pass
+            return gen.result.tokens
+        rt.config("general").inference.min_tokens = 0
+        plain = mixed()
+        assert plain < 50
+        rt.config("general").inference.min_tokens = plain + 10
+        assert mixed() >= plain + 10

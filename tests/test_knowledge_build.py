@@ -225,8 +225,9 @@ def test_the_closest_passage_is_shown_and_the_answer_cites_it(runtime):
     from hublab.runtime.routing.context import ExpertContext
 
     ctx = ExpertContext(runtime)
-    chat, n, sources, _ = ctx.lookup(runtime.config("python"), "How do I join path segments together?")
+    chat, n, sources, favour = ctx.lookup(runtime.config("python"), "How do I join path segments together?")
     assert n == 1 and sources == ["html: os.path.join"]
+    assert len(favour) == 1 and "Join one or more path segments" in favour[0]  # the passage, for the sampler
     asked = chat[-1]["content"]
     assert chat[-1]["role"] == "user" and asked.startswith("From html: os.path.join:\n")
     assert asked.endswith("\n\nUsing that, answer: How do I join path segments together?")

@@ -3,6 +3,7 @@ is the router-weighted mixture of the experts' distributions, on one shared base
 from __future__ import annotations
 
 import ctypes
+import itertools
 import threading
 import time
 from collections.abc import Iterator
@@ -126,9 +127,14 @@ def _mixture(rt: Runtime, gen: Generation, cfgs: list[ModelConfig], weights: lis
                 dists.append(decode(toks, i, 0, toks))
                 positions.append(len(toks))
             histories = [list(t) for t in prompts]
+            held = base.end_tokens() if opts.min_tokens else []
+
             def sampled() -> Iterator[int]:
-                while True:
-                    token = sample(sum(w * d for w, d in zip(weights, dists)), opts, rng)
+                for n in itertools.count():
+                    mixed = sum(w * d for w, d in zip(weights, dists))
+                    if held and n < opts.min_tokens:  # the lead expert's min_tokens: the answer may not end yet
+                        mixed[held] = 0.0
+                    token = sample(mixed, opts, rng)
                     yield token
                     # resumed only when decoding goes on: every expert reads the chosen token
                     for i, c in enumerate(cfgs):
