@@ -464,7 +464,7 @@ class Runtime:
         system = cfg.inference.system_prompt if system_prompt is None else system_prompt
         gen = Generation(iter(()))
         gen._pieces = self._generate(gen, cfg, prompt, raw, logprobs, cancel, opts, stops, system, special,
-                                     knowledge, grammar, favour or [])
+                                     knowledge, grammar, tuple(favour or ()))
         return gen
 
     def generate(self, name: str, prompt: str | list[dict], **kwargs) -> GenerationResult:
@@ -477,7 +477,7 @@ class Runtime:
     def _generate(self, gen: Generation, cfg: ModelConfig, prompt, raw: bool, logprobs: bool,
                   cancel: threading.Event | None, opts: Inference, stops: list[str], system: str,
                   special: bool = True, n_shots: int = 0, grammar: str | None = None,
-                  favour: list[str] = ()) -> Iterator[str]:
+                  favour: tuple[str, ...] = ()) -> Iterator[str]:
         import llama_cpp
 
         t0 = time.perf_counter()
