@@ -95,8 +95,12 @@ def first(rows: list[dict], per_domain: int) -> list[dict]:
     """The first `per_domain` items of each domain (0 = all)."""
     if not per_domain:
         return rows
-    seen = Counter()
-    return [r for r in rows if (seen.update([r["domain"]]) or seen[r["domain"]]) <= per_domain]
+    kept, seen = [], Counter()
+    for r in rows:
+        seen[r["domain"]] += 1
+        if seen[r["domain"]] <= per_domain:
+            kept.append(r)
+    return kept
 
 
 def scored_terms(row: dict) -> list[str]:
