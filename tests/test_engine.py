@@ -244,6 +244,8 @@ def test_min_tokens_holds_the_end_back(tmp_path, monkeypatch):
     on; under a grammar the document ends where it ends."""
     from pathlib import Path
 
+    import llama_cpp
+
     monkeypatch.setenv("HUBLAB_HOME", str(tmp_path / "home"))
     with runtime(Path(__file__).resolve().parents[1] / "models") as rt:
         short = rt.generate("general", "What is 2+2?", max_tokens=60)
@@ -251,6 +253,13 @@ def test_min_tokens_holds_the_end_back(tmp_path, monkeypatch):
         rt.config("general").inference.min_tokens = 20
         held = rt.generate("general", "What is 2+2?", max_tokens=60)
         assert held.tokens >= 20 and held.text.startswith(short.text.strip().rstrip("."))
+        # every token that would end the answer is held, not only end of text and end of turn
+        from hublab.runtime.engine.session import end_tokens
+
+        with rt.hold("general") as base:
+            vocab = base.llama._model.vocab
+            ends = end_tokens(base.llama)
+            assert len(ends) > 2 and {llama_cpp.llama_vocab_eos(vocab), llama_cpp.llama_vocab_eot(vocab)} < set(ends)
         doc = rt.generate("general", "What is 2+2?", max_tokens=60, grammar='root ::= "{\\"n\\": 4}"')
         assert doc.text == '{"n": 4}' and doc.tokens < 20
         # a weighted mixture follows its lead expert's setting

@@ -14,7 +14,7 @@ import psutil
 
 from ..config import Inference, ModelConfig
 from ..errors import HublabError
-from .session import PENALTY_LAST_N, Decoded, Generation, GenerationResult, TextStream, decode_text
+from .session import PENALTY_LAST_N, Decoded, Generation, GenerationResult, TextStream, decode_text, end_tokens
 
 
 if TYPE_CHECKING:
@@ -127,7 +127,7 @@ def _mixture(rt: Runtime, gen: Generation, cfgs: list[ModelConfig], weights: lis
                 dists.append(decode(toks, i, 0, toks))
                 positions.append(len(toks))
             histories = [list(t) for t in prompts]
-            held = base.end_tokens() if opts.min_tokens else []
+            held = end_tokens(llama) if opts.min_tokens else []
 
             def sampled() -> Iterator[int]:
                 for n in itertools.count():
