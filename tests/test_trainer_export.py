@@ -175,3 +175,31 @@ def test_export_profiles_builds_one_package_each_board_installs_its_variant(tiny
 
     assert hublab_main(["export", "profiles", str(tiny_base_gguf), "--profiles", "pi9", "-o", str(tmp_path)]) == 1
     assert "unknown pi9" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("outtype", ["f32", "q8_0"])
+def test_training_goes_on_from_an_adapter_gguf(tiny_trained, tiny_hf, tmp_path, outtype):  # noqa: F811
+    """init_adapter: a shipped expert's GGUF (what export_adapter wrote, q/k rows in llama.cpp's rotary order)
+    loads back into a fresh LoRA as the weights peft trained; another rank or a model GGUF is a one-line error."""
+    from safetensors.torch import load_file
+
+    from hublab.trainer import lora
+
+    result, _ = tiny_trained
+    gguf = E.export_adapter(result.adapter_dir, tmp_path / "expert.gguf", outtype, card=False)
+    trained = load_file(result.adapter_dir / "adapter_model.safetensors")
+    cfg = lora.TrainConfig(base=str(tiny_hf), output=tmp_path / "run")
+    model = lora.add_lora(lora.load_base(cfg.base)[0], cfg)
+    lora.start_from(model, gguf, cfg.lora_r)
+    state = {k.replace(".default", ""): v for k, v in model.state_dict().items() if "lora_" in k}
+    assert set(state) == set(trained) and len(trained) == 2 * 7 * 2
+    for name, weight in trained.items():  # q8_0 keeps 8 bits a weight, per block of 32
+        assert (state[name] - weight).abs().max() <= (1e-6 if outtype == "f32" else 0.01) * weight.abs().max(), name
+    with pytest.raises(E.ExportError, match=r"rank 8, but the run trains at lora_r = 4; set \[lora\] r = 8"):
+        lora.start_from(lora.add_lora(lora.load_base(cfg.base)[0], lora.TrainConfig(cfg.base, cfg.output, lora_r=4)),
+                        gguf, 4)
+    base_gguf = E.convert_gguf(tiny_hf, tmp_path / "base.gguf", outtype="f32")
+    with pytest.raises(E.ExportError, match="a model GGUF, not a LoRA adapter"):
+        lora.start_from(model, base_gguf, 8)
+    with pytest.raises(lora.TrainError, match="no such file"):
+        lora.start_from(model, tmp_path / "missing.gguf", 8)

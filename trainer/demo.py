@@ -15,25 +15,41 @@ import json
 import shutil
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 from hublab.runtime.engine.hostcpu import load_llama
+from hublab.runtime.paths import EMBEDDED_MODELS_DIR
 
 from .demo_data import DOMAINS
 
 BASE = "gemma3-270m"
+EXPERTS = EMBEDDED_MODELS_DIR / "experts"   # the demo experts' TOMLs (knowledge_min)
+ROUTER = EMBEDDED_MODELS_DIR / "router"     # the encoder the device finds pack pairs with
 
 
 def train_domain(domain: str, data_dir: Path, runs_dir: Path, minutes: float, threads: int = 0,
-                 epochs: float = 1.0) -> dict:
-    """Train one expert on its answer set, then dev-set perplexity of the base and of the expert."""
+                 epochs: float = 1.0, shots: int = 0, start: Path | None = None, lr: float = 5e-4) -> dict:
+    """Train one expert on its answer set, then dev-set perplexity of the base and of the expert. `shots` > 0:
+    each question after its closest pack pairs, as the device asks it (demo_data.with_shots); `start`: a
+    directory of adapter GGUFs (models/demo) to go on from, `<domain>.gguf`, instead of a fresh adapter."""
     from . import data as D
+    from .demo_data import with_shots
     from .lora import TrainConfig, load_with_adapter, perplexity, train_lora
 
-    cfg = TrainConfig(base=BASE, output=runs_dir / domain, data=[D.DataSpec(data_dir / f"{domain}.jsonl")],
-                      max_seq_len=256, batch_size=8, epochs=epochs, lr=5e-4, warmup_steps=10,
+    data = data_dir / f"{domain}.jsonl"
+    if shots:
+        expert = tomllib.loads((EXPERTS / f"{domain}.toml").read_text())["expert"]
+        rows = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
+        data = data_dir / f"{domain}_shots{shots}.jsonl"
+        data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in with_shots(
+            rows, data_dir / f"{domain}_pack.jsonl", ROUTER, shots, expert.get("knowledge_min", 0.45))),
+            encoding="utf-8")
+    cfg = TrainConfig(base=BASE, output=runs_dir / domain, data=[D.DataSpec(data)],
+                      max_seq_len=512 if shots else 256, batch_size=8, epochs=epochs, lr=lr, warmup_steps=10,
                       eval_fraction=0.03, eval_every=40, patience=0, save_every=40, resume=True,
-                      time_limit=minutes * 60, threads=threads, lora_r=8, lora_alpha=16)
+                      time_limit=minutes * 60, threads=threads, lora_r=8, lora_alpha=16,
+                      init_adapter=str(start / f"{domain}.gguf") if start else "")
     t0 = time.time()
     result = train_lora(cfg)
     dev = D.load_examples(D.DataSpec(data_dir / f"{domain}_dev.jsonl"))
@@ -50,7 +66,8 @@ def train_domain(domain: str, data_dir: Path, runs_dir: Path, minutes: float, th
            "planned_steps": result.planned_steps,
            "settings": {"lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lr": cfg.lr, "batch_size": cfg.batch_size,
                         "max_seq_len": cfg.max_seq_len, "epochs": epochs, "minutes": minutes,
-                        "threads": threads, "eval_fraction": cfg.eval_fraction}}
+                        "threads": threads, "eval_fraction": cfg.eval_fraction, "shots": shots,
+                        "start": str(start or "")}}
     (runs_dir / domain / "ppl.json").write_text(json.dumps(row, indent=1))
     print(json.dumps(row), flush=True)
     return row
@@ -66,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--minutes", type=float, default=30.0, help="cap per expert")
     t.add_argument("--epochs", type=float, default=1.0)
     t.add_argument("--threads", type=int, default=0)
+    t.add_argument("--shots", type=int, default=0,
+                   help="put each question after its N closest pack pairs, as the device does (0 = bare questions)")
+    t.add_argument("--from", dest="start", type=Path,
+                   help="go on from the adapter GGUFs in this directory (e.g. models/demo), not from zero")
+    t.add_argument("--lr", type=float, default=5e-4)
     e = sub.add_parser("export")
     e.add_argument("runs_dir", type=Path)
     e.add_argument("out_dir", type=Path)
@@ -75,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.cmd == "train":
         for domain in args.domains.split(","):
-            train_domain(domain, args.data_dir, args.runs_dir, args.minutes, args.threads, args.epochs)
+            train_domain(domain, args.data_dir, args.runs_dir, args.minutes, args.threads, args.epochs,
+                         args.shots, args.start, args.lr)
         return 0
     return export_demo(args.runs_dir, args.out_dir, args.domains.split(","), args.check)
 

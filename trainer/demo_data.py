@@ -383,6 +383,30 @@ def build_answers(out_dir: Path, domains=DOMAINS, seed: int = 0) -> dict[str, di
     return counts
 
 
+def with_shots(rows: list[dict], pack: Path, router_dir: Path, k: int = 2, least: float = 0.45,
+               near: float = 0.95) -> list[dict]:
+    """Training pairs as the device asks them: each question after the `k` pack pairs closest to it, as earlier
+    chat turns (runtime/routing/knowledge.py's `shots`, found with the router's encoder, at similarity `least` or
+    more), so an expert learns to answer from what it is shown. A pair of the question itself, or one at
+    similarity `near` or more, is left out: on the device a new question has no pair of its own, and an expert
+    that learned to copy its twin would copy a neighbour's answer to a different question."""
+    from hublab.runtime.routing.knowledge import Library, shots
+    from hublab.runtime.routing.router import Router
+
+    router = Router.load(router_dir, [], threads=1)
+    library = Library(router.embed, router.encoder_id)
+    found = library.pack(pack)
+    queries = router.embed([r["question"] for r in rows])
+    out = []
+    for row, query in zip(rows, queries):
+        same = row["question"].strip().lower()
+        pairs = [(score, rec) for score, rec in found.nearest(query, k + 4, least)
+                 if score < near and rec["question"].strip().lower() != same][:k]
+        out.append({"messages": shots(pairs) + [{"role": "user", "content": row["question"]},
+                                                {"role": "assistant", "content": row["response"]}]})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", nargs="?", default="build/demo-data")

@@ -170,6 +170,51 @@ def export_adapter(adapter_dir: Path, out: Path, outtype: str = "q8_0", base_ggu
     return out
 
 
+def read_adapter(path: Path, r: int, n_head: int = 1, n_kv: int = 1) -> dict:
+    """A llama.cpp LoRA adapter GGUF (what `export_adapter` writes) as a peft state dict, to train on from it
+    (`TrainConfig.init_adapter`): names back to the HF modules, quantized tensors dequantized to float32.
+    `r` is the rank the run trains at; an adapter of another rank, or on another architecture's tensors, is
+    refused with the file and the fix. `n_head`/`n_kv`: the model's attention and key/value heads, to undo the
+    rotary row order export_adapter gives q/k of the architectures in PERMUTE_QK."""
+    import numpy as np
+    import torch
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    path = Path(path)
+    try:
+        reader = GGUFReader(str(path))
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{path}: not a readable GGUF ({e}); point init_adapter at an adapter GGUF or a peft "
+                          "adapter directory") from None
+    kind = reader.get_field("general.type")
+    if kind is None or kind.contents() != "adapter":
+        raise ExportError(f"{path}: a model GGUF, not a LoRA adapter; point init_adapter at an adapter")
+    module = {v: k for k, v in MODULE_TO_GGUF.items()}
+    arch = reader.get_field("general.architecture")
+    permuted = arch is not None and arch.contents() in PERMUTE_QK
+    out = {}
+    for t in reader.tensors:
+        # blk.3.attn_q.weight.lora_a
+        parts = t.name.split(".")
+        if len(parts) != 5 or parts[0] != "blk" or parts[2] not in module or parts[4] not in ("lora_a", "lora_b"):
+            raise ExportError(f"{path}: tensor {t.name} is not a LoRA A/B of a decoder block; only adapters "
+                              "export_adapter writes can be trained on")
+        arr = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(
+            [int(n) for n in reversed(t.shape)])
+        rank = arr.shape[0] if parts[4] == "lora_a" else arr.shape[1]
+        if rank != r:
+            raise ExportError(f"{path}: rank {rank}, but the run trains at lora_r = {r}; set [lora] r = {rank}")
+        if permuted and parts[4] == "lora_b" and parts[2] in ("attn_q", "attn_k"):
+            heads = n_head if parts[2] == "attn_q" else n_kv
+            arr = arr.reshape(heads, arr.shape[0] // heads // 2, 2, -1).swapaxes(1, 2).reshape(arr.shape)
+        side = "lora_A" if parts[4] == "lora_a" else "lora_B"
+        out[f"base_model.model.model.layers.{parts[1]}.{module[parts[2]]}.{side}.weight"] = torch.from_numpy(arr)
+    if not out:
+        raise ExportError(f"{path}: holds no LoRA tensors")
+    return out
+
+
 @dataclass
 class AdapterCheck:
     loaded: bool

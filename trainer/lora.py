@@ -72,6 +72,7 @@ class TrainConfig:
     lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     mix_total: int = 0  # examples per pass of a ratio mix; 0 = the datasets' combined size
     time_limit: float = 0.0  # seconds of training after which to evaluate once more and stop; 0 = none
+    init_adapter: str = ""   # start from this adapter (a llama.cpp LoRA GGUF or a peft directory), not from zero
 
 
 @dataclass
@@ -217,6 +218,37 @@ def add_lora(model, cfg: TrainConfig):
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=targets, task_type="CAUSAL_LM", bias="none")
     return get_peft_model(model, lcfg)
+
+
+def start_from(model, adapter: Path, r: int) -> None:
+    """Load an adapter's weights into the fresh LoRA of `model`: a llama.cpp adapter GGUF (a shipped expert, to go
+    on training it) or a peft directory. Every LoRA tensor of the model must be given, and nothing else."""
+    from peft import set_peft_model_state_dict
+
+    if adapter.is_dir():
+        from safetensors.torch import load_file
+
+        weights = adapter / "adapter_model.safetensors"
+        if not weights.is_file():
+            raise TrainError(f"init_adapter {adapter}: no adapter_model.safetensors; point it at a peft adapter "
+                             "directory or an adapter GGUF")
+        state = load_file(weights)
+    elif adapter.is_file():
+        from .export import read_adapter
+
+        config = model.config
+        state = read_adapter(adapter, r, config.num_attention_heads,
+                             getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    else:
+        raise TrainError(f"init_adapter {adapter}: no such file or directory")
+    wanted = {k.replace(".default", "") for k in model.state_dict() if "lora_" in k}
+    given = set(state)
+    if wanted != given:
+        missing, extra = sorted(wanted - given), sorted(given - wanted)
+        raise TrainError(f"init_adapter {adapter}: does not fit this model's LoRA ({len(missing)} tensors missing, "
+                         f"e.g. {missing[:1]}; {len(extra)} unknown, e.g. {extra[:1]}); train with the same base, "
+                         "targets and r")
+    set_peft_model_state_dict(model, state)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -394,6 +426,8 @@ def train_lora(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult
         model = hooks.adapt(model, cfg)
     elif cfg.lora_r:
         model = add_lora(model, cfg)
+        if cfg.init_adapter:
+            start_from(model, Path(cfg.init_adapter), cfg.lora_r)
     loss_module = make_loss_module(model, cfg.ce_chunk)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cuda)
