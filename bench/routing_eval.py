@@ -1,14 +1,16 @@
 """Routing quality on queries written apart from the training data (bench/routing/; PROVENANCE.md there says
 who wrote each set, when and under which rule).
 
-Three query sets, none trained or calibrated on (tests/test_heldout.py checks every training file):
+Four query sets, none trained or calibrated on (tests/test_heldout.py checks every training file):
 - `heldout` (bench/routing/heldout.jsonl): the five domains, cooking and legal, with the 20 examples of
   cooking_examples.txt and legal_examples.txt; written by a writer who read no project file, with every query
   near a training, router-example or dev query dropped; read only to measure a finished router;
 - `dev2` (bench/routing/dev2.jsonl, same extras): the second held-out set, on which issue 14's goals were met and
   guarded (tests/test_router_examples.py); no longer independent;
 - `dev` (bench/routing/dev.jsonl, cooking examples dev_cooking_examples.txt): the first held-out set, on which
-  the open-set scoring was chosen between variants.
+  the open-set scoring was chosen between variants;
+- `dev3` (bench/routing/dev3.jsonl, cooking from dev_cooking_examples.txt): written blind like the held-out set,
+  for choosing routing data and settings now that dev and dev2 no longer tell routers apart.
 Each run goes through the device's own code path (`Router.route`, strategy `single`, no keywords):
 - `five`: the router's five experts alone, on the five domains' queries: top-1 accuracy, macro-F1, the
   confusion matrix (rows true, columns predicted), the expected calibration error of the top score, and
@@ -21,7 +23,7 @@ queries >= 0.85 and the five >= 0.95 (issue 14), the five >= 0.93 with cooking (
 `<!-- routing:SET -->` (a table and the confusion matrix) and `<!-- routing:SET:summary -->` (one line) in each
 file given, with the commit and date.
 
-    .venv/bin/python bench/routing_eval.py [--set heldout|dev2|dev] [--router models/router] [--readme FILE ...]
+    .venv/bin/python bench/routing_eval.py [--set heldout|dev3|dev2|dev] [--router models/router] [--readme FILE ...]
 """
 from __future__ import annotations
 
@@ -38,7 +40,8 @@ SETS = {"heldout": (ROUTING / "heldout.jsonl", {"cooking": ROUTING / "cooking_ex
                                                 "legal": ROUTING / "legal_examples.txt"}),
         "dev": (ROUTING / "dev.jsonl", {"cooking": ROUTING / "dev_cooking_examples.txt"}),
         "dev2": (ROUTING / "dev2.jsonl", {"cooking": ROUTING / "cooking_examples.txt",
-                                          "legal": ROUTING / "legal_examples.txt"})}
+                                          "legal": ROUTING / "legal_examples.txt"}),
+        "dev3": (ROUTING / "dev3.jsonl", {"cooking": ROUTING / "dev_cooking_examples.txt"})}
 GOAL_FIVE, GOAL_OPEN = 0.95, 0.85
 GOAL_FIVE_WITH_COOKING = 0.93  # issue 26: the five keep this with cooking installed as a sixth expert
 

@@ -18,7 +18,7 @@ QUALITY_HELDOUT = REPO / "bench" / "quality" / "heldout.jsonl"
 QUALITY_DEV = REPO / "bench" / "quality" / "dev.jsonl"
 QUALITY_DEV_OTHER = REPO / "bench" / "quality" / "dev_other.jsonl"
 ROUTING_HELDOUT = REPO / "bench" / "routing" / "heldout.jsonl"
-ROUTING_DEV = (REPO / "bench" / "routing" / "dev.jsonl", REPO / "bench" / "routing" / "dev2.jsonl")
+ROUTING_DEV = tuple(REPO / "bench" / "routing" / f"{name}.jsonl" for name in ("dev", "dev2", "dev3"))
 HELDOUT_FILES = (QUALITY_HELDOUT, ROUTING_HELDOUT)
 DEV_FILES = (QUALITY_DEV, QUALITY_DEV_OTHER, *ROUTING_DEV)
 
