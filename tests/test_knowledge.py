@@ -177,6 +177,29 @@ def test_a_shipped_sidecar_saves_the_first_embedding(models):
     assert len(list(pack.parent.glob("alpha-knowledge.*.npy"))) == 1  # the stale sidecar is gone
 
 
+def test_the_demo_packs_ship_the_sidecar_of_the_shipped_router():
+    """Each demo pack's embeddings are shipped for the router beside it (the key names the pack and the router's
+    model.onnx): after a router retrain without new sidecars, a fresh install would embed all ~4,700 pairs on its
+    first `?` (tens of seconds on a Pi). Rebuild them with trainer.demo.embed_pack."""
+    import tomllib
+
+    from hublab.runtime.paths import EMBEDDED_MODELS_DIR
+    from hublab.runtime.routing.router import Router
+
+    router = Router.load(EMBEDDED_MODELS_DIR / "router", threads=1)
+    packs = []
+    for toml in sorted((EMBEDDED_MODELS_DIR / "experts").glob("*.toml")):
+        knowledge = tomllib.loads(toml.read_text()).get("expert", {}).get("knowledge")
+        if knowledge:
+            packs.append((toml.parent / knowledge).resolve())
+    assert len(packs) == 5
+    for pack in packs:
+        side = K.sidecar(pack, K.pack_key(pack, router.encoder_id))
+        assert side.is_file(), f"{side.name} missing: rebuild it with hublab.trainer.demo.embed_pack"
+        assert np.load(side).shape[0] == len(K.read_pack(pack))
+        assert len(list(pack.parent.glob(f"{pack.stem}.*.npy"))) == 1  # no stale one beside it
+
+
 @pytest.mark.parametrize("content, message", [
     (b'{"question": "q"}\n', ":1: needs non-empty string fields question and response"),
     (b'not json\n', ":1: not a JSON object"),
