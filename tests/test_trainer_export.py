@@ -178,7 +178,7 @@ def test_export_profiles_builds_one_package_each_board_installs_its_variant(tiny
 
 
 @pytest.mark.parametrize("outtype", ["f32", "q8_0"])
-def test_training_goes_on_from_an_adapter_gguf(tiny_trained, tiny_hf, tmp_path, outtype):  # noqa: F811
+def test_training_goes_on_from_an_adapter_gguf(tiny_trained, tiny_hf, tiny_data, tmp_path, outtype):  # noqa: F811
     """init_adapter: a shipped expert's GGUF (what export_adapter wrote, q/k rows in llama.cpp's rotary order)
     loads back into a fresh LoRA as the weights peft trained; another rank or a model GGUF is a one-line error."""
     from safetensors.torch import load_file
@@ -195,6 +195,17 @@ def test_training_goes_on_from_an_adapter_gguf(tiny_trained, tiny_hf, tmp_path, 
     assert set(state) == set(trained) and len(trained) == 2 * 7 * 2
     for name, weight in trained.items():  # q8_0 keeps 8 bits a weight, per block of 32
         assert (state[name] - weight).abs().max() <= (1e-6 if outtype == "f32" else 0.01) * weight.abs().max(), name
+    # a run from the TOML starts there: one step at a negligible rate leaves the adapter where it was
+    (tmp_path / "go_on.toml").write_text(
+        f'[train]\nbase = "{tiny_hf}"\noutput = "run2"\nmax_steps = 1\nbatch_size = 2\nmax_seq_len = 64\n'
+        f'lr = 1e-9\nwarmup_steps = 0\neval_fraction = 0.0\n[lora]\nr = 8\nalpha = 16\ninit = "expert.gguf"\n'
+        f'[[data]]\npath = "{tiny_data / "qa.jsonl"}"\n')
+    from hublab.trainer.train import expert
+
+    again = load_file(expert(tmp_path / "go_on.toml").adapter_dir / "adapter_model.safetensors")
+    for name, weight in trained.items():
+        key = next(k for k in again if k.replace(".default", "") == name)
+        assert (again[key] - weight).abs().max() <= (1e-5 if outtype == "f32" else 0.01) * weight.abs().max(), name
     with pytest.raises(E.ExportError, match=r"rank 8, but the run trains at lora_r = 4; set \[lora\] r = 8"):
         lora.start_from(lora.add_lora(lora.load_base(cfg.base)[0], lora.TrainConfig(cfg.base, cfg.output, lora_r=4)),
                         gguf, 4)

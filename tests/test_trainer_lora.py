@@ -108,6 +108,8 @@ def test_qlora_needs_cuda(tiny_hf, tiny_data, tmp_path):  # noqa: F811
     ('[train]\nbase = "x"\ntemplate = "vicuna"\n[[data]]\npath = "d.jsonl"\n', "unknown chat template 'vicuna'"),
     ('[train]\nbase = "x"\nmax_step = 3\n[[data]]\npath = "d.jsonl"\n', "did you mean 'max_steps'"),
     ('[train]\nbase = "x"\n[[data]]\npath = "d.jsonl"\nformat = "csv"\n', "expected one of"),
+    ('[train]\nbase = "x"\n[lora]\ninit = "gone.gguf"\n[[data]]\npath = "d.jsonl"\n',
+     r"init: .*gone.gguf not found; point it at an adapter GGUF"),
 ])
 def test_bad_config_is_one_line(tmp_path, capsys, body, message):
     cfg = tmp_path / "e.toml"

@@ -132,6 +132,10 @@ def test_plan_is_the_toml_train_reads_and_a_copyable_command(webui):  # noqa: F8
         7, 0.5, True, 4, ["q_proj", "v_proj"])
     assert [d.ratio for d in cfg.data] == [1.0, 0.25] and cfg.output == ws / "runs" / "planned" / "out"
     assert not (ws / "runs" / "planned").exists()  # planning writes nothing
+    form["lora"]["init"] = "../elsewhere/expert.gguf"  # an adapter to start from stays inside the workspace
+    status, body = client.call("POST", "/api/train/plan", form)
+    assert status == 403 and "leads outside the workspace" in body["error"]
+    form["lora"]["init"] = ""
     form["train"]["max_seq_len"] = 0
     status, body = client.call("POST", "/api/train", form)
     assert status == 422 and "max_seq_len: must be at least 1" in body["error"]

@@ -75,6 +75,8 @@ SCHEMA = {
         "alpha": Key(int, 16, "LoRA alpha (scale = alpha / r)"),
         "dropout": Key(float, 0.0, "LoRA dropout"),
         "targets": Key(list, list(LORA_TARGETS), "module names to adapt, or [\"all-linear\"]"),
+        "init": Key(str, "", "start from this adapter (a llama.cpp LoRA GGUF, e.g. a shipped expert, or a peft "
+                             "directory), relative to this file; empty = a fresh adapter"),
     },
     "export": {
         "adapter": Key(str, "", "adapter GGUF to write when training ends, relative to this file"),
@@ -128,9 +130,17 @@ def load_config(path: Path) -> tuple[TrainConfig, dict]:
         base = str(path.parent / b)
     output = t.pop("output") or f"runs/{path.stem}"
     out = Path(output).expanduser()
+    init = ""
+    if lo["init"]:
+        i = Path(lo["init"]).expanduser()
+        i = i if i.is_absolute() else path.parent / i
+        if not i.exists():
+            raise ConfigError(f"{locate(path, text, 'lora', 'init')}: {i} not found; point it at an adapter GGUF or a "
+                              "peft adapter directory, or leave it out to start a fresh adapter")
+        init = str(i)
     cfg = TrainConfig(base=base, output=out if out.is_absolute() else path.parent / out, data=specs,
                       lora_r=lo["r"], lora_alpha=lo["alpha"], lora_dropout=lo["dropout"],
-                      lora_targets=list(lo["targets"]), **t)
+                      lora_targets=list(lo["targets"]), init_adapter=init, **t)
     if ex["adapter"]:
         a = Path(ex["adapter"]).expanduser()
         ex["adapter"] = a if a.is_absolute() else path.parent / a

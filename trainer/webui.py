@@ -102,7 +102,10 @@ class App:
             lines.append(f"{key} = {_toml(value, spec.type)}")
         lines.append("\n[lora]")
         for key, spec in SCHEMA["lora"].items():
-            lines.append(f"{key} = {_toml(lora.get(key, spec.default), spec.type)}")
+            value = lora.get(key, spec.default)
+            if key == "init" and value:  # an adapter to start from: one in the workspace, like the data
+                value = str(inside(self.ws, str(value)))
+            lines.append(f"{key} = {_toml(value, spec.type)}")
         data = form.get("data") or []
         if not data:
             raise WebError("data: choose at least one dataset")
