@@ -273,3 +273,25 @@ def test_min_tokens_holds_the_end_back(tmp_path, monkeypatch):
         assert plain < 50
         rt.config("general").inference.min_tokens = plain + 10
         assert mixed() >= plain + 10
+
+
+def test_dry_breaks_a_loop_the_repeat_penalty_leaves(tmp_path, monkeypatch):
+    """[inference] dry_multiplier (llama.cpp's DRY sampler): greedy on the real gemma base, "1, 2," goes round and
+    round; with DRY the answer leaves the loop once it would repeat a run of its own longer than
+    dry_allowed_length. A grammar's document repeats by design, so DRY leaves it alone."""
+    from pathlib import Path
+
+    monkeypatch.setenv("HUBLAB_HOME", str(tmp_path / "home"))
+    prompt = "Count: 1, 2, 1, 2, 1, 2, 1, 2,"
+    loop = 'root ::= (" 1, 2,")+'
+    with runtime(Path(__file__).resolve().parents[1] / "models") as rt:
+        def answer(**kw) -> str:
+            return rt.generate("general", prompt, raw=True, max_tokens=32, temperature=0, repeat_penalty=1.0,
+                               **kw).text
+        rt.config("general").inference.dry_multiplier = 0.0
+        assert answer().startswith(" 1, 2, 1, 2, 1, 2,")
+        assert answer(grammar=loop).startswith(" 1, 2, 1, 2, 1, 2,")
+        rt.config("general").inference.dry_multiplier = 1.0
+        broken = answer()
+        assert broken.startswith(" 1,") and " 1, 2, 1, 2, 1, 2," not in broken
+        assert answer(grammar=loop).startswith(" 1, 2, 1, 2, 1, 2,")

@@ -207,8 +207,8 @@ class LoadedBase:
                grammar: str | None = None, budget: int | None = None,
                bias: dict[int, float] | None = None) -> Iterator[int]:
         """Read the prompt's `tokens`, then sample and read one token at a time, for as long as asked. The
-        sampler chain is llama-cpp-python's (a logit bias, then penalties over the last 64 generated tokens,
-        then greedy, or top-k, typical, top-p, min-p, temperature and a seeded draw) and lives exactly as long
+        sampler chain is llama-cpp-python's (a logit bias, then penalties over the last 64 generated tokens and
+        DRY when `opts.dry_multiplier` is set, then greedy, or top-k, typical, top-p, min-p, temperature and a seeded draw) and lives exactly as long
         as the loop. `grammar` (GBNF, root rule `root`) constrains every token to it (llama.cpp's grammar
         sampler): see `Constrained`; `budget`, the most tokens the answer may take, lets it finish the document
         in time; `bias`: token -> what is added to its logit (`favoured_tokens`). The end tokens are held back
@@ -227,6 +227,11 @@ class LoadedBase:
                 add(llama_cpp.llama_sampler_init_logit_bias(self.llama.n_vocab(), len(bias), table))
             if grammar is None:
                 add(penalties)  # the chain owns it from here
+                if opts.dry_multiplier > 0:  # a JSON document repeats its keys and brackets by design
+                    breakers = (ctypes.c_char_p * len(DRY_BREAKERS))(*DRY_BREAKERS)
+                    add(llama_cpp.llama_sampler_init_dry(self.llama._model.vocab, opts.dry_multiplier, opts.dry_base,
+                                                         opts.dry_allowed_length, self.n_ctx, breakers,
+                                                         len(DRY_BREAKERS)))  # over the whole context
             if opts.temperature <= 0:
                 add(llama_cpp.llama_sampler_init_greedy())
             else:
@@ -637,6 +642,7 @@ def _holdback(text: str, stops: list[str]) -> int:
 
 
 PENALTY_LAST_N = 64  # llama-cpp-python's default last_n_tokens_size
+DRY_BREAKERS = (b"\n", b":", b'"', b"*")  # llama.cpp's default: a repeated run is matched only within them
 PREFILL_STEP = 128  # prompt tokens read between checks for a stop (a stopped answer waits at most this)
 
 
