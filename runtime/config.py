@@ -237,9 +237,9 @@ SAMPLER: dict[str, Key] = {
                  api=("openai", "ollama")),
     "seed": Key(int, -1, "sampler seed; -1 = random", range=(-1, SEED_MAX),
                 why="llama.cpp's sampler seed is a 32-bit unsigned integer", api=("openai", "ollama")),
-    "dry_multiplier": Key(float, 0.0, "DRY: penalise a token that would make the answer repeat a run of its own "
-                          "tokens, more the longer the run (llama.cpp's DRY sampler; not in a weighted mixture, whose own "
-                          "sampler has the repeat penalty only); 0 = off", range=(0.0, 5.0)),
+    "dry_multiplier": Key(float, 0.0, "DRY: penalise a token that would make the answer repeat a run of its "
+                          "own tokens, more the longer the run (llama.cpp's DRY sampler; not in a weighted mixture, "
+                          "whose own sampler has the repeat penalty only); 0 = off", range=(0.0, 5.0)),
     "dry_base": Key(float, 1.75, "DRY: how fast its penalty grows with the run's length", range=(1.0, 4.0)),
     "dry_allowed_length": Key(int, 2, "DRY: a repeated run this long or shorter goes unpenalised",
                               range=(1, 1 << 10)),
