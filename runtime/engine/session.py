@@ -210,8 +210,8 @@ class LoadedBase:
         sampler chain is llama-cpp-python's (a logit bias, then penalties over the last 64 generated tokens and
         DRY when `opts.dry_multiplier` is set, then greedy, or top-k, typical, top-p, min-p, temperature and a
         seeded draw) and lives exactly as long as the loop. `grammar` (GBNF, root rule `root`) constrains every
-        token to it (llama.cpp's grammar sampler): see `Constrained`; `budget`, the most tokens the answer may take, lets it finish the document
-        in time; `bias`: token -> what is added to its logit (`favoured_tokens`). The end tokens are held back
+        token to it (llama.cpp's grammar sampler): see `Constrained`; `budget`, the most tokens the answer may
+        take, lets it finish the document in time; `bias`: token -> what is added to its logit (`favoured_tokens`). The end tokens are held back
         for the first `opts.min_tokens` (not under a grammar: a document ends where it ends)."""
         import llama_cpp
 
