@@ -211,8 +211,9 @@ class LoadedBase:
         DRY when `opts.dry_multiplier` is set, then greedy, or top-k, typical, top-p, min-p, temperature and a
         seeded draw) and lives exactly as long as the loop. `grammar` (GBNF, root rule `root`) constrains every
         token to it (llama.cpp's grammar sampler): see `Constrained`; `budget`, the most tokens the answer may
-        take, lets it finish the document in time; `bias`: token -> what is added to its logit (`favoured_tokens`). The end tokens are held back
-        for the first `opts.min_tokens` (not under a grammar: a document ends where it ends)."""
+        take, lets it finish the document in time; `bias`: token -> what is added to its logit
+        (`favoured_tokens`). The end tokens are held back for the first `opts.min_tokens` (not under a grammar:
+        a document ends where it ends)."""
         import llama_cpp
 
         ctx = self.llama._ctx.ctx
