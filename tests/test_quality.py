@@ -30,6 +30,9 @@ SYSTEM = "You are a Python expert. Answer with correct, idiomatic Python and sho
     ("venv activate pip mutable hashable borrow lifetime tokio cargo gradient epoch systemctl chmod swap cron",
      "list of terms"),
     (", ".join(f"term{i}" for i in range(16)) + ".", "list of terms"),
+    # a call's "()" is part of a word, not a parenthesis that makes the run prose
+    ("venv activate pip mutable hashable len() borrow lifetime tokio cargo gradient epoch systemctl chmod swap",
+     "list of terms"),
     ("\n".join(f"- term {i}" for i in range(16)), "list of terms"),
 ])
 def test_degenerate_flags_each_kind(text, why):
@@ -48,6 +51,7 @@ def test_degenerate_flags_each_kind(text, why):
     "January, February, March, April, May, June, July, August, September, October, November, and December.",
     "Red, orange, yellow, green, blue, indigo, and violet, often remembered as ROYGBIV.",
     "Neil Armstrong, on July 20, 1969, during NASA's Apollo 11 mission. Buzz Aldrin followed him shortly after.",
+    "Use tokio spawn (one task per connection) plus select timeouts plus graceful shutdown signals via ctrl_c",
 ])
 def test_degenerate_passes_real_answers(text):
     assert degenerate(text, SYSTEM) is None

@@ -80,7 +80,7 @@ def _listed_words(prose: str) -> int:
         items = [n for n in items if n]
         if len(items) >= _LIST_ITEMS and items[len(items) // 2] <= 2:
             listed += len(words)
-        elif len(words) >= _RUN_ON_WORDS and not re.search(r"[,()]", part):
+        elif len(words) >= _RUN_ON_WORDS and not re.search(r",|(^|\s)\(", part):  # "len()" is a word, " (" prose
             lexical = [w for w in words if not w.isdigit()]
             if sum(w in _FUNCTION_WORDS for w in lexical) < _RUN_ON_FUNCTION_SHARE * len(lexical):
                 listed += len(words)
