@@ -15,9 +15,9 @@ import json
 import shutil
 import sys
 import time
-import tomllib
 from pathlib import Path
 
+from hublab.runtime.config import load_model
 from hublab.runtime.engine.hostcpu import load_llama
 from hublab.runtime.paths import EMBEDDED_MODELS_DIR
 
@@ -39,11 +39,11 @@ def train_domain(domain: str, data_dir: Path, runs_dir: Path, minutes: float, th
 
     data = data_dir / f"{domain}.jsonl"
     if shots:
-        expert = tomllib.loads((EXPERTS / f"{domain}.toml").read_text())["expert"]
+        least = load_model(EXPERTS / f"{domain}.toml").knowledge_min  # what the device shows the expert
         rows = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
         data = data_dir / f"{domain}_shots{shots}.jsonl"
         data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in with_shots(
-            rows, data_dir / f"{domain}_pack.jsonl", ROUTER, shots, expert.get("knowledge_min", 0.45))),
+            rows, data_dir / f"{domain}_pack.jsonl", ROUTER, shots, least)),
             encoding="utf-8")
     cfg = TrainConfig(base=BASE, output=runs_dir / domain, data=[D.DataSpec(data)],
                       max_seq_len=512 if shots else 256, batch_size=8, epochs=epochs, lr=lr, warmup_steps=10,
