@@ -281,6 +281,11 @@ def favoured_tokens(llama, texts: list[str], bias: float) -> dict[int, float]:
     return found
 
 
+def _model_key(llama) -> tuple:
+    """What the per-model caches below are kept under: the model file and its vocabulary size."""
+    return str(getattr(llama, "model_path", id(llama))), llama.n_vocab()
+
+
 _DRY: dict[tuple, object] = {}  # (model file, vocabulary size, settings, context) -> a DRY sampler to clone
 
 
@@ -290,8 +295,7 @@ def dry_sampler(llama, opts: Inference, n_ctx: int):
     a Pi), so the first is kept per model and settings and each answer gets a clone, reset."""
     import llama_cpp
 
-    key = (str(getattr(llama, "model_path", id(llama))), llama.n_vocab(), opts.dry_multiplier, opts.dry_base,
-           opts.dry_allowed_length, n_ctx)
+    key = (*_model_key(llama), opts.dry_multiplier, opts.dry_base, opts.dry_allowed_length, n_ctx)
     if key not in _DRY:
         breakers = (ctypes.c_char_p * len(DRY_BREAKERS))(*DRY_BREAKERS)
         _DRY[key] = llama_cpp.llama_sampler_init_dry(llama._model.vocab, opts.dry_multiplier, opts.dry_base,
@@ -310,7 +314,7 @@ def end_tokens(llama) -> list[int]:
     gemma's 262k tokens)."""
     import llama_cpp
 
-    key = (str(getattr(llama, "model_path", id(llama))), llama.n_vocab())
+    key = _model_key(llama)
     if key not in _ENDS:
         vocab = llama._model.vocab
         _ENDS[key] = [t for t in range(llama.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)]
@@ -323,7 +327,7 @@ _CLOSERS: dict[tuple, dict[int, str]] = {}  # (model file, vocabulary size) -> i
 def closer_tokens(llama) -> dict[int, str]:
     """The model's tokens written only with `"`, `]`, `}` (and spaces around them) -> that text, stripped; read off
     the vocabulary once per model (about 0.7 s for gemma's 262k tokens)."""
-    key = (str(getattr(llama, "model_path", id(llama))), llama.n_vocab())
+    key = _model_key(llama)
     if key not in _CLOSERS:
         found = {}
         for token in range(llama.n_vocab()):
