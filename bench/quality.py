@@ -27,6 +27,11 @@ Systems, in one run on the same machine and thread count:
 - retrieval: no model: the answer of the nearest knowledge-pack pair of the question's own expert, verbatim;
 - default: the `?` path (Ensemble.ask with the configured routing and synthesis), at most --max-tokens;
 - expert: the question's own expert alone (general for `other`).
+With --fresh every question starts from an empty KV cache. Without it an answer can depend on the questions
+run before it: the prefix cache keeps keys and values llama.cpp computed in another batch, and its arithmetic
+differs with the batch (a batch-read token's logits differ by up to 0.8 from the same token read alone), so a
+greedy answer can change. The same dev-clean run gave the `?` answer hit 0.733, then 0.705 after other systems had
+run before it. Compare settings with --fresh (quality only: with no prefix cache the times are not the device's).
 Prints one JSON document, then the markdown table (stderr); --readme fills `<!-- quality:SET -->` (the table)
 and `<!-- quality:SET:summary -->` (one line) in each file given, with the commit and date.
 
@@ -140,7 +145,15 @@ def own_expert(rt, domain: str) -> str:
     return domain if domain in rt.experts else rt.system.fallback
 
 
-def answer_all(rt, rows: list[dict], system: str, max_tokens: int) -> list[dict]:
+def forget_kv(rt) -> None:
+    """Every loaded base's KV cache and saved expert prefixes dropped: the next answer reads its whole prompt."""
+    for base in rt._loaded.values():
+        if hasattr(base, "states"):
+            base.states.clear()
+            base.clear_kv()
+
+
+def answer_all(rt, rows: list[dict], system: str, max_tokens: int, fresh: bool = False) -> list[dict]:
     from hublab.runtime.routing.context import ExpertContext
     from hublab.runtime.routing.knowledge import Library
     from hublab.runtime.routing.ensemble import Ensemble
@@ -157,6 +170,8 @@ def answer_all(rt, rows: list[dict], system: str, max_tokens: int) -> list[dict]
     try:
         for row in rows:
             own = own_expert(rt, row["domain"])
+            if fresh:
+                forget_kv(rt)
             t0 = time.perf_counter()
             extra: dict = {}
             if ensemble is not None:
@@ -332,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-domain", type=int, default=0, help="first N questions per domain (0 = all)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--fresh", action="store_true",
+                        help="start every answer from an empty KV cache: answers that do not depend on the questions "
+                             "run before (to compare settings; the times are not the device's)")
     parser.add_argument("--no-similarity", action="store_true", help="skip the MiniLM similarity (no torch needed)")
     parser.add_argument("--answers", type=Path, help="write every answer with its scores here (JSONL)")
     parser.add_argument("--readme", type=Path, action="append", default=[],
@@ -368,13 +386,14 @@ def main(argv: list[str] | None = None) -> int:
     results, every = {}, []
     t0 = time.perf_counter()
     for system in systems:
-        answers = answer_all(rt, rows, system, args.max_tokens)
+        answers = answer_all(rt, rows, system, args.max_tokens, args.fresh)
         results[system] = score(rows, answers, embed, prompts)
         every += answers
     rt.close()
     report = {"name": name, "set": str(path.relative_to(REPO) if path.is_relative_to(REPO) else path),
               "questions": len(rows), "source": src, "date": date, "set_expert": args.set_expert,
-              "threads": args.threads, "max_tokens": args.max_tokens, "seconds": round(time.perf_counter() - t0, 1),
+              "threads": args.threads, "max_tokens": args.max_tokens, "fresh": args.fresh,
+              "seconds": round(time.perf_counter() - t0, 1),
               "results": results, "goals": goals(results)}
     if args.answers:
         args.answers.write_text("".join(json.dumps(a) + "\n" for a in every))
