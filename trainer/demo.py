@@ -234,7 +234,7 @@ def readme(rows: list[dict], quality: str) -> str:
 Five experts on the `gemma3-270m` base (python, rust, system, ai, general). Each is a LoRA adapter
 ({shape}all seven attention/MLP projections, q8_0 GGUF) plus a knowledge pack: its question/answer pairs
 (`<domain>-knowledge.jsonl`) and their embeddings with the router's encoder (`<domain>-knowledge.<key>.npy`),
-from which the two closest pairs are put before each question on the device (the fallback, general, only pairs
+from which the closest pair is put before each question on the device (the fallback, general, only pairs
 at similarity 0.6 or more). While it answers, the sampler favours the words of the closest pair's answer
 (`knowledge_bias = 1.5`), llama.cpp's DRY sampler keeps it out of loops (`dry_multiplier = 0.8`), and the four
 technical experts run at least 24 tokens (`min_tokens`).
