@@ -147,8 +147,10 @@ def own_expert(rt, domain: str) -> str:
 
 def forget_kv(rt) -> None:
     """Every loaded base's KV cache and saved expert prefixes dropped: the next answer reads its whole prompt."""
-    for base in rt._loaded.values():
-        if hasattr(base, "states"):
+    for name in rt.loaded():
+        if rt.config(name).adapter:
+            continue  # an expert on a base: the base holds its KV
+        with rt.hold(name) as base:
             base.states.clear()
             base.clear_kv()
 

@@ -138,3 +138,19 @@ def test_dev_clean_keeps_the_dev_items_no_training_file_comes_near():
     assert not any(index.clashes(r["question"]) for r in kept)
     pack = json.loads((REPO / "models" / "demo" / "python-knowledge.jsonl").read_text().splitlines()[0])
     assert bench.clean([{"question": pack["question"], "reference": "a new answer", "domain": "python"}]) == []
+
+
+def test_fresh_starts_every_answer_from_an_empty_kv_cache(tiny_models_dir):
+    """bench/quality.py --fresh: after forget_kv no answer reuses a prefix an earlier answer left, whichever expert
+    left it (the live KV and the prefixes saved per expert both go); without it the prefix cache serves."""
+    from hublab.runtime.engine.runtime import Runtime
+
+    bench = bench_quality()
+    with Runtime(models_dir=tiny_models_dir, profile="host", threads=1, keep_alive=-1) as rt:
+        rt.generate("alpha", "python model", max_tokens=4)
+        rt.generate("beta", "python model", max_tokens=4)  # alpha's prefix is saved aside, beta's is live
+        bench.forget_kv(rt)
+        assert rt.generate("alpha", "python model", max_tokens=4).cached_tokens == 0
+        bench.forget_kv(rt)
+        assert rt.generate("beta", "python model", max_tokens=4).cached_tokens == 0
+        assert rt.generate("beta", "python model", max_tokens=4).cached_tokens > 0
