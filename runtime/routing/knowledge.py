@@ -1,7 +1,8 @@
 """An expert's knowledge pack: question/answer pairs it retrieves and shows the model before the question.
 
-A 270M model knows little; shown a close, correct answer it answers in its voice and often with its facts. The pack is a JSONL of {"question", "response"} records (`[expert] knowledge`), embedded once with
-the router's encoder (the same MiniLM that routes, so no second model on the device). Embeddings are cached
+A 270M model knows little; shown a close, correct answer it answers in its voice and often with its facts.
+The pack is a JSONL of {"question", "response"} records (`[expert] knowledge`), embedded once with the router's
+encoder (the same MiniLM that routes, so no second model on the device). Embeddings are cached
 under the state dir keyed by the pack's and the encoder's hashes: a changed pack or a new router gives a
 new cache, never a stale one. Retrieval is one matrix-vector product.
 
